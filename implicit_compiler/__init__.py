@@ -1,0 +1,49 @@
+"""implicit_compiler: compile neural networks into implicit models.
+
+An implicit model predicts y from u through x = phi(A x + B u + b_x), y = C x + D u + b_y,
+with sparse A, B, C, D and a componentwise activation phi.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .activations import Activation, activation
+from .errors import (
+    ConvergenceError,
+    GraphError,
+    ImplicitCompilerError,
+    ModelFileError,
+    ModelTooLargeError,
+    NonFiniteError,
+    NotWellPosedError,
+    OverwriteError,
+    ShapeError,
+    UnsupportedAttributeError,
+    UnsupportedOpError,
+)
+from .model import ImplicitModel, StateBlock, TensorSpec
+from .runtime import Solution
+from .serialization import load
+
+__all__ = [
+    "Activation",
+    "ConvergenceError",
+    "GraphError",
+    "ImplicitCompilerError",
+    "ImplicitModel",
+    "ModelFileError",
+    "ModelTooLargeError",
+    "NonFiniteError",
+    "NotWellPosedError",
+    "OverwriteError",
+    "ShapeError",
+    "Solution",
+    "StateBlock",
+    "TensorSpec",
+    "UnsupportedAttributeError",
+    "UnsupportedOpError",
+    "__version__",
+    "activation",
+    "load",
+]

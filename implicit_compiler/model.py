@@ -1,0 +1,355 @@
+"""The implicit model: x = phi(A x + B u + b_x), y = C x + D u + b_y.
+
+A (n x n), B (n x p), C (q x n), D (q x p) are scipy.sparse CSR arrays; the state x is cut into
+named blocks, each a contiguous slice of x with one componentwise activation and the shape of
+the tensor it came from. Inputs and outputs carry their names and per-sample shapes: a sample
+is flattened in C order and the inputs are concatenated in the order they are listed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .activations import Activation, activation
+from .errors import NonFiniteError, ShapeError
+
+if TYPE_CHECKING:
+    from .runtime.solve import Solution
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A named model input or output and its per-sample shape (no batch axis)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", _as_shape(self.shape, f"tensor {self.name!r}"))
+
+    @property
+    def size(self) -> int:
+        """Number of scalars in one sample."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class StateBlock:
+    """A contiguous slice x[start:stop] of the state, produced by one activation site.
+
+    Attributes:
+        name: unique name of the block (the ONNX value it stands for, when lowered).
+        start, stop: the slice of x it occupies.
+        activation: the componentwise activation applied to the block.
+        shape: the original tensor shape of one sample, in C order (prod(shape) = stop - start).
+        source_node: the name of the network node that produced it, if any.
+    """
+
+    name: str
+    start: int
+    stop: int
+    activation: Activation
+    shape: tuple[int, ...]
+    source_node: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "activation", activation(self.activation))
+        object.__setattr__(self, "shape", _as_shape(self.shape, f"block {self.name!r}"))
+        if not 0 <= self.start <= self.stop:
+            raise ShapeError(
+                f"block {self.name!r}: expected 0 <= start <= stop, got start={self.start}, stop={self.stop}"
+            )
+        if math.prod(self.shape) != self.size:
+            raise ShapeError(
+                f"block {self.name!r}: shape {self.shape} holds {math.prod(self.shape)} values "
+                f"but the block spans {self.size} states ({self.start}:{self.stop})"
+            )
+
+    @property
+    def size(self) -> int:
+        """Number of states in the block."""
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        """The block's slice of the state vector."""
+        return slice(self.start, self.stop)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class ImplicitModel:
+    """An implicit model x = phi(A x + B u + b_x), y = C x + D u + b_y.
+
+    Construct it from its parts (validated here), with ``from_matrices`` for a one-block model,
+    or with ``implicit_compiler.from_onnx``. All matrices and biases share one floating dtype
+    (float32 or float64); sparse inputs of any format are stored as CSR.
+    """
+
+    A: sp.csr_array
+    B: sp.csr_array
+    C: sp.csr_array
+    D: sp.csr_array
+    bias_x: np.ndarray
+    bias_y: np.ndarray
+    blocks: tuple[StateBlock, ...]
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    _cache: dict = field(default_factory=dict, init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        matrices = {name: _as_csr(getattr(self, name), name) for name in "ABCD"}
+        dtype = _common_float_dtype([m.dtype for m in matrices.values()])
+        for name, matrix in matrices.items():
+            object.__setattr__(self, name, matrix.astype(dtype, copy=False))
+        n, p, q = self.A.shape[0], self.B.shape[1], self.C.shape[0]
+        _expect_shape(self.A, (n, n), "A", "square, n x n with n the number of states")
+        _expect_shape(self.B, (n, p), "B", "n x p: rows as A, columns as inputs")
+        _expect_shape(self.C, (q, n), "C", "q x n: rows as outputs, columns as A")
+        _expect_shape(self.D, (q, p), "D", "q x p: rows as C, columns as B")
+        object.__setattr__(self, "bias_x", _as_bias(self.bias_x, n, dtype, "bias_x"))
+        object.__setattr__(self, "bias_y", _as_bias(self.bias_y, q, dtype, "bias_y"))
+        for name in "ABCD":
+            if not np.isfinite(getattr(self, name).data).all():
+                raise NonFiniteError(f"matrix {name} holds NaN or inf values; expected finite weights")
+        object.__setattr__(self, "blocks", tuple(self.blocks))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        _check_blocks(self.blocks, n)
+        _check_specs(self.inputs, p, "inputs", "p, the columns of B")
+        _check_specs(self.outputs, q, "outputs", "q, the rows of C")
+
+    # ----------------------------------------------------------------------------- construction
+    @classmethod
+    def from_matrices(
+        cls,
+        A: Any,
+        B: Any,
+        C: Any,
+        D: Any,
+        activation: str | Activation = "relu",
+        bias_x: Any = None,
+        bias_y: Any = None,
+    ) -> ImplicitModel:
+        """A one-block model from array-like or sparse matrices (input 'u', output 'y')."""
+        A, B, C, D = (_as_csr(m, name) for m, name in zip((A, B, C, D), "ABCD"))
+        n, p, q = A.shape[0], B.shape[1], C.shape[0]
+        block = StateBlock("x", 0, n, activation, (n,))
+        return cls(A, B, C, D, bias_x, bias_y, (block,), (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),))
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def n(self) -> int:
+        """Number of states."""
+        return self.A.shape[0]
+
+    @property
+    def p(self) -> int:
+        """Number of (flattened) inputs per sample."""
+        return self.B.shape[1]
+
+    @property
+    def q(self) -> int:
+        """Number of (flattened) outputs per sample."""
+        return self.C.shape[0]
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The floating dtype of every matrix and bias."""
+        return self.A.dtype
+
+    @property
+    def nnz(self) -> int:
+        """Non-zeros stored in A, B, C and D together."""
+        return sum(getattr(self, name).nnz for name in "ABCD")
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes held by the matrices (data, indices, index pointers) and the biases."""
+        total = self.bias_x.nbytes + self.bias_y.nbytes
+        for name in "ABCD":
+            m = getattr(self, name)
+            total += m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+        return total
+
+    def block(self, name: str) -> StateBlock:
+        """The state block called ``name``."""
+        for block in self.blocks:
+            if block.name == name:
+                return block
+        raise KeyError(f"no state block named {name!r}; blocks: {[b.name for b in self.blocks]}")
+
+    def __repr__(self) -> str:
+        return (
+            f"ImplicitModel(n={self.n}, p={self.p}, q={self.q}, nnz(A)={self.A.nnz}, "
+            f"blocks={len(self.blocks)}, dtype={self.dtype})"
+        )
+
+    # ----------------------------------------------------------------------------- transforms
+    def astype(self, dtype: Any) -> ImplicitModel:
+        """The same model with every matrix and bias cast to ``dtype`` (float32 or float64)."""
+        dtype = np.dtype(dtype)
+        if dtype == self.dtype:
+            return self
+        if dtype not in FLOAT_DTYPES:
+            raise ShapeError(f"expected dtype float32 or float64, got {dtype}")
+        if dtype not in self._cache:
+            self._cache[dtype] = ImplicitModel(
+                *(getattr(self, name).astype(dtype) for name in "ABCD"),
+                self.bias_x.astype(dtype),
+                self.bias_y.astype(dtype),
+                self.blocks,
+                self.inputs,
+                self.outputs,
+            )
+        return self._cache[dtype]
+
+    def homogeneous(self) -> ImplicitModel:
+        """The bias-free form: u extended with a constant 1, biases moved into B and D.
+
+        x = phi(A x + [B b_x] [u; 1]),  y = C x + [D b_y] [u; 1]. The extra input is named
+        'one' (shape (1,)); feed it the value 1.
+        """
+        bias_column = lambda b: sp.csr_array(b.reshape(-1, 1))  # noqa: E731
+        B = sp.hstack([self.B, bias_column(self.bias_x)], format="csr")
+        D = sp.hstack([self.D, bias_column(self.bias_y)], format="csr")
+        names = {spec.name for spec in self.inputs}
+        one = "one" if "one" not in names else _fresh_name("one", names)
+        return ImplicitModel(
+            self.A,
+            B,
+            self.C,
+            D,
+            None,
+            None,
+            self.blocks,
+            (*self.inputs, TensorSpec(one, (1,))),
+            self.outputs,
+        )
+
+    # ----------------------------------------------------------------------------- running
+    def solve(
+        self,
+        u: Any,
+        method: str = "auto",
+        tol: float | None = None,
+        max_iter: int = 1000,
+        anderson_memory: int = 5,
+    ) -> Solution:
+        """Solve the equilibrium for input(s) u; see ``implicit_compiler.runtime.solve``."""
+        from .runtime.solve import solve
+
+        return solve(self, u, method=method, tol=tol, max_iter=max_iter, anderson_memory=anderson_memory)
+
+    def predict(self, u: Any, **solve_options: Any) -> np.ndarray | dict[str, np.ndarray]:
+        """y shaped like the source network's output(s): one array, or a dict for several."""
+        from .runtime.batching import shape_outputs
+
+        solution = self.solve(u, **solve_options)
+        return shape_outputs(self.outputs, solution.y)
+
+    def save(self, path: str, overwrite: bool = False) -> None:
+        """Write the model to one .npz file (no pickle); refuse to replace a file unless asked."""
+        from .serialization import save_model
+
+        save_model(self, path, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------- validation
+def _as_shape(shape: Any, what: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(d) for d in shape)
+    except (TypeError, ValueError):
+        raise ShapeError(f"{what}: expected a shape of non-negative integers, got {shape!r}") from None
+    if any(d < 0 for d in dims) or any(d != s for d, s in zip(dims, shape)):
+        raise ShapeError(f"{what}: expected a shape of non-negative integers, got {shape!r}")
+    return dims
+
+
+def _as_csr(matrix: Any, name: str) -> sp.csr_array:
+    """A CSR array from any sparse matrix or 2-D array-like of real numbers."""
+    if sp.issparse(matrix):
+        csr = matrix if isinstance(matrix, sp.csr_array) else sp.csr_array(matrix)
+    else:
+        dense = np.asarray(matrix)
+        if dense.ndim != 2:
+            raise ShapeError(f"matrix {name}: expected 2 dimensions, got shape {dense.shape}")
+        if not np.issubdtype(dense.dtype, np.number) or np.iscomplexobj(dense):
+            raise ShapeError(f"matrix {name}: expected real numbers, got dtype {dense.dtype}")
+        csr = sp.csr_array(dense)
+    if csr.ndim != 2:
+        raise ShapeError(f"matrix {name}: expected 2 dimensions, got shape {csr.shape}")
+    csr.sum_duplicates()
+    return csr
+
+
+def _common_float_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
+    dtype = np.result_type(*dtypes)
+    if dtype in FLOAT_DTYPES:
+        return dtype
+    if np.issubdtype(dtype, np.floating) and dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def _expect_shape(matrix: sp.csr_array, expected: tuple[int, int], name: str, rule: str) -> None:
+    if matrix.shape != expected:
+        raise ShapeError(f"matrix {name} must be {rule}: expected shape {expected}, got {matrix.shape}")
+
+
+def _as_bias(bias: Any, size: int, dtype: np.dtype, name: str) -> np.ndarray:
+    if bias is None:
+        return np.zeros(size, dtype=dtype)
+    vector = np.asarray(bias)
+    if vector.shape not in ((size,), (size, 1), (1, size)):
+        raise ShapeError(f"{name}: expected a vector of length {size}, got shape {vector.shape}")
+    vector = vector.reshape(size).astype(dtype, copy=False)
+    if not np.isfinite(vector).all():
+        raise NonFiniteError(f"{name} holds NaN or inf values; expected finite biases")
+    return vector
+
+
+def _check_blocks(blocks: tuple[StateBlock, ...], n: int) -> None:
+    if n > 0 and not blocks:
+        raise ShapeError(f"expected state blocks covering the {n} states, got none")
+    position = 0
+    for block in blocks:
+        if not isinstance(block, StateBlock):
+            raise ShapeError(f"expected StateBlock entries in blocks, got {type(block).__name__}")
+        if block.start != position:
+            raise ShapeError(
+                f"blocks must tile the state in order: block {block.name!r} starts at "
+                f"{block.start}, expected {position}"
+            )
+        position = block.stop
+    if position != n:
+        raise ShapeError(f"blocks cover states 0:{position}, expected 0:{n} (n = rows of A)")
+    names = [block.name for block in blocks]
+    if len(set(names)) != len(names):
+        raise ShapeError(f"block names must be unique, got duplicates in {names}")
+
+
+def _check_specs(specs: tuple[TensorSpec, ...], total: int, what: str, meaning: str) -> None:
+    if not all(isinstance(spec, TensorSpec) for spec in specs):
+        raise ShapeError(f"expected TensorSpec entries in {what}")
+    size = sum(spec.size for spec in specs)
+    if size != total:
+        shapes = ", ".join(f"{spec.name}{spec.shape}" for spec in specs)
+        raise ShapeError(f"{what} [{shapes}] hold {size} values per sample, expected {total} ({meaning})")
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise ShapeError(f"{what} names must be unique, got {names}")
+
+
+def _fresh_name(base: str, taken: set[str]) -> str:
+    index = 1
+    while f"{base}_{index}" in taken:
+        index += 1
+    return f"{base}_{index}"

@@ -1,0 +1,173 @@
+"""Solving the equilibrium x = phi(A x + B u + b_x) and predicting y = C x + D u + b_y.
+
+The state is held as an (n, batch) array. ``method="auto"`` walks the strongly connected
+components of the block graph in topological order (see ``plan``): an acyclic block is one
+sparse product, bias and activation (forward substitution, about one network forward pass in
+cost); a cyclic component gets Anderson-accelerated fixed-point iteration on its own states,
+with everything it reads from outside folded into a constant first. ``method="picard"`` and
+``method="anderson"`` iterate on the whole model from x = 0 (the paper's setting; an acyclic
+model converges exactly after depth + 1 Picard steps).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..activations import Activation
+from ..errors import ShapeError
+from ..model import ImplicitModel
+from .batching import flatten_inputs
+from .fixed_point import anderson
+from .plan import execution_order
+
+METHODS = ("auto", "picard", "anderson")
+DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+
+
+@dataclass(frozen=True)
+class Solution:
+    """The solved state and prediction.
+
+    Attributes:
+        x: the state, (batch, n), or (n,) for one unbatched sample.
+        y: the flat prediction, (batch, q), or (q,); ``model.predict`` reshapes it.
+        iterations: fixed-point iterations run (0 when everything was forward substitution).
+        residual_history: the residual after each iteration (for ``auto``, the cyclic
+            components' histories one after another; see ``component_histories``).
+        method: the method used.
+        component_histories: for each cyclic component solved, its block names and history.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    iterations: int
+    residual_history: tuple[float, ...]
+    method: str
+    component_histories: tuple[tuple[tuple[str, ...], tuple[float, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One component of the execution order, with its rows of the matrices cut out."""
+
+    names: tuple[str, ...]
+    description: str
+    rows: slice | np.ndarray
+    cyclic: bool
+    A_rows: sp.csr_array  # rows of the component, every column
+    A_self: sp.csr_array | None  # rows and columns of the component (cyclic only)
+    B_rows: sp.csr_array
+    bias: np.ndarray  # (rows, 1)
+    segments: tuple[tuple[int, int, Activation], ...]  # (start, stop, activation) within rows
+
+
+def solve(
+    model: ImplicitModel,
+    u: Any,
+    method: str = "auto",
+    tol: float | None = None,
+    max_iter: int = 1000,
+    anderson_memory: int = 5,
+) -> Solution:
+    """Solve the model for one sample or a batch.
+
+    Args:
+        model: the implicit model.
+        u: inputs with a leading batch axis, one sample, a dict keyed by input name, or the
+            flat concatenation (p,) / (batch, p). float32 and float64 keep their dtype.
+        method: "auto" (forward substitution, iteration only on cyclic components),
+            "picard" or "anderson" (iteration on the whole model).
+        tol: residual tolerance (default 1e-10 in float64, 1e-5 in float32).
+        max_iter: iteration cap per fixed-point solve.
+        anderson_memory: Anderson history length for "auto" and "anderson" (0: plain Picard).
+
+    Raises:
+        ConvergenceError: a fixed-point solve did not converge; it carries the history.
+        NonFiniteError, ShapeError: bad inputs.
+    """
+    if method not in METHODS:
+        raise ShapeError(f"unknown solve method {method!r}: expected one of {', '.join(METHODS)}")
+    U, single = flatten_inputs(model.inputs, u)
+    model = model.astype(U.dtype)
+    tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
+    U = np.ascontiguousarray(U.T)  # (p, batch)
+    X = np.zeros((model.n, U.shape[1]), dtype=model.dtype)
+    histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
+    if method == "auto":
+        steps = _execution_steps(model)
+    else:
+        steps = (_whole_model_step(model),)
+        anderson_memory = 0 if method == "picard" else anderson_memory
+    for step in steps:
+        history = _solve_step(step, X, U, tol, max_iter, anderson_memory)
+        if step.cyclic:
+            histories.append((step.names, tuple(history)))
+    Y = model.C @ X + model.D @ U + model.bias_y[:, None]
+    residuals = tuple(r for _, history in histories for r in history)
+    if single:
+        return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories))
+    return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories))
+
+
+def _solve_step(step: _Step, X: np.ndarray, U: np.ndarray, tol: float, max_iter: int, memory: int) -> list[float]:
+    """Fill X[step.rows] in place; return the residual history (empty for acyclic steps)."""
+    pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
+    if not step.cyclic:
+        X[step.rows] = _activate(step.segments, pre_activation)
+        return []
+    constant = pre_activation  # X[step.rows] is still zero: only outside states contributed
+
+    def g(x: np.ndarray) -> np.ndarray:
+        return _activate(step.segments, step.A_self @ x + constant)
+
+    x0 = np.zeros_like(constant)
+    X[step.rows], history = anderson(g, x0, tol, max_iter, memory=memory, what=step.description)
+    return history
+
+
+def _activate(segments: tuple[tuple[int, int, Activation], ...], z: np.ndarray) -> np.ndarray:
+    for start, stop, activation in segments:
+        activation.apply_inplace(z[start:stop])
+    return z
+
+
+def _execution_steps(model: ImplicitModel) -> tuple[_Step, ...]:
+    if "execution_steps" not in model._cache:
+        steps = []
+        for component in execution_order(model):
+            blocks = [model.blocks[i] for i in component.blocks]
+            steps.append(_make_step(model, blocks, component.cyclic))
+        model._cache["execution_steps"] = tuple(steps)
+    return model._cache["execution_steps"]
+
+
+def _whole_model_step(model: ImplicitModel) -> _Step:
+    return _make_step(model, list(model.blocks), cyclic=True, description="the whole model")
+
+
+def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: str = "") -> _Step:
+    contiguous = all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+    if contiguous:
+        rows: slice | np.ndarray = slice(blocks[0].start if blocks else 0, blocks[-1].stop if blocks else 0)
+    else:
+        rows = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+    A_rows = model.A[rows]
+    segments, offset = [], 0
+    for block in blocks:
+        segments.append((offset, offset + block.size, block.activation))
+        offset += block.size
+    return _Step(
+        names=tuple(b.name for b in blocks),
+        description=description or f"the cyclic component [{', '.join(b.name for b in blocks)}]",
+        rows=rows,
+        cyclic=cyclic,
+        A_rows=A_rows,
+        A_self=A_rows[:, rows] if cyclic else None,
+        B_rows=model.B[rows],
+        bias=model.bias_x[rows][:, None],
+        segments=tuple(segments),
+    )

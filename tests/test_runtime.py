@@ -1,0 +1,187 @@
+"""The runtime against independent computations: numpy forward passes and scipy root finding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.sparse as sp
+from conftest import contractive_matrix
+
+import implicit_compiler as ic
+from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
+
+
+def test_mlp_matches_numpy_forward_pass(mlp, rng):
+    u = rng.normal(size=(32, 6))
+    solution = mlp.implicit().solve(u)
+    expected = mlp.forward(u)
+    np.testing.assert_allclose(solution.y, expected, rtol=1e-12, atol=1e-12)
+    assert solution.iterations == 0 and solution.residual_history == ()
+    hidden = solution.x[:, :8]
+    assert (hidden > 0).any() and (hidden == 0).any(), "ReLUs should land on both sides"
+
+
+def test_mlp_single_sample_and_float32_keep_shape_and_dtype(mlp, rng):
+    model = mlp.implicit()
+    u = rng.normal(size=6)
+    single = model.predict(u)
+    assert single.shape == (3,)
+    np.testing.assert_allclose(single, mlp.forward(u[None])[0], rtol=1e-12)
+    batch32 = model.predict(u[None].astype(np.float32))
+    assert batch32.dtype == np.float32 and batch32.shape == (1, 3)
+    np.testing.assert_allclose(batch32[0], single, rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_picard_on_whole_model_reaches_the_same_answer_in_depth_plus_one_steps(mlp, rng):
+    u = rng.normal(size=(5, 6))
+    picard = mlp.implicit().solve(u, method="picard")
+    np.testing.assert_allclose(picard.y, mlp.forward(u), rtol=1e-12, atol=1e-12)
+    assert picard.residual_history[-1] == 0.0
+    assert picard.iterations == 3  # two layers, then a step that changes nothing
+
+
+def _independent_fixed_point(A, B, b, u, phi):
+    """Solve x = phi(A x + B u + b) with scipy's hybrid Powell root finder, per sample."""
+    solutions = []
+    for sample in u:
+        residual = lambda x, sample=sample: x - phi(A @ x + B @ sample + b)
+        result = scipy.optimize.root(residual, np.zeros(A.shape[0]), tol=1e-14)
+        assert result.success
+        solutions.append(result.x)
+    return np.array(solutions)
+
+
+@pytest.mark.parametrize(
+    "activation,phi", [("tanh", np.tanh), ("sigmoid", lambda z: 1 / (1 + np.exp(-z)))], ids=["tanh", "sigmoid"]
+)
+def test_cyclic_model_matches_independent_fixed_point(rng, activation, phi):
+    n, p, q = 12, 4, 3
+    A = contractive_matrix(rng, n, 0.9)
+    B, C, D = rng.normal(size=(n, p)), rng.normal(size=(q, n)), rng.normal(size=(q, p))
+    b = rng.normal(size=n)
+    model = ImplicitModel.from_matrices(A, B, C, D, activation=activation, bias_x=b)
+    u = rng.normal(size=(7, p))
+    expected_x = _independent_fixed_point(A, B, b, u, phi)
+    for method in ("auto", "picard", "anderson"):
+        solution = model.solve(u, method=method)
+        np.testing.assert_allclose(solution.x, expected_x, rtol=1e-9, atol=1e-9, err_msg=method)
+        np.testing.assert_allclose(solution.y, expected_x @ C.T + u @ D.T, rtol=1e-9, atol=1e-9)
+        assert solution.iterations > 0 and solution.residual_history[-1] <= 1e-10
+
+
+def test_cyclic_relu_picard_and_auto_agree(rng):
+    n, p = 30, 5
+    A = contractive_matrix(rng, n, 0.95)
+    model = ImplicitModel.from_matrices(
+        A, rng.normal(size=(n, p)), np.eye(n), np.zeros((n, p)), bias_x=rng.normal(size=n)
+    )
+    u = rng.normal(size=(16, p))
+    auto = model.solve(u)
+    picard = model.solve(u, method="picard")
+    np.testing.assert_allclose(auto.x, picard.x, rtol=1e-9, atol=1e-9)
+    x = auto.x
+    np.testing.assert_allclose(x, np.maximum(x @ A.T + u @ model.B.toarray().T + model.bias_x, 0), atol=1e-9)
+    assert auto.iterations < picard.iterations, "Anderson should need fewer iterations than Picard"
+
+
+def test_auto_iterates_only_on_the_cyclic_component(rng):
+    """in -> loop (cyclic, tanh) -> out: one fixed-point solve, on the loop block alone."""
+    sizes = {"encoder": 4, "loop": 5, "decoder": 3}
+    p = 3
+    W_in, W_loop, W_out = rng.normal(size=(4, p)), contractive_matrix(rng, 5, 0.8), rng.normal(size=(3, 5))
+    W_enc_loop = rng.normal(size=(5, 4))
+    A = sp.bmat(
+        [[sp.csr_array((4, 4)), None, None], [W_enc_loop, W_loop, None], [None, W_out, sp.csr_array((3, 3))]],
+        format="csr",
+    )
+    B = sp.vstack([W_in, sp.csr_array((8, p))], format="csr")
+    C = sp.hstack([sp.csr_array((2, 9)), rng.normal(size=(2, 3))], format="csr")
+    blocks, start = [], 0
+    for name, activation in zip(sizes, ("relu", "tanh", "relu")):
+        blocks.append(StateBlock(name, start, start + sizes[name], activation, (sizes[name],)))
+        start += sizes[name]
+    model = ImplicitModel(
+        A, B, C, sp.csr_array((2, p)), None, None, tuple(blocks), (TensorSpec("u", (p,)),), (TensorSpec("y", (2,)),)
+    )
+    u = rng.normal(size=(6, p))
+    auto = model.solve(u)
+    assert [names for names, _ in auto.component_histories] == [("loop",)]
+    encoder = np.maximum(u @ W_in.T, 0)
+    loop = _independent_fixed_point(W_loop, W_enc_loop, np.zeros(5), encoder, np.tanh)
+    decoder = np.maximum(loop @ W_out.T, 0)
+    np.testing.assert_allclose(auto.y, decoder @ C.toarray()[:, 9:].T, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(model.solve(u, method="picard").y, auto.y, rtol=1e-9, atol=1e-9)
+
+
+def test_non_contractive_model_raises_convergence_error_with_history():
+    model = ImplicitModel.from_matrices(2 * np.eye(3), np.ones((3, 1)), np.eye(3), np.zeros((3, 1)))
+    with pytest.raises(ic.ConvergenceError) as caught:
+        model.solve([1.0], max_iter=200)
+    assert caught.value.iterations > 0
+    assert len(caught.value.residual_history) == caught.value.iterations
+    assert "well-posed" in str(caught.value)
+
+
+def test_oscillating_model_raises_convergence_error_under_picard():
+    rotation = np.array([[0.0, -1.0], [1.0, 0.0]])
+    model = ImplicitModel.from_matrices(rotation, np.eye(2), np.eye(2), np.zeros((2, 2)), activation="identity")
+    with pytest.raises(ic.ConvergenceError, match="did not converge in 50 iterations"):
+        model.solve([1.0, 0.0], method="picard", max_iter=50)
+    # Anderson solves the linear system (I - A) x = u exactly, as GMRES would.
+    x = model.solve([1.0, 0.0], method="anderson").x
+    np.testing.assert_allclose(x, np.linalg.solve(np.eye(2) - rotation, [1.0, 0.0]), atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_inputs_raise(mlp, bad):
+    u = np.zeros((2, 6))
+    u[1, 3] = bad
+    with pytest.raises(ic.NonFiniteError, match="NaN or inf"):
+        mlp.implicit().solve(u)
+
+
+@pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 2)], ids=["short", "batch-short", "3d"])
+def test_wrong_input_shape_raises_shape_error(mlp, shape):
+    with pytest.raises(ic.ShapeError, match="expected"):
+        mlp.implicit().solve(np.zeros(shape))
+
+
+def test_unknown_method_raises(mlp):
+    with pytest.raises(ic.ShapeError, match="unknown solve method"):
+        mlp.implicit().solve(np.zeros(6), method="newton")
+
+
+def test_multi_input_model_takes_dict_sequence_or_flat(rng):
+    # y = u1 (2x2 image) summed with u2 (vector of 3) through one linear layer.
+    B = rng.normal(size=(4, 7))
+    model = ImplicitModel(
+        sp.csr_array((4, 4)), B, np.eye(4), sp.csr_array((4, 7)), None, None,
+        (StateBlock("h", 0, 4, "relu", (2, 2)),),
+        (TensorSpec("image", (2, 2)), TensorSpec("vector", (3,))),
+        (TensorSpec("out", (2, 2)), ),
+    )  # fmt: skip
+    image, vector = rng.normal(size=(5, 2, 2)), rng.normal(size=(5, 3))
+    flat = np.concatenate([image.reshape(5, 4), vector], axis=1)
+    expected = np.maximum(flat @ B.T, 0).reshape(5, 2, 2)
+    np.testing.assert_allclose(model.predict({"image": image, "vector": vector}), expected, rtol=1e-12)
+    np.testing.assert_allclose(model.predict([image, vector]), expected, rtol=1e-12)
+    np.testing.assert_allclose(model.predict(flat), expected, rtol=1e-12)
+    np.testing.assert_allclose(model.predict({"image": image[0], "vector": vector[0]}), expected[0], rtol=1e-12)
+    with pytest.raises(ic.ShapeError, match="missing"):
+        model.predict({"image": image})
+    with pytest.raises(ic.ShapeError, match="disagree"):
+        model.predict({"image": image, "vector": vector[0]})
+
+
+def test_multiple_outputs_come_back_as_a_dict(mlp, rng):
+    base = mlp.implicit()
+    model = ImplicitModel(
+        base.A, base.B, base.C, base.D, base.bias_x, base.bias_y, base.blocks, base.inputs,
+        (TensorSpec("first", (1,)), TensorSpec("rest", (2,))),
+    )  # fmt: skip
+    u = rng.normal(size=(4, 6))
+    outputs = model.predict(u)
+    expected = mlp.forward(u)
+    np.testing.assert_allclose(outputs["first"], expected[:, :1], rtol=1e-12)
+    np.testing.assert_allclose(outputs["rest"], expected[:, 1:], rtol=1e-12)
