@@ -26,6 +26,16 @@ from .model import ImplicitModel, StateBlock, TensorSpec
 from .runtime import Solution
 from .serialization import load
 
+
+def __getattr__(name: str):
+    """The ONNX frontend loads lazily: ``import implicit_compiler`` stays light."""
+    if name in ("from_onnx", "verify", "VerifyReport", "supported_ops_table"):
+        from . import frontend
+
+        return getattr(frontend, name)
+    raise AttributeError(f"module 'implicit_compiler' has no attribute {name!r}")
+
+
 __all__ = [
     "Activation",
     "ConvergenceError",
@@ -43,7 +53,11 @@ __all__ = [
     "TensorSpec",
     "UnsupportedAttributeError",
     "UnsupportedOpError",
+    "VerifyReport",
     "__version__",
     "activation",
+    "from_onnx",
     "load",
+    "supported_ops_table",
+    "verify",
 ]

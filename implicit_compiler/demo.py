@@ -1,13 +1,17 @@
-"""The main job on built-in models: ``python -m implicit_compiler.demo`` (run by scripts/demo).
+"""The main job: ``python -m implicit_compiler.demo`` (run by scripts/demo).
 
-Builds a hand-made feedforward network as an implicit model, solves it by forward substitution
-and checks it against a numpy forward pass; then closes it in a feedback loop (a cyclic A) and
-solves that by Anderson-accelerated and by plain Picard iteration; finally saves and reloads it.
+1. Compiles the zoo's ONNX models (LeNet-5, ResNet20) into implicit models, verifies each
+   against onnxruntime (float32) and the ONNX reference evaluator (float64), and prints n,
+   nnz, blocks and compile time; measures the implicit LeNet-5's accuracy on the held-out
+   digits next to the ONNX model's.
+2. Builds a hand-made feedforward network, closes it in a feedback loop (a cyclic A) and solves
+   that by Anderson-accelerated and plain Picard iteration; saves and reloads it.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -77,17 +81,78 @@ def _timed(function, repeats: int = 5):
     return result, best
 
 
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+ZOO_MODELS = ("lenet5.onnx", "resnet20.onnx")
+
+
+def zoo_section(samples: int) -> bool:
+    """Compile and verify the zoo models; return whether every check passed."""
+    from .frontend import from_onnx, verify
+
+    if not all((ZOO / name).exists() for name in ZOO_MODELS):
+        print(f"zoo models not found under {ZOO} (a source checkout has them); skipping\n")
+        return True
+    passed = True
+    compiled = {}
+    for name in ZOO_MODELS:
+        start = time.perf_counter()
+        model = from_onnx(ZOO / name)
+        seconds = time.perf_counter() - start
+        compiled[name] = model
+        report = verify(ZOO / name, samples=samples)
+        passed &= report.passed
+        errors = ", ".join(
+            f"{o.name}: float32 max abs {o.max_abs_error_float32:.1e}, float64 rel {o.max_rel_error_float64:.1e}"
+            for o in report.outputs
+        )
+        print(
+            f"{name:<14} n = {model.n:,}  nnz(A) = {model.A.nnz:,}  nnz(all) = {model.nnz:,}  "
+            f"blocks = {len(model.blocks)}  compile {seconds:.2f} s  memory {model.memory_bytes / 2**20:.1f} MiB"
+        )
+        print(f"{'':<14} verify ({samples} samples): {'PASSED' if report.passed else 'FAILED'} ({errors})")
+    passed &= lenet_accuracy(compiled["lenet5.onnx"])
+    print()
+    return passed
+
+
+def lenet_accuracy(model: ImplicitModel) -> bool:
+    """Held-out digits accuracy of the implicit LeNet-5 next to the ONNX model's (onnxruntime)."""
+    try:
+        sys.path.insert(0, str(ZOO))
+        from data import load_digits_32x32  # zoo/data.py: numpy + scikit-learn
+    except ImportError as error:
+        print(f"LeNet-5 accuracy skipped: {error} (scripts/demo installs scikit-learn)")
+        return True
+    finally:
+        sys.path.remove(str(ZOO))
+    import onnxruntime
+
+    _, _, images, labels = load_digits_32x32()
+    session = onnxruntime.InferenceSession(str(ZOO / "lenet5.onnx"), providers=["CPUExecutionProvider"])
+    onnx_accuracy = float((session.run(None, {"input": images})[0].argmax(axis=1) == labels).mean())
+    implicit_accuracy = float((model.predict(images.astype(np.float64)).argmax(axis=1) == labels).mean())
+    print(
+        f"LeNet-5 held-out digits ({len(labels)} images): implicit model {implicit_accuracy:.2%}, "
+        f"ONNX model (onnxruntime) {onnx_accuracy:.2%}: "
+        f"{'equal' if implicit_accuracy == onnx_accuracy else 'DIFFERENT'}"
+    )
+    return implicit_accuracy == onnx_accuracy
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256, help="samples per solve (default 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--samples", type=int, default=10, help="verification samples per zoo model (default 10)")
+    parser.add_argument("--skip-zoo", action="store_true", help="only run the hand-made models")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
-    print(f"implicit_compiler {__version__} demo (built-in hand-made models; seed {args.seed})\n")
+    print(f"implicit_compiler {__version__} demo\n")
+    passed = True if args.skip_zoo else zoo_section(args.samples)
 
     model, layers = feedforward_network(rng)
     u = rng.normal(size=(args.batch, model.p))
-    print(f"feedforward MLP 16-64-64-32-4: {model}")
+    print(f"hand-made feedforward MLP 16-64-64-32-4: {model}")
     print(f"  blocks: {', '.join(f'{b.name}[{b.start}:{b.stop}] {b.activation}' for b in model.blocks)}")
     solution, seconds = _timed(lambda: model.solve(u))
     error = np.abs(solution.y - numpy_forward(layers, u)).max()
@@ -120,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         reloaded = load(path)
         same = all((getattr(reloaded, m) != getattr(closed, m)).nnz == 0 for m in "ABCD")
         print(f"\nsaved and reloaded {path.name} ({path.stat().st_size / 1024:.0f} KiB): matrices identical: {same}")
-    return 0
+    return 0 if passed and same else 1
 
 
 if __name__ == "__main__":

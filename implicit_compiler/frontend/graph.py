@@ -1,0 +1,220 @@
+"""Reading an ONNX model and putting it in the form the lowering expects.
+
+- ``load_onnx``: a path or a ``ModelProto``; a file that does not parse raises ModelFileError.
+- ``prepare``: a normalized copy: nodes in topological order (networkx; some exporters write
+  them unsorted), initializers that are also graph inputs treated as constants, every
+  floating tensor and Cast in float64 (``to_float64``: lowering in float64 is what lets the
+  result match the float64 reference to ~1e-9), and every input dimension fixed.
+
+Batch convention: an input whose leading dimension is dynamic or 1 has a batch axis; the model
+is lowered at batch size 1 and applied to each sample. An input with a static leading
+dimension N > 1 has no batch axis: the whole tensor is one sample. Other dynamic dimensions
+need ``input_shapes``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import networkx as nx
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from ..errors import GraphError, ModelFileError, ShapeError
+
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    """A true (runtime) input of the network, with its fixed ONNX shape and batch convention."""
+
+    name: str
+    shape: tuple[int, ...]  # the shape lowered, batch axis (if any) set to 1
+    batched: bool  # True: shape[0] is the batch axis
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.batched else self.shape
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """A normalized float64 copy of the network and what the lowering needs to know of it."""
+
+    model: onnx.ModelProto
+    opset: int
+    inputs: tuple[GraphInput, ...]
+    constants: dict[str, np.ndarray]
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+
+def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """The ModelProto itself, or the file read; unreadable files raise ModelFileError."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = os.fspath(model)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no ONNX file at {path}")
+    try:
+        proto = onnx.load(path)
+    except (DecodeError, ValueError, OSError, RuntimeError) as error:
+        raise ModelFileError(
+            f"cannot read {path} as ONNX: the file is truncated, corrupted or not an ONNX model ({error}). "
+            "Re-export it from its framework"
+        ) from error
+    if not proto.graph.node and not proto.graph.output:
+        raise ModelFileError(f"{path} parsed as ONNX but holds no graph: is it really an ONNX model?")
+    return proto
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The model's version of the default ONNX domain."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    raise GraphError("the model imports no version of the default ONNX domain (opset_import is empty)")
+
+
+def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]] | None = None) -> PreparedModel:
+    """A topologically sorted float64 copy with fixed input shapes (see the module docstring)."""
+    model = to_float64(model)
+    graph = model.graph
+    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    runtime_inputs = [value for value in graph.input if value.name not in constants]
+    unknown = set(input_shapes or {}) - {value.name for value in runtime_inputs}
+    if unknown:
+        raise GraphError(
+            f"input_shapes names {sorted(unknown)}, which are not runtime inputs of the model; "
+            f"its inputs are {[value.name for value in runtime_inputs]}"
+        )
+    inputs = tuple(_fixed_input(value, (input_shapes or {}).get(value.name)) for value in runtime_inputs)
+    del graph.input[:]
+    graph.input.extend(onnx.helper.make_tensor_value_info(i.name, TensorProto.DOUBLE, list(i.shape)) for i in inputs)
+    return PreparedModel(with_sorted_nodes(model, copy_model=False), default_opset(model), inputs, constants)
+
+
+def with_sorted_nodes(model: onnx.ModelProto, copy_model: bool = True) -> onnx.ModelProto:
+    """The model (a copy unless asked otherwise) with its nodes in topological order."""
+    if copy_model:
+        model = copy.deepcopy(model)
+    nodes = topological_nodes(model.graph)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _fixed_input(value: onnx.ValueInfoProto, override: Sequence[int | None] | None) -> GraphInput:
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type"):
+        raise GraphError(f"input {value.name!r} is not a tensor; only tensor inputs are supported")
+    if tensor_type.elem_type not in FLOAT_TYPES:
+        raise GraphError(
+            f"input {value.name!r} has element type {TensorProto.DataType.Name(tensor_type.elem_type)}; "
+            "expected a floating-point input (integer inputs cannot feed a real-valued implicit model)"
+        )
+    if not tensor_type.HasField("shape"):
+        if override is None:
+            raise GraphError(f"input {value.name!r} has no declared shape: pass input_shapes={{{value.name!r}: (...)}}")
+        declared: list[int | str | None] = [None] * len(override)
+    else:
+        declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+    if override is not None:
+        override = list(override)
+        if len(override) != len(declared):
+            raise ShapeError(
+                f"input_shapes[{value.name!r}] has {len(override)} dimensions, the model declares "
+                f"{len(declared)}: {declared}"
+            )
+        for axis, (given, found) in enumerate(zip(override, declared)):
+            if isinstance(found, int) and given is not None and given != found and axis > 0:
+                raise ShapeError(
+                    f"input_shapes[{value.name!r}] sets axis {axis} to {given}, but the model fixes it at {found}"
+                )
+        declared = [g if g is not None else f for g, f in zip(override, declared)]
+    if not declared:
+        raise GraphError(f"input {value.name!r} is a scalar (rank 0); expected a tensor with a batch axis")
+    leading = declared[0]
+    batched = not isinstance(leading, int) or leading in (0, 1)
+    shape = [1] if batched else [leading]
+    for axis, dim in enumerate(declared[1:], start=1):
+        if not isinstance(dim, int) or dim <= 0:
+            raise GraphError(
+                f"input {value.name!r} has a dynamic dimension {dim!r} at axis {axis}; only the batch axis "
+                f"(axis 0) may be dynamic. Pass input_shapes={{{value.name!r}: {tuple(_example(declared))}}} "
+                "with every other dimension fixed"
+            )
+        shape.append(dim)
+    return GraphInput(value.name, tuple(shape), batched)
+
+
+def _example(declared: list) -> list:
+    return [1] + [d if isinstance(d, int) and d > 0 else 8 for d in declared[1:]]
+
+
+def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The graph's nodes ordered so that every value is produced before it is read."""
+    producers = {}
+    for index, node in enumerate(graph.node):
+        for output in node.output:
+            if output:
+                producers[output] = index
+    dependencies = nx.DiGraph()
+    dependencies.add_nodes_from(range(len(graph.node)))
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name in producers:
+                dependencies.add_edge(producers[name], index)
+    try:
+        order = list(nx.lexicographical_topological_sort(dependencies))
+    except nx.NetworkXUnfeasible:
+        cycle = nx.find_cycle(dependencies)
+        names = [graph.node[i].name or graph.node[i].op_type for i, _ in cycle]
+        raise GraphError(f"the graph has a cycle through nodes {names}; ONNX graphs must be acyclic") from None
+    return [graph.node[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------- float64
+def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy computing in float64: floating initializers, constants, value types and Casts.
+
+    Used for lowering (so that folded constants are exact) and for the float64 reference run.
+    """
+    model = copy.deepcopy(model)
+    _graph_to_float64(model.graph)
+    return model
+
+
+def _graph_to_float64(graph: onnx.GraphProto) -> None:
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type in FLOAT_TYPES and tensor.data_type != TensorProto.DOUBLE:
+            graph.initializer[index].CopyFrom(_tensor_to_float64(tensor))
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        if value.type.tensor_type.elem_type in FLOAT_TYPES:
+            value.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in FLOAT_TYPES:
+                attribute.t.CopyFrom(_tensor_to_float64(attribute.t))
+            elif attribute.type == onnx.AttributeProto.GRAPH:
+                _graph_to_float64(attribute.g)
+            elif (
+                attribute.name in ("to", "dtype")
+                and attribute.type == onnx.AttributeProto.INT
+                and attribute.i in FLOAT_TYPES
+            ):
+                attribute.i = TensorProto.DOUBLE
+
+
+def _tensor_to_float64(tensor: onnx.TensorProto) -> onnx.TensorProto:
+    array = numpy_helper.to_array(tensor).astype(np.float64)
+    converted = numpy_helper.from_array(array, tensor.name)
+    return converted

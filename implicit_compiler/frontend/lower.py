@@ -1,0 +1,141 @@
+"""The driver: walk the ONNX graph in topological order and lower every node.
+
+Each ONNX value is held in ``env`` as a constant (numpy array) or an affine expression over
+[u; x] (see ``expression``). For each node: if all its inputs are constants it is folded (run
+by the reference evaluator); otherwise the lowering registered for its op and opset transforms
+the expressions, creating state blocks for activations. Any failure is re-raised with
+"while lowering node 'conv1' (Conv, opset 13)" in front, keeping its type.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ..errors import GraphError, ImplicitCompilerError, NonFiniteError
+from ..model import ImplicitModel, TensorSpec
+from .context import LoweringContext, NodeView, Value
+from .estimate import available_memory_bytes, check_model_fits
+from .expression import Affine
+from .fold import evaluate_constant_node
+from .graph import load_onnx, prepare
+from .registry import find_lowering
+
+# Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
+NEVER_FOLD: frozenset[str] = frozenset()
+
+
+def from_onnx(
+    model: str | os.PathLike | onnx.ModelProto,
+    input_shapes: Mapping[str, Sequence[int | None]] | None = None,
+    dtype: Any = np.float64,
+    memory_limit_bytes: float | None = None,
+) -> ImplicitModel:
+    """Compile an ONNX network into an ImplicitModel, exactly.
+
+    Args:
+        model: a path to an .onnx file or an ``onnx.ModelProto``.
+        input_shapes: full shapes for inputs with dynamic dimensions other than the batch
+            axis, e.g. ``{"x": (None, 3, 32, 32)}`` (the batch entry may be None).
+        dtype: float64 (default; matches the float64 reference to ~1e-9) or float32.
+        memory_limit_bytes: refuse models whose lowering is estimated to need more (default:
+            the memory available on this machine).
+
+    Raises:
+        UnsupportedOpError, UnsupportedAttributeError: an op or attribute without lowering.
+        GraphError, ShapeError: a malformed graph, dynamic shapes, runtime weights.
+        NonFiniteError: NaN or inf weights. ModelTooLargeError: the estimate does not fit.
+        ModelFileError: the file is not readable ONNX.
+    """
+    proto = load_onnx(model)
+    prepared = prepare(proto, input_shapes)
+    limit = available_memory_bytes() if memory_limit_bytes is None else float(memory_limit_bytes)
+    check_model_fits(prepared, limit)
+    _check_finite_constants(prepared.constants)
+
+    p = sum(math.prod(i.sample_shape) for i in prepared.inputs)
+    batched = all(i.batched for i in prepared.inputs)
+    ctx = LoweringContext(p=p, batched=batched, memory_limit_bytes=limit)
+    env: dict[str, Value] = dict(prepared.constants)
+    unavailable: dict[str, str] = {}  # outputs a lowering does not provide -> the node
+    offset = 0
+    specs = []
+    for graph_input in prepared.inputs:
+        size = math.prod(graph_input.shape)
+        env[graph_input.name] = Affine.variables(graph_input.shape, offset, p)
+        specs.append(TensorSpec(graph_input.name, graph_input.sample_shape))
+        offset += size
+
+    for index, proto_node in enumerate(prepared.graph.node):
+        node = NodeView(proto_node, prepared.opset, index)
+        ctx.node = node
+        inputs = [env.get(name) if name else None for name in proto_node.input]
+        _check_inputs_exist(node, inputs, unavailable)
+        outputs = _lower_node(ctx, node, inputs)
+        for name, value in zip(proto_node.output, outputs):
+            if name and value is None:
+                unavailable[name] = node.where
+            elif name:
+                env[name] = value
+
+    outputs = []
+    for value_info in prepared.graph.output:
+        if value_info.name in unavailable:
+            raise GraphError(f"graph output {value_info.name!r} of {unavailable[value_info.name]} cannot be lowered")
+        if value_info.name not in env:
+            raise GraphError(f"graph output {value_info.name!r} is produced by no node")
+        outputs.append((value_info.name, env[value_info.name]))
+    ctx.node = None
+    return ctx.assemble(tuple(specs), outputs, np.dtype(dtype))
+
+
+def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]) -> list[Value | None]:
+    try:
+        lowering = find_lowering(node.op_type, node.proto.domain, node.opset, node.where)
+        unknown = sorted(set(node.attributes) - lowering.attributes) if lowering.attributes is not None else []
+        if unknown:
+            raise node.unsupported(
+                unknown[0], node.attr(unknown[0]), f"{node.op_type} is lowered without it; remove or fold it first"
+            )
+        all_constant = all(value is None or not isinstance(value, Affine) for value in inputs)
+        if all_constant and node.op_type not in NEVER_FOLD:
+            return evaluate_constant_node(node, inputs)
+        outputs = lowering.function(ctx, node, inputs)
+    except ImplicitCompilerError as error:
+        message = str(error)
+        if node.where not in message:
+            message = f"while lowering {node.where}: {message}"
+        raise type(error)(message) from error
+    except Exception as error:  # a bug or an unforeseen input: never a bare crash
+        raise GraphError(
+            f"while lowering {node.where}: internal error {type(error).__name__}: {error}. "
+            "Please report it with the model"
+        ) from error
+    if len(outputs) < len([o for o in node.proto.output if o]):
+        raise GraphError(f"{node.where}: produced {len(outputs)} outputs, the node names {len(node.proto.output)}")
+    return outputs
+
+
+def _check_inputs_exist(node: NodeView, inputs: list[Value | None], unavailable: dict[str, str]) -> None:
+    for name, value in zip(node.proto.input, inputs):
+        if name and value is None:
+            if name in unavailable:
+                raise GraphError(
+                    f"{node.where}: reads {name!r}, an output of {unavailable[name]} that cannot be lowered"
+                )
+            raise GraphError(f"{node.where}: reads {name!r}, which no node, input or initializer produces")
+
+
+def _check_finite_constants(constants: dict[str, np.ndarray]) -> None:
+    for name, array in constants.items():
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            raise NonFiniteError(
+                f"initializer {name!r} holds {bad} NaN or inf value(s) out of {array.size}; the weights "
+                "are broken: re-export the model from a finite checkpoint"
+            )

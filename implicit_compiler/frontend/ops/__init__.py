@@ -1,0 +1,3 @@
+"""One module per op family; importing this package registers every lowering."""
+
+from . import activation, conv, elementwise, linear, normalization, pooling, shape  # noqa: F401

@@ -1,0 +1,151 @@
+"""Elementwise arithmetic with numpy broadcasting: Add, Sub, Mul, Div, Sum, Neg, Max, Min.
+
+    a + b, a - b          expressions add row by row after broadcasting (residual Add);
+                          a constant operand only shifts the offset
+    a * c, a / c          c constant: diag(c) scaling of the rows (a / c as a * (1 / c))
+    a * b                 both variable: a*b = ((a + b)^2 - (a - b)^2) / 4, two ``square``
+                          blocks, exact (used by gates and by composition)
+    max(a, b)             b + relu(a - b); min(a, b) = a - relu(a - b): one relu block
+    Sum(a_1, ..., a_k)    a_1 + ... + a_k
+
+Division by a variable tensor is not affine and is refused.
+"""
+
+from __future__ import annotations
+
+from functools import reduce
+
+import numpy as np
+
+from ...errors import GraphError, UnsupportedOpError
+from ..context import LoweringContext, NodeView, Value
+from ..registry import lowers
+from .common import Affine, as_affine, shape_of
+
+BROADCAST_ATTRIBUTES = ("broadcast", "axis", "consumed_inputs")
+
+
+def _broadcast_shape(node: NodeView, *values: Value) -> tuple[int, ...]:
+    _check_legacy_broadcast(node, values)
+    try:
+        return tuple(np.broadcast_shapes(*(shape_of(v) for v in values)))
+    except ValueError:
+        shapes = [shape_of(v) for v in values]
+        raise GraphError(f"{node.where}: operand shapes {shapes} do not broadcast") from None
+
+
+def _check_legacy_broadcast(node: NodeView, values: tuple) -> None:
+    """Opset < 7 broadcast with an explicit axis is not numpy broadcasting: refuse it."""
+    if node.attr("broadcast", 0) and node.attr("axis") is not None:
+        shapes = [shape_of(v) for v in values]
+        if len(shapes) == 2 and shapes[1] and len(shapes[1]) < len(shapes[0]):
+            trailing = shapes[0][len(shapes[0]) - len(shapes[1]) :]
+            if trailing != shapes[1]:
+                raise node.unsupported(
+                    "axis", node.attr("axis"), "upgrade the model to opset >= 7 (numpy broadcasting)"
+                )
+
+
+def add(ctx: LoweringContext, node: NodeView, a: Value, b: Value, sign: float = 1.0) -> Affine:
+    """a + sign * b for expressions and/or constants."""
+    shape = _broadcast_shape(node, a, b)
+    if not isinstance(b, Affine):
+        return a.broadcast_to(shape).shift(sign * np.asarray(b, dtype=np.float64))
+    b_expr = b.broadcast_to(shape)
+    b_expr = b_expr if sign == 1.0 else -b_expr
+    if not isinstance(a, Affine):
+        return b_expr.shift(np.asarray(a, dtype=np.float64))
+    return a.broadcast_to(shape) + b_expr
+
+
+def multiply(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
+    """a * b: a scaling when one side is constant, else the exact square identity."""
+    shape = _broadcast_shape(node, a, b)
+    if not isinstance(b, Affine):
+        return a.broadcast_to(shape).scale(np.asarray(b, dtype=np.float64))
+    if not isinstance(a, Affine):
+        return b.broadcast_to(shape).scale(np.asarray(a, dtype=np.float64))
+    a, b = a.broadcast_to(shape), b.broadcast_to(shape)
+    output = node.proto.output[0]
+    plus = ctx.create_block(a + b, "square", name=f"{output}/sum_squared")
+    minus = ctx.create_block(a - b, "square", name=f"{output}/difference_squared")
+    return (plus - minus).scale(np.full(shape, 0.25))
+
+
+def maximum(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:
+    """max(a, b) = b + relu(a - b), elementwise, for expressions of one shape."""
+    return b + ctx.create_block(a - b, "relu", name=name)
+
+
+@lowers("Add", attributes=BROADCAST_ATTRIBUTES)
+def lower_add(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """a + b (residual connections, biases)."""
+    a, b = inputs
+    return [add(ctx, node, a, b) if isinstance(a, Affine) else add(ctx, node, b, a)]
+
+
+@lowers("Sub", attributes=BROADCAST_ATTRIBUTES)
+def lower_sub(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """a - b."""
+    a, b = inputs
+    if isinstance(a, Affine):
+        return [add(ctx, node, a, b, sign=-1.0)]
+    return [add(ctx, node, -b, a)]
+
+
+@lowers("Mul", attributes=BROADCAST_ATTRIBUTES)
+def lower_mul(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """a * c (scaling), or a * b exactly through two square blocks."""
+    return [multiply(ctx, node, inputs[0], inputs[1])]
+
+
+@lowers("Div", attributes=BROADCAST_ATTRIBUTES)
+def lower_div(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """a / c as a * (1 / c); division by a variable is refused."""
+    a, b = inputs
+    if isinstance(b, Affine):
+        raise UnsupportedOpError(
+            f"{node.where}: the divisor depends on the model input; division by a variable tensor "
+            "is not affine. Only division by constants is supported"
+        )
+    divisor = np.asarray(b, dtype=np.float64)
+    if (divisor == 0).any():
+        raise GraphError(f"{node.where}: division by a constant that holds zeros")
+    return [multiply(ctx, node, a, 1.0 / divisor)]
+
+
+@lowers("Neg", attributes=("consumed_inputs",))
+def lower_neg(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """-a."""
+    return [-inputs[0]]
+
+
+@lowers("Sum", attributes=("consumed_inputs",))
+def lower_sum(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """a_1 + ... + a_k with broadcasting."""
+    shape = _broadcast_shape(node, *inputs)
+    terms = [as_affine(value, ctx.width).broadcast_to(shape) for value in inputs]
+    return [reduce(lambda left, right: left + right, terms)]
+
+
+@lowers("Max", attributes=("consumed_inputs",))
+def lower_max(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """max(a, b) = b + relu(a - b), folded left over the operands."""
+    return [_extremum(ctx, node, inputs, sign=1.0)]
+
+
+@lowers("Min", attributes=("consumed_inputs",))
+def lower_min(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """min(a, b) = -max(-a, -b)."""
+    return [_extremum(ctx, node, inputs, sign=-1.0)]
+
+
+def _extremum(ctx: LoweringContext, node: NodeView, inputs: list, sign: float) -> Affine:
+    shape = _broadcast_shape(node, *inputs)
+    terms = [as_affine(value, ctx.width).broadcast_to(shape) for value in inputs]
+    if sign < 0:
+        terms = [-term for term in terms]
+    result = terms[0]
+    for index, term in enumerate(terms[1:], start=1):
+        result = maximum(ctx, term, result, name=f"{node.proto.output[0]}/max{index}")
+    return result if sign > 0 else -result

@@ -1,0 +1,113 @@
+"""Matrix products with a constant operand: Gemm and MatMul.
+
+With the input flattened row-major, a product with a constant is a sparse linear map:
+
+    Y = X W      (X variable, M x K; W constant, K x N):  vec(Y) = (I_M kron W^T) vec(X)
+    Y = W X      (W constant, M x K; X variable, K x N):  vec(Y) = (W kron I_N) vec(X)
+
+Gemm: Y = alpha * A' B' + beta * C with A' = A^T if transA (likewise B'), C broadcast to Y;
+the transposes of a variable operand are row selections. MatMul follows numpy.matmul: 1-D
+operands are promoted and the added axis removed, leading (stacked) axes broadcast and each
+stacked product is one diagonal block of the map. A product of two variable operands is not
+affine and is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from ...errors import GraphError, UnsupportedOpError
+from ..context import LoweringContext, NodeView, Value
+from ..registry import lowers
+from .common import Affine, optional_input, shape_of
+
+
+def _product_map(left: np.ndarray | None, right: np.ndarray | None, stack: int, m: int, k: int, n: int) -> sp.csr_array:
+    """The map from the variable operand to Y for ``stack`` stacked products (M x K)(K x N).
+
+    ``right`` (stack, K, N) given: the variable is the left (stack, M, K) operand;
+    ``left`` (stack, M, K) given: the variable is the right (stack, K, N) operand.
+    """
+    blocks = []
+    for index in range(stack):
+        if right is not None:
+            blocks.append(sp.kron(sp.identity(m, format="csr"), sp.csr_array(right[index].T), format="csr"))
+        else:
+            blocks.append(sp.kron(sp.csr_array(left[index]), sp.identity(n, format="csr"), format="csr"))
+    return sp.csr_array(sp.block_diag(blocks, format="csr")) if stack > 1 else sp.csr_array(blocks[0])
+
+
+def matmul(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
+    """numpy.matmul(a, b) where exactly one operand is an expression."""
+    if isinstance(a, Affine) and isinstance(b, Affine):
+        raise UnsupportedOpError(
+            f"{node.where}: both operands depend on the model input; a product of two variable "
+            "tensors is not affine. Only products with a constant (weights) are supported"
+        )
+    a_shape, b_shape = shape_of(a), shape_of(b)
+    if not a_shape or not b_shape:
+        raise GraphError(f"{node.where}: MatMul operands must have rank >= 1, got {a_shape} and {b_shape}")
+    a_full = a_shape if len(a_shape) > 1 else (1, *a_shape)
+    b_full = b_shape if len(b_shape) > 1 else (*b_shape, 1)
+    m, k = a_full[-2:]
+    k2, n = b_full[-2:]
+    if k != k2:
+        raise GraphError(f"{node.where}: cannot multiply shapes {a_shape} and {b_shape} (inner {k} != {k2})")
+    try:
+        stacked = np.broadcast_shapes(a_full[:-2], b_full[:-2])
+    except ValueError:
+        raise GraphError(f"{node.where}: stacked axes of {a_shape} and {b_shape} do not broadcast") from None
+    stack = int(np.prod(stacked, dtype=np.int64))
+    out_shape = (*stacked, m, n)
+    if isinstance(a, Affine):
+        variable = a.reshape(a_full).broadcast_to((*stacked, m, k))
+        weights = np.broadcast_to(np.asarray(b, dtype=np.float64).reshape(b_full), (*stacked, k, n))
+        matrix = _product_map(None, weights.reshape(stack, k, n), stack, m, k, n)
+    else:
+        variable = b.reshape(b_full).broadcast_to((*stacked, k, n))
+        weights = np.broadcast_to(np.asarray(a, dtype=np.float64).reshape(a_full), (*stacked, m, k))
+        matrix = _product_map(weights.reshape(stack, m, k), None, stack, m, k, n)
+    ctx.ensure_fits(matrix.nnz, "a matrix product")
+    result = ctx.apply_map(variable, matrix, out_shape)
+    final_shape = (*stacked, *((m,) if len(a_shape) > 1 else ()), *((n,) if len(b_shape) > 1 else ()))
+    return result.reshape(final_shape)
+
+
+@lowers("MatMul")
+def lower_matmul(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """numpy.matmul with one constant operand: a block-diagonal kron map."""
+    return [matmul(ctx, node, inputs[0], inputs[1])]
+
+
+@lowers("Gemm", attributes=("alpha", "beta", "transA", "transB", "broadcast"))
+def lower_gemm(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """alpha * A' B' + beta * C: a kron map, scaled, plus a broadcast constant."""
+    a, b = inputs[0], inputs[1]
+    c = optional_input(inputs, 2)
+    alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
+    if node.attr("transA", 0):
+        a = _transpose(a, node)
+    if node.attr("transB", 0):
+        b = _transpose(b, node)
+    if isinstance(a, Affine) and isinstance(b, Affine):
+        return [matmul(ctx, node, a, b)]  # refused there, with the reason
+    if isinstance(a, Affine):
+        b = np.asarray(b, dtype=np.float64) * alpha
+    else:
+        a = np.asarray(a, dtype=np.float64) * alpha
+    product = matmul(ctx, node, a, b)
+    if c is None or beta == 0.0:
+        return [product]
+    if isinstance(c, Affine):
+        return [product + c.scale(np.full(c.shape, beta)).broadcast_to(product.shape)]
+    return [product.shift(beta * np.asarray(c, dtype=np.float64))]
+
+
+def _transpose(value: Value, node: NodeView) -> Value:
+    if len(shape_of(value)) != 2:
+        raise GraphError(f"{node.where}: Gemm operands must be 2-D, got {shape_of(value)}")
+    if isinstance(value, Affine):
+        rows, cols = value.shape
+        return value.take(np.arange(rows * cols).reshape(rows, cols).T)
+    return np.asarray(value).T

@@ -1,0 +1,51 @@
+"""BatchNormalization in inference mode: a per-channel affine map (no state).
+
+    y = gamma * (x - mean) / sqrt(var + epsilon) + beta
+      = s * x + (beta - s * mean),   s = gamma / sqrt(var + epsilon),   per channel (axis 1)
+
+Training mode (``training_mode=1``, opset >= 14, or the extra running-statistics outputs being
+used) depends on batch statistics and is refused.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...errors import GraphError
+from ..context import LoweringContext, NodeView
+from ..registry import lowers
+from .common import as_affine, require_constant
+
+ATTRIBUTES = ("epsilon", "momentum", "training_mode", "spatial", "is_test", "consumed_inputs")
+
+
+@lowers("BatchNormalization", attributes=ATTRIBUTES)
+def lower_batch_normalization(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """s * x + (beta - s * mean) per channel, s = gamma / sqrt(var + eps)."""
+    if node.attr("training_mode", 0):
+        raise node.unsupported(
+            "training_mode", 1, "training-mode batch statistics are not a per-sample function: export in eval mode"
+        )
+    if len([name for name in node.proto.output if name]) > 1 and node.opset >= 14:
+        raise GraphError(
+            f"{node.where}: the running mean/variance outputs are used, which only exist in training "
+            "mode; export the model in eval mode"
+        )
+    if node.opset < 7 and node.attr("spatial", 1) == 0:
+        raise node.unsupported("spatial", 0, "per-activation statistics are not supported; upgrade the model")
+    x = as_affine(inputs[0], ctx.width)
+    names = ("scale (input 1)", "bias (input 2)", "mean (input 3)", "var (input 4)")
+    gamma, beta, mean, var = (
+        np.asarray(require_constant(value, node, name), dtype=np.float64) for value, name in zip(inputs[1:5], names)
+    )
+    if x.ndim < 2:
+        raise GraphError(f"{node.where}: expected an input of rank >= 2 (N, C, ...), got shape {x.shape}")
+    channels = x.shape[1]
+    for name, array in zip(names, (gamma, beta, mean, var)):
+        if array.size != channels:
+            raise GraphError(f"{node.where}: {name} has {array.size} values, expected one per channel ({channels})")
+    epsilon = float(node.attr("epsilon", 1e-5))
+    scale = gamma.ravel() / np.sqrt(var.ravel() + epsilon)
+    shift = beta.ravel() - scale * mean.ravel()
+    per_channel = (1, channels) + (1,) * (x.ndim - 2)
+    return [x.scale(scale.reshape(per_channel)).shift(shift.reshape(per_channel))]

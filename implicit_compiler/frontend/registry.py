@@ -1,0 +1,114 @@
+"""The op registry: lowerings keyed by (op_type, since_version) of the default ONNX domain.
+
+A node is lowered by the function registered for the ``since_version`` of its op's schema at
+the model's opset (``onnx.defs.get_schema(op, max_inclusive_version=opset)``), as onnx2torch
+does. Each lowering declares the attributes it understands; any other attribute on a node is
+refused with UnsupportedAttributeError rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import onnx.defs
+
+from ..errors import UnsupportedOpError
+
+# Newest opset lowered and tested; a model above it gets a clear error naming the version.
+MAX_OPSET = 25
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """One registered lowering function."""
+
+    op_type: str
+    since_version: int
+    function: Callable
+    attributes: frozenset[str] | None  # None: any attribute (ops that are only ever folded)
+    module: str
+
+    @property
+    def summary(self) -> str:
+        doc = inspect.getdoc(self.function) or ""
+        return doc.splitlines()[0] if doc else ""
+
+
+REGISTRY: dict[tuple[str, int], Lowering] = {}
+
+
+def since_versions(op_type: str) -> list[int]:
+    """Every since_version of the op's schema in the default domain, up to MAX_OPSET."""
+    versions = {
+        schema.since_version
+        for schema in onnx.defs.get_all_schemas_with_history()
+        if schema.name == op_type and schema.domain == "" and schema.since_version <= MAX_OPSET
+    }
+    if not versions:
+        raise ValueError(f"{op_type} is not an ONNX operator")
+    return sorted(versions)
+
+
+def lowers(op_type: str, attributes: Iterable[str] | None = (), since: Iterable[int] | None = None) -> Callable:
+    """Register the decorated function as the lowering of ``op_type`` (all versions by default).
+
+    ``attributes`` lists the attributes the lowering understands (None: any, for ops that are
+    only evaluated on constants by the reference evaluator).
+    """
+
+    def register(function: Callable) -> Callable:
+        for version in since if since is not None else since_versions(op_type):
+            key = (op_type, version)
+            if key in REGISTRY:
+                raise ValueError(f"{op_type} version {version} is registered twice")
+            accepted = None if attributes is None else frozenset(attributes)
+            REGISTRY[key] = Lowering(op_type, version, function, accepted, function.__module__)
+        return function
+
+    return register
+
+
+def find_lowering(op_type: str, domain: str, opset: int, where: str) -> Lowering:
+    """The lowering for an op at an opset, or UnsupportedOpError saying why there is none."""
+    if domain not in ("", "ai.onnx"):
+        raise UnsupportedOpError(
+            f"{where}: operators of domain {domain!r} are not supported; only the default ONNX domain is"
+        )
+    if opset > MAX_OPSET:
+        raise UnsupportedOpError(
+            f"{where}: opset {opset} is newer than the newest supported ({MAX_OPSET}); convert the model "
+            f"with onnx.version_converter.convert_version(model, {MAX_OPSET})"
+        )
+    try:
+        schema = onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
+    except onnx.defs.SchemaError:
+        raise UnsupportedOpError(f"{where}: {op_type!r} is not an ONNX operator at opset {opset}") from None
+    lowering = REGISTRY.get((op_type, schema.since_version))
+    if lowering is None:
+        supported = sorted({op for op, _ in REGISTRY})
+        known = [v for op, v in REGISTRY if op == op_type]
+        hint = (
+            f"versions {sorted(known)} of it are supported: convert the model to one of those opsets"
+            if known
+            else f"supported ops: {', '.join(supported)}"
+        )
+        raise UnsupportedOpError(
+            f"{where}: {op_type} (version {schema.since_version}) has no lowering to an implicit model; {hint}"
+        )
+    return lowering
+
+
+def supported_ops_table() -> str:
+    """A markdown table of the supported ops, their versions and lowering modules."""
+    by_op: dict[str, list[Lowering]] = {}
+    for lowering in REGISTRY.values():
+        by_op.setdefault(lowering.op_type, []).append(lowering)
+    lines = ["| op | since versions | module | lowering |", "| --- | --- | --- | --- |"]
+    for op_type in sorted(by_op):
+        entries = sorted(by_op[op_type], key=lambda lowering: lowering.since_version)
+        versions = ", ".join(str(e.since_version) for e in entries)
+        module = entries[-1].module.rsplit(".", 1)[-1]
+        lines.append(f"| {op_type} | {versions} | {module} | {entries[-1].summary} |")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""Checking a compiled model against the ONNX runtimes it must agree with.
+
+- float32: onnxruntime on the original model vs the implicit model cast to float32, passing
+  when |ours - ort| <= rtol |ort| + atol elementwise, rtol = 1e-4, atol = 1e-5 max(1, |ort|_inf).
+- float64: ``onnx.reference.ReferenceEvaluator`` on a float64 copy (onnxruntime has no float64
+  convolution or pooling kernels) vs the implicit model in float64, passing when
+  max |ours - ref| <= 1e-9 max(1e-300, |ref|_inf) (norm-wise relative error). Models older
+  than opset 14 with BatchNormalization are upgraded first (the reference mishandles old BN).
+
+Inputs are drawn half uniform on [-1, 1] and half standard normal, from ``seed``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime
+from onnx import version_converter
+from onnx.reference import ReferenceEvaluator
+
+from ..model import ImplicitModel
+from .graph import GraphInput, PreparedModel, load_onnx, prepare, with_sorted_nodes
+from .lower import from_onnx
+
+FLOAT32_RTOL = 1e-4
+FLOAT32_ATOL = 1e-5
+FLOAT64_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """Errors of one output against onnxruntime (float32) and the reference (float64)."""
+
+    name: str
+    max_abs_error_float32: float
+    max_rel_error_float32: float
+    passed_float32: bool
+    max_abs_error_float64: float
+    max_rel_error_float64: float
+    passed_float64: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.passed_float32 and self.passed_float64
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of ``verify``: per-output errors, the model's size and a verdict."""
+
+    model_name: str
+    samples: int
+    outputs: tuple[OutputComparison, ...]
+    n: int
+    nnz: int
+    blocks: int
+    compile_seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return all(output.passed for output in self.outputs)
+
+
+def sample_inputs(inputs: Sequence[GraphInput], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """``samples`` inputs per graph input, (samples, *sample_shape), half uniform, half normal."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for graph_input in inputs:
+        uniform = rng.uniform(-1.0, 1.0, size=((samples + 1) // 2, *graph_input.sample_shape))
+        normal = rng.standard_normal(size=(samples // 2, *graph_input.sample_shape))
+        feeds[graph_input.name] = np.concatenate([uniform, normal]).astype(np.float64)
+    return feeds
+
+
+def run_onnxruntime(
+    model: onnx.ModelProto, inputs: Sequence[GraphInput], feeds: Mapping[str, np.ndarray]
+) -> list[np.ndarray]:
+    """onnxruntime in float32 on samples stacked on axis 0, one sample per run."""
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(
+        with_sorted_nodes(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return _per_sample(lambda sample: session.run(None, sample), inputs, feeds, np.float32)
+
+
+def run_reference(prepared: PreparedModel, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The ONNX reference evaluator in float64 on the prepared (float64, sorted) copy."""
+    model = prepared.model
+    if prepared.opset < 14 and any(node.op_type == "BatchNormalization" for node in model.graph.node):
+        model = version_converter.convert_version(model, 14)
+    evaluator = ReferenceEvaluator(model)
+    return _per_sample(lambda sample: evaluator.run(None, sample), prepared.inputs, feeds, np.float64)
+
+
+def _per_sample(run, inputs: Sequence[GraphInput], feeds: Mapping[str, np.ndarray], dtype) -> list[np.ndarray]:
+    count = len(next(iter(feeds.values())))
+    results: list[list[np.ndarray]] = []
+    for index in range(count):
+        sample = {i.name: feeds[i.name][index].reshape(i.shape).astype(dtype) for i in inputs}
+        outputs = run(sample)
+        results.append([np.asarray(o, dtype=np.float64) for o in outputs])
+    return [np.stack([r[k] for r in results]) for k in range(len(results[0]))]
+
+
+def compare_outputs(
+    model: ImplicitModel, feeds: Mapping[str, np.ndarray], ort: list[np.ndarray], reference: list[np.ndarray]
+) -> tuple[OutputComparison, ...]:
+    """Our float32 and float64 predictions against the two oracles, output by output."""
+    ours64 = _as_list(model.predict(dict(feeds)), model)
+    ours32 = _as_list(model.astype(np.float32).predict({k: v.astype(np.float32) for k, v in feeds.items()}), model)
+    comparisons = []
+    for spec, y64, y32, expected32, expected64 in zip(model.outputs, ours64, ours32, ort, reference):
+        expected32 = expected32.reshape(y32.shape)
+        expected64 = expected64.reshape(y64.shape)
+        diff32 = np.abs(y32.astype(np.float64) - expected32)
+        atol = FLOAT32_ATOL * max(1.0, float(np.max(np.abs(expected32), initial=0.0)))
+        passed32 = bool(np.all(diff32 <= FLOAT32_RTOL * np.abs(expected32) + atol))
+        diff64 = np.abs(y64 - expected64)
+        scale64 = max(float(np.max(np.abs(expected64), initial=0.0)), 1e-300)
+        rel64 = float(np.max(diff64, initial=0.0)) / scale64
+        comparisons.append(
+            OutputComparison(
+                spec.name,
+                float(np.max(diff32, initial=0.0)),
+                float(np.max(diff32 / np.maximum(np.abs(expected32), atol), initial=0.0)),
+                passed32,
+                float(np.max(diff64, initial=0.0)),
+                rel64,
+                rel64 <= FLOAT64_RTOL and bool(np.isfinite(y64).all()),
+            )
+        )
+    return tuple(comparisons)
+
+
+def _as_list(prediction, model: ImplicitModel) -> list[np.ndarray]:
+    if isinstance(prediction, dict):
+        return [prediction[spec.name] for spec in model.outputs]
+    return [prediction]
+
+
+def verify(
+    model: str | os.PathLike | onnx.ModelProto,
+    samples: int = 10,
+    seed: int = 0,
+    input_shapes: Mapping[str, Sequence[int | None]] | None = None,
+) -> VerifyReport:
+    """Compile ``model`` and compare it with onnxruntime (float32) and the reference (float64)."""
+    proto = load_onnx(model)
+    start = time.perf_counter()
+    compiled = from_onnx(proto, input_shapes=input_shapes)
+    compile_seconds = time.perf_counter() - start
+    prepared = prepare(proto, input_shapes)
+    feeds = sample_inputs(prepared.inputs, samples, seed)
+    ort = run_onnxruntime(proto, prepared.inputs, feeds)
+    reference = run_reference(prepared, feeds)
+    name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
+    return VerifyReport(
+        model_name=os.path.basename(name),
+        samples=samples,
+        outputs=compare_outputs(compiled, feeds, ort, reference),
+        n=compiled.n,
+        nnz=compiled.A.nnz,
+        blocks=len(compiled.blocks),
+        compile_seconds=compile_seconds,
+    )

@@ -1,0 +1,97 @@
+"""The one golden check of the frontend tests: our lowering against onnxruntime and the reference.
+
+Models are written as ``onnx.parser`` text (or built with onnx.helper) and compared on random
+inputs, independently of the library's own ``verify``: float32 against onnxruntime
+(rtol 1e-4, atol 1e-5 * max(1, |y|_inf)) and float64 against ``onnx.reference`` on the
+float64 copy (1e-9 relative to |y|_inf).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.parser
+import onnxruntime
+from onnx import version_converter
+from onnx.reference import ReferenceEvaluator
+
+import implicit_compiler as ic
+from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """A model from onnx.parser text, checked."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+def random_inputs(model: onnx.ModelProto, batch: int = 4, seed: int = 0, input_shapes=None) -> dict[str, np.ndarray]:
+    """Per input (batch, *sample_shape) float64 values, half uniform [-2, 2], half normal."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for graph_input in prepare(model, input_shapes).inputs:
+        shape = graph_input.sample_shape
+        half = (batch + 1) // 2
+        feeds[graph_input.name] = np.concatenate(
+            [rng.uniform(-2, 2, size=(half, *shape)), rng.standard_normal(size=(batch - half, *shape))]
+        )
+    return feeds
+
+
+def _run_per_sample(run, model, feeds, input_shapes, dtype):
+    inputs = prepare(model, input_shapes).inputs
+    count = len(next(iter(feeds.values())))
+    outputs = []
+    for index in range(count):
+        sample = {i.name: feeds[i.name][index].reshape(i.shape).astype(dtype) for i in inputs}
+        outputs.append(run(sample))
+    return [np.stack([np.asarray(o[k], dtype=np.float64) for o in outputs]) for k in range(len(outputs[0]))]
+
+
+def assert_matches_onnxruntime(
+    model: onnx.ModelProto,
+    feeds: dict[str, np.ndarray] | None = None,
+    input_shapes=None,
+    batch: int = 4,
+    seed: int = 0,
+    check_reference: bool = True,
+) -> ic.ImplicitModel:
+    """Compile ``model`` and assert it matches onnxruntime (float32) and the reference (float64)."""
+    compiled = ic.from_onnx(model, input_shapes=input_shapes)
+    feeds = feeds if feeds is not None else random_inputs(model, batch, seed, input_shapes)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected32 = _run_per_sample(lambda s: session.run(None, s), model, feeds, input_shapes, np.float32)
+    ours32 = _outputs(
+        compiled.astype(np.float32).predict({k: v.astype(np.float32) for k, v in feeds.items()}), compiled
+    )
+    for spec, ours, expected in zip(compiled.outputs, ours32, expected32):
+        expected = expected.reshape(ours.shape)
+        atol = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0)))
+        np.testing.assert_allclose(
+            ours, expected, rtol=1e-4, atol=atol, err_msg=f"float32 output {spec.name!r} vs onnxruntime"
+        )
+    if check_reference:
+        evaluator = ReferenceEvaluator(_reference_model(model))
+        expected64 = _run_per_sample(lambda s: evaluator.run(None, s), model, feeds, input_shapes, np.float64)
+        ours64 = _outputs(compiled.predict(feeds), compiled)
+        for spec, ours, expected in zip(compiled.outputs, ours64, expected64):
+            expected = expected.reshape(ours.shape)
+            scale = max(float(np.abs(expected).max(initial=0)), 1e-300)
+            error = float(np.abs(ours - expected).max(initial=0)) / scale
+            assert error <= 1e-9, f"float64 output {spec.name!r}: relative error {error:.2e} vs onnx.reference"
+    return compiled
+
+
+def _reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The float64 copy; BatchNormalization before opset 14 upgraded (the reference mishandles it)."""
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if opset < 14 and any(node.op_type == "BatchNormalization" for node in model.graph.node):
+        model = version_converter.convert_version(model, 14)
+    return to_float64(with_sorted_nodes(model))  # the reference needs producers before consumers
+
+
+def _outputs(prediction, compiled: ic.ImplicitModel) -> list[np.ndarray]:
+    if isinstance(prediction, dict):
+        return [prediction[spec.name] for spec in compiled.outputs]
+    return [prediction]

@@ -1,0 +1,75 @@
+"""The zoo models in implicit form: LeNet-5 (trained) and ResNet20 (random weights, real BN)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import scipy.sparse as sp
+
+import implicit_compiler as ic
+
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    sys.path.insert(0, str(ZOO))
+    try:
+        from data import load_digits_32x32
+
+        return load_digits_32x32()
+    finally:
+        sys.path.remove(str(ZOO))
+
+
+def test_lenet5_verifies_and_keeps_its_held_out_accuracy(digits):
+    report = ic.verify(ZOO / "lenet5.onnx", samples=10)
+    assert report.passed, report
+    model = ic.from_onnx(ZOO / "lenet5.onnx")
+    _, _, images, labels = digits
+    session = onnxruntime.InferenceSession(str(ZOO / "lenet5.onnx"), providers=["CPUExecutionProvider"])
+    onnx_predictions = session.run(None, {"input": images})[0].argmax(axis=1)
+    implicit_logits = model.predict(images.astype(np.float64))
+    implicit_predictions = implicit_logits.argmax(axis=1)
+    onnx_accuracy = (onnx_predictions == labels).mean()
+    assert (implicit_predictions == labels).mean() == onnx_accuracy
+    assert (implicit_predictions == onnx_predictions).all()
+    recorded = json.loads((ZOO / "zoo.json").read_text())["models"]["lenet5"]["heldout_accuracy"]["onnxruntime"]
+    assert onnx_accuracy > 0.95 and math.isclose(onnx_accuracy, recorded, abs_tol=1e-12)
+    float32 = model.astype(np.float32).predict(images).argmax(axis=1)
+    assert (float32 == onnx_predictions).all()
+
+
+def _mac_count(path: Path) -> int:
+    """Multiply-accumulates of the Conv and Gemm layers at batch 1, from ONNX shape inference."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    shapes = {v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+    shapes.update({v.name: [d.dim_value or 1 for d in v.type.tensor_type.shape.dim] for v in model.graph.output})
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            total += math.prod(shapes[node.output[0]]) * math.prod(weights[node.input[1]][1:])
+        elif node.op_type == "Gemm":
+            total += math.prod(weights[node.input[1]])
+    return total
+
+
+@pytest.mark.slow
+def test_resnet20_verifies_with_the_expected_size():
+    report = ic.verify(ZOO / "resnet20.onnx", samples=10)
+    assert report.passed, report
+    model = ic.from_onnx(ZOO / "resnet20.onnx")
+    relu_states = 16 * 32 * 32 * 7 + 32 * 16 * 16 * 6 + 64 * 8 * 8 * 6
+    assert relu_states <= model.n <= relu_states + 64 * 2, model.n  # at most the pooled features kept
+    macs = _mac_count(ZOO / "resnet20.onnx")
+    assert 0.85 * macs <= model.A.nnz <= macs, (model.A.nnz, macs)  # padding taps are not stored
+    assert sp.triu(model.A).nnz == 0, "feedforward: strictly lower triangular, hence nilpotent"
+    assert sum(block.activation.name == "relu" for block in model.blocks) == 19
