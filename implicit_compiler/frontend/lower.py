@@ -23,7 +23,7 @@ from .context import LoweringContext, NodeView, Value
 from .estimate import available_memory_bytes, check_model_fits
 from .expression import Affine
 from .fold import evaluate_constant_node
-from .graph import load_onnx, prepare
+from .graph import PreparedModel, load_onnx, prepare
 from .registry import find_lowering
 
 # Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
@@ -56,7 +56,7 @@ def from_onnx(
     prepared = prepare(proto, input_shapes)
     limit = available_memory_bytes() if memory_limit_bytes is None else float(memory_limit_bytes)
     check_model_fits(prepared, limit)
-    _check_finite_constants(prepared.constants)
+    _check_finite_constants(prepared)
 
     p = sum(math.prod(i.sample_shape) for i in prepared.inputs)
     batched = all(i.batched for i in prepared.inputs)
@@ -131,11 +131,24 @@ def _check_inputs_exist(node: NodeView, inputs: list[Value | None], unavailable:
             raise GraphError(f"{node.where}: reads {name!r}, which no node, input or initializer produces")
 
 
-def _check_finite_constants(constants: dict[str, np.ndarray]) -> None:
+def _check_finite_constants(prepared: PreparedModel) -> None:
+    """NaN/inf in an initializer or a Constant node: refuse, naming the nodes that read it."""
+    constants = dict(prepared.constants)
+    for index, node in enumerate(prepared.graph.node):
+        if node.op_type == "Constant":
+            view = NodeView(node, prepared.opset, index)
+            for name, value in zip(node.output, evaluate_constant_node(view, [])):
+                constants[name] = value
     for name, array in constants.items():
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+            readers = [
+                NodeView(node, prepared.opset, index).where
+                for index, node in enumerate(prepared.graph.node)
+                if name in node.input
+            ]
             raise NonFiniteError(
-                f"initializer {name!r} holds {bad} NaN or inf value(s) out of {array.size}; the weights "
-                "are broken: re-export the model from a finite checkpoint"
+                f"constant {name!r} holds {bad} NaN or inf value(s) out of {array.size} (read by "
+                f"{', '.join(readers) or 'no node'}); the weights are broken: re-export the model from a "
+                "finite checkpoint"
             )

@@ -43,7 +43,8 @@ def matmul(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
     if isinstance(a, Affine) and isinstance(b, Affine):
         raise UnsupportedOpError(
             f"{node.where}: both operands depend on the model input; a product of two variable "
-            "tensors is not affine. Only products with a constant (weights) are supported"
+            "tensors is not affine. Only products with a constant (weights) are supported: if one "
+            "operand is a weight fed as a runtime graph input, store it as an initializer instead"
         )
     a_shape, b_shape = shape_of(a), shape_of(b)
     if not a_shape or not b_shape:
