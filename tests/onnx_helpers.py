@@ -56,10 +56,26 @@ def assert_matches_onnxruntime(
     batch: int = 4,
     seed: int = 0,
     check_reference: bool = True,
+    check_onnxruntime: bool = True,
 ) -> ic.ImplicitModel:
     """Compile ``model`` and assert it matches onnxruntime (float32) and the reference (float64)."""
     compiled = ic.from_onnx(model, input_shapes=input_shapes)
     feeds = feeds if feeds is not None else random_inputs(model, batch, seed, input_shapes)
+    if check_onnxruntime:
+        _assert_float32_matches(compiled, model, feeds, input_shapes)
+    if check_reference:
+        evaluator = ReferenceEvaluator(_reference_model(model))
+        expected64 = _run_per_sample(lambda s: evaluator.run(None, s), model, feeds, input_shapes, np.float64)
+        ours64 = _outputs(compiled.predict(feeds), compiled)
+        for spec, ours, expected in zip(compiled.outputs, ours64, expected64):
+            expected = expected.reshape(ours.shape)
+            scale = max(float(np.abs(expected).max(initial=0)), 1e-300)
+            error = float(np.abs(ours - expected).max(initial=0)) / scale
+            assert error <= 1e-9, f"float64 output {spec.name!r}: relative error {error:.2e} vs onnx.reference"
+    return compiled
+
+
+def _assert_float32_matches(compiled, model, feeds, input_shapes) -> None:
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected32 = _run_per_sample(lambda s: session.run(None, s), model, feeds, input_shapes, np.float32)
     ours32 = _outputs(
@@ -71,16 +87,6 @@ def assert_matches_onnxruntime(
         np.testing.assert_allclose(
             ours, expected, rtol=1e-4, atol=atol, err_msg=f"float32 output {spec.name!r} vs onnxruntime"
         )
-    if check_reference:
-        evaluator = ReferenceEvaluator(_reference_model(model))
-        expected64 = _run_per_sample(lambda s: evaluator.run(None, s), model, feeds, input_shapes, np.float64)
-        ours64 = _outputs(compiled.predict(feeds), compiled)
-        for spec, ours, expected in zip(compiled.outputs, ours64, expected64):
-            expected = expected.reshape(ours.shape)
-            scale = max(float(np.abs(expected).max(initial=0)), 1e-300)
-            error = float(np.abs(ours - expected).max(initial=0)) / scale
-            assert error <= 1e-9, f"float64 output {spec.name!r}: relative error {error:.2e} vs onnx.reference"
-    return compiled
 
 
 def _reference_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -82,7 +82,9 @@ def test_dynamic_spatial_dimension_needs_input_shapes():
         g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) { y = Relu(x) }
         """
     )
-    with pytest.raises(ic.GraphError, match=r"dynamic dimension 'H' at axis 2.*input_shapes=\{'x': \(1, 3, 8, 8\)\}"):
+    with pytest.raises(
+        ic.GraphError, match=r"dynamic dimension 'H' at axis 2.*input_shapes=\{'x': \(None, 3, 8, 8\)\}"
+    ):
         ic.from_onnx(model)
     compiled = assert_matches_onnxruntime(model, input_shapes={"x": (None, 3, 5, 6)})
     assert compiled.inputs[0].shape == (3, 5, 6)
@@ -188,3 +190,30 @@ def test_float32_compile_keeps_dtype():
     compiled = ic.from_onnx(parse(MLP_TEXT), dtype=np.float32)
     assert compiled.dtype == np.float32
     assert isinstance(onnx.load_model_from_string(parse(MLP_TEXT).SerializeToString()), onnx.ModelProto)
+
+
+def test_batch_axis_of_a_sequence_first_input_is_the_dynamic_one():
+    """(seq, batch, features) with only the batch dynamic: the batch axis is axis 1."""
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[5, N, 3] x) => (float[5, N, 3] y) { y = Relu(x) }
+        """
+    )
+    compiled = assert_matches_onnxruntime(model)
+    assert compiled.inputs[0].shape == (5, 3)
+
+
+def test_two_dynamic_dimensions_need_input_shapes_marking_the_batch_axis():
+    model = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[5, N, S] x) => (float[5, N, S] y) { y = Relu(x) }
+        """
+    )
+    with pytest.raises(ic.GraphError, match=r"dynamic dimension 'S' at axis 2.*\{'x': \(5, None, 8\)\}"):
+        ic.from_onnx(model)
+    compiled = assert_matches_onnxruntime(model, input_shapes={"x": (5, None, 4)})
+    assert compiled.inputs[0].shape == (5, 4)
+    with pytest.raises(ic.ShapeError, match="marks axis 0 as the batch axis"):
+        ic.from_onnx(model, input_shapes={"x": (None, 2, 4)})

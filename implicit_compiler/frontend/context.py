@@ -180,17 +180,20 @@ class LoweringContext:
     def assemble(
         self,
         inputs: tuple[TensorSpec, ...],
-        outputs: list[tuple[str, Value]],
+        outputs: list[tuple[str, Value, int | None]],
         dtype: np.dtype,
     ) -> ImplicitModel:
-        """The ImplicitModel: [B A] and b_x from the blocks, [D C] and b_y from the outputs."""
+        """The ImplicitModel: [B A] and b_x from the blocks, [D C] and b_y from the outputs
+        (each with the axis of its value that is the batch axis, or None)."""
         width = self.width
         B, A = _stack_split([b.pre_activation.widen(width).coefficients for b in self.blocks], self.p, width)
         bias_x = np.concatenate([b.pre_activation.offset for b in self.blocks]) if self.blocks else np.zeros(0)
         output_specs, output_rows, bias_y = [], [], []
-        for name, value in outputs:
+        for name, value, batch_axis in outputs:
             expression = as_affine(value, width)
-            output_specs.append(TensorSpec(name, self.sample_shape(expression.shape)))
+            shape = expression.shape
+            sample = shape if batch_axis is None else shape[:batch_axis] + shape[batch_axis + 1 :]
+            output_specs.append(TensorSpec(name, sample))
             output_rows.append(expression.widen(width).coefficients)
             bias_y.append(expression.offset)
         D, C = _stack_split(output_rows, self.p, width)

@@ -63,6 +63,15 @@ class Affine:
         coefficients = sp.csr_array((np.ones(size), columns, rows), shape=(size, width))
         return cls(shape, coefficients, np.zeros(size))
 
+    @classmethod
+    def concatenate(cls, expressions: list[Affine], width: int) -> Affine:
+        """The rows of several expressions one after another, as a flat expression."""
+        if not expressions:
+            return cls((0,), sp.csr_array((0, width)), np.zeros(0))
+        coefficients = sp.vstack([e.widen(width).coefficients for e in expressions], format="csr")
+        offset = np.concatenate([e.offset for e in expressions])
+        return cls((offset.size,), sp.csr_array(coefficients), offset)
+
     def widen(self, width: int) -> Affine:
         """The same expression over a wider variable vector (new columns are zero)."""
         if width == self.width:

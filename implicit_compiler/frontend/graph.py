@@ -6,10 +6,11 @@
   floating tensor and Cast in float64 (``to_float64``: lowering in float64 is what lets the
   result match the float64 reference to ~1e-9), and every input dimension fixed.
 
-Batch convention: an input whose leading dimension is dynamic or 1 has a batch axis; the model
-is lowered at batch size 1 and applied to each sample. An input with a static leading
-dimension N > 1 has no batch axis: the whole tensor is one sample. Other dynamic dimensions
-need ``input_shapes``.
+Batch convention: the model is lowered at batch size 1 and applied to each sample. An input's
+batch axis is, in order: the axis ``input_shapes`` marks None; the first dynamic dimension
+(the leading one, or e.g. the batch of a sequence-first RNN's (seq, batch, features)); a static
+leading dimension 1. An input with none of these (a static leading dimension N > 1) has no batch axis:
+the whole tensor is one sample. Any other dynamic dimension needs ``input_shapes``.
 """
 
 from __future__ import annotations
@@ -36,11 +37,19 @@ class GraphInput:
 
     name: str
     shape: tuple[int, ...]  # the shape lowered, batch axis (if any) set to 1
-    batched: bool  # True: shape[0] is the batch axis
+    batch_axis: int | None  # None: the whole tensor is one sample
+    batch_name: str | None = None  # the model's name for a dynamic batch dimension
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_axis is not None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return self.shape[1:] if self.batched else self.shape
+        """The shape of one sample: ``shape`` without the batch axis."""
+        if self.batch_axis is None:
+            return self.shape
+        return self.shape[: self.batch_axis] + self.shape[self.batch_axis + 1 :]
 
 
 @dataclass(frozen=True)
@@ -127,6 +136,7 @@ def _fixed_input(value: onnx.ValueInfoProto, override: Sequence[int | None] | No
         declared: list[int | str | None] = [None] * len(override)
     else:
         declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+    marked = None
     if override is not None:
         override = list(override)
         if len(override) != len(declared):
@@ -134,30 +144,48 @@ def _fixed_input(value: onnx.ValueInfoProto, override: Sequence[int | None] | No
                 f"input_shapes[{value.name!r}] has {len(override)} dimensions, the model declares "
                 f"{len(declared)}: {declared}"
             )
+        none_axes = [axis for axis, given in enumerate(override) if given is None]
+        if len(none_axes) > 1:
+            raise ShapeError(
+                f"input_shapes[{value.name!r}] marks axes {none_axes} None; only the batch axis may be None"
+            )
+        marked = none_axes[0] if none_axes else None
         for axis, (given, found) in enumerate(zip(override, declared)):
-            if isinstance(found, int) and given is not None and given != found and axis > 0:
+            static = isinstance(found, int) and found > 0
+            if static and given is not None and given != found:
                 raise ShapeError(
                     f"input_shapes[{value.name!r}] sets axis {axis} to {given}, but the model fixes it at {found}"
+                )
+            if static and given is None and found != 1:
+                raise ShapeError(
+                    f"input_shapes[{value.name!r}] marks axis {axis} as the batch axis (None), but the model "
+                    f"fixes it at {found}"
                 )
         declared = [g if g is not None else f for g, f in zip(override, declared)]
     if not declared:
         raise GraphError(f"input {value.name!r} is a scalar (rank 0); expected a tensor with a batch axis")
-    leading = declared[0]
-    batched = not isinstance(leading, int) or leading in (0, 1)
-    shape = [1] if batched else [leading]
-    for axis, dim in enumerate(declared[1:], start=1):
-        if not isinstance(dim, int) or dim <= 0:
-            raise GraphError(
-                f"input {value.name!r} has a dynamic dimension {dim!r} at axis {axis}; only the batch axis "
-                f"(axis 0) may be dynamic. Pass input_shapes={{{value.name!r}: {tuple(_example(declared))}}} "
-                "with every other dimension fixed"
+    dynamic = [axis for axis, dim in enumerate(declared) if not isinstance(dim, int) or dim <= 0]
+    if marked is not None:
+        batch_axis = marked
+    elif dynamic:
+        batch_axis = dynamic[0]
+    elif declared[0] == 1:
+        batch_axis = 0
+    else:
+        batch_axis = None
+    for axis in dynamic:
+        if axis != batch_axis:
+            example = tuple(
+                None if a == batch_axis else (d if isinstance(d, int) and d > 0 else 8) for a, d in enumerate(declared)
             )
-        shape.append(dim)
-    return GraphInput(value.name, tuple(shape), batched)
-
-
-def _example(declared: list) -> list:
-    return [1] + [d if isinstance(d, int) and d > 0 else 8 for d in declared[1:]]
+            raise GraphError(
+                f"input {value.name!r} has a dynamic dimension {declared[axis]!r} at axis {axis}; only the batch "
+                f"axis may be dynamic. Pass input_shapes={{{value.name!r}: {example}}} giving every other "
+                "dimension (None marks the batch axis)"
+            )
+    shape = tuple(1 if axis == batch_axis else int(dim) for axis, dim in enumerate(declared))
+    batch_name = declared[batch_axis] if batch_axis is not None and isinstance(declared[batch_axis], str) else None
+    return GraphInput(value.name, shape, batch_axis, batch_name)
 
 
 def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

@@ -89,7 +89,8 @@ def from_onnx(
             raise GraphError(f"graph output {value_info.name!r} of {unavailable[value_info.name]} cannot be lowered")
         if value_info.name not in env:
             raise GraphError(f"graph output {value_info.name!r} is produced by no node")
-        outputs.append((value_info.name, env[value_info.name]))
+        value = env[value_info.name]
+        outputs.append((value_info.name, value, _output_batch_axis(value_info, value, prepared)))
     ctx.node = None
     return ctx.assemble(tuple(specs), outputs, np.dtype(dtype))
 
@@ -119,6 +120,19 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
     if len(outputs) < len([o for o in node.proto.output if o]):
         raise GraphError(f"{node.where}: produced {len(outputs)} outputs, the node names {len(node.proto.output)}")
     return outputs
+
+
+def _output_batch_axis(value_info: onnx.ValueInfoProto, value: Value, prepared: PreparedModel) -> int | None:
+    """The axis of an output that is the batch axis: the one named like an input's dynamic batch
+    dimension, else a leading 1 when the inputs are batched, else None (one whole sample)."""
+    shape = value.shape if isinstance(value, Affine) else np.shape(value)
+    names = {i.batch_name for i in prepared.inputs if i.batch_name}
+    for axis, dim in enumerate(value_info.type.tensor_type.shape.dim):
+        if dim.dim_param and dim.dim_param in names and axis < len(shape) and shape[axis] == 1:
+            return axis
+    if prepared.inputs and all(i.batched for i in prepared.inputs) and len(shape) > 0 and shape[0] == 1:
+        return 0
+    return None
 
 
 def _check_inputs_exist(node: NodeView, inputs: list[Value | None], unavailable: dict[str, str]) -> None:

@@ -65,11 +65,19 @@ def multiply(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine
         return a.broadcast_to(shape).scale(np.asarray(b, dtype=np.float64))
     if not isinstance(a, Affine):
         return b.broadcast_to(shape).scale(np.asarray(a, dtype=np.float64))
-    a, b = a.broadcast_to(shape), b.broadcast_to(shape)
-    output = node.proto.output[0]
-    plus = ctx.create_block(a + b, "square", name=f"{output}/sum_squared")
-    minus = ctx.create_block(a - b, "square", name=f"{output}/difference_squared")
-    return (plus - minus).scale(np.full(shape, 0.25))
+    return product(ctx, a.broadcast_to(shape), b.broadcast_to(shape), node.proto.output[0])
+
+
+def product(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:
+    """a * b = ((a + b)^2 - (a - b)^2) / 4 for two expressions of one shape: two square blocks
+    (a scaling when either expression is in fact constant)."""
+    if b.coefficients.nnz == 0:
+        return a.scale(b.offset.reshape(a.shape))
+    if a.coefficients.nnz == 0:
+        return b.scale(a.offset.reshape(b.shape))
+    plus = ctx.create_block(a + b, "square", name=f"{name}/sum_squared")
+    minus = ctx.create_block(a - b, "square", name=f"{name}/difference_squared")
+    return (plus - minus).scale(np.full(a.shape, 0.25))
 
 
 def maximum(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:

@@ -17,7 +17,6 @@ are constant and refused otherwise.
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 from onnx import NodeProto, TensorProto, helper
 
 from ...errors import GraphError, UnsupportedOpError
@@ -90,16 +89,10 @@ def _stacked(ctx: LoweringContext, values: list[Value | None]) -> tuple[Affine, 
             ids.append(None)
             continue
         expression = as_affine(value, ctx.width)
-        expressions.append(expression.widen(ctx.width).reshape((expression.size,)))
-        ids.append(_row_ids(expression, offset).reshape(expression.shape))
+        expressions.append(expression)
+        ids.append(_row_ids(expression, offset))
         offset += expression.size
-    rows = [e.coefficients for e in expressions]
-    stacked = Affine(
-        (offset,),
-        sp.csr_array(sp.vstack(rows, format="csr")) if rows else sp.csr_array((0, ctx.width)),
-        np.concatenate([e.offset for e in expressions]) if expressions else np.zeros(0),
-    )
-    return stacked, ids
+    return Affine.concatenate(expressions, ctx.width), ids
 
 
 @lowers("Concat", attributes=("axis",))
