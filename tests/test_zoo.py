@@ -47,6 +47,26 @@ def test_lenet5_verifies_and_keeps_its_held_out_accuracy(digits):
     assert (float32 == onnx_predictions).all()
 
 
+def test_lstm_classifier_verifies_and_keeps_its_held_out_accuracy():
+    report = ic.verify(ZOO / "lstm_classifier.onnx", samples=10)
+    assert report.passed and report.float64_checked, report
+    sys.path.insert(0, str(ZOO))
+    try:
+        from data import load_digits_8x8
+    finally:
+        sys.path.remove(str(ZOO))
+    _, _, images, labels = load_digits_8x8()
+    model = ic.from_onnx(ZOO / "lstm_classifier.onnx")
+    assert [spec.shape for spec in model.inputs] == [(8, 8)]
+    session = onnxruntime.InferenceSession(str(ZOO / "lstm_classifier.onnx"), providers=["CPUExecutionProvider"])
+    onnx_predictions = session.run(None, {"input": images})[0].argmax(axis=1)
+    implicit_predictions = model.predict(images.astype(np.float64)).argmax(axis=1)
+    assert (implicit_predictions == onnx_predictions).all()
+    recorded = json.loads((ZOO / "zoo.json").read_text())["models"]["lstm_classifier"]["heldout_accuracy"]
+    assert math.isclose((implicit_predictions == labels).mean(), recorded["onnxruntime"], abs_tol=1e-12)
+    assert sp.triu(model.A).nnz == 0, "unrolled over 8 steps: strictly lower triangular"
+
+
 def _mac_count(path: Path) -> int:
     """Multiply-accumulates of the Conv and Gemm layers at batch 1, from ONNX shape inference."""
     model = onnx.shape_inference.infer_shapes(onnx.load(path))

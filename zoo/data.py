@@ -84,3 +84,22 @@ if __name__ == "__main__":
     print(f"train {xtr.shape} {xtr.dtype}, test {xte.shape} {xte.dtype}, range [{xtr.min()}, {xtr.max()}]")
     print("train class counts", np.bincount(ytr).tolist())
     print("test  class counts", np.bincount(yte).tolist())
+
+
+def load_digits_8x8() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (x_train, y_train, x_test, y_test): x float32 (N, 8, 8) in [0, 1].
+
+    Same split as ``load_digits_32x32`` (``train_test_split(test_size=0.25, random_state=0,
+    stratify=labels)``: 1347 training and 450 held-out images, in the same order); the rows of an
+    image are the time steps, its 8 columns the features. numpy and scikit-learn only.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=TEST_SIZE, random_state=RANDOM_STATE, stratify=y, shuffle=True
+    )
+    return x_train, y_train, x_test, y_test

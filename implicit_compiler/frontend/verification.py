@@ -8,6 +8,10 @@
   than opset 14 with BatchNormalization are upgraded first (the reference mishandles old BN).
 
 Inputs are drawn half uniform on [-1, 1] and half standard normal, from ``seed``.
+
+The reference evaluator does not implement everything onnxruntime does (e.g. RNN activations
+other than Tanh): when it raises, the float64 comparison is reported as not done
+(``float64_checked`` False, with the reason) and ``passed`` rests on the float32 comparison.
 """
 
 from __future__ import annotations
@@ -40,13 +44,13 @@ class OutputComparison:
     max_abs_error_float32: float
     max_rel_error_float32: float
     passed_float32: bool
-    max_abs_error_float64: float
+    max_abs_error_float64: float  # NaN when the reference could not run
     max_rel_error_float64: float
-    passed_float64: bool
+    passed_float64: bool | None  # None: not checked
 
     @property
     def passed(self) -> bool:
-        return self.passed_float32 and self.passed_float64
+        return self.passed_float32 and self.passed_float64 is not False
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ class VerifyReport:
     nnz: int
     blocks: int
     compile_seconds: float
+    reference_error: str | None = None  # why the float64 reference could not run
+
+    @property
+    def float64_checked(self) -> bool:
+        return self.reference_error is None
 
     @property
     def passed(self) -> bool:
@@ -109,30 +118,36 @@ def _per_sample(run, inputs: Sequence[GraphInput], feeds: Mapping[str, np.ndarra
 
 
 def compare_outputs(
-    model: ImplicitModel, feeds: Mapping[str, np.ndarray], ort: list[np.ndarray], reference: list[np.ndarray]
+    model: ImplicitModel,
+    feeds: Mapping[str, np.ndarray],
+    ort: list[np.ndarray],
+    reference: list[np.ndarray] | None,
 ) -> tuple[OutputComparison, ...]:
     """Our float32 and float64 predictions against the two oracles, output by output."""
     ours64 = _as_list(model.predict(dict(feeds)), model)
     ours32 = _as_list(model.astype(np.float32).predict({k: v.astype(np.float32) for k, v in feeds.items()}), model)
     comparisons = []
-    for spec, y64, y32, expected32, expected64 in zip(model.outputs, ours64, ours32, ort, reference):
+    for index, (spec, y64, y32, expected32) in enumerate(zip(model.outputs, ours64, ours32, ort)):
         expected32 = expected32.reshape(y32.shape)
-        expected64 = expected64.reshape(y64.shape)
         diff32 = np.abs(y32.astype(np.float64) - expected32)
         atol = FLOAT32_ATOL * max(1.0, float(np.max(np.abs(expected32), initial=0.0)))
         passed32 = bool(np.all(diff32 <= FLOAT32_RTOL * np.abs(expected32) + atol))
-        diff64 = np.abs(y64 - expected64)
-        scale64 = max(float(np.max(np.abs(expected64), initial=0.0)), 1e-300)
-        rel64 = float(np.max(diff64, initial=0.0)) / scale64
+        abs64, rel64, passed64 = float("nan"), float("nan"), None
+        if reference is not None:
+            diff64 = np.abs(y64 - reference[index].reshape(y64.shape))
+            scale64 = max(float(np.max(np.abs(reference[index]), initial=0.0)), 1e-300)
+            abs64 = float(np.max(diff64, initial=0.0))
+            rel64 = abs64 / scale64
+            passed64 = rel64 <= FLOAT64_RTOL and bool(np.isfinite(y64).all())
         comparisons.append(
             OutputComparison(
                 spec.name,
                 float(np.max(diff32, initial=0.0)),
                 float(np.max(diff32 / np.maximum(np.abs(expected32), atol), initial=0.0)),
                 passed32,
-                float(np.max(diff64, initial=0.0)),
+                abs64,
                 rel64,
-                rel64 <= FLOAT64_RTOL and bool(np.isfinite(y64).all()),
+                passed64,
             )
         )
     return tuple(comparisons)
@@ -158,7 +173,11 @@ def verify(
     prepared = prepare(proto, input_shapes)
     feeds = sample_inputs(prepared.inputs, samples, seed)
     ort = run_onnxruntime(proto, prepared.inputs, feeds)
-    reference = run_reference(prepared, feeds)
+    reference, reference_error = None, None
+    try:
+        reference = run_reference(prepared, feeds)
+    except Exception as error:  # the reference lacks some ops and attributes; say so, do not crash
+        reference_error = f"onnx.reference could not run the model: {type(error).__name__}: {error}"
     name = os.fspath(model) if not isinstance(model, onnx.ModelProto) else (proto.graph.name or "model")
     return VerifyReport(
         model_name=os.path.basename(name),
@@ -168,4 +187,5 @@ def verify(
         nnz=compiled.A.nnz,
         blocks=len(compiled.blocks),
         compile_seconds=compile_seconds,
+        reference_error=reference_error,
     )
