@@ -9,6 +9,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .activations import Activation, activation
+from .compose import add, cascade, feedback, multiply, parallel
 from .errors import (
     ConvergenceError,
     GraphError,
@@ -56,6 +57,11 @@ __all__ = [
     "VerifyReport",
     "__version__",
     "activation",
+    "add",
+    "cascade",
+    "feedback",
+    "multiply",
+    "parallel",
     "from_onnx",
     "load",
     "supported_ops_table",

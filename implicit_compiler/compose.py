@@ -1,0 +1,223 @@
+"""Composing implicit models: pure functions that return new models (operands are not changed).
+
+For models m_i: x_i = phi_i(A_i x_i + B_i u_i + b_i), y_i = C_i x_i + D_i u_i + c_i, the state of
+a composition stacks the operands' states (block names prefixed "m1/", "m2/"), so:
+
+    cascade   u_2 = y_1:  A = [[A_1, 0], [B_2 C_1, A_2]], B = [B_1; B_2 D_1],
+              b = [b_1; B_2 c_1 + b_2], C = [D_2 C_1, C_2], D = D_2 D_1, c = D_2 c_1 + c_2.
+              When B_2 C_1 would hold many more non-zeros than B_2 and C_1, y_1 is kept as an
+              identity "link" block instead: x_l = C_1 x_1 + D_1 u + c_1, read through B_2, D_2.
+    parallel  same u, y = [y_1; y_2]:  A = diag(A_1, A_2), B = [B_1; B_2], C = diag(C_1, C_2).
+    add       same u, y = y_1 + y_2:   A, B as parallel, C = [C_1, C_2], D = D_1 + D_2.
+    multiply  same u, y = y_1 * y_2, exactly: two square blocks s± = (y_1 ± y_2)^2 (their
+              pre-activations are affine in x_1, x_2, u) and y = (s+ - s-) / 4.
+    feedback  u = v + K y (K constant, p x q). With N = (I - D K)^{-1} (q x q):
+              y = N (C x + D v + c),  u = v + K y, hence
+              A' = A + B K N C,  B' = B (I + K N D),  b' = b + B K N c,
+              C' = N C,  D' = N D,  c' = N c.
+              With D = 0, N = I: A' = A + B K C. I - D K singular means the loop has no
+              (unique) algebraic solution: NotWellPosedError. The loop makes A cyclic; the
+              runtime iterates only on the cyclic component.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .errors import NotWellPosedError, ShapeError
+from .model import ImplicitModel, StateBlock, TensorSpec
+
+# Fold B_2 C_1 into A when it holds at most this many times the non-zeros of B_2 and C_1.
+LINK_GROWTH_LIMIT = 2.0
+DENSE_SOLVE_LIMIT = 2048  # q up to which (I - D K) is factored densely
+
+
+def _prefixed_blocks(model: ImplicitModel, prefix: str, offset: int) -> list[StateBlock]:
+    return [
+        StateBlock(f"{prefix}/{b.name}", b.start + offset, b.stop + offset, b.activation, b.shape, b.source_node)
+        for b in model.blocks
+    ]
+
+
+def _prefixed_specs(specs: Sequence[TensorSpec], prefix: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(f"{prefix}/{spec.name}", spec.shape) for spec in specs)
+
+
+def _common(first: ImplicitModel, second: ImplicitModel) -> tuple[ImplicitModel, ImplicitModel]:
+    """Both operands in their common dtype (float64 unless both are float32)."""
+    dtype = np.result_type(first.dtype, second.dtype)
+    return first.astype(dtype), second.astype(dtype)
+
+
+def _same_input(first: ImplicitModel, second: ImplicitModel, operation: str) -> None:
+    if first.p != second.p:
+        raise ShapeError(
+            f"cannot {operation}: both models must take the same input, but the first takes p = {first.p} "
+            f"values and the second p = {second.p}"
+        )
+
+
+def _same_output(first: ImplicitModel, second: ImplicitModel, operation: str) -> None:
+    if first.q != second.q:
+        raise ShapeError(
+            f"cannot {operation}: the outputs must have the same size, but the first gives q = {first.q} "
+            f"values and the second q = {second.q}"
+        )
+
+
+def _side_by_side(
+    first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str]
+) -> tuple[sp.csr_array, sp.csr_array, np.ndarray, list[StateBlock]]:
+    """A = diag(A_1, A_2), B = [B_1; B_2], b = [b_1; b_2] and the prefixed blocks (same input)."""
+    A = sp.block_diag([first.A, second.A], format="csr")
+    B = sp.vstack([first.B, second.B], format="csr")
+    blocks = _prefixed_blocks(first, prefixes[0], 0) + _prefixed_blocks(second, prefixes[1], first.n)
+    return sp.csr_array(A), sp.csr_array(B), np.concatenate([first.bias_x, second.bias_x]), blocks
+
+
+def cascade(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
+    """The second model applied to the first's output: y = m2(m1(u))."""
+    if first.q != second.p:
+        raise ShapeError(
+            f"cannot cascade: the first model gives q = {first.q} outputs but the second takes p = {second.p} inputs"
+        )
+    first, second = _common(first, second)
+    B2C1 = sp.csr_array(second.B @ first.C)
+    blocks = _prefixed_blocks(first, prefixes[0], 0)
+    if B2C1.nnz <= LINK_GROWTH_LIMIT * (second.B.nnz + first.C.nnz) + first.n:
+        A = sp.bmat([[first.A, None], [B2C1, second.A]], format="csr")
+        B = sp.vstack([first.B, second.B @ first.D], format="csr")
+        bias_x = np.concatenate([first.bias_x, second.B @ first.bias_y + second.bias_x])
+        C = sp.hstack([second.D @ first.C, second.C], format="csr")
+        D = sp.csr_array(second.D @ first.D)
+        bias_y = second.D @ first.bias_y + second.bias_y
+        blocks += _prefixed_blocks(second, prefixes[1], first.n)
+    else:  # keep y_1 as an identity block: no product of B_2 and C_1
+        q = first.q
+        zero = lambda rows, cols: sp.csr_array((rows, cols), dtype=first.dtype)  # noqa: E731
+        A = sp.bmat(
+            [
+                [first.A, zero(first.n, q), zero(first.n, second.n)],
+                [first.C, zero(q, q), zero(q, second.n)],
+                [zero(second.n, first.n), second.B, second.A],
+            ],
+            format="csr",
+        )
+        B = sp.vstack([first.B, first.D, zero(second.n, first.p)], format="csr")
+        bias_x = np.concatenate([first.bias_x, first.bias_y, second.bias_x])
+        C = sp.hstack([zero(second.q, first.n), second.D, second.C], format="csr")
+        D = zero(second.q, first.p)
+        bias_y = second.bias_y  # c_1 is inside the link block
+        blocks.append(StateBlock(f"{prefixes[0]}/output", first.n, first.n + q, "identity", (q,)))
+        blocks += _prefixed_blocks(second, prefixes[1], first.n + q)
+    return ImplicitModel(A, B, C, D, bias_x, bias_y, tuple(blocks), first.inputs, second.outputs)
+
+
+def parallel(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
+    """Both models on the same input, outputs stacked: y = [m1(u); m2(u)] (names prefixed)."""
+    _same_input(first, second, "put in parallel")
+    first, second = _common(first, second)
+    A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
+    C = sp.block_diag([first.C, second.C], format="csr")
+    D = sp.vstack([first.D, second.D], format="csr")
+    outputs = _prefixed_specs(first.outputs, prefixes[0]) + _prefixed_specs(second.outputs, prefixes[1])
+    bias_y = np.concatenate([first.bias_y, second.bias_y])
+    return ImplicitModel(A, B, sp.csr_array(C), D, bias_x, bias_y, tuple(blocks), first.inputs, outputs)
+
+
+def add(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
+    """Both models on the same input, outputs summed: y = m1(u) + m2(u)."""
+    _same_input(first, second, "add")
+    _same_output(first, second, "add")
+    first, second = _common(first, second)
+    A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
+    C = sp.hstack([first.C, second.C], format="csr")
+    D = sp.csr_array(first.D + second.D)
+    bias_y = first.bias_y + second.bias_y
+    return ImplicitModel(A, B, C, D, bias_x, bias_y, tuple(blocks), first.inputs, first.outputs)
+
+
+def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
+    """Both models on the same input, outputs multiplied elementwise, exactly: y = m1(u) * m2(u)."""
+    _same_input(first, second, "multiply")
+    _same_output(first, second, "multiply")
+    first, second = _common(first, second)
+    A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
+    n, q = first.n + second.n, first.q
+    squares_read = sp.vstack(
+        [sp.hstack([first.C, second.C]), sp.hstack([first.C, -second.C])], format="csr"
+    )  # pre-activations of s+ and s-: C_1 x_1 ± C_2 x_2 (+ (D_1 ± D_2) u + c_1 ± c_2)
+    A = sp.bmat([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q))]], format="csr")
+    B = sp.vstack([B, first.D + second.D, first.D - second.D], format="csr")
+    bias_x = np.concatenate([bias_x, first.bias_y + second.bias_y, first.bias_y - second.bias_y])
+    blocks += [
+        StateBlock("product/sum_squared", n, n + q, "square", (q,)),
+        StateBlock("product/difference_squared", n + q, n + 2 * q, "square", (q,)),
+    ]
+    quarter = 0.25 * sp.identity(q, format="csr", dtype=first.dtype)
+    C = sp.hstack([sp.csr_array((q, n), dtype=first.dtype), quarter, -quarter], format="csr")
+    D = sp.csr_array((q, first.p), dtype=first.dtype)
+    return ImplicitModel(A, B, C, D, bias_x, None, tuple(blocks), first.inputs, first.outputs)
+
+
+def feedback(model: ImplicitModel, K: Any) -> ImplicitModel:
+    """The closed loop u = v + K y: a model from the new input v (same shape as u) to y.
+
+    Args:
+        model: the open-loop model.
+        K: the loop gain, p x q (array-like or sparse); a scalar k means k I (needs p = q).
+
+    Raises:
+        ShapeError: K is not p x q.
+        NotWellPosedError: I - D K is singular (the algebraic loop through D has no unique solution).
+    """
+    p, q = model.p, model.q
+    if np.isscalar(K):
+        if p != q:
+            raise ShapeError(f"a scalar loop gain needs p = q, but the model has p = {p} inputs and q = {q} outputs")
+        K = float(K) * sp.identity(p, format="csr")
+    K = sp.csr_array(K) if sp.issparse(K) else sp.csr_array(np.asarray(K, dtype=np.float64))
+    if K.shape != (p, q):
+        raise ShapeError(f"the loop gain K must be p x q = {p} x {q} (u = v + K y), got {K.shape}")
+    if not np.isfinite(K.data).all():
+        raise ShapeError("the loop gain K holds NaN or inf values")
+    if model.D.nnz == 0 or K.nnz == 0:
+        NC, ND, Nc = model.C, model.D, model.bias_y
+    else:
+        NC, ND, Nc = _loop_solve(sp.csr_array(model.D @ K), model.C, model.D, model.bias_y)
+    BK = sp.csr_array(model.B @ K)
+    A = sp.csr_array(model.A + BK @ NC)
+    B = sp.csr_array(model.B + BK @ ND)
+    bias_x = model.bias_x + BK @ Nc
+    return ImplicitModel(
+        A, B, sp.csr_array(NC), sp.csr_array(ND), bias_x, Nc, model.blocks, model.inputs, model.outputs
+    )
+
+
+def _loop_solve(DK: sp.csr_array, C: sp.csr_array, D: sp.csr_array, bias: np.ndarray):
+    """N C, N D, N c with N = (I - D K)^{-1}; NotWellPosedError when I - D K is singular."""
+    q = DK.shape[0]
+    loop = sp.identity(q, format="csc") - DK.tocsc()
+    singular = NotWellPosedError(
+        "the feedback loop is ill-posed: I - D K is singular, so y = C x + D (v + K y) + c has no unique "
+        "solution for y. Change K (or the model's direct feedthrough D) so that I - D K is invertible"
+    )
+    if q <= DENSE_SOLVE_LIMIT:
+        dense = loop.toarray()
+        if np.linalg.cond(dense) > 1 / (1e3 * np.finfo(np.float64).eps):
+            raise singular
+        solve = lambda rhs: np.linalg.solve(dense, rhs)  # noqa: E731
+    else:
+        try:
+            factor = spla.splu(loop)
+        except RuntimeError:
+            raise singular from None
+        solve = factor.solve
+    NC = sp.csr_array(solve(C.toarray()))
+    ND = sp.csr_array(solve(D.toarray()))
+    return NC, ND, solve(bias)
