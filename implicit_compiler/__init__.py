@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .activations import Activation, activation
 from .compose import add, cascade, feedback, multiply, parallel
 from .errors import (
+    AnalysisError,
     ConvergenceError,
     GraphError,
     ImplicitCompilerError,
@@ -39,6 +40,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Activation",
+    "AnalysisError",
     "ConvergenceError",
     "GraphError",
     "ImplicitCompilerError",

@@ -62,3 +62,7 @@ class ConvergenceError(ImplicitCompilerError, RuntimeError):
         super().__init__(message)
         self.residual_history = tuple(float(r) for r in residual_history)
         self.iterations = len(self.residual_history)
+
+
+class AnalysisError(ImplicitCompilerError, ValueError):
+    """An analysis does not apply to the model (or input) it was given, or its result is not valid."""

@@ -34,13 +34,14 @@ def block_dependency_graph(model: ImplicitModel) -> nx.DiGraph:
     """A directed graph on block indices with an edge j -> i when block i reads block j."""
     graph = nx.DiGraph()
     graph.add_nodes_from((index, {"name": block.name}) for index, block in enumerate(model.blocks))
-    starts = np.array([block.start for block in model.blocks], dtype=np.int64)
+    # block_of[state] = index of the block holding it (a lookup beats sorting 37M column indices)
+    block_of = np.repeat(np.arange(len(model.blocks)), [block.size for block in model.blocks])
     A = model.A
     for target, block in enumerate(model.blocks):
         columns = A.indices[A.indptr[block.start] : A.indptr[block.stop]]
         if columns.size == 0:
             continue
-        sources = np.unique(np.searchsorted(starts, np.unique(columns), side="right") - 1)
+        sources = np.flatnonzero(np.bincount(block_of[columns], minlength=len(model.blocks)))
         graph.add_edges_from((int(source), target) for source in sources)
     return graph
 

@@ -1,0 +1,191 @@
+"""Sensitivity: a componentwise bound |y(u) - y(u')| <= S |u - u'| valid for all inputs.
+
+Let Lambda = diag(L_i), L_i the Lipschitz constant of state i's activation. Subtracting the
+equilibrium equations for u and u' gives, componentwise,
+
+    |x - x'| <= Lambda (|A| |x - x'| + |B| |u - u'|),   |y - y'| <= |C| |x - x'| + |D| |u - u'|.
+
+If lambda_pf(Lambda |A|) < 1, then (I - Lambda |A|)^{-1} = sum_k (Lambda |A|)^k >= 0 exists,
+so |x - x'| <= (I - Lambda |A|)^{-1} Lambda |B| |u - u'| and
+
+    S = |C| (I - Lambda |A|)^{-1} Lambda |B| + |D|
+
+(for non-expansive activations, Lambda = I: the paper's S = |C| (I - |A|)^{-1} |B| + |D|). S is
+computed with one adjoint solve for q right-hand sides, (I - Lambda |A|)^T Z = |C|^T, then
+S^T = |B|^T Lambda Z + |D|^T: block back-substitution in reverse execution order, a sparse LU
+only on cyclic components, never a dense n x n inverse. An acyclic model always has
+lambda_pf(Lambda |A|) = 0, and the spectrum of the block triangular Lambda |A| is the union of
+its cyclic components' spectra, so only those are examined.
+
+Output bounds over a box |u - u0| <= sigma follow: y(u0) - S sigma <= y(u) <= y(u0) + S sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import AnalysisError
+from ..model import ImplicitModel
+from ..runtime.plan import Component, execution_order
+from ._block_solve import (
+    component_names,
+    component_states,
+    lipschitz_per_state,
+    scale_rows,
+    solve_identity_minus,
+)
+from .spectral import perron_frobenius_eigenvalue
+
+
+@dataclass(frozen=True, eq=False)
+class SensitivityReport:
+    """The sensitivity matrix and whether its bound is valid.
+
+    Attributes:
+        matrix: S, (q, p) float64, read-only; all inf when not valid.
+        valid: True when lambda_pf(Lambda |A|) < 1, so |y(u) - y(u')| <= S |u - u'| for all u, u'.
+        reason: why (or why not), with the numbers.
+        perron_frobenius: lambda_pf(Lambda |A|) (inf when an activation is not Lipschitz).
+    """
+
+    matrix: np.ndarray
+    valid: bool
+    reason: str
+    perron_frobenius: float
+
+
+@dataclass(frozen=True, eq=False)
+class OutputBounds:
+    """Componentwise bounds lower <= y(u) <= upper over the box |u - u0| <= sigma.
+
+    Attributes:
+        center: y(u0), (batch, q) or (q,) for one sample.
+        lower: y(u0) - S sigma, same shape.
+        upper: y(u0) + S sigma, same shape.
+    """
+
+    center: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+
+
+def sensitivity(model: ImplicitModel) -> SensitivityReport:
+    """The sensitivity matrix S = |C| (I - Lambda |A|)^{-1} Lambda |B| + |D| and its validity.
+
+    Args:
+        model: the implicit model (computed in float64 whatever its dtype).
+
+    Returns:
+        A ``SensitivityReport``; when not valid (an activation that is not Lipschitz, or
+        lambda_pf(Lambda |A|) >= 1) its matrix is all inf and ``reason`` says why.
+    """
+    rows, reason, radius = weighted_sensitivity(model, np.eye(model.q), execution_order(model))
+    if rows is None:
+        return _report(np.full((model.q, model.p), np.inf), False, reason, radius)
+    return _report(rows, True, reason, radius)
+
+
+def weighted_sensitivity(
+    model: ImplicitModel, weights: np.ndarray, components: tuple[Component, ...]
+) -> tuple[np.ndarray | None, str, float]:
+    """(W^T S, reason, lambda_pf(Lambda |A|)) for nonnegative weights W (q, r): r adjoint solves.
+
+    The first entry is None when S is not valid. ``sparse_attack`` needs only |c|^T S, one solve.
+    """
+    unbounded = [f"{b.name!r} ({b.activation})" for b in model.blocks if math.isinf(b.activation.lipschitz)]
+    if unbounded:
+        reason = (
+            f"not valid: block(s) {', '.join(unbounded)} are not Lipschitz, so no finite S bounds the output "
+            "change for all inputs (a square grows quadratically); bound the inputs and linearize instead"
+        )
+        return None, reason, math.inf
+    absolute = abs(model.A.astype(np.float64, copy=False))
+    lipschitz = lipschitz_per_state(model)
+    radius, worst = 0.0, ()
+    for component in components:
+        if component.cyclic:
+            rows = component_states(model, component)
+            value = perron_frobenius_eigenvalue(scale_rows(absolute[rows][:, rows], lipschitz[rows]))
+            if value >= radius:
+                radius, worst = value, component_names(model, component)
+    if radius >= 1:
+        reason = (
+            f"not valid: lambda_pf(Lambda |A|) = {radius:.6g} >= 1 on the cyclic component [{', '.join(worst)}], "
+            "so the Neumann series of (I - Lambda |A|)^{-1} diverges; shrink the loop gain"
+        )
+        return None, reason, radius
+    rhs = abs(model.C.astype(np.float64, copy=False)).T @ weights  # |C|^T W, (n, r)
+    Z = solve_identity_minus(model, absolute, rhs, transpose=True, row_scale=lipschitz, components=components)
+    B, D = (abs(m.astype(np.float64, copy=False)) for m in (model.B, model.D))
+    rows = (B.T @ (lipschitz[:, None] * Z)).T + (D.T @ weights).T
+    if worst:
+        reason = (
+            f"valid: lambda_pf(Lambda |A|) = {radius:.6g} < 1 (largest on [{', '.join(worst)}]), "
+            "so |y(u) - y(u')| <= S |u - u'| componentwise for all inputs"
+        )
+    else:
+        reason = (
+            "valid: the model is acyclic (lambda_pf(Lambda |A|) = 0), so |y(u) - y(u')| <= S |u - u'| for all inputs"
+        )
+    return rows, reason, radius
+
+
+def output_bounds(
+    model: ImplicitModel, u0: Any, sigma: Any, sensitivity_report: SensitivityReport | None = None
+) -> OutputBounds:
+    """Componentwise bounds on y over the box |u - u0| <= sigma: y(u0) -/+ S sigma.
+
+    Args:
+        model: the implicit model.
+        u0: the center, one sample or a batch (anything ``model.solve`` takes).
+        sigma: the box radius: a scalar, one value per input (p,), or shaped like one sample.
+        sensitivity_report: a precomputed ``sensitivity(model)``, to bound many boxes at the cost of one.
+
+    Raises:
+        AnalysisError: the sensitivity is not valid, or sigma is negative or misshaped.
+    """
+    report = sensitivity(model) if sensitivity_report is None else sensitivity_report
+    check_report_shape(model, report)
+    if not report.valid:
+        raise AnalysisError(f"no output bounds: the sensitivity is {report.reason}")
+    radius = per_input(model, sigma, "sigma")
+    if (radius < 0).any():
+        raise AnalysisError(f"sigma: expected nonnegative radii, got minimum {radius.min():.6g}")
+    center = model.solve(u0).y
+    spread = report.matrix @ radius
+    return OutputBounds(center, center - spread, center + spread)
+
+
+def check_report_shape(model: ImplicitModel, report: SensitivityReport) -> None:
+    """A precomputed sensitivity report must belong to a model with the same p and q."""
+    if report.matrix.shape != (model.q, model.p):
+        raise AnalysisError(
+            f"sensitivity_report: expected a (q, p) = {(model.q, model.p)} matrix, got {report.matrix.shape}; "
+            "pass sensitivity(model) of this model"
+        )
+
+
+def per_input(model: ImplicitModel, value: Any, name: str) -> np.ndarray:
+    """A scalar, a (p,) vector or one sample's worth of values as a finite (p,) float64 vector."""
+    array = np.asarray(value, dtype=np.float64)
+    sample_shapes = [(model.p,)] + ([model.inputs[0].shape] if len(model.inputs) == 1 else [])
+    if array.ndim == 0:
+        array = np.full(model.p, float(array))
+    elif array.shape in sample_shapes:
+        array = array.reshape(model.p)
+    else:
+        expected = " or ".join(str(s) for s in sample_shapes)
+        raise AnalysisError(f"{name}: expected a scalar or an array of shape {expected}, got shape {array.shape}")
+    if not np.isfinite(array).all():
+        raise AnalysisError(f"{name}: expected finite values")
+    return array
+
+
+def _report(matrix: np.ndarray, valid: bool, reason: str, radius: float) -> SensitivityReport:
+    matrix = np.asarray(matrix, dtype=np.float64)
+    matrix.setflags(write=False)
+    return SensitivityReport(matrix, valid, reason, float(radius))
