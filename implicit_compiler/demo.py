@@ -85,8 +85,9 @@ ZOO = Path(__file__).resolve().parents[1] / "zoo"
 ZOO_MODELS = ("lenet5.onnx", "resnet20.onnx", "lstm_classifier.onnx")
 
 
-def zoo_section(samples: int) -> bool:
-    """Compile and verify the zoo models; return whether every check passed."""
+def zoo_section(samples: int, figures: Path | None) -> bool:
+    """Compile and verify the zoo models (and draw their spy plots); return whether all passed."""
+    from . import viz
     from .frontend import from_onnx, verify
 
     if not all((ZOO / name).exists() for name in ZOO_MODELS):
@@ -112,6 +113,13 @@ def zoo_section(samples: int) -> bool:
             f"blocks = {len(model.blocks)}  compile {seconds:.2f} s  memory {model.memory_bytes / 2**20:.1f} MiB"
         )
         print(f"{'':<20} verify ({samples} samples): {'PASSED' if report.passed else 'FAILED'} ({errors})")
+        if figures is not None:
+            start = time.perf_counter()
+            stem = name.removesuffix(".onnx")
+            viz.spy(model, figures / f"{stem}_spy.png", title=f"{stem}: A in the paper's order")
+            if model.n < 50_000:
+                viz.spy(model, figures / f"{stem}_spy_whole.png", whole=True, title=f"{stem}: [[A, B], [C, D]]")
+            print(f"{'':<20} spy plot(s) in {figures}/ ({time.perf_counter() - start:.2f} s)")
     passed &= held_out_accuracy(compiled)
     print()
     return passed
@@ -152,10 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--samples", type=int, default=10, help="verification samples per zoo model (default 10)")
     parser.add_argument("--skip-zoo", action="store_true", help="only run the hand-made models")
+    parser.add_argument(
+        "--figures", type=Path, default=Path("out/demo"), help="folder for the spy plots (default out/demo)"
+    )
+    parser.add_argument("--no-figures", action="store_true", help="do not draw the spy plots")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     print(f"implicit_compiler {__version__} demo\n")
-    passed = True if args.skip_zoo else zoo_section(args.samples)
+    passed = True if args.skip_zoo else zoo_section(args.samples, None if args.no_figures else args.figures)
 
     model, layers = feedforward_network(rng)
     u = rng.normal(size=(args.batch, model.p))

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 
-def test_demo_runs_and_matches_numpy():
+def test_demo_runs_and_matches_numpy(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "implicit_compiler.demo", "--batch", "8", "--samples", "2"],
+        [sys.executable, "-m", "implicit_compiler.demo", "--batch", "8", "--samples", "2", "--figures", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -21,3 +21,5 @@ def test_demo_runs_and_matches_numpy():
     assert "cyclic components solved by auto: [('h1', 'h2', 'h3')]" in result.stdout
     assert result.stdout.count("verify (2 samples): PASSED") == 3
     assert result.stdout.count("held-out digits (450 images)") == 2 and result.stdout.count(": equal") == 2
+    pictures = sorted(path.name for path in tmp_path.iterdir())
+    assert "lenet5_spy.png" in pictures and "resnet20_spy.png" in pictures and "lenet5_spy_whole.png" in pictures

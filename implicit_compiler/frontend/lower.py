@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ def from_onnx(
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
     dtype: Any = np.float64,
     memory_limit_bytes: float | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
 ) -> ImplicitModel:
     """Compile an ONNX network into an ImplicitModel, exactly.
 
@@ -45,6 +46,8 @@ def from_onnx(
         dtype: float64 (default; matches the float64 reference to ~1e-9) or float32.
         memory_limit_bytes: refuse models whose lowering is estimated to need more (default:
             the memory available on this machine).
+        progress: called as progress(done, total, node_name) after each node (the CLI draws a
+            progress bar with it).
 
     Raises:
         UnsupportedOpError, UnsupportedAttributeError: an op or attribute without lowering.
@@ -71,6 +74,7 @@ def from_onnx(
         specs.append(TensorSpec(graph_input.name, graph_input.sample_shape))
         offset += size
 
+    total = len(prepared.graph.node)
     for index, proto_node in enumerate(prepared.graph.node):
         node = NodeView(proto_node, prepared.opset, index)
         ctx.node = node
@@ -82,6 +86,8 @@ def from_onnx(
                 unavailable[name] = node.where
             elif name:
                 env[name] = value
+        if progress is not None:
+            progress(index + 1, total, node.name)
 
     outputs = []
     for value_info in prepared.graph.output:

@@ -1,0 +1,360 @@
+"""The ``implicit-compiler`` command line.
+
+    implicit-compiler compile model.onnx -o model.npz     ONNX -> implicit model (.npz)
+    implicit-compiler info model.npz                       sizes, blocks, memory, well-posedness
+    implicit-compiler verify model.onnx                    vs onnxruntime and onnx.reference
+    implicit-compiler spy model.npz -o spy.png             sparsity pattern of A (or [[A B] [C D]])
+    implicit-compiler wellposed model.npz                  the well-posedness report
+    implicit-compiler sensitivity model.npz -o s.png       the sensitivity matrix (image, .npy)
+    implicit-compiler compose cascade a.npz b.npz -o c.npz cascade / parallel / add / multiply / feedback
+    implicit-compiler run model.npz -i u.npy -o y.npy      predictions for inputs from .npy
+    implicit-compiler ops                                  the supported ONNX ops
+
+A model argument is a saved model (.npz) or an ONNX file (compiled on the fly). Exit codes: 0
+success, 1 a check did not pass (verify failed, well-posedness not shown), 2 bad input (a
+one-line message on stderr). Nothing is overwritten unless --overwrite is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import ImplicitCompilerError, OverwriteError
+from .model import ImplicitModel
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr, silent when stderr is not a terminal."""
+
+    def __init__(self, label: str, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.label = label
+        self.started = time.perf_counter()
+
+    def __call__(self, done: int, total: int, what: str) -> None:
+        if not self.enabled or total == 0:
+            return
+        width = 30
+        filled = int(width * done / total)
+        elapsed = time.perf_counter() - self.started
+        line = f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {elapsed:5.1f}s {what[:30]:<30}"
+        self.stream.write(line)
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def _parse_shapes(items: Sequence[str] | None) -> dict[str, tuple[int | None, ...]] | None:
+    """--input-shape name=N,3,32,32 (N or ? or None marks the batch axis)."""
+    if not items:
+        return None
+    shapes = {}
+    for item in items:
+        name, _, dims = item.partition("=")
+        if not name or not dims:
+            raise ValueError(f"--input-shape expects name=d1,d2,... (e.g. x=N,3,32,32), got {item!r}")
+        shapes[name] = tuple(None if d.strip() in ("N", "?", "None", "") else int(d) for d in dims.split(","))
+    return shapes
+
+
+def _load_model(path: str, args: argparse.Namespace) -> ImplicitModel:
+    """A saved model, or an ONNX file compiled now (with a progress bar on a terminal)."""
+    from .serialization import load
+
+    if Path(path).suffix.lower() == ".onnx":
+        from .frontend import from_onnx
+
+        return from_onnx(
+            path, input_shapes=_parse_shapes(getattr(args, "input_shape", None)), progress=ProgressBar("lowering")
+        )
+    return load(path)
+
+
+def _check_writable(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise OverwriteError(f"{path} exists; pass --overwrite to replace it")
+
+
+# --------------------------------------------------------------------------------- commands
+def command_compile(args: argparse.Namespace) -> int:
+    from .frontend import from_onnx
+
+    output = Path(args.output or Path(args.model).with_suffix(".npz"))
+    _check_writable(output, args.overwrite)
+    start = time.perf_counter()
+    model = from_onnx(
+        args.model,
+        input_shapes=_parse_shapes(args.input_shape),
+        dtype=np.dtype(args.dtype),
+        progress=ProgressBar("lowering"),
+    )
+    seconds = time.perf_counter() - start
+    model.save(output, overwrite=args.overwrite)
+    print(f"compiled {args.model} in {seconds:.2f} s: {model}")
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB)")
+    return EXIT_OK
+
+
+def command_info(args: argparse.Namespace) -> int:
+    from .analysis import wellposedness
+
+    model = _load_model(args.model, args)
+    print(f"model     {args.model}")
+    print(f"states    n = {model.n:,}   inputs p = {model.p:,}   outputs q = {model.q:,}   dtype {model.dtype}")
+    print(
+        f"nonzeros  A {model.A.nnz:,}   B {model.B.nnz:,}   C {model.C.nnz:,}   D {model.D.nnz:,}   "
+        f"memory {model.memory_bytes / 2**20:.1f} MiB"
+    )
+    print("inputs    " + ", ".join(f"{s.name} {s.shape}" for s in model.inputs))
+    print("outputs   " + ", ".join(f"{s.name} {s.shape}" for s in model.outputs))
+    print(f"blocks    {len(model.blocks)}")
+    shown = model.blocks if args.all_blocks or len(model.blocks) <= 40 else model.blocks[:20] + model.blocks[-20:]
+    for index, block in enumerate(shown):
+        if not args.all_blocks and len(model.blocks) > 40 and index == 20:
+            print(f"          ... {len(model.blocks) - 40} more (--all-blocks)")
+        print(f"          {block.name:<40} {block.size:>9,} {str(block.activation):<18} {block.shape}")
+    report = wellposedness(model)
+    print(f"well-posed {report.well_posed}: {report.reason}")
+    return EXIT_OK
+
+
+def command_verify(args: argparse.Namespace) -> int:
+    from .frontend import verify
+
+    report = verify(args.model, samples=args.samples, seed=args.seed, input_shapes=_parse_shapes(args.input_shape))
+    print(f"{report.model_name}: n = {report.n:,}, nnz(A) = {report.nnz:,}, blocks = {report.blocks}, "
+          f"compiled in {report.compile_seconds:.2f} s, {report.samples} samples")  # fmt: skip
+    for output in report.outputs:
+        float64 = (
+            f"max rel {output.max_rel_error_float64:.2e} {'ok' if output.passed_float64 else 'FAIL'}"
+            if output.passed_float64 is not None
+            else "not checked"
+        )
+        print(
+            f"  {output.name}: float32 vs onnxruntime max abs {output.max_abs_error_float32:.2e} "
+            f"{'ok' if output.passed_float32 else 'FAIL'}; float64 vs onnx.reference {float64}"
+        )
+    if report.reference_error:
+        print(f"  note: {report.reference_error}")
+    print("PASSED" if report.passed else "FAILED")
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
+
+
+def command_spy(args: argparse.Namespace) -> int:
+    from . import viz
+
+    output = Path(args.output)
+    _check_writable(output, args.overwrite)
+    model = _load_model(args.model, args)
+    start = time.perf_counter()
+    viz.spy(model, output, whole=args.whole, order=args.order, resolution=args.resolution)
+    print(f"wrote {output} ({time.perf_counter() - start:.2f} s)")
+    return EXIT_OK
+
+
+def command_wellposed(args: argparse.Namespace) -> int:
+    from .analysis import wellposedness
+
+    report = wellposedness(_load_model(args.model, args))
+    print(f"acyclic: {report.acyclic}")
+    for component in report.components:
+        print(
+            f"cyclic component ({len(component.blocks)} blocks, {component.states:,} states): "
+            f"lambda_pf(|A|) = {component.perron_frobenius:.6g}, ||A||_inf = {component.inf_norm:.6g}, "
+            f"Lipschitz {component.lipschitz:g}: {component.reason}"
+        )
+    print(f"well-posed: {report.well_posed}: {report.reason}")
+    return EXIT_OK if report.well_posed else EXIT_CHECK_FAILED
+
+
+def command_sensitivity(args: argparse.Namespace) -> int:
+    from . import viz
+    from .analysis import sensitivity
+
+    outputs = [Path(p) for p in (args.output, args.save_matrix) if p]
+    for path in outputs:
+        _check_writable(path, args.overwrite)
+    model = _load_model(args.model, args)
+    start = time.perf_counter()
+    report = sensitivity(model)
+    print(f"sensitivity matrix {report.matrix.shape} in {time.perf_counter() - start:.2f} s; valid: {report.valid}")
+    print(f"  {report.reason}")
+    if report.valid:
+        print(
+            f"  largest entry {report.matrix.max():.4g}; per output: "
+            + ", ".join(f"{v:.3g}" for v in report.matrix.max(axis=1)[:10])
+        )
+    if args.save_matrix:
+        np.save(args.save_matrix, report.matrix)
+        print(f"wrote {args.save_matrix}")
+    if args.output:
+        viz.sensitivity_image(report, args.output, model=model)
+        print(f"wrote {args.output}")
+    return EXIT_OK if report.valid else EXIT_CHECK_FAILED
+
+
+def command_compose(args: argparse.Namespace) -> int:
+    from . import compose
+
+    output = Path(args.output)
+    _check_writable(output, args.overwrite)
+    first = _load_model(args.first, args)
+    if args.operation == "feedback":
+        if args.second is not None:
+            raise ValueError("feedback takes one model and --gain, not a second model")
+        gain = _read_gain(args.gain)
+        model = compose.feedback(first, gain)
+    else:
+        if args.second is None:
+            raise ValueError(f"{args.operation} needs two models")
+        model = getattr(compose, args.operation)(first, _load_model(args.second, args))
+    model.save(output, overwrite=args.overwrite)
+    print(f"{args.operation}: {model}")
+    print(f"wrote {output}")
+    return EXIT_OK
+
+
+def _read_gain(gain: str | None):
+    if gain is None:
+        raise ValueError("feedback needs --gain: a number (k I) or a .npy file holding the p x q matrix K")
+    try:
+        return float(gain)
+    except ValueError:
+        return np.load(gain, allow_pickle=False)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    model = _load_model(args.model, args)
+    u = np.load(args.input, allow_pickle=False)
+    if isinstance(u, np.lib.npyio.NpzFile):
+        u = {name: u[name] for name in u.files}
+    start = time.perf_counter()
+    y = model.predict(u, method=args.method)
+    seconds = time.perf_counter() - start
+    if args.output:
+        output = Path(args.output)
+        _check_writable(output, args.overwrite)
+        if isinstance(y, dict):
+            np.savez(output, **y)
+        else:
+            np.save(output, y)
+        print(f"wrote {output} in {seconds:.2f} s")
+    else:
+        np.set_printoptions(precision=5, suppress=True, threshold=200)
+        print(y)
+    return EXIT_OK
+
+
+def command_ops(args: argparse.Namespace) -> int:
+    from .frontend import supported_ops_table
+
+    print(supported_ops_table())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="implicit-compiler",
+        description="Compile neural networks into implicit models x = phi(Ax + Bu + b), y = Cx + Du + c.",
+        epilog="Exit codes: 0 success, 1 a check did not pass, 2 bad input.",
+    )
+    parser.add_argument("--version", action="version", version=f"implicit-compiler {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, function: Callable, help: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(function=function)
+        return sub
+
+    def model_argument(sub: argparse.ArgumentParser, help: str = "a saved model (.npz) or an ONNX file") -> None:
+        sub.add_argument("model", help=help)
+        sub.add_argument(
+            "--input-shape",
+            action="append",
+            metavar="NAME=D1,D2,...",
+            help="fix dynamic input dimensions of an ONNX file, N marks the batch axis (e.g. x=N,3,32,32)",
+        )
+
+    sub = add("compile", command_compile, "compile an ONNX file into an implicit model (.npz)")
+    model_argument(sub, "the ONNX file")
+    sub.add_argument("-o", "--output", help="the .npz to write (default: next to the ONNX file)")
+    sub.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    sub.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
+
+    sub = add("info", command_info, "print n, p, q, non-zeros, blocks, memory and the well-posedness verdict")
+    model_argument(sub)
+    sub.add_argument("--all-blocks", action="store_true", help="list every block")
+
+    sub = add("verify", command_verify, "compare with onnxruntime (float32) and onnx.reference (float64)")
+    model_argument(sub, "the ONNX file")
+    sub.add_argument("--samples", type=int, default=10)
+    sub.add_argument("--seed", type=int, default=0)
+
+    sub = add("spy", command_spy, "save the sparsity pattern of A (or of [[A, B], [C, D]]) as a PNG")
+    model_argument(sub)
+    sub.add_argument("-o", "--output", required=True, help="the PNG to write")
+    sub.add_argument("--whole", action="store_true", help="the whole [[A, B], [C, D]]")
+    sub.add_argument("--order", choices=("paper", "topological", "state"), default="paper")
+    sub.add_argument("--resolution", type=int, default=1000, help="largest number of pixels per side")
+    sub.add_argument("--overwrite", action="store_true")
+
+    sub = add("wellposed", command_wellposed, "the well-posedness report (exit 1 when not shown)")
+    model_argument(sub)
+
+    sub = add("sensitivity", command_sensitivity, "the sensitivity matrix |C|(I-|A|)^-1|B| + |D|")
+    model_argument(sub)
+    sub.add_argument("-o", "--output", help="a PNG with one image per output")
+    sub.add_argument("--save-matrix", metavar="S.npy", help="save the q x p matrix as .npy")
+    sub.add_argument("--overwrite", action="store_true")
+
+    sub = add("compose", command_compose, "compose saved models: cascade, parallel, add, multiply, feedback")
+    sub.add_argument("operation", choices=("cascade", "parallel", "add", "multiply", "feedback"))
+    sub.add_argument("first", help="the first model (.npz or .onnx)")
+    sub.add_argument("second", nargs="?", help="the second model (not for feedback)")
+    sub.add_argument("--gain", help="feedback gain K: a number (k I) or a .npy p x q matrix")
+    sub.add_argument("-o", "--output", required=True, help="the .npz to write")
+    sub.add_argument("--input-shape", action="append", metavar="NAME=D1,D2,...", help=argparse.SUPPRESS)
+    sub.add_argument("--overwrite", action="store_true")
+
+    sub = add("run", command_run, "predict outputs for inputs read from .npy (leading axis: batch)")
+    model_argument(sub)
+    sub.add_argument("-i", "--input", required=True, help=".npy with the inputs (or .npz with one array per input)")
+    sub.add_argument("-o", "--output", help=".npy to write (.npz for several outputs); default: print")
+    sub.add_argument("--method", choices=("auto", "picard", "anderson"), default="auto")
+    sub.add_argument("--overwrite", action="store_true")
+
+    add("ops", command_ops, "print the supported ONNX ops (markdown)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.function(args)
+    except BrokenPipeError:  # e.g. `implicit-compiler info m.npz | head`: stop quietly
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (Python's documented recipe)
+        return EXIT_OK
+    except (ImplicitCompilerError, OSError, ValueError, KeyError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"implicit-compiler {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("implicit-compiler: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
