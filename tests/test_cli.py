@@ -154,3 +154,22 @@ def test_truncated_onnx_is_a_one_line_error(tmp_path):
 def test_unknown_command_is_a_usage_error():
     result = cli("frobnicate")
     assert result.returncode == 2 and "invalid choice" in result.stderr
+
+
+def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise():
+    import io
+
+    from implicit_compiler.cli import ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal, pipe = Terminal(), io.StringIO()
+    for stream in (terminal, pipe):
+        bar = ProgressBar("lowering", stream=stream)
+        for done in range(1, 5):
+            bar(done, 4, f"node_{done}")
+    assert pipe.getvalue() == ""
+    assert "lowering [" in terminal.getvalue() and "4/4" in terminal.getvalue() and terminal.getvalue().endswith("\n")
+    assert "#" * 30 in terminal.getvalue()

@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from ..activations import Activation
 from ..errors import ShapeError
 from ..model import ImplicitModel
+from . import kernels
 from .batching import flatten_inputs
 from .fixed_point import anderson
 from .plan import execution_order
@@ -58,9 +59,9 @@ class _Step:
     description: str
     rows: slice | np.ndarray
     cyclic: bool
-    A_rows: sp.csr_array  # rows of the component, every column
+    A_rows: sp.csr_array | None  # rows of the component, every column (None: the fused kernel reads A)
     A_self: sp.csr_array | None  # rows and columns of the component (cyclic only)
-    B_rows: sp.csr_array
+    B_rows: sp.csr_array | None
     bias: np.ndarray  # (rows, 1)
     segments: tuple[tuple[int, int, Activation], ...]  # (start, stop, activation) within rows
 
@@ -94,16 +95,19 @@ def solve(
     U, single = flatten_inputs(model.inputs, u)
     model = model.astype(U.dtype)
     tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
-    U = np.ascontiguousarray(U.T)  # (p, batch)
-    X = np.zeros((model.n, U.shape[1]), dtype=model.dtype)
-    histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
     if method == "auto":
         steps = _execution_steps(model)
     else:
         steps = (_whole_model_step(model),)
         anderson_memory = 0 if method == "picard" else anderson_memory
+    # V = [u; x] as one (p + n, batch) array: the fused kernel reads both through one index.
+    any_cyclic = any(step.cyclic for step in steps)
+    V = (np.zeros if any_cyclic else np.empty)((model.p + model.n, U.shape[0]), dtype=model.dtype)
+    V[: model.p] = U.T
+    U, X = V[: model.p], V[model.p :]
+    histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
     for step in steps:
-        history = _solve_step(step, X, U, tol, max_iter, anderson_memory)
+        history = _solve_step(model, step, V, tol, max_iter, anderson_memory)
         if step.cyclic:
             histories.append((step.names, tuple(history)))
     Y = model.C @ X + model.D @ U + model.bias_y[:, None]
@@ -113,8 +117,21 @@ def solve(
     return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories))
 
 
-def _solve_step(step: _Step, X: np.ndarray, U: np.ndarray, tol: float, max_iter: int, memory: int) -> list[float]:
-    """Fill X[step.rows] in place; return the residual history (empty for acyclic steps)."""
+def _solve_step(
+    model: ImplicitModel, step: _Step, V: np.ndarray, tol: float, max_iter: int, memory: int
+) -> list[float]:
+    """Fill the step's states of V = [u; x] in place; return the residual history (empty for
+    acyclic steps)."""
+    p = model.p
+    U, X = V[:p], V[p:]
+    if isinstance(step, _Chain):  # acyclic blocks: the fused kernel, straight from the model's CSR arrays
+        A, B = model.A, model.B
+        kernel, values = (kernels.forward_chain_single, V[:, 0]) if V.shape[1] == 1 else (kernels.forward_chain, V)
+        kernel(
+            A.indptr, A.indices, A.data, B.indptr, B.indices, B.data, model.bias_x, values, p,
+            step.starts, step.stops, step.codes, step.alphas,
+        )  # fmt: skip
+        return []
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
     if not step.cyclic:
         X[step.rows] = _activate(step.segments, pre_activation)
@@ -135,14 +152,45 @@ def _activate(segments: tuple[tuple[int, int, Activation], ...], z: np.ndarray) 
     return z
 
 
-def _execution_steps(model: ImplicitModel) -> tuple[_Step, ...]:
+@dataclass(frozen=True)
+class _Chain:
+    """Consecutive acyclic blocks run by one call of the fused kernel."""
+
+    starts: np.ndarray
+    stops: np.ndarray
+    codes: np.ndarray
+    alphas: np.ndarray
+    cyclic: bool = False
+
+
+def _execution_steps(model: ImplicitModel) -> tuple[_Step | _Chain, ...]:
+    """The execution order as steps: chains of fused acyclic blocks and cyclic components."""
     if "execution_steps" not in model._cache:
-        steps = []
+        steps: list[_Step | _Chain] = []
+        chain: list[_Step] = []
         for component in execution_order(model):
-            blocks = [model.blocks[i] for i in component.blocks]
-            steps.append(_make_step(model, blocks, component.cyclic))
+            step = _make_step(model, [model.blocks[i] for i in component.blocks], component.cyclic)
+            if step.A_rows is None:
+                chain.append(step)
+                continue
+            if chain:
+                steps.append(_make_chain(chain, model.dtype))
+                chain = []
+            steps.append(step)
+        if chain:
+            steps.append(_make_chain(chain, model.dtype))
         model._cache["execution_steps"] = tuple(steps)
     return model._cache["execution_steps"]
+
+
+def _make_chain(steps: list[_Step], dtype: np.dtype) -> _Chain:
+    activations = [step.segments[0][2] for step in steps]
+    return _Chain(
+        starts=np.array([step.rows.start for step in steps], dtype=np.int64),
+        stops=np.array([step.rows.stop for step in steps], dtype=np.int64),
+        codes=np.array([kernels.ACTIVATION_CODES[a.name] for a in activations], dtype=np.int64),
+        alphas=np.array([a.alpha or 0.0 for a in activations], dtype=dtype),
+    )
 
 
 def _whole_model_step(model: ImplicitModel) -> _Step:
@@ -155,11 +203,12 @@ def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: st
         rows: slice | np.ndarray = slice(blocks[0].start if blocks else 0, blocks[-1].stop if blocks else 0)
     else:
         rows = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
-    A_rows = model.A[rows]
     segments, offset = [], 0
     for block in blocks:
         segments.append((offset, offset + block.size, block.activation))
         offset += block.size
+    fused = not cyclic and len(blocks) == 1 and kernels.available()
+    A_rows = None if fused else model.A[rows]
     return _Step(
         names=tuple(b.name for b in blocks),
         description=description or f"the cyclic component [{', '.join(b.name for b in blocks)}]",
@@ -167,7 +216,7 @@ def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: st
         cyclic=cyclic,
         A_rows=A_rows,
         A_self=A_rows[:, rows] if cyclic else None,
-        B_rows=model.B[rows],
+        B_rows=None if fused else model.B[rows],
         bias=model.bias_x[rows][:, None],
         segments=tuple(segments),
     )

@@ -1,0 +1,101 @@
+"""The fused forward-substitution kernel: each block's product, bias and activation in one pass.
+
+For a chain of acyclic blocks (consecutive in the execution order), over the stacked variables
+V = [u; x] held as one (p + n, batch) row-major array, block after block:
+
+    V[p + r, :] = phi(B[r, :] V[:p] + A[r, :] V[p:] + b[r])      for the block's rows r
+
+computed row by row in parallel (numba prange over rows): each row accumulates its non-zeros'
+weighted input rows straight into its own output row (contiguous in the batch), adds the bias
+and applies phi in place, so A is streamed once, straight from the model's CSR arrays, and
+nothing is allocated. Rows of one acyclic block never read each other, which makes the in-place
+accumulation safe; one call runs the whole chain, so Python is not in the loop.
+
+Activation codes: 0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid, 5 square.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
+    numba = None
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "square": 5}
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used (numba importable)."""
+    return numba is not None
+
+
+if numba is not None:
+
+    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+    def forward_chain(  # pragma: no cover - jitted
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, starts, stops, codes, alphas
+    ):
+        """Blocks [starts[k], stops[k]) one after another, each row in parallel:
+        values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]); values is (p + n, batch)."""
+        batch = values.shape[1]
+        for block in range(starts.shape[0]):
+            code, alpha = codes[block], alphas[block]
+            for i in numba.prange(starts[block], stops[block]):
+                out = values[p + i]
+                b = bias[i]
+                for j in range(batch):
+                    out[j] = b
+                for k in range(b_indptr[i], b_indptr[i + 1]):
+                    weight = b_data[k]
+                    source = values[b_indices[k]]
+                    for j in range(batch):
+                        out[j] += weight * source[j]
+                for k in range(a_indptr[i], a_indptr[i + 1]):
+                    weight = a_data[k]
+                    source = values[p + a_indices[k]]
+                    for j in range(batch):
+                        out[j] += weight * source[j]
+                if code == 1:
+                    for j in range(batch):
+                        if out[j] < 0:
+                            out[j] = 0
+                elif code == 2:
+                    for j in range(batch):
+                        if out[j] < 0:
+                            out[j] *= alpha
+                elif code == 3:
+                    for j in range(batch):
+                        out[j] = np.tanh(out[j])
+                elif code == 4:
+                    for j in range(batch):
+                        out[j] = 0.5 + 0.5 * np.tanh(0.5 * out[j])
+                elif code == 5:
+                    for j in range(batch):
+                        out[j] = out[j] * out[j]
+
+    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
+    def forward_chain_single(  # pragma: no cover - jitted
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, starts, stops, codes, alphas
+    ):
+        """``forward_chain`` for one sample (values of shape (p + n,)): a scalar accumulator."""
+        for block in range(starts.shape[0]):
+            code, alpha = codes[block], alphas[block]
+            for i in numba.prange(starts[block], stops[block]):
+                total = bias[i]
+                for k in range(b_indptr[i], b_indptr[i + 1]):
+                    total += b_data[k] * values[b_indices[k]]
+                for k in range(a_indptr[i], a_indptr[i + 1]):
+                    total += a_data[k] * values[p + a_indices[k]]
+                if code == 1:
+                    total = max(total, 0)
+                elif code == 2:
+                    total = total if total >= 0 else alpha * total
+                elif code == 3:
+                    total = np.tanh(total)
+                elif code == 4:
+                    total = 0.5 + 0.5 * np.tanh(0.5 * total)
+                elif code == 5:
+                    total = total * total
+                values[p + i] = total
