@@ -263,6 +263,29 @@ def command_ops(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    models = [m for item in args.models for m in item.split(",") if m]
+    batches = [int(b) for item in args.batches for b in item.split(",") if b]
+    bench.check_writable(args.out, args.overwrite)  # refuse before minutes of benchmarking
+    quick = dict(repeats=2, warmup=1, min_seconds=0.0, compile_runs=1) if args.quick else {}
+    if args.repeats is not None:
+        quick["repeats"] = args.repeats
+    if args.min_seconds is not None:
+        quick["min_seconds"] = args.min_seconds
+    progress = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
+    try:
+        report = bench.run_benchmark(models, batches, include_torch=not args.no_torch, progress=progress, **quick)
+    except bench.CorrectnessError as error:
+        print(f"implicit-compiler bench: FAILED: {error}", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(report.format_table(), end="")
+    json_path, md_path = bench.write_report(report, args.out, overwrite=args.overwrite)
+    print(f"wrote {json_path} and {md_path}")
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -333,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-i", "--input", required=True, help=".npy with the inputs (or .npz with one array per input)")
     sub.add_argument("-o", "--output", help=".npy to write (.npz for several outputs); default: print")
     sub.add_argument("--method", choices=("auto", "picard", "anderson"), default="auto")
+    sub.add_argument("--overwrite", action="store_true")
+
+    sub = add("bench", command_bench, "benchmark ours vs onnxruntime and torch on the zoo models (bench.json, .md)")
+    sub.add_argument("--models", nargs="+", default=["lenet5", "resnet20"], help="zoo model names (zoo/NAME.onnx)")
+    sub.add_argument("--batches", nargs="+", default=["1", "32", "256"], help="batch sizes (e.g. 1 32 256)")
+    sub.add_argument("--quick", action="store_true", help="fewer repeats and one compile (for tests)")
+    sub.add_argument("--repeats", type=int, help="least number of timed runs (default 5, --quick 2)")
+    sub.add_argument("--min-seconds", type=float, help="least seconds timed per measurement (default 1, --quick 0)")
+    sub.add_argument("--no-torch", action="store_true", help="skip the torch eager column")
+    sub.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (default out/bench)")
+    sub.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     sub.add_argument("--overwrite", action="store_true")
 
     add("ops", command_ops, "print the supported ONNX ops (markdown)")

@@ -202,3 +202,19 @@ def test_fused_kernel_and_scipy_fallback_agree_with_numpy(mlp, rng, monkeypatch,
     for result in (fused, fallback):
         assert result.dtype == dtype
         np.testing.assert_allclose(result, expected, rtol=tolerance, atol=tolerance)
+
+
+def test_states_stored_last_layer_first_give_the_same_predictions(mlp, rng):
+    """The paper's ordering (x = [h2; h1]): forward substitution follows dependencies, not storage."""
+    base = mlp.implicit()
+    n1, n2 = 8, 7
+    perm = np.concatenate([np.arange(n1, n1 + n2), np.arange(n1)])  # new state i is old state perm[i]
+    A = base.A[perm][:, perm]
+    blocks = (StateBlock("h2", 0, n2, "relu", (n2,)), StateBlock("h1", n2, n1 + n2, "relu", (n1,)))
+    model = ImplicitModel(
+        A, base.B[perm], base.C[:, perm], base.D, base.bias_x[perm], base.bias_y, blocks, base.inputs, base.outputs
+    )
+    assert sp.triu(model.A, k=1).nnz == model.A.nnz, "strictly upper triangular in this order"
+    for batch in (1, 5):
+        u = rng.normal(size=(batch, 6))
+        np.testing.assert_allclose(model.predict(u), mlp.forward(u), rtol=1e-12, atol=1e-12)

@@ -80,12 +80,17 @@ def _attribute_value(attribute: onnx.AttributeProto) -> Any:
 
 @dataclass
 class _PendingBlock:
+    """A block made while lowering: its rows of [B A] already in the final dtype with int32
+    indices (rounding per block is rounding at the end), and its bias in float64."""
+
     name: str
     start: int
+    size: int
     activation: Activation
     shape: tuple[int, ...]
     source_node: str
-    pre_activation: Affine
+    coefficients: sp.csr_array  # (size, width at creation), final dtype
+    offset: np.ndarray
 
 
 @dataclass
@@ -95,6 +100,7 @@ class LoweringContext:
     p: int
     batched: bool
     memory_limit_bytes: float = math.inf
+    dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float64))
     node: NodeView | None = None
     blocks: list[_PendingBlock] = field(default_factory=list)
     n: int = 0
@@ -129,7 +135,18 @@ class LoweringContext:
         self._names.add(unique)
         shape = sample_shape if sample_shape is not None else self.sample_shape(pre_activation.shape)
         self.charge(pre_activation.coefficients.nnz, f"state block {unique!r}")
-        self.blocks.append(_PendingBlock(unique, self.n, activation(activation_spec), shape, node_name, pre_activation))
+        self.blocks.append(
+            _PendingBlock(
+                unique,
+                self.n,
+                pre_activation.size,
+                activation(activation_spec),
+                shape,
+                node_name,
+                _compact(pre_activation.coefficients, self.dtype),
+                pre_activation.offset,
+            )
+        )
         start = self.width
         self.n += pre_activation.size
         return Affine.variables(pre_activation.shape, start, self.width)
@@ -184,63 +201,93 @@ class LoweringContext:
         dtype: np.dtype,
     ) -> ImplicitModel:
         """The ImplicitModel: [B A] and b_x from the blocks, [D C] and b_y from the outputs
-        (each with the axis of its value that is the batch axis, or None)."""
+        (each with the axis of its value that is the batch axis, or None). The blocks' rows are
+        moved into preallocated arrays one by one, so the peak stays near the final size."""
         width = self.width
-        B, A = _stack_split([b.pre_activation.widen(width).coefficients for b in self.blocks], self.p, width)
-        bias_x = np.concatenate([b.pre_activation.offset for b in self.blocks]) if self.blocks else np.zeros(0)
+        bias_x = np.concatenate([b.offset for b in self.blocks]) if self.blocks else np.zeros(0)
+        pending = [block.coefficients for block in self.blocks]
+        blocks = tuple(
+            StateBlock(b.name, b.start, b.start + b.size, b.activation, b.shape, b.source_node) for b in self.blocks
+        )
+        self.blocks = []  # the rows now live in ``pending`` only, and are freed as they are copied
+        B, A = _stack_split(pending, self.p, width, dtype)
         output_specs, output_rows, bias_y = [], [], []
         for name, value, batch_axis in outputs:
             expression = as_affine(value, width)
             shape = expression.shape
             sample = shape if batch_axis is None else shape[:batch_axis] + shape[batch_axis + 1 :]
             output_specs.append(TensorSpec(name, sample))
-            output_rows.append(expression.widen(width).coefficients)
+            output_rows.append(_compact(expression.coefficients, dtype))
             bias_y.append(expression.offset)
-        D, C = _stack_split(output_rows, self.p, width)
-        blocks = tuple(
-            StateBlock(b.name, b.start, b.start + b.pre_activation.size, b.activation, b.shape, b.source_node)
-            for b in self.blocks
-        )
+        D, C = _stack_split(output_rows, self.p, width, dtype)
         return ImplicitModel(
             A=A,
             B=B,
             C=C,
             D=D,
-            bias_x=bias_x,
-            bias_y=np.concatenate(bias_y) if bias_y else np.zeros(0),
+            bias_x=bias_x.astype(dtype),
+            bias_y=(np.concatenate(bias_y) if bias_y else np.zeros(0)).astype(dtype),
             blocks=blocks,
             inputs=inputs,
             outputs=tuple(output_specs),
-        ).astype(dtype)
+        )
 
 
-def _split_columns(matrix: sp.csr_array, p: int) -> tuple[sp.csr_array, sp.csr_array]:
-    """(matrix[:, :p], matrix[:, p:]) by masking the index arrays (scipy's column slicing is
-    several times slower); most blocks read no input column and skip the masking."""
-    rows, width = matrix.shape
-    indices = matrix.indices
-    if indices.size == 0 or indices.min() >= p:
-        right = sp.csr_array((matrix.data, indices - p, matrix.indptr), shape=(rows, width - p))
-        return sp.csr_array((rows, p)), right
-    in_left = indices < p
-    left_indptr = np.concatenate([[0], np.cumsum(in_left)])[matrix.indptr]
-    left = sp.csr_array((matrix.data[in_left], indices[in_left], left_indptr), shape=(rows, p))
-    in_right = ~in_left
-    right_indptr = matrix.indptr - left_indptr
-    right = sp.csr_array((matrix.data[in_right], indices[in_right] - p, right_indptr), shape=(rows, width - p))
-    return left, right
+def _compact(matrix: sp.csr_array, dtype: np.dtype) -> sp.csr_array:
+    """The same rows with ``dtype`` values and int32 column indices, explicit zeros dropped."""
+    matrix = sp.csr_array(matrix)
+    matrix.eliminate_zeros()
+    compact = sp.csr_array(matrix.shape, dtype=dtype)
+    compact.data = matrix.data.astype(dtype, copy=False)
+    compact.indices = matrix.indices.astype(np.int32, copy=False)
+    compact.indptr = matrix.indptr.astype(np.int64, copy=False)
+    return compact
 
 
-def _stack_split(matrices: list[sp.csr_array], p: int, width: int) -> tuple[sp.csr_array, sp.csr_array]:
-    """Row-stack expressions' coefficient matrices, split into their input and state columns."""
-    if not matrices:
-        return sp.csr_array((0, p)), sp.csr_array((0, width - p))
-    parts = [_split_columns(matrix, p) for matrix in matrices]
-    left = sp.csr_array(sp.vstack([part[0] for part in parts], format="csr"))
-    right = sp.csr_array(sp.vstack([part[1] for part in parts], format="csr"))
-    left.eliminate_zeros()
-    right.eliminate_zeros()
-    return left, right
+def _stack_split(
+    matrices: list[sp.csr_array], p: int, width: int, dtype: np.dtype
+) -> tuple[sp.csr_array, sp.csr_array]:
+    """Row-stack compact coefficient matrices and split them into the input columns [:p] and
+    the state columns [p:]; each matrix is dropped from ``matrices`` once copied."""
+    rows = sum(m.shape[0] for m in matrices)
+    left_counts = [_row_counts_below(m, p) for m in matrices]
+    right_counts = [np.diff(m.indptr) - counts for m, counts in zip(matrices, left_counts)]
+    left_indptr = _indptr(left_counts)
+    right_indptr = _indptr(right_counts)
+    left_data, left_indices = np.empty(left_indptr[-1], dtype), np.empty(left_indptr[-1], np.int32)
+    right_data, right_indices = np.empty(right_indptr[-1], dtype), np.empty(right_indptr[-1], np.int32)
+    row = 0
+    while matrices:
+        m = matrices.pop(0)
+        in_left = m.indices < p
+        lo, hi = left_indptr[row], left_indptr[row + m.shape[0]]
+        left_data[lo:hi], left_indices[lo:hi] = m.data[in_left], m.indices[in_left]
+        lo, hi = right_indptr[row], right_indptr[row + m.shape[0]]
+        in_right = ~in_left
+        right_data[lo:hi], right_indices[lo:hi] = m.data[in_right], m.indices[in_right] - p
+        row += m.shape[0]
+        del m, in_left, in_right
+    return _csr(left_data, left_indices, left_indptr, (rows, p)), _csr(
+        right_data, right_indices, right_indptr, (rows, width - p)
+    )
+
+
+def _row_counts_below(matrix: sp.csr_array, p: int) -> np.ndarray:
+    """Per row, how many column indices are below p."""
+    below = np.concatenate([[0], np.cumsum(matrix.indices < p, dtype=np.int64)])
+    return np.diff(below[matrix.indptr])
+
+
+def _indptr(counts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(np.concatenate(counts)) if counts else []]).astype(np.int64)
+
+
+def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> sp.csr_array:
+    """A CSR array from its parts without copies or checks (int32 index pointers when they fit)."""
+    matrix = sp.csr_array(shape, dtype=data.dtype)
+    fits = indptr[-1] <= np.iinfo(np.int32).max
+    matrix.data, matrix.indices, matrix.indptr = data, indices, indptr.astype(np.int32) if fits else indptr
+    return matrix
 
 
 def as_affine(value: Value, width: int) -> Affine:

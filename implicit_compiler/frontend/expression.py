@@ -147,11 +147,24 @@ class Affine:
         """The linear map T applied to the flattened tensor: (T M, T c + offset)."""
         if matrix.shape[1] != self.size or matrix.shape[0] != math.prod(shape):
             raise ShapeError(f"cannot apply a {matrix.shape} map to {self.size} values giving shape {shape}")
-        coefficients = sp.csr_array(matrix @ self.coefficients)
+        coefficients = self._map_coefficients(matrix)
         new_offset = matrix @ self.offset
         if offset is not None:
             new_offset = new_offset + np.broadcast_to(offset, (coefficients.shape[0],))
         return Affine(tuple(shape), coefficients, new_offset)
+
+    def _map_coefficients(self, matrix: sp.csr_array) -> sp.csr_array:
+        """T M. When every row of M is one variable (the common case: T reads a block's states),
+        T M is T with its columns renamed and scaled: no sparse product, no merging."""
+        M = self.coefficients
+        if M.nnz == self.size and (np.diff(M.indptr) == 1).all():
+            T = sp.csr_array(matrix)
+            data = T.data * M.data[T.indices]
+            result = sp.csr_array((data, M.indices[T.indices], T.indptr), shape=(T.shape[0], M.shape[1]))
+            if not result.has_sorted_indices:
+                result.sort_indices()
+            return result
+        return sp.csr_array(matrix @ M)
 
     def map_nnz_estimate(self, matrix: sp.csr_array) -> int:
         """An upper bound on nnz(T M): sum over T's entries of the row counts of M they pick."""

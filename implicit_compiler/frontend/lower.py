@@ -63,7 +63,7 @@ def from_onnx(
 
     p = sum(math.prod(i.sample_shape) for i in prepared.inputs)
     batched = all(i.batched for i in prepared.inputs)
-    ctx = LoweringContext(p=p, batched=batched, memory_limit_bytes=limit)
+    ctx = LoweringContext(p=p, batched=batched, memory_limit_bytes=limit, dtype=np.dtype(dtype))
     env: dict[str, Value] = dict(prepared.constants)
     unavailable: dict[str, str] = {}  # outputs a lowering does not provide -> the node
     offset = 0

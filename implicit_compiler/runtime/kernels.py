@@ -9,7 +9,9 @@ computed row by row in parallel (numba prange over rows): each row accumulates i
 weighted input rows straight into its own output row (contiguous in the batch), adds the bias
 and applies phi in place, so A is streamed once, straight from the model's CSR arrays, and
 nothing is allocated. Rows of one acyclic block never read each other, which makes the in-place
-accumulation safe; one call runs the whole chain, so Python is not in the loop.
+accumulation safe and lets them run in any order: a block shaped (C, H, W) runs its rows
+channel-last, (h, w, c), so that consecutive rows (all channels of one pixel) read the same
+input window while it is in cache. One call runs the whole chain: Python is not in the loop.
 
 Activation codes: 0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid, 5 square.
 """
@@ -33,16 +35,16 @@ def available() -> bool:
 
 if numba is not None:
 
-    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
-    def forward_chain(  # pragma: no cover - jitted
-        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, starts, stops, codes, alphas
+    def _forward_chain(  # pragma: no cover - jitted
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
     ):
-        """Blocks [starts[k], stops[k]) one after another, each row in parallel:
+        """Blocks one after another, block k's rows order[starts[k]:stops[k]] in parallel:
         values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]); values is (p + n, batch)."""
         batch = values.shape[1]
         for block in range(starts.shape[0]):
             code, alpha = codes[block], alphas[block]
-            for i in numba.prange(starts[block], stops[block]):
+            for position in numba.prange(starts[block], stops[block]):
+                i = order[position]
                 out = values[p + i]
                 b = bias[i]
                 for j in range(batch):
@@ -75,14 +77,14 @@ if numba is not None:
                     for j in range(batch):
                         out[j] = out[j] * out[j]
 
-    @numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})
-    def forward_chain_single(  # pragma: no cover - jitted
-        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, starts, stops, codes, alphas
+    def _forward_chain_single(  # pragma: no cover - jitted
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
     ):
         """``forward_chain`` for one sample (values of shape (p + n,)): a scalar accumulator."""
         for block in range(starts.shape[0]):
             code, alpha = codes[block], alphas[block]
-            for i in numba.prange(starts[block], stops[block]):
+            for position in numba.prange(starts[block], stops[block]):
+                i = order[position]
                 total = bias[i]
                 for k in range(b_indptr[i], b_indptr[i + 1]):
                     total += b_data[k] * values[b_indices[k]]
@@ -99,3 +101,22 @@ if numba is not None:
                 elif code == 5:
                     total = total * total
                 values[p + i] = total
+
+    # Each kernel twice: threads for big chains, one thread for small ones (where waking the
+    # thread pool for every block costs more than the work).
+    _options = dict(cache=True, nogil=True, fastmath={"contract"})
+    forward_chain = numba.njit(parallel=True, **_options)(_forward_chain)
+    forward_chain_single = numba.njit(parallel=True, **_options)(_forward_chain_single)
+    forward_chain_serial = numba.njit(parallel=False, **_options)(_forward_chain)
+    forward_chain_single_serial = numba.njit(parallel=False, **_options)(_forward_chain_single)
+
+# Below this many multiply-adds (non-zeros x batch) a chain runs on one thread.
+PARALLEL_THRESHOLD = 2_000_000
+
+
+def chain_kernel(work: int, batch: int):
+    """The kernel for a chain of ``work`` non-zeros on ``batch`` samples."""
+    parallel = work * batch >= PARALLEL_THRESHOLD
+    if batch == 1:
+        return forward_chain_single if parallel else forward_chain_single_serial
+    return forward_chain if parallel else forward_chain_serial

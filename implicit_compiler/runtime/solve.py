@@ -126,10 +126,11 @@ def _solve_step(
     U, X = V[:p], V[p:]
     if isinstance(step, _Chain):  # acyclic blocks: the fused kernel, straight from the model's CSR arrays
         A, B = model.A, model.B
-        kernel, values = (kernels.forward_chain_single, V[:, 0]) if V.shape[1] == 1 else (kernels.forward_chain, V)
+        kernel = kernels.chain_kernel(step.work, V.shape[1])
+        values = V[:, 0] if V.shape[1] == 1 else V
         kernel(
             A.indptr, A.indices, A.data, B.indptr, B.indices, B.data, model.bias_x, values, p,
-            step.starts, step.stops, step.codes, step.alphas,
+            step.natural_order if V.shape[1] == 1 else step.order, step.starts, step.stops, step.codes, step.alphas,
         )  # fmt: skip
         return []
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
@@ -156,10 +157,13 @@ def _activate(segments: tuple[tuple[int, int, Activation], ...], z: np.ndarray) 
 class _Chain:
     """Consecutive acyclic blocks run by one call of the fused kernel."""
 
-    starts: np.ndarray
+    order: np.ndarray  # the states of the chain's blocks, in the order the kernel computes them
+    natural_order: np.ndarray  # the same states in storage order (one sample: stream A in order)
+    starts: np.ndarray  # block k is order[starts[k] : stops[k]]
     stops: np.ndarray
     codes: np.ndarray
     alphas: np.ndarray
+    work: int  # non-zeros of the chain's rows of A and B
     cyclic: bool = False
 
 
@@ -174,23 +178,38 @@ def _execution_steps(model: ImplicitModel) -> tuple[_Step | _Chain, ...]:
                 chain.append(step)
                 continue
             if chain:
-                steps.append(_make_chain(chain, model.dtype))
+                steps.append(_make_chain(model, chain))
                 chain = []
             steps.append(step)
         if chain:
-            steps.append(_make_chain(chain, model.dtype))
+            steps.append(_make_chain(model, chain))
         model._cache["execution_steps"] = tuple(steps)
     return model._cache["execution_steps"]
 
 
-def _make_chain(steps: list[_Step], dtype: np.dtype) -> _Chain:
+def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
     activations = [step.segments[0][2] for step in steps]
+    orders = [_row_order(model.block(step.names[0])) for step in steps]
+    stops = np.cumsum([order.size for order in orders])
     return _Chain(
-        starts=np.array([step.rows.start for step in steps], dtype=np.int64),
-        stops=np.array([step.rows.stop for step in steps], dtype=np.int64),
+        order=np.concatenate(orders),
+        natural_order=np.concatenate([np.arange(s.rows.start, s.rows.stop, dtype=np.int64) for s in steps]),
+        starts=stops - [order.size for order in orders],
+        stops=stops,
         codes=np.array([kernels.ACTIVATION_CODES[a.name] for a in activations], dtype=np.int64),
-        alphas=np.array([a.alpha or 0.0 for a in activations], dtype=dtype),
+        alphas=np.array([a.alpha or 0.0 for a in activations], dtype=model.dtype),
+        work=sum(
+            int(M.indptr[step.rows.stop] - M.indptr[step.rows.start]) for step in steps for M in (model.A, model.B)
+        ),
     )
+
+
+def _row_order(block) -> np.ndarray:
+    """The block's states, channel-last when the block is an image (C, H, W) or (C, L)."""
+    rows = np.arange(block.start, block.stop, dtype=np.int64)
+    if len(block.shape) in (2, 3) and block.shape[0] > 1:
+        return rows.reshape(block.shape).reshape(block.shape[0], -1).T.ravel()
+    return rows
 
 
 def _whole_model_step(model: ImplicitModel) -> _Step:
