@@ -9,6 +9,7 @@
     implicit-compiler compose cascade a.npz b.npz -o c.npz cascade / parallel / add / multiply / feedback
     implicit-compiler run model.npz -i u.npy -o y.npy      predictions for inputs from .npy
     implicit-compiler ops                                  the supported ONNX ops
+    implicit-compiler bench                                throughput vs onnxruntime and torch
 
 A model argument is a saved model (.npz) or an ONNX file (compiled on the fly). Exit codes: 0
 success, 1 a check did not pass (verify failed, well-posedness not shown), 2 bad input (a

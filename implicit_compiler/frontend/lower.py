@@ -75,17 +75,23 @@ def from_onnx(
         offset += size
 
     total = len(prepared.graph.node)
+    last_use = _last_uses(prepared.graph)
     for index, proto_node in enumerate(prepared.graph.node):
         node = NodeView(proto_node, prepared.opset, index)
         ctx.node = node
         inputs = [env.get(name) if name else None for name in proto_node.input]
         _check_inputs_exist(node, inputs, unavailable)
         outputs = _lower_node(ctx, node, inputs)
+        del inputs
         for name, value in zip(proto_node.output, outputs):
             if name and value is None:
                 unavailable[name] = node.where
             elif name:
                 env[name] = value
+        del outputs
+        for name in set(proto_node.input):  # drop values nothing reads any more: they can be large
+            if last_use.get(name) == index:
+                env.pop(name, None)
         if progress is not None:
             progress(index + 1, total, node.name)
 
@@ -126,6 +132,18 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
     if len(outputs) < len([o for o in node.proto.output if o]):
         raise GraphError(f"{node.where}: produced {len(outputs)} outputs, the node names {len(node.proto.output)}")
     return outputs
+
+
+def _last_uses(graph: onnx.GraphProto) -> dict[str, int]:
+    """For each value, the index of the last node that reads it (graph outputs: never dropped)."""
+    last = {}
+    for index, node in enumerate(graph.node):
+        for name in node.input:
+            if name:
+                last[name] = index
+    for output in graph.output:
+        last[output.name] = len(graph.node)
+    return last
 
 
 def _output_batch_axis(value_info: onnx.ValueInfoProto, value: Value, prepared: PreparedModel) -> int | None:

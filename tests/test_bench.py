@@ -1,0 +1,99 @@
+"""The benchmark through the CLI: quick mode, LeNet-5 only, no torch (about 10 s in all)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["bench", "--models", "lenet5", "--batches", "1", "4", "--quick", "--no-torch"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "implicit_compiler.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    return run_cli(*ARGS, "--out", str(out)), out
+
+
+def test_bench_writes_json_and_markdown(bench_run):
+    result, out = bench_run
+    assert result.returncode == 0, result.stderr
+    assert "ours/ORT" in result.stdout and "lenet5" in result.stdout
+
+    report = json.loads((out / "bench.json").read_text())
+    assert {"started", "finished", "seconds", "settings", "machine", "models", "notes"} <= report.keys()
+    machine = report["machine"]
+    assert machine["cpu_model"] and machine["logical_cores"] >= 1 and machine["usable_cores"] >= 1
+    assert {"numpy", "scipy", "numba", "onnxruntime", "torch"} <= machine["versions"].keys()
+    assert "onnxruntime intra_op_num_threads" in machine["threads"]
+    assert report["settings"]["batches"] == [1, 4] and report["settings"]["include_torch"] is False
+    assert any("torch" in note for note in report["notes"])
+
+    (model,) = report["models"]
+    assert model["name"] == "lenet5"
+    for key in ("n", "nnz", "nnz_A", "memory_bytes", "ideal_bytes", "memory_ratio", "compile_seconds"):
+        assert model[key] > 0, key
+    assert model["ideal_bytes"] == 8 * model["nnz"]
+    assert model["twice_memory_bytes"] == 2 * model["memory_bytes"]
+    assert model["compile_peak_rss_increase_bytes"] is None or model["compile_peak_rss_increase_bytes"] > 0
+    assert model["torch_weights"] == "not run"
+
+    assert [b["batch"] for b in model["batches"]] == [1, 4]
+    for entry in model["batches"]:
+        assert entry["torch"] is None
+        for engine in ("onnxruntime", "ours"):
+            timing = entry[engine]
+            assert timing["runs"] >= 2 and timing["median_seconds"] > 0 and timing["images_per_second"] > 0
+            assert "other_load" in timing and "disturbed" in timing
+        assert entry["ours_over_onnxruntime"] > 0
+        assert entry["max_abs_diff"] < 1e-3
+
+    markdown = (out / "bench.md").read_text()
+    assert "| model | batch | ORT img/s | torch img/s | ours img/s | ours/ORT |" in markdown
+    assert "| lenet5 | 1 |" in markdown and "| lenet5 | 4 |" in markdown
+    assert "compile" in markdown and "nnz x 8" in markdown and machine["cpu_model"] in markdown
+
+
+def test_bench_correctness_check_is_small(bench_run):
+    result, out = bench_run
+    assert result.returncode == 0, result.stderr
+    (model,) = json.loads((out / "bench.json").read_text())["models"]
+    assert model["check_batch"] == 32
+    assert 0 <= model["check_max_abs_diff"] < 1e-4
+    assert model["check_max_rel_diff"] < 1e-5
+
+
+def test_bench_refuses_to_overwrite(bench_run):
+    result, out = bench_run
+    assert result.returncode == 0, result.stderr
+    before = (out / "bench.json").read_text()
+    again = run_cli(*ARGS, "--out", str(out))
+    assert again.returncode == 2
+    lines = again.stderr.strip().splitlines()
+    assert len(lines) == 1 and "exists" in lines[0] and "--overwrite" in lines[0]
+    assert (out / "bench.json").read_text() == before
+
+
+def test_bench_unknown_model_is_bad_input(tmp_path):
+    result = run_cli("bench", "--models", "no_such_model", "--quick", "--no-torch", "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "no_such_model" in result.stderr
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_torch_is_optional(monkeypatch):
+    from implicit_compiler import bench
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    torch, note = bench._import_torch()
+    assert torch is None and "torch column is skipped" in note
