@@ -6,14 +6,15 @@ V = [u; x] held as one (p + n, batch) row-major array, block after block:
     V[p + r, :] = phi(B[r, :] V[:p] + A[r, :] V[p:] + b[r])      for the block's rows r
 
 computed row by row in parallel (numba prange over rows): each row accumulates its non-zeros'
-weighted input rows straight into its own output row (contiguous in the batch), adds the bias
-and applies phi in place, so A is streamed once, straight from the model's CSR arrays, and
-nothing is allocated. Rows of one acyclic block never read each other, which makes the in-place
-accumulation safe and lets them run in any order: a block shaped (C, H, W) runs its rows
+weighted input rows (contiguous in the batch) in a small buffer, adds the bias and writes phi
+of it to its own row, so A is streamed once, straight from the model's CSR arrays. Rows of one
+acyclic block never read each other, which makes writing in place safe and lets the rows run
+in any order: a block shaped (C, H, W) runs its rows
 channel-last, (h, w, c), so that consecutive rows (all channels of one pixel) read the same
 input window while it is in cache. One call runs the whole chain: Python is not in the loop.
 
-Activation codes: 0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid, 5 square.
+Activation codes: 0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid, 5 square. Index
+arrays and p are passed unsigned (see ``unsigned``).
 """
 
 from __future__ import annotations
@@ -39,43 +40,50 @@ if numba is not None:
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
     ):
         """Blocks one after another, block k's rows order[starts[k]:stops[k]] in parallel:
-        values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]); values is (p + n, batch)."""
+        values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]); values is (p + n, batch).
+
+        Each row accumulates in a local buffer: accumulating into ``values`` itself, which the
+        compiler cannot prove distinct from the rows read, kept the loop from vectorizing
+        (2.2x slower on ResNet20 at batch 256).
+        """
         batch = values.shape[1]
         for block in range(starts.shape[0]):
             code, alpha = codes[block], alphas[block]
             for position in numba.prange(starts[block], stops[block]):
                 i = order[position]
-                out = values[p + i]
+                acc = np.empty(batch, values.dtype)
                 b = bias[i]
                 for j in range(batch):
-                    out[j] = b
+                    acc[j] = b
                 for k in range(b_indptr[i], b_indptr[i + 1]):
                     weight = b_data[k]
                     source = values[b_indices[k]]
                     for j in range(batch):
-                        out[j] += weight * source[j]
+                        acc[j] += weight * source[j]
                 for k in range(a_indptr[i], a_indptr[i + 1]):
                     weight = a_data[k]
                     source = values[p + a_indices[k]]
                     for j in range(batch):
-                        out[j] += weight * source[j]
-                if code == 1:
+                        acc[j] += weight * source[j]
+                out = values[p + i]
+                if code == 0:
                     for j in range(batch):
-                        if out[j] < 0:
-                            out[j] = 0
+                        out[j] = acc[j]
+                elif code == 1:
+                    for j in range(batch):
+                        out[j] = acc[j] if acc[j] > 0 else 0
                 elif code == 2:
                     for j in range(batch):
-                        if out[j] < 0:
-                            out[j] *= alpha
+                        out[j] = acc[j] if acc[j] >= 0 else alpha * acc[j]
                 elif code == 3:
                     for j in range(batch):
-                        out[j] = np.tanh(out[j])
+                        out[j] = np.tanh(acc[j])
                 elif code == 4:
                     for j in range(batch):
-                        out[j] = 0.5 + 0.5 * np.tanh(0.5 * out[j])
-                elif code == 5:
+                        out[j] = 0.5 + 0.5 * np.tanh(0.5 * acc[j])
+                else:
                     for j in range(batch):
-                        out[j] = out[j] * out[j]
+                        out[j] = acc[j] * acc[j]
 
     def _forward_chain_single(  # pragma: no cover - jitted
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
@@ -104,14 +112,23 @@ if numba is not None:
 
     # Each kernel twice: threads for big chains, one thread for small ones (where waking the
     # thread pool for every block costs more than the work).
+    # The one-sample kernel is a dot product per row: letting the compiler reassociate its sum
+    # (several partial sums instead of one chain of dependent additions) makes it much faster.
     _options = dict(cache=True, nogil=True, fastmath={"contract"})
+    _dot_options = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
     forward_chain = numba.njit(parallel=True, **_options)(_forward_chain)
-    forward_chain_single = numba.njit(parallel=True, **_options)(_forward_chain_single)
+    forward_chain_single = numba.njit(parallel=True, **_dot_options)(_forward_chain_single)
     forward_chain_serial = numba.njit(parallel=False, **_options)(_forward_chain)
-    forward_chain_single_serial = numba.njit(parallel=False, **_options)(_forward_chain_single)
+    forward_chain_single_serial = numba.njit(parallel=False, **_dot_options)(_forward_chain_single)
 
 # Below this many multiply-adds (non-zeros x batch) a chain runs on one thread.
 PARALLEL_THRESHOLD = 2_000_000
+
+
+def unsigned(indices: np.ndarray) -> np.ndarray:
+    """An index array viewed as unsigned: numba then skips its negative-index wraparound test
+    on every access (1.7x faster gathers)."""
+    return indices.view(np.uint32 if indices.dtype.itemsize == 4 else np.uint64)
 
 
 def chain_kernel(work: int, batch: int):

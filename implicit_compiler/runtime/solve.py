@@ -128,9 +128,14 @@ def _solve_step(
         A, B = model.A, model.B
         kernel = kernels.chain_kernel(step.work, V.shape[1])
         values = V[:, 0] if V.shape[1] == 1 else V
+        order = step.natural_order if V.shape[1] == 1 else step.order
+        # Unsigned indices speed up the one-sample gathers; the batched kernel (rows of 32+
+        # values per index) runs slower with them, so it keeps the signed ones.
+        u = kernels.unsigned if V.shape[1] == 1 else (lambda array: array)
+        p = np.uint64(p) if V.shape[1] == 1 else p
         kernel(
-            A.indptr, A.indices, A.data, B.indptr, B.indices, B.data, model.bias_x, values, p,
-            step.natural_order if V.shape[1] == 1 else step.order, step.starts, step.stops, step.codes, step.alphas,
+            u(A.indptr), u(A.indices), A.data, u(B.indptr), u(B.indices), B.data, model.bias_x, values, p,
+            u(order), u(step.starts), u(step.stops), step.codes, step.alphas,
         )  # fmt: skip
         return []
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
