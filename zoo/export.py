@@ -100,15 +100,16 @@ def _sha256(path: Path) -> str:
 # models
 
 
-def train_lenet5(x_train, y_train, settings, log=print):
+def train_classifier(model, x_train, y_train, settings, log=print, cosine_schedule=False):
+    """Seeded, deterministic Adam training with cross-entropy; returns (model in eval mode, seconds).
+
+    Shared by the zoo's classifiers (LeNet-5 here, the LSTM classifier in export_recurrent.py).
+    """
     import torch
     import torch.nn.functional as F
-    from lenet5 import LeNet5
 
-    torch.manual_seed(settings["seed"])
-    torch.use_deterministic_algorithms(True)
-    model = LeNet5()
     opt = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings["epochs"]) if cosine_schedule else None
     xt = torch.from_numpy(x_train)
     yt = torch.from_numpy(y_train)
     gen = torch.Generator().manual_seed(settings["seed"])
@@ -125,10 +126,21 @@ def train_lenet5(x_train, y_train, settings, log=print):
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
+        if sched is not None:
+            sched.step()
         if epoch == 0 or (epoch + 1) % 10 == 0:
             log(f"  epoch {epoch + 1:3d}: train loss {total / len(xt):.4f}")
     model.eval()
     return model, time.perf_counter() - t0
+
+
+def train_lenet5(x_train, y_train, settings, log=print):
+    import torch
+    from lenet5 import LeNet5
+
+    torch.manual_seed(settings["seed"])
+    torch.use_deterministic_algorithms(True)
+    return train_classifier(LeNet5(), x_train, y_train, settings, log)
 
 
 def build_resnet20(settings):

@@ -35,7 +35,6 @@ import io
 import json
 import logging
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -641,37 +640,13 @@ def fixtures_readme(records: list[dict], versions: dict) -> str:
 # the zoo's LSTM classifier
 
 
-def train_classifier(x_train, y_train, settings, log=print):
+def train_lstm_classifier(x_train, y_train, settings, log=print):
     import torch
-    import torch.nn.functional as F
     from lstm_classifier import LSTMClassifier
 
     torch.manual_seed(settings["seed"])
     torch.use_deterministic_algorithms(True)
-    model = LSTMClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings["epochs"])
-    xt = torch.from_numpy(x_train)
-    yt = torch.from_numpy(y_train)
-    gen = torch.Generator().manual_seed(settings["seed"])
-    bs = settings["batch_size"]
-    t0 = time.perf_counter()
-    model.train()
-    for epoch in range(settings["epochs"]):
-        perm = torch.randperm(len(xt), generator=gen)
-        total = 0.0
-        for i in range(0, len(xt), bs):
-            idx = perm[i : i + bs]
-            opt.zero_grad()
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        sched.step()
-        if epoch == 0 or (epoch + 1) % 10 == 0:
-            log(f"  epoch {epoch + 1:3d}: train loss {total / len(xt):.4f}")
-    model.eval()
-    return model, time.perf_counter() - t0
+    return export.train_classifier(LSTMClassifier(), x_train, y_train, settings, log, cosine_schedule=True)
 
 
 def export_classifier(path: Path, zoo_json: Path, log=print) -> dict:
@@ -685,7 +660,7 @@ def export_classifier(path: Path, zoo_json: Path, log=print) -> dict:
         raise RuntimeError("the 8x8 split differs from zoo/data.py's")
     log(f"digits 8x8: {len(x_train)} train / {len(x_test)} held-out, x {x_train.shape[1:]} float32 (rows = steps)")
     log("training the LSTM classifier ...")
-    model, train_s = train_classifier(x_train, y_train, CLASSIFIER_SETTINGS, log)
+    model, train_s = train_lstm_classifier(x_train, y_train, CLASSIFIER_SETTINGS, log)
 
     def predict(x):
         return torch_outputs(model, x)[0]
