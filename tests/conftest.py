@@ -53,3 +53,23 @@ def contractive_matrix(rng: np.random.Generator, n: int, norm: float) -> np.ndar
     """A dense random matrix scaled so that ||A||_inf = norm."""
     A = rng.normal(size=(n, n))
     return A * (norm / np.abs(A).sum(axis=1).max())
+
+
+def model_with_blocks(A, blocks, p=3, q=2, seed=0, dtype=np.float64, random_feedthrough=True) -> ImplicitModel:
+    """A model with state matrix A and blocks [(name, size, activation)], random B and C, and
+    random D and biases (or D = 0 and no biases with ``random_feedthrough=False``)."""
+    rng = np.random.default_rng(seed)
+    n = A.shape[0]
+    states, start = [], 0
+    for name, size, activation in blocks:
+        states.append(StateBlock(name, start, start + size, activation, (size,)))
+        start += size
+    B, C = rng.normal(size=(n, p)).astype(dtype), rng.normal(size=(q, n)).astype(dtype)
+    if random_feedthrough:
+        D, bias_x, bias_y = (rng.normal(size=shape).astype(dtype) for shape in ((q, p), n, q))
+    else:
+        D, bias_x, bias_y = np.zeros((q, p), dtype), None, None
+    return ImplicitModel(
+        sp.csr_array(np.asarray(A).astype(dtype)), B, C, D, bias_x, bias_y, tuple(states),
+        (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),),
+    )  # fmt: skip

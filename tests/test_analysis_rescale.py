@@ -4,27 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
+from conftest import model_with_blocks
 
 import implicit_compiler as ic
-from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
+from implicit_compiler import ImplicitModel
 from implicit_compiler.analysis import rescale, rescaling_diagonal
 from implicit_compiler.errors import AnalysisError
 
-
-def build(A, blocks, p=3, q=2, seed=0, dtype=np.float64) -> ImplicitModel:
-    """A model with state matrix A, blocks [(name, size, activation)], random B, C, D and biases."""
-    rng = np.random.default_rng(seed)
-    n = A.shape[0]
-    states, start = [], 0
-    for name, size, activation in blocks:
-        states.append(StateBlock(name, start, start + size, activation, (size,)))
-        start += size
-    return ImplicitModel(
-        sp.csr_array(A.astype(dtype)), rng.normal(size=(n, p)).astype(dtype), rng.normal(size=(q, n)).astype(dtype),
-        rng.normal(size=(q, p)).astype(dtype), rng.normal(size=n).astype(dtype), rng.normal(size=q).astype(dtype),
-        tuple(states), (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),),
-    )  # fmt: skip
+build = model_with_blocks
 
 
 def wild_similarity(rng, n, radius, spread=4.0):

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.sparse as sp
+from conftest import model_with_blocks
 
-from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
+from implicit_compiler import ImplicitModel
 from implicit_compiler.analysis import ComponentReport, WellPosednessReport, wellposedness
 
 
 def build(A, blocks, p=3, q=2, seed=0) -> ImplicitModel:
     """A model with state matrix A and blocks [(name, size, activation)], random B and C."""
-    rng = np.random.default_rng(seed)
-    n = A.shape[0]
-    states, start = [], 0
-    for name, size, activation in blocks:
-        states.append(StateBlock(name, start, start + size, activation, (size,)))
-        start += size
-    return ImplicitModel(
-        sp.csr_array(A), rng.normal(size=(n, p)), rng.normal(size=(q, n)), np.zeros((q, p)), None, None,
-        tuple(states), (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),),
-    )  # fmt: skip
+    return model_with_blocks(A, blocks, p, q, seed, random_feedthrough=False)
 
 
 def with_radius(rng, n, radius, density=1.0):
