@@ -121,6 +121,81 @@ if numba is not None:
     forward_chain_serial = numba.njit(parallel=False, **_options)(_forward_chain)
     forward_chain_single_serial = numba.njit(parallel=False, **_dot_options)(_forward_chain_single)
 
+    @numba.njit(cache=True, nogil=True)
+    def gather_convolution(indptr, indices, data, lo, hi, sizes, geometry, tolerance, weight):  # pragma: no cover
+        """Read a convolution kernel off the CSR rows of a block (see ``structured``).
+
+        Every non-zero entry (row (co, ho, wo), column lo + (c, h, w) with lo <= column < hi) is
+        put at weight[co, c, i, j] with h = sh ho + dh i - ph, w = sw wo + dw j - pw. Returns the
+        count of non-zero entries, or -1 when one lies off that geometry or differs from the
+        value already at its kernel entry by more than tolerance x the largest |value|.
+        """
+        Ho, Wo, H, W = sizes
+        sh, sw, dh, dw, ph, pw = geometry
+        C, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3]
+        # (c, h, w) of each source column, looked up rather than divided out per entry
+        channel_of = np.empty(hi - lo, np.int64)
+        h_of = np.empty(hi - lo, np.int64)
+        w_of = np.empty(hi - lo, np.int64)
+        for column in range(hi - lo):
+            channel_of[column] = column // (H * W)
+            h_of[column] = column % (H * W) // W
+            w_of[column] = column % W
+        largest = 0.0
+        count = 0
+        for step in range(2):  # 0: fill the kernel; 1: check every entry against it
+            count = 0
+            row = 0
+            for co in range(weight.shape[0]):
+                for ho in range(Ho):
+                    for wo in range(Wo):
+                        for k in range(indptr[row], indptr[row + 1]):
+                            column, value = indices[k] - lo, data[k]
+                            if column < 0 or column >= hi - lo or value == 0:
+                                continue
+                            count += 1
+                            i_scaled = h_of[column] - sh * ho + ph
+                            j_scaled = w_of[column] - sw * wo + pw
+                            if i_scaled < 0 or j_scaled < 0:
+                                return -1
+                            i, j = i_scaled, j_scaled
+                            if dh > 1 or dw > 1:
+                                if i_scaled % dh or j_scaled % dw:
+                                    return -1
+                                i, j = i_scaled // dh, j_scaled // dw
+                            c = channel_of[column]
+                            if i >= kh or j >= kw or c >= C:
+                                return -1
+                            if step == 0:
+                                weight[co, c, i, j] = value
+                                largest = max(largest, abs(value))
+                            elif abs(weight[co, c, i, j] - value) > tolerance * largest:
+                                return -1
+                        row += 1
+        return count
+
+    @numba.njit(cache=True, nogil=True)
+    def im2col(source, geometry, cols):  # pragma: no cover - jitted
+        """cols[c, i, j, ho, wo, b] = X[c, sh ho + dh i - ph, sw wo + dw j - pw, b], or 0 off the
+        image, for X = source (C, H, W, batch) and the geometry (sh, sw, dh, dw, ph, pw)."""
+        sh, sw, dh, dw, ph, pw = geometry
+        C, H, W, batch = source.shape
+        _, kh, kw, Ho, Wo, _ = cols.shape
+        for c in range(C):
+            for i in range(kh):
+                for j in range(kw):
+                    for ho in range(Ho):
+                        h = sh * ho + dh * i - ph
+                        for wo in range(Wo):
+                            w = sw * wo + dw * j - pw
+                            if 0 <= h < H and 0 <= w < W:
+                                for b in range(batch):
+                                    cols[c, i, j, ho, wo, b] = source[c, h, w, b]
+                            else:
+                                for b in range(batch):
+                                    cols[c, i, j, ho, wo, b] = 0
+
+
 # Below this many multiply-adds (non-zeros x batch) a chain runs on one thread.
 PARALLEL_THRESHOLD = 2_000_000
 

@@ -24,8 +24,13 @@ from . import kernels
 from .batching import flatten_inputs
 from .fixed_point import anderson
 from .plan import execution_order
+from .structured import StructuredBlock, structured_block, tensor_sources
 
 METHODS = ("auto", "picard", "anderson")
+# Up to this batch size, convolution and dense blocks run as BLAS products with their kernels
+# (read once), beyond it as the sparse kernel, which streams A but vectorizes over the batch
+# (measured crossover on the zoo models: scripts/bench.py).
+STRUCTURED_BATCH_LIMIT = 16
 DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
 
@@ -96,7 +101,7 @@ def solve(
     model = model.astype(U.dtype)
     tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
     if method == "auto":
-        steps = _execution_steps(model)
+        steps = _execution_steps(model, structured=U.shape[0] <= STRUCTURED_BATCH_LIMIT)
     else:
         steps = (_whole_model_step(model),)
         anderson_memory = 0 if method == "picard" else anderson_memory
@@ -124,6 +129,9 @@ def _solve_step(
     acyclic steps)."""
     p = model.p
     U, X = V[:p], V[p:]
+    if isinstance(step, StructuredBlock):  # convolutions and dense products through BLAS
+        step.run(V)
+        return []
     if isinstance(step, _Chain):  # acyclic blocks: the fused kernel, straight from the model's CSR arrays
         A, B = model.A, model.B
         kernel = kernels.chain_kernel(step.work, V.shape[1])
@@ -172,24 +180,29 @@ class _Chain:
     cyclic: bool = False
 
 
-def _execution_steps(model: ImplicitModel) -> tuple[_Step | _Chain, ...]:
-    """The execution order as steps: chains of fused acyclic blocks and cyclic components."""
-    if "execution_steps" not in model._cache:
-        steps: list[_Step | _Chain] = []
+def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _Chain | StructuredBlock, ...]:
+    """The execution order as steps: chains of fused acyclic blocks and cyclic components, and
+    with ``structured``, convolution and dense blocks run through BLAS (``structured``)."""
+    key = ("execution_steps", structured)
+    if key not in model._cache:
+        steps: list[_Step | _Chain | StructuredBlock] = []
         chain: list[_Step] = []
+        sources = tensor_sources(model) if structured else []
         for component in execution_order(model):
             step = _make_step(model, [model.blocks[i] for i in component.blocks], component.cyclic)
-            if step.A_rows is None:
+            block = model.blocks[component.blocks[0]]
+            fast = structured_block(model, block, sources) if structured and step.A_rows is None else None
+            if step.A_rows is None and fast is None:
                 chain.append(step)
                 continue
             if chain:
                 steps.append(_make_chain(model, chain))
                 chain = []
-            steps.append(step)
+            steps.append(step if fast is None else fast)
         if chain:
             steps.append(_make_chain(model, chain))
-        model._cache["execution_steps"] = tuple(steps)
-    return model._cache["execution_steps"]
+        model._cache[key] = tuple(steps)
+    return model._cache[key]
 
 
 def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:

@@ -1,0 +1,272 @@
+"""Structured terms of a block: convolutions and dense products found in A and B, run by BLAS.
+
+A block's rows of [B A] read other tensors (the model's inputs and earlier blocks) through
+sparse sub-matrices. Many of them are convolutions: a block shaped (Co, Ho, Wo) reading a
+tensor shaped (C, H, W) with, for each non-zero,
+
+    M[(co, ho, wo), (c, h, w)] = K[co, c, i, j]   where  h = s_h ho + d_h i - p_h,
+                                                          w = s_w wo + d_w j - p_w
+
+(kernel K, strides s, dilations d, leading pads p). Such a sub-matrix stores the kernel once
+per output pixel; as a convolution it reads K once per call. ``find_convolution`` recovers
+(K, s, d, p) from the sub-matrix alone, whatever ops produced it (Conv, BN folded into it,
+ConvTranspose read as a convolution, pooling composed with it), and accepts it only when it
+reproduces the sub-matrix exactly: every non-zero equals its kernel entry (to a few ulps) and
+the count of in-bounds (output pixel, kernel entry) pairs with a non-zero kernel entry equals
+the sub-matrix's non-zero count. So the structured form is the same linear map, never a guess.
+
+With the state held as (values, batch) rows, the source tensor is (C, H, W, batch) and
+
+    Y (Co, Ho Wo batch) = K (Co, C kh kw)  @  cols (C kh kw, Ho Wo batch)   (im2col)
+
+is one GEMM whose result is already in the block's (Co, Ho, Wo, batch) row order. A sub-matrix
+that is at least half full runs as a dense GEMM. Whatever is left (residual identities,
+pooling trees, shortcuts) stays a sparse product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from . import kernels
+
+# A sub-matrix becomes a structured term only past this many non-zeros (smaller ones cost more
+# in Python calls than they save).
+MIN_STRUCTURED_NONZEROS = 2048
+# Dense terms: at least this fraction of the sub-matrix is non-zero.
+DENSE_FILL = 0.5
+# Convolutions whose kernel is mostly zeros (grouped, depthwise) stay sparse.
+KERNEL_FILL = 0.5
+# The geometry is read off about this many leading entries (then checked on all of them).
+STRIDE_SAMPLE = 100_000
+# The im2col buffer of one batch chunk holds about this many bytes.
+CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Convolution:
+    """Y (Co, Ho, Wo) += conv(X (C, H, W)) with X = V[source] (V = [u; x], rows by batch)."""
+
+    source: slice
+    in_shape: tuple[int, int, int]
+    out_shape: tuple[int, int, int]
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int]  # leading pads (top, left); trailing pads follow from the shapes
+    weight: np.ndarray  # (Co, C * kh * kw)
+
+    @property
+    def columns_per_sample(self) -> int:
+        return self.weight.shape[1] * self.out_shape[1] * self.out_shape[2]
+
+    def apply(self, source: np.ndarray) -> np.ndarray:
+        """The convolution of source (C H W, batch) as (Co Ho Wo, batch)."""
+        batch = source.shape[1]
+        (C, H, W), (Co, Ho, Wo) = self.in_shape, self.out_shape
+        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.pads
+        X = source.reshape(C, H, W, batch)
+        if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0) and (Ho, Wo) == (H, W):
+            cols = np.ascontiguousarray(X).reshape(C, H * W * batch)
+        else:
+            cols = np.empty((C, kh, kw, Ho, Wo, batch), dtype=source.dtype)
+            kernels.im2col(X, (sh, sw, dh, dw, ph, pw), cols)
+            cols = cols.reshape(C * kh * kw, Ho * Wo * batch)
+        return (self.weight @ cols).reshape(Co * Ho * Wo, batch)
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Y += W V[source] for a sub-matrix that is mostly non-zero."""
+
+    source: slice
+    weight: np.ndarray  # (rows, source size)
+
+    columns_per_sample = 0
+
+    def apply(self, source: np.ndarray) -> np.ndarray:
+        return self.weight @ source
+
+
+def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    if len(shape) == 3:
+        return shape  # type: ignore[return-value]
+    if len(shape) == 2:
+        return (shape[0], 1, shape[1])
+    return None
+
+
+def find_convolution(
+    M: sp.csr_array, source: slice, out_shape: tuple[int, ...], in_shape: tuple[int, ...]
+) -> Convolution | None:
+    """The convolution equal to M[:, source] (M: the block's rows of [B A], columns are rows of
+    V), M's rows shaped ``out_shape`` and the source ``in_shape``; None when it is not one.
+
+    The geometry (strides, dilations, pads, kernel size) is read off the first rows' entries;
+    the compiled ``kernels.gather_convolution`` then checks every entry against it."""
+    out_image, in_image = _image_shape(out_shape), _image_shape(in_shape)
+    if out_image is None or in_image is None or not kernels.available():
+        return None
+    (Co, Ho, Wo), (C, H, W) = out_image, in_image
+    head = M[: _rows_holding(M, STRIDE_SAMPLE)]
+    rows = np.repeat(np.arange(head.shape[0]), np.diff(head.indptr))
+    inside = (head.indices >= source.start) & (head.indices < source.stop) & (head.data != 0)
+    if not inside.any():
+        return None
+    rows, columns = rows[inside], head.indices[inside].astype(np.int64) - source.start
+    pixel = rows % (Ho * Wo)
+    geometry = []
+    for position_out, position_in, size_out, size_in in (
+        (pixel // Wo, columns % (H * W) // W, Ho, H),
+        (pixel % Wo, columns % W, Wo, W),
+    ):
+        axis = _axis_geometry(position_out, position_in, size_out, size_in)
+        if axis is None:
+            return None
+        geometry.append(axis)
+    (sh, dh, ph, kh), (sw, dw, pw, kw) = geometry
+    weight = np.zeros((Co, C, kh, kw), dtype=M.dtype)
+    count = kernels.gather_convolution(
+        M.indptr, M.indices, M.data, source.start, source.stop, (Ho, Wo, H, W), (sh, sw, dh, dw, ph, pw),
+        16 * np.finfo(M.dtype).eps, weight,
+    )  # fmt: skip
+    if count < 0:
+        return None  # an entry off the geometry, or not shift-invariant
+    nonzero = weight != 0
+    if nonzero.mean() < KERNEL_FILL:
+        return None
+    reach_h = _reach(Ho, H, sh, dh, ph, kh)
+    reach_w = _reach(Wo, W, sw, dw, pw, kw)
+    if int((nonzero * reach_h[:, None] * reach_w[None, :]).sum()) != count:
+        return None  # a convolution would have non-zeros this sub-matrix lacks
+    return Convolution(
+        source=source,
+        in_shape=in_image,
+        out_shape=out_image,
+        kernel=(kh, kw),
+        stride=(sh, sw),
+        dilation=(dh, dw),
+        pads=(ph, pw),
+        weight=np.ascontiguousarray(weight.reshape(Co, C * kh * kw)),
+    )
+
+
+def _rows_holding(M: sp.csr_array, entries: int) -> int:
+    """The number of leading rows of M holding about ``entries`` non-zeros (at least one row)."""
+    return max(1, int(np.searchsorted(M.indptr, entries, side="right")) - 1)
+
+
+def _axis_geometry(position_out: np.ndarray, position_in: np.ndarray, size_out: int, size_in: int):
+    """(stride, dilation, pad, kernel size) along one spatial axis, from sample entries."""
+    if size_out == 1:
+        strides = [1]
+    else:
+        strides = list(range(1, max(1, size_in // (size_out - 1)) + 2))
+    spreads = [np.ptp(position_in - stride * position_out) for stride in strides]
+    stride = strides[int(np.argmin(spreads))]  # the first of equals: the smallest stride
+    offsets = position_in - stride * position_out
+    spread = int(spreads[strides.index(stride)])
+    low = int(offsets.min())
+    shifted = offsets - low
+    distinct = np.flatnonzero(np.bincount(shifted))
+    dilation = int(np.gcd.reduce(distinct)) if distinct.size > 1 else 1
+    if low > 0 or np.any(shifted % dilation):
+        return None  # leading crop or irregular offsets
+    return stride, dilation, -low, spread // dilation + 1
+
+
+def _reach(size_out: int, size_in: int, stride: int, dilation: int, pad: int, kernel: int) -> np.ndarray:
+    """For each kernel index, how many output positions read an in-bounds input."""
+    out = np.arange(size_out)[:, None]
+    position = stride * out + dilation * np.arange(kernel)[None, :] - pad
+    return ((position >= 0) & (position < size_in)).sum(axis=0)
+
+
+@dataclass(frozen=True)
+class StructuredBlock:
+    """An acyclic block computed as bias + structured terms + a sparse remainder, then phi."""
+
+    name: str
+    rows: slice  # the block's rows of V
+    bias: np.ndarray  # (rows, 1)
+    terms: tuple[Convolution | Dense, ...]
+    remainder: sp.csr_array | None  # (rows, len(remainder_columns))
+    remainder_columns: np.ndarray  # rows of V the remainder reads
+    activation: object
+    work: int  # non-zeros handled by structured terms
+    cyclic: bool = False
+
+    def run(self, V: np.ndarray) -> None:
+        """Fill V[rows] (all samples) in place from the rows it reads."""
+        batch = V.shape[1]
+        per_sample = max([term.columns_per_sample for term in self.terms] + [1]) * V.itemsize
+        chunk = batch if batch == 1 else max(1, min(batch, CHUNK_BYTES // per_sample))
+        for start in range(0, batch, chunk):
+            samples = slice(start, min(batch, start + chunk))
+            Z = self.terms[0].apply(V[self.terms[0].source, samples])
+            for term in self.terms[1:]:
+                Z += term.apply(V[term.source, samples])
+            Z += self.bias
+            if self.remainder is not None:
+                Z += self.remainder @ V[self.remainder_columns, samples]
+            self.activation.apply_inplace(Z)
+            V[self.rows, samples] = Z
+
+
+def tensor_sources(model) -> list[tuple[slice, tuple[int, ...]]]:
+    """The tensors stacked in V = [u; x]: (rows of V, per-sample shape), in row order."""
+    sources, offset = [], 0
+    for spec in model.inputs:
+        sources.append((slice(offset, offset + spec.size), spec.shape))
+        offset += spec.size
+    for block in sorted(model.blocks, key=lambda block: block.start):
+        sources.append((slice(model.p + block.start, model.p + block.stop), block.shape))
+    return sources
+
+
+def structured_block(model, block, sources: list[tuple[slice, tuple[int, ...]]]) -> StructuredBlock | None:
+    """The block as a ``StructuredBlock`` when structured terms carry most of its non-zeros;
+    None when it is better left to the sparse kernel. ``sources``: ``tensor_sources(model)``."""
+    p = model.p
+    rows_A = model.A[block.start : block.stop]
+    rows_B = model.B[block.start : block.stop]
+    M = sp.hstack([rows_B, rows_A], format="csr")  # columns are rows of V
+    if M.nnz < MIN_STRUCTURED_NONZEROS:
+        return None
+    M.sum_duplicates()
+    starts = np.array([source.start for source, _ in sources])
+    counts = np.bincount(np.searchsorted(starts, M.indices, side="right") - 1, minlength=len(sources))
+    terms, structured = [], np.zeros(M.nnz, dtype=bool)
+    for index in np.flatnonzero(counts >= MIN_STRUCTURED_NONZEROS):
+        source, shape = sources[index]
+        size_in = source.stop - source.start
+        if counts[index] >= DENSE_FILL * block.size * size_in:
+            term: Convolution | Dense | None = Dense(source, M[:, source].toarray())
+        else:
+            term = find_convolution(M, source, block.shape, shape)
+        if term is not None:
+            terms.append(term)
+            structured |= (M.indices >= source.start) & (M.indices < source.stop)
+    work = int(structured.sum())
+    if not terms or work < M.nnz / 2:
+        return None
+    remainder, remainder_columns = None, np.zeros(0, dtype=np.int64)
+    if not structured.all():
+        rest = M.copy()
+        rest.data[structured] = 0
+        rest.eliminate_zeros()
+        remainder_columns = np.unique(rest.indices)
+        remainder = rest[:, remainder_columns]
+    return StructuredBlock(
+        name=block.name,
+        rows=slice(p + block.start, p + block.stop),
+        bias=model.bias_x[block.start : block.stop, None],
+        terms=tuple(terms),
+        remainder=remainder,
+        remainder_columns=remainder_columns,
+        activation=block.activation,
+        work=work,
+    )
