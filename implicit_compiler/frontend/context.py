@@ -80,8 +80,8 @@ def _attribute_value(attribute: onnx.AttributeProto) -> Any:
 
 @dataclass
 class _PendingBlock:
-    """A block made while lowering: its rows of [B A] already in the final dtype with int32
-    indices (rounding per block is rounding at the end), and its bias in float64."""
+    """A block made while lowering (its rows of [B A] went to ``LoweringContext.rows``) and its
+    bias in float64."""
 
     name: str
     start: int
@@ -89,7 +89,6 @@ class _PendingBlock:
     activation: Activation
     shape: tuple[int, ...]
     source_node: str
-    coefficients: sp.csr_array  # (size, width at creation), final dtype
     offset: np.ndarray
 
 
@@ -103,6 +102,8 @@ class LoweringContext:
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float64))
     node: NodeView | None = None
     blocks: list[_PendingBlock] = field(default_factory=list)
+    rows: _RowStore | None = None  # [B A], filled block by block
+    expected_nonzeros: int = 0  # the estimate, to reserve room for ``rows``
     n: int = 0
     nonzeros: int = 0
     _names: set[str] = field(default_factory=set)
@@ -143,10 +144,12 @@ class LoweringContext:
                 activation(activation_spec),
                 shape,
                 node_name,
-                _compact(pre_activation.coefficients, self.dtype),
                 pre_activation.offset,
             )
         )
+        if self.rows is None:
+            self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
+        self.rows.append(_compact(pre_activation.coefficients, self.dtype))
         start = self.width
         self.n += pre_activation.size
         return Affine.variables(pre_activation.shape, start, self.width)
@@ -201,16 +204,16 @@ class LoweringContext:
         dtype: np.dtype,
     ) -> ImplicitModel:
         """The ImplicitModel: [B A] and b_x from the blocks, [D C] and b_y from the outputs
-        (each with the axis of its value that is the batch axis, or None). The blocks' rows are
-        moved into preallocated arrays one by one, so the peak stays near the final size."""
+        (each with the axis of its value that is the batch axis, or None). [B A] was written in
+        place as the blocks were made (``_RowStore``): it is never copied."""
         width = self.width
         bias_x = np.concatenate([b.offset for b in self.blocks]) if self.blocks else np.zeros(0)
-        pending = [block.coefficients for block in self.blocks]
         blocks = tuple(
             StateBlock(b.name, b.start, b.start + b.size, b.activation, b.shape, b.source_node) for b in self.blocks
         )
-        self.blocks = []  # the rows now live in ``pending`` only, and are freed as they are copied
-        B, A = _stack_split(pending, self.p, width, dtype)
+        rows = self.rows if self.rows is not None else _RowStore(self.p, dtype, reserve=0)
+        self.rows = None
+        B, A = rows.finish(width)
         output_specs, output_rows, bias_y = [], [], []
         for name, value, batch_axis in outputs:
             expression = as_affine(value, width)
@@ -219,7 +222,10 @@ class LoweringContext:
             output_specs.append(TensorSpec(name, sample))
             output_rows.append(_compact(expression.coefficients, dtype))
             bias_y.append(expression.offset)
-        D, C = _stack_split(output_rows, self.p, width, dtype)
+        outputs_store = _RowStore(self.p, dtype, reserve=sum(m.nnz for m in output_rows))
+        for matrix in output_rows:
+            outputs_store.append(matrix)
+        D, C = outputs_store.finish(width)
         return ImplicitModel(
             A=A,
             B=B,
@@ -244,32 +250,51 @@ def _compact(matrix: sp.csr_array, dtype: np.dtype) -> sp.csr_array:
     return compact
 
 
-def _stack_split(
-    matrices: list[sp.csr_array], p: int, width: int, dtype: np.dtype
-) -> tuple[sp.csr_array, sp.csr_array]:
-    """Row-stack compact coefficient matrices and split them into the input columns [:p] and
-    the state columns [p:]; each matrix is dropped from ``matrices`` once copied."""
-    rows = sum(m.shape[0] for m in matrices)
-    left_counts = [_row_counts_below(m, p) for m in matrices]
-    right_counts = [np.diff(m.indptr) - counts for m, counts in zip(matrices, left_counts)]
-    left_indptr = _indptr(left_counts)
-    right_indptr = _indptr(right_counts)
-    left_data, left_indices = np.empty(left_indptr[-1], dtype), np.empty(left_indptr[-1], np.int32)
-    right_data, right_indices = np.empty(right_indptr[-1], dtype), np.empty(right_indptr[-1], np.int32)
-    row = 0
-    while matrices:
-        m = matrices.pop(0)
-        in_left = m.indices < p
-        lo, hi = left_indptr[row], left_indptr[row + m.shape[0]]
-        left_data[lo:hi], left_indices[lo:hi] = m.data[in_left], m.indices[in_left]
-        lo, hi = right_indptr[row], right_indptr[row + m.shape[0]]
-        in_right = ~in_left
-        right_data[lo:hi], right_indices[lo:hi] = m.data[in_right], m.indices[in_right] - p
-        row += m.shape[0]
-        del m, in_left, in_right
-    return _csr(left_data, left_indices, left_indptr, (rows, p)), _csr(
-        right_data, right_indices, right_indptr, (rows, width - p)
-    )
+class _RowStore:
+    """Compact CSR rows appended block by block, split into the input columns [:p] (B or D)
+    and the state columns [p:] (A or C), written straight into arrays reserved up front.
+
+    Untouched pages of a reservation take no memory, so reserving twice the estimate costs
+    nothing, and [B A] is built where it ends up instead of being stacked from per-block
+    copies at the end (which held the model twice). Past the reservation, arrays double.
+    """
+
+    def __init__(self, p: int, dtype: np.dtype, reserve: int) -> None:
+        self.p, self.dtype = p, np.dtype(dtype)
+        self.parts = {side: [np.empty(reserve, self.dtype), np.empty(reserve, np.int32), 0] for side in "lr"}
+        self.counts: dict[str, list[np.ndarray]] = {"l": [], "r": []}
+        self.rows = 0
+
+    def append(self, matrix: sp.csr_array) -> None:
+        """Append the rows of a compact matrix (columns: [u; x] so far)."""
+        left = matrix.indices < self.p
+        counts_left = _row_counts_below(matrix, self.p)
+        self.counts["l"].append(counts_left)
+        self.counts["r"].append(np.diff(matrix.indptr) - counts_left)
+        for side, chosen in (("l", left), ("r", ~left)):
+            data, indices = matrix.data[chosen], matrix.indices[chosen]
+            if side == "r":
+                indices -= self.p
+            self._write(side, data, indices)
+        self.rows += matrix.shape[0]
+
+    def _write(self, side: str, data: np.ndarray, indices: np.ndarray) -> None:
+        stored_data, stored_indices, used = self.parts[side]
+        if used + data.size > stored_data.size:
+            size = max(2 * stored_data.size, used + data.size)
+            grown_data, grown_indices = np.empty(size, self.dtype), np.empty(size, np.int32)
+            grown_data[:used], grown_indices[:used] = stored_data[:used], stored_indices[:used]
+            stored_data, stored_indices = grown_data, grown_indices
+        stored_data[used : used + data.size], stored_indices[used : used + data.size] = data, indices
+        self.parts[side] = [stored_data, stored_indices, used + data.size]
+
+    def finish(self, width: int) -> tuple[sp.csr_array, sp.csr_array]:
+        """(input-column matrix, state-column matrix), each with ``rows`` rows."""
+        matrices = []
+        for side, columns in (("l", self.p), ("r", width - self.p)):
+            data, indices, used = self.parts[side]
+            matrices.append(_csr(data[:used], indices[:used], _indptr(self.counts[side]), (self.rows, columns)))
+        return matrices[0], matrices[1]
 
 
 def _row_counts_below(matrix: sp.csr_array, p: int) -> np.ndarray:

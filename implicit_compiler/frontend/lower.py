@@ -58,12 +58,14 @@ def from_onnx(
     proto = load_onnx(model)
     prepared = prepare(proto, input_shapes)
     limit = available_memory_bytes() if memory_limit_bytes is None else float(memory_limit_bytes)
-    check_model_fits(prepared, limit)
+    expected_nonzeros = check_model_fits(prepared, limit)
     _check_finite_constants(prepared)
 
     p = sum(math.prod(i.sample_shape) for i in prepared.inputs)
     batched = all(i.batched for i in prepared.inputs)
-    ctx = LoweringContext(p=p, batched=batched, memory_limit_bytes=limit, dtype=np.dtype(dtype))
+    ctx = LoweringContext(
+        p=p, batched=batched, memory_limit_bytes=limit, dtype=np.dtype(dtype), expected_nonzeros=expected_nonzeros
+    )
     env: dict[str, Value] = dict(prepared.constants)
     unavailable: dict[str, str] = {}  # outputs a lowering does not provide -> the node
     offset = 0
