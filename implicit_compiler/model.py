@@ -144,6 +144,22 @@ class ImplicitModel:
         block = StateBlock("x", 0, n, activation, (n,))
         return cls(A, B, C, D, bias_x, bias_y, (block,), (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),))
 
+    @classmethod
+    def from_torch(cls, module: Any) -> ImplicitModel:
+        """The model an ``implicit_compiler.training.ImplicitModule`` holds now (needs torch)."""
+        from .training.torch_bridge import ImplicitModule
+
+        if not isinstance(module, ImplicitModule):
+            raise ShapeError(f"expected an implicit_compiler.training.ImplicitModule, got {type(module).__name__}")
+        return module.to_model()
+
+    def to_torch(self, **options: Any) -> Any:
+        """A trainable torch module of this model (needs torch); options as
+        ``ImplicitModule.from_model``: dtype, trainable, tol, max_iter."""
+        from .training.torch_bridge import ImplicitModule
+
+        return ImplicitModule.from_model(self, **options)
+
     # ----------------------------------------------------------------------------- properties
     @property
     def n(self) -> int:

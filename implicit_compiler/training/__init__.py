@@ -1,0 +1,55 @@
+"""Training implicit models x = phi(A x + B u + b_x), y = C x + D u + b_y with torch.
+
+- ``ImplicitModule``: a torch module over sparse A, B, C, D (fixed patterns, trainable values);
+  forward solves the equilibrium by fixed-point iteration, backward by implicit differentiation.
+  ``ImplicitModel.to_torch()`` and ``ImplicitModel.from_torch(module)`` convert.
+- ``project_rows_l1`` / ``project_inf_norm``: the exact projection onto ||A||_inf <= kappa, which
+  keeps a model well-posed during training (``ImplicitModule.project_``).
+- Penalties: ``column_group_lasso`` and ``prox_column_group_lasso_`` (feature selection),
+  ``sensitivity_bound`` and ``norm_sensitivity_bound`` (certified robustness).
+
+Everything here but the projection needs torch (``pip install torch``), imported on first use of
+a name that needs it; ``import implicit_compiler`` does not import this package.
+"""
+
+from __future__ import annotations
+
+from .projection import project_inf_norm, project_rows_l1, row_l1_norms
+
+# torch loads on first use: the projection and predicting with a trained ImplicitModel need only numpy.
+_TORCH_NAMES = {
+    "ImplicitModule": "torch_bridge",
+    "SolveRecord": "torch_bridge",
+    "SparsityPattern": "torch_bridge",
+    "column_group_lasso": "penalties",
+    "column_norms": "penalties",
+    "norm_sensitivity_bound": "penalties",
+    "prox_column_group_lasso_": "penalties",
+    "sensitivity_bound": "penalties",
+    "sensitivity_matrix": "penalties",
+}
+_TORCH_NAMES.update(ImplicitClassifier="estimators", ImplicitRegressor="estimators")  # need scikit-learn
+
+
+def __getattr__(name: str):
+    if name in _TORCH_NAMES:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_TORCH_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ImplicitModule",
+    "SolveRecord",
+    "SparsityPattern",
+    "column_group_lasso",
+    "column_norms",
+    "norm_sensitivity_bound",
+    "project_inf_norm",
+    "project_rows_l1",
+    "prox_column_group_lasso_",
+    "row_l1_norms",
+    "sensitivity_bound",
+    "sensitivity_matrix",
+]
