@@ -28,9 +28,10 @@ from .structured import StructuredBlock, structured_block, tensor_sources
 
 METHODS = ("auto", "picard", "anderson")
 # Up to this batch size, convolution and dense blocks run as BLAS products with their kernels
-# (read once), beyond it as the sparse kernel, which streams A but vectorizes over the batch
-# (measured crossover on the zoo models: scripts/bench.py).
-STRUCTURED_BATCH_LIMIT = 16
+# (read once); beyond it as the sparse kernel, which streams A but vectorizes over the batch.
+# Measured on the zoo models (scripts/bench.py, 2 cores): structured wins up to batch 32-128
+# (ResNet20 batch 1: 5x), the sparse kernel at 256 (ResNet20: 2x).
+STRUCTURED_BATCH_LIMIT = 64
 DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
 
