@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
+from ..activations import Activation
 from . import kernels
 
 # A sub-matrix becomes a structured term only past this many non-zeros (smaller ones cost more
@@ -40,8 +41,6 @@ MIN_STRUCTURED_NONZEROS = 2048
 DENSE_FILL = 0.5
 # Convolutions whose kernel is mostly zeros (grouped, depthwise) stay sparse.
 KERNEL_FILL = 0.5
-# The geometry is read off about this many leading entries (then checked on all of them).
-STRIDE_SAMPLE = 100_000
 # The im2col buffer of one batch chunk holds about this many bytes.
 CHUNK_BYTES = 4 << 20
 
@@ -105,14 +104,15 @@ def find_convolution(
     """The convolution equal to M[:, source] (M: the block's rows of [B A], columns are rows of
     V), M's rows shaped ``out_shape`` and the source ``in_shape``; None when it is not one.
 
-    The geometry (strides, dilations, pads, kernel size) is read off the first rows' entries;
-    the compiled ``kernels.gather_convolution`` then checks every entry against it."""
+    The geometry (strides, dilations, pads, kernel size) is read off a few sample rows; the
+    compiled ``kernels.gather_convolution`` then checks every entry against it."""
     out_image, in_image = _image_shape(out_shape), _image_shape(in_shape)
     if out_image is None or in_image is None or not kernels.available():
         return None
     (Co, Ho, Wo), (C, H, W) = out_image, in_image
-    head = M[: _rows_holding(M, STRIDE_SAMPLE)]
-    rows = np.repeat(np.arange(head.shape[0]), np.diff(head.indptr))
+    sample_rows = _sample_rows(Ho, Wo)
+    head = M[sample_rows]
+    rows = np.repeat(sample_rows, np.diff(head.indptr))
     inside = (head.indices >= source.start) & (head.indices < source.stop) & (head.data != 0)
     if not inside.any():
         return None
@@ -154,9 +154,12 @@ def find_convolution(
     )
 
 
-def _rows_holding(M: sp.csr_array, entries: int) -> int:
-    """The number of leading rows of M holding about ``entries`` non-zeros (at least one row)."""
-    return max(1, int(np.searchsorted(M.indptr, entries, side="right")) - 1)
+def _sample_rows(Ho: int, Wo: int) -> np.ndarray:
+    """Rows of output channel 0 at the first, second, middle and last output rows and columns:
+    borders show the pads, neighbours the strides, the middle the whole kernel."""
+    heights = sorted({0, min(1, Ho - 1), Ho // 2, min(Ho // 2 + 1, Ho - 1), Ho - 1})
+    widths = sorted({0, min(1, Wo - 1), Wo // 2, min(Wo // 2 + 1, Wo - 1), Wo - 1})
+    return np.array([h * Wo + w for h in heights for w in widths], dtype=np.int64)
 
 
 def _axis_geometry(position_out: np.ndarray, position_in: np.ndarray, size_out: int, size_in: int):
@@ -195,7 +198,7 @@ class StructuredBlock:
     terms: tuple[Convolution | Dense, ...]
     remainder: sp.csr_array | None  # (rows, len(remainder_columns))
     remainder_columns: np.ndarray  # rows of V the remainder reads
-    activation: object
+    activation: Activation
     work: int  # non-zeros handled by structured terms
     cyclic: bool = False
 
