@@ -4,7 +4,9 @@ The state is held as an (n, batch) array. ``method="auto"`` walks the strongly c
 components of the block graph in topological order (see ``plan``): an acyclic block is one
 sparse product, bias and activation (forward substitution, about one network forward pass in
 cost); a cyclic component gets Anderson-accelerated fixed-point iteration on its own states,
-with everything it reads from outside folded into a constant first. ``method="picard"`` and
+with everything it reads from outside folded into a constant first. Acyclic blocks run in fused
+numba chains (``kernels``); up to ``STRUCTURED_BATCH_LIMIT`` samples, those whose rows are
+convolutions or dense products run through BLAS instead (``structured``). ``method="picard"`` and
 ``method="anderson"`` iterate on the whole model from x = 0 (the paper's setting; an acyclic
 model converges exactly after depth + 1 Picard steps).
 """
