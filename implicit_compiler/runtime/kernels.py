@@ -33,6 +33,8 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
     numba = None
 
+# Rows of a block handed to one thread at a time by the batched kernel (they share a buffer).
+ROWS_PER_TASK = 32
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "square": 5}
 
 
@@ -56,41 +58,43 @@ if numba is not None:
         batch = values.shape[1]
         for block in range(starts.shape[0]):
             code, alpha = codes[block], alphas[block]
-            for position in numba.prange(starts[block], stops[block]):
-                i = order[position]
-                acc = np.empty(batch, values.dtype)
-                b = bias[i]
-                for j in range(batch):
-                    acc[j] = b
-                for k in range(b_indptr[i], b_indptr[i + 1]):
-                    weight = b_data[k]
-                    source = values[b_indices[k]]
+            first, last = starts[block], stops[block]
+            for task in numba.prange((last - first + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+                acc = np.empty(batch, values.dtype)  # one buffer per task, not per row
+                for position in range(first + task * ROWS_PER_TASK, min(last, first + (task + 1) * ROWS_PER_TASK)):
+                    i = order[position]
+                    b = bias[i]
                     for j in range(batch):
-                        acc[j] += weight * source[j]
-                for k in range(a_indptr[i], a_indptr[i + 1]):
-                    weight = a_data[k]
-                    source = values[p + a_indices[k]]
-                    for j in range(batch):
-                        acc[j] += weight * source[j]
-                out = values[p + i]
-                if code == 0:
-                    for j in range(batch):
-                        out[j] = acc[j]
-                elif code == 1:
-                    for j in range(batch):
-                        out[j] = acc[j] if acc[j] > 0 else 0
-                elif code == 2:
-                    for j in range(batch):
-                        out[j] = acc[j] if acc[j] >= 0 else alpha * acc[j]
-                elif code == 3:
-                    for j in range(batch):
-                        out[j] = np.tanh(acc[j])
-                elif code == 4:
-                    for j in range(batch):
-                        out[j] = 0.5 + 0.5 * np.tanh(0.5 * acc[j])
-                else:
-                    for j in range(batch):
-                        out[j] = acc[j] * acc[j]
+                        acc[j] = b
+                    for k in range(b_indptr[i], b_indptr[i + 1]):
+                        weight = b_data[k]
+                        source = values[b_indices[k]]
+                        for j in range(batch):
+                            acc[j] += weight * source[j]
+                    for k in range(a_indptr[i], a_indptr[i + 1]):
+                        weight = a_data[k]
+                        source = values[p + a_indices[k]]
+                        for j in range(batch):
+                            acc[j] += weight * source[j]
+                    out = values[p + i]
+                    if code == 0:
+                        for j in range(batch):
+                            out[j] = acc[j]
+                    elif code == 1:
+                        for j in range(batch):
+                            out[j] = acc[j] if acc[j] > 0 else 0
+                    elif code == 2:
+                        for j in range(batch):
+                            out[j] = acc[j] if acc[j] >= 0 else alpha * acc[j]
+                    elif code == 3:
+                        for j in range(batch):
+                            out[j] = np.tanh(acc[j])
+                    elif code == 4:
+                        for j in range(batch):
+                            out[j] = 0.5 + 0.5 * np.tanh(0.5 * acc[j])
+                    else:
+                        for j in range(batch):
+                            out[j] = acc[j] * acc[j]
 
     def _forward_chain_single(  # pragma: no cover - jitted
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
