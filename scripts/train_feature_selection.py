@@ -30,6 +30,7 @@ import numpy as np
 
 from implicit_compiler import ImplicitModel
 from implicit_compiler.training.estimators import ImplicitRegressor
+from implicit_compiler.training.penalties import column_norms
 
 ROOT = Path(__file__).resolve().parents[1]
 N_STATES, N_INPUTS, N_OUTPUTS, N_SAMPLES = 20, 50, 100, 400
@@ -46,11 +47,6 @@ def generative_model(rng: np.random.Generator, support_size: int) -> tuple[Impli
     D = np.zeros((N_OUTPUTS, N_INPUTS))
     bias_x = 0.1 * rng.normal(size=N_STATES)
     return ImplicitModel.from_matrices(A, B, C, D, "relu", bias_x=bias_x), support
-
-
-def column_norms(B) -> np.ndarray:
-    """||B_:j||_2 for every column j of a sparse matrix."""
-    return np.sqrt(np.asarray(B.power(2).sum(axis=0))).ravel()
 
 
 def main(argv: list[str] | None = None) -> int:
