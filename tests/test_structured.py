@@ -1,9 +1,9 @@
 """Convolution and dense blocks run through BLAS (runtime/structured.py) at small batches.
 
 Both runtime paths are compared with onnxruntime (float32) and onnx.reference (float64): batch 3
-takes the structured path (numpy im2col), batch ``NUMBA_IM2COL_BATCH`` the structured path with
-the compiled im2col, a batch past ``STRUCTURED_BATCH_LIMIT`` the sparse kernel. The structured path must also refuse
-sub-matrices that only look like convolutions.
+takes the structured path, a batch past ``STRUCTURED_BATCH_LIMIT`` the row-group kernel
+(runtime/row_groups.py). The structured path must also refuse sub-matrices that only look like
+convolutions.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from implicit_compiler.runtime.structured import Convolution, Dense, find_convol
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 structured_module = importlib.import_module("implicit_compiler.runtime.structured")
-# The structured path with numpy im2col, with the compiled im2col, and the sparse kernel.
-SMALL, MEDIUM, LARGE = 3, structured_module.NUMBA_IM2COL_BATCH, solve_module.STRUCTURED_BATCH_LIMIT + 5
-assert SMALL < MEDIUM <= solve_module.STRUCTURED_BATCH_LIMIT < LARGE
+# The structured path, and the row groups: 29 samples are, in float32 (8 lanes), a 2-vector
+# chunk, a 1-vector chunk and 5 masked lanes; in float64 (4 lanes) 3 + 1 chunks and 1 lane.
+SMALL, LARGE = 3, 29
+assert SMALL <= solve_module.STRUCTURED_BATCH_LIMIT < LARGE
 
 
 @pytest.fixture(autouse=True)
@@ -69,7 +70,7 @@ CONV_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CONV_CASES))
-@pytest.mark.parametrize("batch", [SMALL, MEDIUM, LARGE])
+@pytest.mark.parametrize("batch", [SMALL, LARGE])
 def test_conv_chains_match_the_references_on_both_paths(case, batch):
     x_shape, layers = CONV_CASES[case]
     model = conv_relu_chain(x_shape, layers)
@@ -112,7 +113,7 @@ def test_gemm_layers_run_as_dense_products():
         initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    for batch in (1, SMALL, MEDIUM, LARGE):
+    for batch in (1, SMALL, LARGE):
         compiled = assert_matches_onnxruntime(model, batch=batch)
     steps = solve_module._execution_steps(compiled, structured=True)
     assert [type(term) for step in steps if hasattr(step, "terms") for term in step.terms] == [Dense, Dense]

@@ -1,17 +1,15 @@
-"""The fused forward-substitution kernel: each block's product, bias and activation in one pass.
+"""The fused forward-substitution kernel for one sample, and compiled helpers.
 
 For a chain of acyclic blocks (consecutive in the execution order), over the stacked variables
-V = [u; x] held as one (p + n, batch) row-major array, block after block:
+V = [u; x] (one sample: a vector of p + n values), block after block:
 
-    V[p + r, :] = phi(B[r, :] V[:p] + A[r, :] V[p:] + b[r])      for the block's rows r
+    V[p + r] = phi(B[r, :] V[:p] + A[r, :] V[p:] + b[r])      for the block's rows r
 
-computed row by row in parallel (numba prange over rows): each row accumulates its non-zeros'
-weighted input rows (contiguous in the batch) in a small buffer, adds the bias and writes phi
-of it to its own row, so A is streamed once, straight from the model's CSR arrays. Rows of one
-acyclic block never read each other, which makes writing in place safe and lets the rows run
-in any order: a block shaped (C, H, W) runs its rows
-channel-last, (h, w, c), so that consecutive rows (all channels of one pixel) read the same
-input window while it is in cache. One call runs the whole chain: Python is not in the loop.
+computed row by row (numba prange over a block's rows, each a dot product), so A is streamed
+once, straight from the model's CSR arrays. Rows of one acyclic block never read each other,
+which makes writing in place safe. One call runs the whole chain: Python is not in the loop.
+Batches of 2 or more samples run in ``row_groups`` instead, rows sharing their columns held in
+registers.
 
 Activation codes: 0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid, 5 square. Index
 arrays and p are passed unsigned (see ``unsigned``).
@@ -20,6 +18,7 @@ arrays and p are passed unsigned (see ``unsigned``).
 from __future__ import annotations
 
 import os
+import types
 
 import numpy as np
 
@@ -33,8 +32,6 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
     numba = None
 
-# Rows of a block handed to one thread at a time by the batched kernel (they share a buffer).
-ROWS_PER_TASK = 32
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "square": 5}
 
 
@@ -44,57 +41,6 @@ def available() -> bool:
 
 
 if numba is not None:
-
-    def _forward_chain(  # pragma: no cover - jitted
-        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
-    ):
-        """Blocks one after another, block k's rows order[starts[k]:stops[k]] in parallel:
-        values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]); values is (p + n, batch).
-
-        Each row accumulates in a local buffer: accumulating into ``values`` itself, which the
-        compiler cannot prove distinct from the rows read, kept the loop from vectorizing
-        (2.2x slower on ResNet20 at batch 256).
-        """
-        batch = values.shape[1]
-        for block in range(starts.shape[0]):
-            code, alpha = codes[block], alphas[block]
-            first, last = starts[block], stops[block]
-            for task in numba.prange((last - first + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-                acc = np.empty(batch, values.dtype)  # one buffer per task, not per row
-                for position in range(first + task * ROWS_PER_TASK, min(last, first + (task + 1) * ROWS_PER_TASK)):
-                    i = order[position]
-                    b = bias[i]
-                    for j in range(batch):
-                        acc[j] = b
-                    for k in range(b_indptr[i], b_indptr[i + 1]):
-                        weight = b_data[k]
-                        source = values[b_indices[k]]
-                        for j in range(batch):
-                            acc[j] += weight * source[j]
-                    for k in range(a_indptr[i], a_indptr[i + 1]):
-                        weight = a_data[k]
-                        source = values[p + a_indices[k]]
-                        for j in range(batch):
-                            acc[j] += weight * source[j]
-                    out = values[p + i]
-                    if code == 0:
-                        for j in range(batch):
-                            out[j] = acc[j]
-                    elif code == 1:
-                        for j in range(batch):
-                            out[j] = acc[j] if acc[j] > 0 else 0
-                    elif code == 2:
-                        for j in range(batch):
-                            out[j] = acc[j] if acc[j] >= 0 else alpha * acc[j]
-                    elif code == 3:
-                        for j in range(batch):
-                            out[j] = np.tanh(acc[j])
-                    elif code == 4:
-                        for j in range(batch):
-                            out[j] = 0.5 + 0.5 * np.tanh(0.5 * acc[j])
-                    else:
-                        for j in range(batch):
-                            out[j] = acc[j] * acc[j]
 
     def _forward_chain_single(  # pragma: no cover - jitted
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
@@ -125,12 +71,21 @@ if numba is not None:
     # thread pool for every block costs more than the work).
     # The one-sample kernel is a dot product per row: letting the compiler reassociate its sum
     # (several partial sums instead of one chain of dependent additions) makes it much faster.
-    _options = dict(cache=True, nogil=True, fastmath={"contract"})
+    def threaded_and_serial(function, **options):
+        """The function compiled twice: with ``prange`` run by threads, and on one thread.
+
+        numba's on-disk cache names an entry by the function's qualified name and bytecode, not
+        by its flags: compiled twice under one name, whichever build is cached first is loaded
+        for both (ResNet20 then ran its "threaded" kernels on one thread). The serial build is
+        therefore a copy of the function under its own name."""
+        serial = types.FunctionType(
+            function.__code__, function.__globals__, f"{function.__name__}_serial", function.__defaults__
+        )
+        serial.__qualname__ = f"{function.__qualname__}_serial"
+        return numba.njit(parallel=True, **options)(function), numba.njit(parallel=False, **options)(serial)
+
     _dot_options = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
-    forward_chain = numba.njit(parallel=True, **_options)(_forward_chain)
-    forward_chain_single = numba.njit(parallel=True, **_dot_options)(_forward_chain_single)
-    forward_chain_serial = numba.njit(parallel=False, **_options)(_forward_chain)
-    forward_chain_single_serial = numba.njit(parallel=False, **_dot_options)(_forward_chain_single)
+    forward_chain_single, forward_chain_single_serial = threaded_and_serial(_forward_chain_single, **_dot_options)
 
     @numba.njit(cache=True, nogil=True)
     def gather_convolution(indptr, indices, data, lo, hi, sizes, geometry, tolerance, weight):  # pragma: no cover
@@ -185,27 +140,6 @@ if numba is not None:
                         row += 1
         return count
 
-    @numba.njit(cache=True, nogil=True)
-    def im2col(source, geometry, cols):  # pragma: no cover - jitted
-        """cols[c, i, j, ho, wo, b] = X[c, sh ho + dh i - ph, sw wo + dw j - pw, b], or 0 off the
-        image, for X = source (C, H, W, batch) and the geometry (sh, sw, dh, dw, ph, pw)."""
-        sh, sw, dh, dw, ph, pw = geometry
-        C, H, W, batch = source.shape
-        _, kh, kw, Ho, Wo, _ = cols.shape
-        for c in range(C):
-            for i in range(kh):
-                for j in range(kw):
-                    for ho in range(Ho):
-                        h = sh * ho + dh * i - ph
-                        for wo in range(Wo):
-                            w = sw * wo + dw * j - pw
-                            if 0 <= h < H and 0 <= w < W:
-                                for b in range(batch):
-                                    cols[c, i, j, ho, wo, b] = source[c, h, w, b]
-                            else:
-                                for b in range(batch):
-                                    cols[c, i, j, ho, wo, b] = 0
-
 
 # Below this many multiply-adds (non-zeros x batch) a chain runs on one thread.
 PARALLEL_THRESHOLD = 2_000_000
@@ -217,9 +151,6 @@ def unsigned(indices: np.ndarray) -> np.ndarray:
     return indices.view(np.uint32 if indices.dtype.itemsize == 4 else np.uint64)
 
 
-def chain_kernel(work: int, batch: int):
-    """The kernel for a chain of ``work`` non-zeros on ``batch`` samples."""
-    parallel = work * batch >= PARALLEL_THRESHOLD
-    if batch == 1:
-        return forward_chain_single if parallel else forward_chain_single_serial
-    return forward_chain if parallel else forward_chain_serial
+def threaded(work: int, batch: int) -> bool:
+    """Whether a chain of ``work`` non-zeros on ``batch`` samples is worth the threads."""
+    return work * batch >= PARALLEL_THRESHOLD

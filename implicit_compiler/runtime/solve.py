@@ -5,8 +5,9 @@ components of the block graph in topological order (see ``plan``): an acyclic bl
 sparse product, bias and activation (forward substitution, about one network forward pass in
 cost); a cyclic component gets Anderson-accelerated fixed-point iteration on its own states,
 with everything it reads from outside folded into a constant first. Acyclic blocks run in fused
-numba chains (``kernels``); up to ``STRUCTURED_BATCH_LIMIT`` samples, those whose rows are
-convolutions or dense products run through BLAS instead (``structured``). ``method="picard"`` and
+numba chains: one sample by ``kernels``, batches by ``row_groups`` (rows that share their columns
+computed together, in registers); up to ``STRUCTURED_BATCH_LIMIT`` samples, blocks whose rows
+are convolutions or dense products run through BLAS instead (``structured``). ``method="picard"`` and
 ``method="anderson"`` iterate on the whole model from x = 0 (the paper's setting; an acyclic
 model converges exactly after depth + 1 Picard steps).
 """
@@ -22,7 +23,7 @@ import scipy.sparse as sp
 from ..activations import Activation
 from ..errors import ShapeError
 from ..model import ImplicitModel
-from . import kernels
+from . import kernels, row_groups
 from .batching import flatten_inputs
 from .fixed_point import anderson
 from .plan import execution_order
@@ -30,10 +31,11 @@ from .structured import StructuredBlock, structured_block, tensor_sources
 
 METHODS = ("auto", "picard", "anderson")
 # Up to this batch size, convolution and dense blocks run as BLAS products with their kernels
-# (read once); beyond it as the sparse kernel, which streams A but vectorizes over the batch.
-# Measured on the zoo models (scripts/bench.py, 2 cores): structured wins up to batch 32-128
-# (ResNet20 batch 1: 5x), the sparse kernel at 256 (ResNet20: 2x).
-STRUCTURED_BATCH_LIMIT = 64
+# (read once); beyond it every acyclic block runs in row_groups, which streams A once and holds
+# the rows of a pixel in registers. Measured on the zoo models (2 cores): structured wins at
+# batch 1-4 (ResNet20 batch 2: 300 vs 165 img/s), row groups from 8 on (ResNet20 batch 16:
+# 1043 vs 521 img/s; LeNet-5 batch 32: 25k vs 7.7k).
+STRUCTURED_BATCH_LIMIT = 7
 DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 
 
@@ -135,18 +137,23 @@ def _solve_step(
     if isinstance(step, StructuredBlock):  # convolutions and dense products through BLAS
         step.run(V)
         return []
-    if isinstance(step, _Chain):  # acyclic blocks: the fused kernel, straight from the model's CSR arrays
+    if isinstance(step, _Chain):  # acyclic blocks: fused kernels, straight from the model's CSR arrays
         A, B = model.A, model.B
-        kernel = kernels.chain_kernel(step.work, V.shape[1])
-        values = V[:, 0] if V.shape[1] == 1 else V
-        order = step.natural_order if V.shape[1] == 1 else step.order
-        # Unsigned indices speed up the one-sample gathers; the batched kernel (rows of 32+
-        # values per index) runs slower with them, so it keeps the signed ones.
-        u = kernels.unsigned if V.shape[1] == 1 else (lambda array: array)
-        p = np.uint64(p) if V.shape[1] == 1 else p
+        threaded = kernels.threaded(step.work, V.shape[1])
+        if V.shape[1] > 1:  # rows sharing their columns, held in registers (row_groups)
+            g = step.groups
+            kernel = row_groups.forward_groups if threaded else row_groups.forward_groups_serial
+            kernel(
+                A.indptr, A.indices, A.data, B.indptr, B.indices, B.data, model.bias_x, V, p,
+                g.rows, g.sizes, g.shared_a, g.shared_b, g.block_groups, step.codes, step.alphas,
+            )  # fmt: skip
+            return []
+        # One sample: unsigned indices speed up the gathers (see kernels.unsigned).
+        kernel = kernels.forward_chain_single if threaded else kernels.forward_chain_single_serial
+        u = kernels.unsigned
         kernel(
-            u(A.indptr), u(A.indices), A.data, u(B.indptr), u(B.indices), B.data, model.bias_x, values, p,
-            u(order), u(step.starts), u(step.stops), step.codes, step.alphas,
+            u(A.indptr), u(A.indices), A.data, u(B.indptr), u(B.indices), B.data, model.bias_x, V[:, 0], np.uint64(p),
+            u(step.states), u(step.starts), u(step.stops), step.codes, step.alphas,
         )  # fmt: skip
         return []
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
@@ -171,15 +178,15 @@ def _activate(segments: tuple[tuple[int, int, Activation], ...], z: np.ndarray) 
 
 @dataclass(frozen=True)
 class _Chain:
-    """Consecutive acyclic blocks run by one call of the fused kernel."""
+    """Consecutive acyclic blocks run by one call of a fused kernel."""
 
-    order: np.ndarray  # the states of the chain's blocks, in the order the kernel computes them
-    natural_order: np.ndarray  # the same states in storage order (one sample: stream A in order)
-    starts: np.ndarray  # block k is order[starts[k] : stops[k]]
+    states: np.ndarray  # the chain's states in storage order (one sample: stream A in order)
+    starts: np.ndarray  # block k is states[starts[k] : stops[k]]
     stops: np.ndarray
     codes: np.ndarray
     alphas: np.ndarray
     work: int  # non-zeros of the chain's rows of A and B
+    groups: row_groups.RowGroups  # the rows by groups sharing their columns (batches of 2+)
     cyclic: bool = False
 
 
@@ -210,18 +217,21 @@ def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _C
 
 def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
     activations = [step.segments[0][2] for step in steps]
-    orders = [_row_order(model.block(step.names[0])) for step in steps]
-    stops = np.cumsum([order.size for order in orders])
+    sizes = [step.rows.stop - step.rows.start for step in steps]
+    stops = np.cumsum(sizes)
+    starts = stops - sizes
+    # Groups are formed channel-last: the rows of one pixel (all channels) read the same columns.
+    channel_last = np.concatenate([_row_order(model.block(step.names[0])) for step in steps])
     return _Chain(
-        order=np.concatenate(orders),
-        natural_order=np.concatenate([np.arange(s.rows.start, s.rows.stop, dtype=np.int64) for s in steps]),
-        starts=stops - [order.size for order in orders],
+        states=np.concatenate([np.arange(s.rows.start, s.rows.stop, dtype=np.int64) for s in steps]),
+        starts=starts,
         stops=stops,
         codes=np.array([kernels.ACTIVATION_CODES[a.name] for a in activations], dtype=np.int64),
         alphas=np.array([a.alpha or 0.0 for a in activations], dtype=model.dtype),
         work=sum(
             int(M.indptr[step.rows.stop] - M.indptr[step.rows.start]) for step in steps for M in (model.A, model.B)
         ),
+        groups=row_groups.group_rows(model.A, model.B, channel_last, starts, stops),
     )
 
 

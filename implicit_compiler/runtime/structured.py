@@ -41,9 +41,6 @@ MIN_STRUCTURED_NONZEROS = 2048
 DENSE_FILL = 0.5
 # Convolutions whose kernel is mostly zeros (grouped, depthwise) stay sparse.
 KERNEL_FILL = 0.5
-# From this many samples on, im2col runs as a compiled loop (kernels.im2col), below it as numpy
-# sliding windows (measured crossover between 8 and 32 samples).
-NUMBA_IM2COL_BATCH = 16
 # The im2col buffer of one batch chunk holds about this many bytes.
 CHUNK_BYTES = 4 << 20
 
@@ -77,16 +74,12 @@ class Convolution:
         return (self.weight @ cols).reshape(Co * Ho * Wo, batch)
 
     def _im2col(self, X: np.ndarray) -> np.ndarray:
-        """cols (C, kh, kw, Ho, Wo, batch) of X (C, H, W, batch): below ``NUMBA_IM2COL_BATCH``
-        samples as a strided view (sliding windows of the padded image) copied once, which
-        beats the compiled loop there (LeNet-5 batch 1: 27 vs 71 us); above, the loop wins."""
+        """cols (C, kh, kw, Ho, Wo, batch) of X (C, H, W, batch): sliding windows of the padded
+        image, a strided view copied once (LeNet-5 batch 1: 27 us, against 71 for a compiled
+        loop)."""
         C, H, W, batch = X.shape
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.pads
         _, Ho, Wo = self.out_shape
-        if batch >= NUMBA_IM2COL_BATCH:
-            cols = np.empty((C, kh, kw, Ho, Wo, batch), dtype=X.dtype)
-            kernels.im2col(X, (sh, sw, dh, dw, ph, pw), cols)
-            return cols
         extent_h, extent_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
         bottom = max(0, (Ho - 1) * sh + extent_h - H - ph)
         right = max(0, (Wo - 1) * sw + extent_w - W - pw)

@@ -1,0 +1,100 @@
+"""Writes ``group_kernels.py``: the unrolled per-group-size kernels of ``row_groups``.
+
+Registers need names: a group of R rows and a chunk of V vectors keeps R x V accumulators, each
+its own variable, so each size gets its own function, written out here. Run
+``python -m implicit_compiler.runtime.codegen`` after changing this file;
+``tests/test_row_groups.py`` checks that the written file is current.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+GROUP_SIZES = (8, 4, 2, 1)  # row_groups.GROUP_SIZES (kept import-free: this writes its kernels)
+GENERATED = Path(__file__).with_name("group_kernels.py")
+
+_HEADER = '''"""Per-group-size kernels of ``row_groups`` (generated: do not edit).
+
+Regenerate with ``python -m implicit_compiler.runtime.codegen``. ``group_R`` computes, for the
+R rows of group g and every sample, bias + the shared runs of B and A in registers, and stores
+it to the rows of ``values``; ``row_groups.finish_group`` adds the rest. The batch goes by
+chunks of 2 vectors, then 1, then the last lanes through masked loads and stores.
+"""
+
+# fmt: off
+# ruff: noqa: E501, E702
+
+import numba
+
+from .simd import vfma, vlanes, vload, vload_first, vprefetch, vsplat, vstore, vstore_first
+
+_options = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False)
+PREFETCH = 4  # how far ahead, in vectors, the 2-vector loop asks the cache for a row's lanes
+'''
+
+
+def _chunk_source(size: int, vectors: int, masked: bool) -> list[str]:
+    """The loop (or, masked, the last step) computing ``vectors`` vectors of lanes for the
+    group's ``size`` rows."""
+    rows, lanes = range(size), range(vectors)
+
+    def at(v: int) -> str:
+        return f"j + {v} * lanes" if v else "j"
+
+    if masked:
+        load, store = "vload_first(values, column, {}, count)", "vstore_first(values, p + row{}, {}, acc{}_{}, count)"
+    else:
+        load, store = "vload(values, column, {})", "vstore(values, p + row{}, {}, acc{}_{})"
+    chunk = "2 * lanes" if vectors == 2 else "lanes"
+    if masked:
+        lines = ["    if j < batch:  # the last lanes", "        count = batch - j"]
+    else:
+        lines = [f"    while j + {chunk} <= batch:"]
+    for r in rows:
+        lines.append("        " + "; ".join(f"acc{r}_{v} = vsplat(values, bias{r})" for v in lanes))
+    for matrix, row_of in (("b", "b_indices[start_b0 + t]"), ("a", "p + a_indices[start_a0 + t]")):
+        lines.append(f"        for t in range(length_{matrix}):")
+        lines.append(f"            column = {row_of}")
+        lines.append("            " + "; ".join(f"x{v} = {load.format(at(v))}" for v in lanes))
+        if vectors == 2:
+            lines.append("            vprefetch(values, column, j + PREFETCH * lanes)")
+        for r in rows:
+            updates = "; ".join(f"acc{r}_{v} = vfma(acc{r}_{v}, x{v}, w)" for v in lanes)
+            lines.append(f"            w = {matrix}_data[start_{matrix}{r} + t]; {updates}")
+    for r in rows:
+        lines.append("        " + "; ".join(store.format(r, at(v), r, v) for v in lanes))
+    if not masked:
+        lines.append(f"        j += {chunk}")
+    return lines
+
+
+def _group_kernel_source(size: int) -> str:
+    """The source of ``group_<size>``."""
+    arguments = "values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g"
+    lines = [
+        "",
+        "",
+        "@numba.njit(**_options)",
+        f"def group_{size}({arguments}):  # pragma: no cover",
+        "    lanes, batch = vlanes(values), values.shape[1]",
+        "    length_a, length_b = shared_a[g, 0], shared_b[g, 0]",
+    ]
+    for r in range(size):
+        starts = f"start_a{r} = shared_a[g, {r + 1}]; start_b{r} = shared_b[g, {r + 1}]"
+        lines.append(f"    row{r} = rows[g, {r}]; bias{r} = bias[row{r}]; {starts}")
+    lines.append("    j = 0")
+    lines += _chunk_source(size, 2, masked=False)
+    lines += _chunk_source(size, 1, masked=False)
+    lines += _chunk_source(size, 1, masked=True)
+    return "\n".join(lines) + "\n"  # fmt: skip
+
+
+def generated_source() -> str:
+    """The text of ``group_kernels.py``."""
+    return _HEADER + "".join(_group_kernel_source(size) for size in GROUP_SIZES)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    GENERATED.write_text(generated_source())
+    print(f"wrote {GENERATED}", file=sys.stderr)

@@ -1,0 +1,183 @@
+"""The row-group kernel (runtime/row_groups.py): batches of acyclic blocks, rows sharing columns.
+
+Models are compared with onnxruntime (float32) and onnx.reference (float64) at batch sizes that
+reach every part of the kernel: chunks of 2 vectors, of 1, and the masked last lanes; on one
+thread and on several. The groups themselves are checked against their definition, and the
+generated per-size kernels against their generator.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import assert_matches_onnxruntime
+
+from implicit_compiler.runtime import codegen, kernels, row_groups
+
+solve_module = importlib.import_module("implicit_compiler.runtime.solve")
+# float32 vectors hold 8 lanes, float64 4: 8 = one vector (f32) / two (f64); 29 = 16 + 8 + 5
+# masked (f32) / 3 x 8 + 4 + 1 masked (f64); 67 = 4 x 16 + 3 masked.
+BATCHES = (8, 29, 67)
+assert min(BATCHES) > solve_module.STRUCTURED_BATCH_LIMIT
+
+
+@pytest.fixture(autouse=True)
+def poisoned_empty(monkeypatch):
+    """np.empty filled with NaN: a lane the kernel forgets to write cannot pass for a value
+    left there by an earlier call."""
+    empty = np.empty
+
+    def nan_filled(*args, **kwargs):
+        array = empty(*args, **kwargs)
+        if array.dtype.kind == "f":
+            array.fill(np.nan)
+        return array
+
+    monkeypatch.setattr(np, "empty", nan_filled)
+
+
+def _model(nodes, initializers, x_shape, output) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def residual_network(channels: int = 8, size: int = 6, seed: int = 0) -> onnx.ModelProto:
+    """r0 = relu(conv(x)), r1 = relu(conv(r0)), r2 = relu(conv(r1) + r0) -> max pool -> flatten
+    -> gemm -> leaky relu -> gemm -> sigmoid: groups of 8 whose rows each have an entry of
+    their own (r0's identity), pooling trees in groups of 1, dense layers, four activations."""
+    rng = np.random.default_rng(seed)
+
+    def tensor(name, shape, scale):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    pooled = channels * (size // 2) ** 2
+    initializers = [
+        tensor("W0", (channels, 3, 3, 3), 0.3), tensor("B0", (channels,), 0.1),
+        tensor("W1", (channels, channels, 3, 3), 0.15), tensor("B1", (channels,), 0.1),
+        tensor("W2", (channels, channels, 3, 3), 0.15), tensor("B2", (channels,), 0.1),
+        tensor("G0", (pooled, 20), 0.2), tensor("C0", (20,), 0.1),
+        tensor("G1", (20, 12), 0.3), tensor("C1", (12,), 0.1),
+    ]  # fmt: skip
+    pads = {"pads": [1, 1, 1, 1]}
+    nodes = [
+        helper.make_node("Conv", ["x", "W0", "B0"], ["c0"], **pads),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "W1", "B1"], ["c1"], **pads),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], **pads),
+        helper.make_node("Add", ["c2", "r0"], ["s2"]),
+        helper.make_node("Relu", ["s2"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["m"], ["f"]),
+        helper.make_node("Gemm", ["f", "G0", "C0"], ["g0"]),
+        helper.make_node("LeakyRelu", ["g0"], ["l0"], alpha=0.1),
+        helper.make_node("Gemm", ["l0", "G1", "C1"], ["g1"]),
+        helper.make_node("Sigmoid", ["g1"], ["y"]),
+    ]
+    return _model(nodes, initializers, (3, size, size), "y")
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+@pytest.mark.parametrize("batch", BATCHES)
+def test_residual_network_matches_the_references(batch, threaded, monkeypatch):
+    monkeypatch.setattr(kernels, "PARALLEL_THRESHOLD", 0 if threaded else 1 << 62)
+    compiled = assert_matches_onnxruntime(residual_network(), batch=batch)
+    steps = solve_module._execution_steps(compiled, structured=False)
+    assert any(isinstance(step, solve_module._Chain) for step in steps)
+
+
+def test_tanh_chain_with_odd_sizes_matches_the_references():
+    """Dense layers of 13 and 7 rows: groups of 8, 4, 1 and 4, 2, 1."""
+    rng = np.random.default_rng(4)
+    nodes, initializers, value = [], [], "x"
+    for index, (rows, columns) in enumerate([(13, 5), (7, 13)]):
+        initializers += [
+            numpy_helper.from_array(rng.standard_normal((columns, rows)).astype(np.float32), f"W{index}"),
+            numpy_helper.from_array(rng.standard_normal(rows).astype(np.float32), f"B{index}"),
+        ]
+        nodes += [
+            helper.make_node("Gemm", [value, f"W{index}", f"B{index}"], [f"g{index}"]),
+            helper.make_node("Tanh", [f"g{index}"], [f"t{index}"]),
+        ]
+        value = f"t{index}"
+    compiled = assert_matches_onnxruntime(_model(nodes, initializers, (5,), value), batch=29)
+    (chain,) = solve_module._execution_steps(compiled, structured=False)
+    assert sorted(chain.groups.sizes.tolist()) == [1, 1, 2, 4, 4, 8]
+
+
+def test_groups_cover_every_row_once_and_share_identical_columns():
+    """Also: the residual block's rows keep their identity entries as entries of their own."""
+    compiled = assert_matches_onnxruntime(residual_network(), batch=3, check_reference=False)
+    A, B = compiled.A, compiled.B
+    chains = [
+        s for s in solve_module._execution_steps(compiled, structured=False) if isinstance(s, solve_module._Chain)
+    ]
+    assert chains
+    for chain in chains:
+        groups = chain.groups
+        for k in range(len(chain.starts)):
+            lo, hi = groups.block_groups[k], groups.block_groups[k + 1]
+            covered = np.concatenate([groups.rows[g, : groups.sizes[g]] for g in range(lo, hi)])
+            expected = chain.states[chain.starts[k] : chain.stops[k]]
+            assert sorted(covered.tolist()) == sorted(expected.tolist())
+        for g in range(len(groups.sizes)):
+            size = int(groups.sizes[g])
+            assert size in row_groups.GROUP_SIZES
+            entries, shared = 0, 0
+            for M, run in ((A, groups.shared_a[g].astype(np.int64)), (B, groups.shared_b[g].astype(np.int64))):
+                length = run[0]
+                columns = []
+                for r in range(size):
+                    row = groups.rows[g, r]
+                    start = run[1 + r]
+                    assert M.indptr[row] <= start and start + length <= M.indptr[row + 1]
+                    columns.append(M.indices[start : start + length])
+                    entries += M.indptr[row + 1] - M.indptr[row]
+                assert all(np.array_equal(columns[0], c) for c in columns)
+                shared += length * size
+            assert size == 1 or shared >= row_groups.MIN_SHARED * entries
+    residual = compiled.blocks[2]
+    own = [
+        g for g in range(len(groups.sizes))
+        if residual.start <= groups.rows[g, 0] < residual.stop and groups.shared_a[g, 0] < A.indptr[groups.rows[g, 0] + 1] - A.indptr[groups.rows[g, 0]]
+    ]  # fmt: skip
+    assert own, "the residual identities should be entries of the rows' own"
+
+
+def test_convolution_rows_form_groups_of_eight_channels():
+    compiled = assert_matches_onnxruntime(residual_network(channels=16), batch=3, check_reference=False)
+    chain = next(
+        s for s in solve_module._execution_steps(compiled, structured=False) if isinstance(s, solve_module._Chain)
+    )
+    groups = chain.groups
+    for k, block in enumerate(compiled.blocks[:3]):  # the convolutions: 16 channels per pixel
+        sizes = groups.sizes[groups.block_groups[k] : groups.block_groups[k + 1]]
+        assert block.shape[0] == 16 and set(sizes.tolist()) == {8}
+
+
+def test_threaded_and_serial_kernels_are_cached_apart():
+    """numba's cache keys entries by qualified name: one name would load one build for both."""
+    pairs = [
+        (row_groups.forward_groups, row_groups.forward_groups_serial),
+        (kernels.forward_chain_single, kernels.forward_chain_single_serial),
+    ]
+    for threaded, serial in pairs:
+        assert threaded.py_func.__qualname__ != serial.py_func.__qualname__
+        assert threaded.targetoptions.get("parallel") and not serial.targetoptions.get("parallel")
+
+
+def test_generated_kernels_are_current():
+    assert codegen.GENERATED.read_text() == codegen.generated_source(), (
+        "run: python -m implicit_compiler.runtime.codegen"
+    )
+    assert codegen.GROUP_SIZES == row_groups.GROUP_SIZES
