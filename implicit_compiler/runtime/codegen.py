@@ -2,7 +2,8 @@
 
 Registers need names: a group of R rows and a chunk of V vectors keeps R x V accumulators, each
 its own variable, so each size gets its own function, written out here. Run
-``python -m implicit_compiler.runtime.codegen`` after changing this file;
+``python -m implicit_compiler.runtime.codegen`` after changing this file (it also drops numba's
+cached builds of ``row_groups``, which embed the old kernels);
 ``tests/test_row_groups.py`` checks that the written file is current.
 """
 
@@ -97,4 +98,8 @@ def generated_source() -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     GENERATED.write_text(generated_source())
+    # numba's cache checks each file's own timestamp only: the cached callers in row_groups
+    # would keep the kernels they were built with.
+    for stale in GENERATED.parent.glob("__pycache__/row_groups.*.nb[ic]"):
+        stale.unlink()
     print(f"wrote {GENERATED}", file=sys.stderr)

@@ -22,10 +22,15 @@ import types
 
 import numpy as np
 
-# numba's OpenMP workers spin after each parallel kernel unless told otherwise; next to the BLAS
-# threads of the structured blocks the spinning starves them (LeNet-5 at batch 32: 1.3k img/s
-# instead of 27k). Read by libgomp when numba first starts it; a value the user set is kept.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# numba's OpenMP workers spin for about 3 ms after each parallel region unless told otherwise;
+# next to the BLAS threads of the structured blocks the spinning starved them (LeNet-5 at batch
+# 32: 1.3k img/s instead of 27k). Waiting passively instead costs a wake-up per region (LeNet-5's
+# chain at batch 32: 1.5 ms instead of 0.6), so libgomp spins briefly (GOMP_SPINCOUNT, about
+# 0.1 ms: a chain's regions follow each other closely) and other OpenMP runtimes wait passively.
+# Read when numba first starts its threads; nothing is changed when the user set either.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    os.environ["GOMP_SPINCOUNT"] = "10000"
 
 try:
     import numba

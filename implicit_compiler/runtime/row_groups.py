@@ -47,6 +47,7 @@ class RowGroups:
     shared_a: np.ndarray
     shared_b: np.ndarray  # the same in B
     block_groups: np.ndarray  # block k's groups are block_groups[k] : block_groups[k + 1]
+    block_work: np.ndarray  # non-zeros of block k's rows of A and B
 
 
 def group_rows(A, B, order: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> RowGroups:
@@ -54,7 +55,9 @@ def group_rows(A, B, order: np.ndarray, starts: np.ndarray, stops: np.ndarray) -
     rows, sizes, shared_a, shared_b, block_groups = form_groups(
         A.indptr, A.indices, B.indptr, B.indices, order, starts, stops
     )
-    return RowGroups(rows, sizes, shared_a.view(np.uint64), shared_b.view(np.uint64), block_groups)
+    entries = np.diff(A.indptr) + np.diff(B.indptr)
+    block_work = np.array([entries[order[a:b]].sum() for a, b in zip(starts, stops)], dtype=np.int64)
+    return RowGroups(rows, sizes, shared_a.view(np.uint64), shared_b.view(np.uint64), block_groups, block_work)
 
 
 if numba is not None:
@@ -136,7 +139,6 @@ if numba is not None:
         return rows[:g].copy(), sizes[:g].copy(), shared_a[:g].copy(), shared_b[:g].copy(), block_groups
 
     from . import group_kernels
-    from .kernels import threaded_and_serial
 
     @numba.njit(cache=True, nogil=True, inline="always")
     def _activate(out, code, alpha):  # pragma: no cover - jitted
@@ -197,6 +199,54 @@ if numba is not None:
             _add_own_entries(out, values, p, a_indptr, a_indices, a_data, i, start, start + length)
             _activate(out, code, alpha)
 
+    @numba.njit(cache=True, nogil=True, fastmath={"contract"})
+    def run_group(
+        a_indptr,
+        a_indices,
+        a_data,
+        b_indptr,
+        b_indices,
+        b_data,
+        bias,
+        values,
+        p,
+        rows,
+        sizes,
+        shared_a,
+        shared_b,
+        g,
+        code,
+        alpha,
+    ):  # pragma: no cover - jitted
+        """Group g's rows of values, complete: the shared runs, the rows' own entries, phi."""
+        arguments = (values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g)
+        size = sizes[g]
+        if size == 8:
+            group_kernels.group_8(*arguments)
+        elif size == 4:
+            group_kernels.group_4(*arguments)
+        elif size == 2:
+            group_kernels.group_2(*arguments)
+        else:
+            group_kernels.group_1(*arguments)
+        finish_group(
+            values,
+            p,
+            a_indptr,
+            a_indices,
+            a_data,
+            b_indptr,
+            b_indices,
+            b_data,
+            rows,
+            sizes,
+            shared_a,
+            shared_b,
+            g,
+            code,
+            alpha,
+        )
+
     def _forward_groups(
         a_indptr,
         a_indices,
@@ -212,42 +262,30 @@ if numba is not None:
         shared_a,
         shared_b,
         block_groups,
+        block_work,
         codes,
         alphas,
+        threshold,
     ):  # pragma: no cover - jitted
-        """Blocks one after another, each block's groups in parallel (see the module
-        docstring); values is V = [u; x], (p + n, batch), C-contiguous."""
+        """Blocks one after another (see the module docstring), each block's groups in parallel
+        when its multiply-adds (block_work x batch) reach ``threshold``, else in this thread
+        (waking the workers costs more than such a block). values is V = [u; x],
+        (p + n, batch), C-contiguous."""
+        batch = values.shape[1]
         for block in range(block_groups.shape[0] - 1):
             code, alpha = codes[block], alphas[block]
-            for g in numba.prange(block_groups[block], block_groups[block + 1]):
-                size = sizes[g]
-                arguments = (values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g)
-                if size == 8:
-                    group_kernels.group_8(*arguments)
-                elif size == 4:
-                    group_kernels.group_4(*arguments)
-                elif size == 2:
-                    group_kernels.group_2(*arguments)
-                else:
-                    group_kernels.group_1(*arguments)
-                finish_group(
-                    values,
-                    p,
-                    a_indptr,
-                    a_indices,
-                    a_data,
-                    b_indptr,
-                    b_indices,
-                    b_data,
-                    rows,
-                    sizes,
-                    shared_a,
-                    shared_b,
-                    g,
-                    code,
-                    alpha,
-                )
+            first, last = block_groups[block], block_groups[block + 1]
+            if block_work[block] * batch < threshold:
+                for g in range(first, last):
+                    run_group(
+                        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p,
+                        rows, sizes, shared_a, shared_b, g, code, alpha,
+                    )  # fmt: skip
+                continue
+            for g in numba.prange(first, last):
+                run_group(
+                    a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p,
+                    rows, sizes, shared_a, shared_b, g, code, alpha,
+                )  # fmt: skip
 
-    forward_groups, forward_groups_serial = threaded_and_serial(
-        _forward_groups, cache=True, nogil=True, fastmath={"contract"}
-    )
+    forward_groups = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})(_forward_groups)

@@ -139,15 +139,15 @@ def _solve_step(
         return []
     if isinstance(step, _Chain):  # acyclic blocks: fused kernels, straight from the model's CSR arrays
         A, B = model.A, model.B
-        threaded = kernels.threaded(step.work, V.shape[1])
         if V.shape[1] > 1:  # rows sharing their columns, held in registers (row_groups)
             g = step.groups
-            kernel = row_groups.forward_groups if threaded else row_groups.forward_groups_serial
-            kernel(
+            row_groups.forward_groups(
                 A.indptr, A.indices, A.data, B.indptr, B.indices, B.data, model.bias_x, V, p,
-                g.rows, g.sizes, g.shared_a, g.shared_b, g.block_groups, step.codes, step.alphas,
+                g.rows, g.sizes, g.shared_a, g.shared_b, g.block_groups, g.block_work, step.codes, step.alphas,
+                kernels.PARALLEL_THRESHOLD,
             )  # fmt: skip
             return []
+        threaded = kernels.threaded(step.work, V.shape[1])
         # One sample: unsigned indices speed up the gathers (see kernels.unsigned).
         kernel = kernels.forward_chain_single if threaded else kernels.forward_chain_single_serial
         u = kernels.unsigned
