@@ -265,10 +265,15 @@ class ImplicitModel:
         return solve(self, u, method=method, tol=tol, max_iter=max_iter, anderson_memory=anderson_memory)
 
     def predict(self, u: Any, **solve_options: Any) -> np.ndarray | dict[str, np.ndarray]:
-        """y shaped like the source network's output(s): one array, or a dict for several."""
-        from .runtime.batching import shape_outputs
+        """y shaped like the source network's output(s): one array, or a dict for several.
 
-        solution = self.solve(u, **solve_options)
+        The solver's state array is kept on the model between calls (one per thread, for the
+        last batch size), as only y is returned: (p + n) x batch values, released with the model.
+        """
+        from .runtime.batching import shape_outputs
+        from .runtime.solve import solve
+
+        solution = solve(self, u, reuse_state=True, **solve_options)
         return shape_outputs(self.outputs, solution.y)
 
     def save(self, path: str, overwrite: bool = False) -> None:

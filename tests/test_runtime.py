@@ -218,3 +218,28 @@ def test_states_stored_last_layer_first_give_the_same_predictions(mlp, rng):
     for batch in (1, 5):
         u = rng.normal(size=(batch, 6))
         np.testing.assert_allclose(model.predict(u), mlp.forward(u), rtol=1e-12, atol=1e-12)
+
+
+def test_predict_reuses_its_state_without_touching_returned_arrays(mlp, rng):
+    """predict keeps its state array between calls; what solve returned, and what an earlier
+    predict returned, stay as they were."""
+    model = mlp.implicit()
+    u1, u2 = rng.normal(size=(20, 6)), rng.normal(size=(20, 6))
+    solved = model.solve(u1)
+    x1 = solved.x.copy()
+    y1 = model.predict(u1)
+    y2 = model.predict(u2)
+    np.testing.assert_allclose(y1, mlp.forward(u1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y2, mlp.forward(u2), rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(solved.x, x1)
+
+
+def test_predict_from_several_threads_at_once(mlp, rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = mlp.implicit()
+    inputs = [rng.normal(size=(64, 6)) for _ in range(8)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outputs = list(pool.map(lambda u: [model.predict(u) for _ in range(20)][-1], inputs))
+    for u, y in zip(inputs, outputs):
+        np.testing.assert_allclose(y, mlp.forward(u), rtol=1e-12, atol=1e-12)

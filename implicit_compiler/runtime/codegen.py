@@ -12,15 +12,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-GROUP_SIZES = (8, 4, 2, 1)  # row_groups.GROUP_SIZES (kept import-free: this writes its kernels)
+GROUP_SIZES = (8, 6, 4, 2, 1)  # row_groups.GROUP_SIZES (kept import-free: this writes its kernels)
 GENERATED = Path(__file__).with_name("group_kernels.py")
 
 _HEADER = '''"""Per-group-size kernels of ``row_groups`` (generated: do not edit).
 
 Regenerate with ``python -m implicit_compiler.runtime.codegen``. ``group_R`` computes, for the
 R rows of group g and every sample, bias + the shared runs of B and A in registers, and stores
-it to the rows of ``values``; ``row_groups.finish_group`` adds the rest. The batch goes by
-chunks of 2 vectors, then 1, then the last lanes through masked loads and stores.
+it to the rows of ``values`` (with relu applied when ``relu``); ``row_groups.finish_group`` adds
+the rest. The batch goes by chunks of 2 vectors, then 1, then the last lanes through masked
+loads and stores.
 """
 
 # fmt: off
@@ -28,7 +29,7 @@ chunks of 2 vectors, then 1, then the last lanes through masked loads and stores
 
 import numba
 
-from .simd import vfma, vlanes, vload, vload_first, vprefetch, vsplat, vstore, vstore_first
+from .simd import vfma, vlanes, vload, vload_first, vprefetch, vrelu, vsplat, vstore, vstore_first
 
 _options = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False)
 PREFETCH = 4  # how far ahead, in vectors, the 2-vector loop asks the cache for a row's lanes
@@ -63,6 +64,9 @@ def _chunk_source(size: int, vectors: int, masked: bool) -> list[str]:
         for r in rows:
             updates = "; ".join(f"acc{r}_{v} = vfma(acc{r}_{v}, x{v}, w)" for v in lanes)
             lines.append(f"            w = {matrix}_data[start_{matrix}{r} + t]; {updates}")
+    lines.append("        if relu:")
+    for r in rows:
+        lines.append("            " + "; ".join(f"acc{r}_{v} = vrelu(acc{r}_{v})" for v in lanes))
     for r in rows:
         lines.append("        " + "; ".join(store.format(r, at(v), r, v) for v in lanes))
     if not masked:
@@ -72,7 +76,7 @@ def _chunk_source(size: int, vectors: int, masked: bool) -> list[str]:
 
 def _group_kernel_source(size: int) -> str:
     """The source of ``group_<size>``."""
-    arguments = "values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g"
+    arguments = "values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu"
     lines = [
         "",
         "",

@@ -32,8 +32,11 @@ except ImportError:  # pragma: no cover - numba is a dependency
     numba = None
 
 MAX_GROUP = 8
-GROUP_SIZES = (8, 4, 2, 1)
+GROUP_SIZES = (8, 6, 4, 2, 1)
 MIN_SHARED = 0.75  # fraction of a group's entries its shared runs must hold
+# A block runs its groups on threads from this many multiply-adds (non-zeros x batch) on; below,
+# on the calling thread. LeNet-5's pooling blocks at batch 256 (1.2M) gain from 2 threads.
+PARALLEL_THRESHOLD = 250_000
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,7 @@ class RowGroups:
     shared_b: np.ndarray  # the same in B
     block_groups: np.ndarray  # block k's groups are block_groups[k] : block_groups[k + 1]
     block_work: np.ndarray  # non-zeros of block k's rows of A and B
+    own: np.ndarray  # (G,) bool: some row of the group has entries outside the shared runs
 
 
 def group_rows(A, B, order: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> RowGroups:
@@ -57,7 +61,9 @@ def group_rows(A, B, order: np.ndarray, starts: np.ndarray, stops: np.ndarray) -
     )
     entries = np.diff(A.indptr) + np.diff(B.indptr)
     block_work = np.array([entries[order[a:b]].sum() for a, b in zip(starts, stops)], dtype=np.int64)
-    return RowGroups(rows, sizes, shared_a.view(np.uint64), shared_b.view(np.uint64), block_groups, block_work)
+    in_group = np.arange(MAX_GROUP) < sizes[:, None]
+    own = ((entries[rows] - shared_a[:, :1] - shared_b[:, :1]) * in_group).any(axis=1)
+    return RowGroups(rows, sizes, shared_a.view(np.uint64), shared_b.view(np.uint64), block_groups, block_work, own)
 
 
 if numba is not None:
@@ -199,7 +205,7 @@ if numba is not None:
             _add_own_entries(out, values, p, a_indptr, a_indices, a_data, i, start, start + length)
             _activate(out, code, alpha)
 
-    @numba.njit(cache=True, nogil=True, fastmath={"contract"})
+    @numba.njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
     def run_group(
         a_indptr,
         a_indices,
@@ -214,38 +220,44 @@ if numba is not None:
         sizes,
         shared_a,
         shared_b,
+        own,
         g,
         code,
         alpha,
     ):  # pragma: no cover - jitted
-        """Group g's rows of values, complete: the shared runs, the rows' own entries, phi."""
-        arguments = (values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g)
+        """Group g's rows of values, complete: the shared runs (and relu, when that is all),
+        then, where needed, the rows' own entries and phi."""
+        relu = code == 1 and not own[g]
+        arguments = (values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
         size = sizes[g]
         if size == 8:
             group_kernels.group_8(*arguments)
+        elif size == 6:
+            group_kernels.group_6(*arguments)
         elif size == 4:
             group_kernels.group_4(*arguments)
         elif size == 2:
             group_kernels.group_2(*arguments)
         else:
             group_kernels.group_1(*arguments)
-        finish_group(
-            values,
-            p,
-            a_indptr,
-            a_indices,
-            a_data,
-            b_indptr,
-            b_indices,
-            b_data,
-            rows,
-            sizes,
-            shared_a,
-            shared_b,
-            g,
-            code,
-            alpha,
-        )
+        if own[g] or code > 1:
+            finish_group(
+                values,
+                p,
+                a_indptr,
+                a_indices,
+                a_data,
+                b_indptr,
+                b_indices,
+                b_data,
+                rows,
+                sizes,
+                shared_a,
+                shared_b,
+                g,
+                code,
+                alpha,
+            )
 
     def _forward_groups(
         a_indptr,
@@ -261,6 +273,7 @@ if numba is not None:
         sizes,
         shared_a,
         shared_b,
+        own,
         block_groups,
         block_work,
         codes,
@@ -279,13 +292,13 @@ if numba is not None:
                 for g in range(first, last):
                     run_group(
                         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p,
-                        rows, sizes, shared_a, shared_b, g, code, alpha,
+                        rows, sizes, shared_a, shared_b, own, g, code, alpha,
                     )  # fmt: skip
                 continue
             for g in numba.prange(first, last):
                 run_group(
                     a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p,
-                    rows, sizes, shared_a, shared_b, g, code, alpha,
+                    rows, sizes, shared_a, shared_b, own, g, code, alpha,
                 )  # fmt: skip
 
     forward_groups = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})(_forward_groups)

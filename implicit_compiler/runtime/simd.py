@@ -12,7 +12,8 @@ lives in SSA registers like a scalar:
 
 ``vlanes(values)`` is the lane count for the array's dtype, a compile-time constant;
 ``vload_first`` / ``vstore_first`` touch only the first ``count`` lanes (masked: nothing past
-them is read or written), for the end of a row. ``vprefetch`` asks the cache for a line soon.
+them is read or written), for the end of a row. ``vprefetch`` asks the cache for a line soon;
+``vrelu`` is max(vector, 0).
 Arrays are 2-d with contiguous rows (C order, or column slices of it). Loads and stores are
 unaligned and unchecked: callers keep column + lanes <= values.shape[1]. On machines without
 32-byte vectors LLVM splits them into narrower ones; the results are the same.
@@ -192,3 +193,15 @@ def vprefetch(typingctx, array, row, column):
         return context.get_dummy_value()
 
     return types.none(array, row, column), codegen
+
+
+@intrinsic
+def vrelu(typingctx, vector):
+    """max(vector, 0) lane by lane (a NaN lane gives 0, as ``x if x > 0 else 0``)."""
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(signature.args[0])
+        zero = ir.Constant(vector_type, [0.0] * vector_type.count)
+        return builder.select(builder.fcmp_ordered(">", args[0], zero), args[0], zero)
+
+    return vector(vector), codegen
