@@ -145,6 +145,17 @@ if numba is not None:
                         row += 1
         return count
 
+    @numba.njit(cache=True, nogil=True)
+    def transpose_into(source, target):  # pragma: no cover - jitted
+        """target[i, j] = source[j, i], by strips of 16 columns of source: numpy's transposed
+        copy of a (256, 1024) float32 batch reads one 4 KiB-strided column at a time, whose
+        lines all fall in the same cache sets (730 us here, against 100)."""
+        batch, size = source.shape
+        for first in range(0, size, 16):
+            for j in range(batch):
+                for i in range(first, min(size, first + 16)):
+                    target[i, j] = source[j, i]
+
 
 # Below this many multiply-adds (non-zeros x batch) a chain runs on one thread.
 PARALLEL_THRESHOLD = 2_000_000

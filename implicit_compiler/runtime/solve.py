@@ -118,7 +118,10 @@ def solve(
         anderson_memory = 0 if method == "picard" else anderson_memory
     # V = [u; x] as one (p + n, batch) array: the fused kernel reads both through one index.
     V = _state_array(model, U.shape[0], zeroed=any(step.cyclic for step in steps), reuse=reuse_state)
-    V[: model.p] = U.T
+    if U.shape[0] > 1 and kernels.available():
+        kernels.transpose_into(U, V[: model.p])
+    else:
+        V[: model.p] = U.T
     U, X = V[: model.p], V[model.p :]
     histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
     for step in steps:
