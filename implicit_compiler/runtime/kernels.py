@@ -50,7 +50,9 @@ if numba is not None:
     def _forward_chain_single(  # pragma: no cover - jitted
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
     ):
-        """``forward_chain`` for one sample (values of shape (p + n,)): a scalar accumulator."""
+        """Blocks one after another, block k's rows order[starts[k]:stops[k]] in parallel:
+        values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]) for one sample (values
+        of shape (p + n,)), each row a dot product."""
         for block in range(starts.shape[0]):
             code, alpha = codes[block], alphas[block]
             for position in numba.prange(starts[block], stops[block]):
