@@ -101,3 +101,29 @@ def _outputs(prediction, compiled: ic.ImplicitModel) -> list[np.ndarray]:
     if isinstance(prediction, dict):
         return [prediction[spec.name] for spec in compiled.outputs]
     return [prediction]
+
+
+def gemm_tanh_chain(layers: list[tuple[int, int]], seed: int = 0) -> onnx.ModelProto:
+    """Gemm -> Tanh repeated, ``layers`` = [(outputs, inputs)], random weights and biases."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, initializers, value = [], [], "x"
+    for index, (rows, columns) in enumerate(layers):
+        initializers += [
+            numpy_helper.from_array(rng.standard_normal((columns, rows)).astype(np.float32), f"W{index}"),
+            numpy_helper.from_array(rng.standard_normal(rows).astype(np.float32), f"B{index}"),
+        ]
+        nodes += [
+            helper.make_node("Gemm", [value, f"W{index}", f"B{index}"], [f"g{index}"]),
+            helper.make_node("Tanh", [f"g{index}"], [f"t{index}"]),
+        ]
+        value = f"t{index}"
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", layers[0][1]])],
+        [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_helpers import assert_matches_onnxruntime
+from onnx_helpers import assert_matches_onnxruntime, gemm_tanh_chain
 
 from implicit_compiler.runtime import codegen, kernels, row_groups
 
@@ -97,7 +97,7 @@ def residual_network(channels: int = 8, size: int = 6, seed: int = 0) -> onnx.Mo
 @pytest.mark.parametrize("threaded", [False, True])
 @pytest.mark.parametrize("batch", BATCHES)
 def test_residual_network_matches_the_references(batch, threaded, monkeypatch):
-    monkeypatch.setattr(kernels, "PARALLEL_THRESHOLD", 0 if threaded else 1 << 62)
+    monkeypatch.setattr(row_groups, "PARALLEL_THRESHOLD", 0 if threaded else 1 << 62)
     compiled = assert_matches_onnxruntime(residual_network(), batch=batch)
     steps = solve_module._execution_steps(compiled, structured=False)
     assert any(isinstance(step, solve_module._Chain) for step in steps)
@@ -105,19 +105,7 @@ def test_residual_network_matches_the_references(batch, threaded, monkeypatch):
 
 def test_tanh_chain_with_odd_sizes_matches_the_references():
     """Dense layers of 13 and 7 rows: groups of 8, 4, 1 and 6, 1."""
-    rng = np.random.default_rng(4)
-    nodes, initializers, value = [], [], "x"
-    for index, (rows, columns) in enumerate([(13, 5), (7, 13)]):
-        initializers += [
-            numpy_helper.from_array(rng.standard_normal((columns, rows)).astype(np.float32), f"W{index}"),
-            numpy_helper.from_array(rng.standard_normal(rows).astype(np.float32), f"B{index}"),
-        ]
-        nodes += [
-            helper.make_node("Gemm", [value, f"W{index}", f"B{index}"], [f"g{index}"]),
-            helper.make_node("Tanh", [f"g{index}"], [f"t{index}"]),
-        ]
-        value = f"t{index}"
-    compiled = assert_matches_onnxruntime(_model(nodes, initializers, (5,), value), batch=29)
+    compiled = assert_matches_onnxruntime(gemm_tanh_chain([(13, 5), (7, 13)], seed=4), batch=29)
     (chain,) = solve_module._execution_steps(compiled, structured=False)
     assert sorted(chain.groups.sizes.tolist()) == [1, 1, 4, 6, 8]
 

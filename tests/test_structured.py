@@ -15,7 +15,7 @@ import onnx
 import pytest
 import scipy.sparse as sp
 from onnx import TensorProto, helper, numpy_helper
-from onnx_helpers import assert_matches_onnxruntime
+from onnx_helpers import assert_matches_onnxruntime, gemm_tanh_chain
 
 import implicit_compiler as ic
 from implicit_compiler.runtime.structured import Convolution, Dense, find_convolution, tensor_sources
@@ -93,26 +93,7 @@ def test_grouped_convolution_stays_sparse_and_exact():
 
 
 def test_gemm_layers_run_as_dense_products():
-    rng = np.random.default_rng(1)
-    nodes, initializers, value = [], [], "x"
-    for index, (rows, columns) in enumerate([(40, 30), (20, 40)]):
-        initializers += [
-            numpy_helper.from_array(rng.standard_normal((columns, rows)).astype(np.float32), f"W{index}"),
-            numpy_helper.from_array(rng.standard_normal(rows).astype(np.float32), f"B{index}"),
-        ]
-        nodes += [
-            helper.make_node("Gemm", [value, f"W{index}", f"B{index}"], [f"g{index}"]),
-            helper.make_node("Tanh", [f"g{index}"], [f"t{index}"]),
-        ]
-        value = f"t{index}"
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 30])],
-        [helper.make_tensor_value_info(value, TensorProto.FLOAT, None)],
-        initializers,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = gemm_tanh_chain([(40, 30), (20, 40)], seed=1)
     for batch in (1, SMALL, LARGE):
         compiled = assert_matches_onnxruntime(model, batch=batch)
     steps = solve_module._execution_steps(compiled, structured=True)

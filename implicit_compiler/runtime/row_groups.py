@@ -55,6 +55,11 @@ class RowGroups:
     block_work: np.ndarray  # non-zeros of block k's rows of A and B
     own: np.ndarray  # (G,) bool: some row of the group has entries outside the shared runs
 
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """What the kernels take: (rows, sizes, shared_a, shared_b, own)."""
+        return self.rows, self.sizes, self.shared_a, self.shared_b, self.own
+
 
 def group_rows(A, B, order: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> RowGroups:
     """The groups of the blocks order[starts[k] : stops[k]] (rows of the CSR arrays A and B)."""
@@ -180,24 +185,10 @@ if numba is not None:
                 out[j] += weight * source[j]
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"})
-    def finish_group(
-        values,
-        p,
-        a_indptr,
-        a_indices,
-        a_data,
-        b_indptr,
-        b_indices,
-        b_data,
-        rows,
-        sizes,
-        shared_a,
-        shared_b,
-        g,
-        code,
-        alpha,
-    ):  # pragma: no cover - jitted
+    def finish_group(values, p, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
         """After ``group_kernels.group_<R>``: each row's own entries, then phi."""
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data = matrices
+        rows, sizes, shared_a, shared_b, _ = groups
         for r in range(sizes[g]):
             i = rows[g, r]
             out = values[p + i]
@@ -208,27 +199,11 @@ if numba is not None:
             _activate(out, code, alpha)
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
-    def run_group(
-        a_indptr,
-        a_indices,
-        a_data,
-        b_indptr,
-        b_indices,
-        b_data,
-        bias,
-        values,
-        p,
-        rows,
-        sizes,
-        shared_a,
-        shared_b,
-        own,
-        g,
-        code,
-        alpha,
-    ):  # pragma: no cover - jitted
+    def run_group(values, p, bias, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
         """Group g's rows of values, complete: the shared runs (and relu, when that is all),
         then, where needed, the rows' own entries and phi."""
+        _, a_indices, a_data, _, b_indices, b_data = matrices
+        rows, sizes, shared_a, shared_b, own = groups
         relu = code == 1 and not own[g]
         arguments = (values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
         size = sizes[g]
@@ -243,64 +218,25 @@ if numba is not None:
         else:
             group_kernels.group_1(*arguments)
         if own[g] or code > 1:
-            finish_group(
-                values,
-                p,
-                a_indptr,
-                a_indices,
-                a_data,
-                b_indptr,
-                b_indices,
-                b_data,
-                rows,
-                sizes,
-                shared_a,
-                shared_b,
-                g,
-                code,
-                alpha,
-            )
+            finish_group(values, p, matrices, groups, g, code, alpha)
 
     def _forward_groups(
-        a_indptr,
-        a_indices,
-        a_data,
-        b_indptr,
-        b_indices,
-        b_data,
-        bias,
-        values,
-        p,
-        rows,
-        sizes,
-        shared_a,
-        shared_b,
-        own,
-        block_groups,
-        block_work,
-        codes,
-        alphas,
-        threshold,
+        values, p, bias, matrices, groups, block_groups, block_work, codes, alphas, threshold
     ):  # pragma: no cover - jitted
-        """Blocks one after another (see the module docstring), each block's groups in parallel
-        when its multiply-adds (block_work x batch) reach ``threshold``, else in this thread
-        (waking the workers costs more than such a block). values is V = [u; x],
-        (p + n, batch), C-contiguous."""
+        """The chain's blocks one after another (see the module docstring) on values = V =
+        [u; x], (p + n, batch), C-contiguous. matrices: A's then B's CSR arrays (indptr,
+        indices, data); groups: ``RowGroups.arrays``. A block's groups run on threads when its
+        multiply-adds (block_work x batch) reach ``threshold``, else on this thread (waking
+        the workers costs more than such a block)."""
         batch = values.shape[1]
         for block in range(block_groups.shape[0] - 1):
             code, alpha = codes[block], alphas[block]
             first, last = block_groups[block], block_groups[block + 1]
             if block_work[block] * batch < threshold:
                 for g in range(first, last):
-                    run_group(
-                        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p,
-                        rows, sizes, shared_a, shared_b, own, g, code, alpha,
-                    )  # fmt: skip
-                continue
-            for g in numba.prange(first, last):
-                run_group(
-                    a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p,
-                    rows, sizes, shared_a, shared_b, own, g, code, alpha,
-                )  # fmt: skip
+                    run_group(values, p, bias, matrices, groups, g, code, alpha)
+            else:
+                for g in numba.prange(first, last):
+                    run_group(values, p, bias, matrices, groups, g, code, alpha)
 
     forward_groups = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})(_forward_groups)

@@ -163,10 +163,9 @@ def _solve_step(
     if isinstance(step, _Chain):  # acyclic blocks: fused kernels, straight from the model's CSR arrays
         A, B = model.A, model.B
         if V.shape[1] > 1:  # rows sharing their columns, held in registers (row_groups)
-            g = step.groups
+            g, matrices = step.groups, (A.indptr, A.indices, A.data, B.indptr, B.indices, B.data)
             row_groups.forward_groups(
-                A.indptr, A.indices, A.data, B.indptr, B.indices, B.data, model.bias_x, V, p,
-                g.rows, g.sizes, g.shared_a, g.shared_b, g.own, g.block_groups, g.block_work, step.codes, step.alphas,
+                V, p, model.bias_x, matrices, g.arrays, g.block_groups, g.block_work, step.codes, step.alphas,
                 row_groups.PARALLEL_THRESHOLD,
             )  # fmt: skip
             return []
