@@ -74,10 +74,6 @@ if numba is not None:
                     total = total * total
                 values[p + i] = total
 
-    # Each kernel twice: threads for big chains, one thread for small ones (where waking the
-    # thread pool for every block costs more than the work).
-    # The one-sample kernel is a dot product per row: letting the compiler reassociate its sum
-    # (several partial sums instead of one chain of dependent additions) makes it much faster.
     def threaded_and_serial(function, **options):
         """The function compiled twice: with ``prange`` run by threads, and on one thread.
 
@@ -91,6 +87,10 @@ if numba is not None:
         serial.__qualname__ = f"{function.__qualname__}_serial"
         return numba.njit(parallel=True, **options)(function), numba.njit(parallel=False, **options)(serial)
 
+    # Each kernel twice: threads for big chains, one thread for small ones (where waking the
+    # thread pool for every block costs more than the work).
+    # The one-sample kernel is a dot product per row: letting the compiler reassociate its sum
+    # (several partial sums instead of one chain of dependent additions) makes it much faster.
     _dot_options = dict(cache=True, nogil=True, fastmath={"contract", "reassoc"})
     forward_chain_single, forward_chain_single_serial = threaded_and_serial(_forward_chain_single, **_dot_options)
 
