@@ -47,6 +47,21 @@ def available() -> bool:
 
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def phi(x, code, alpha):  # pragma: no cover - jitted
+        """The activation of code ``code`` (see above) at x."""
+        if code == 1:
+            return x if x > 0 else 0
+        if code == 2:
+            return x if x >= 0 else alpha * x
+        if code == 3:
+            return np.tanh(x)
+        if code == 4:
+            return 0.5 + 0.5 * np.tanh(0.5 * x)
+        if code == 5:
+            return x * x
+        return x
+
     def _forward_chain_single(  # pragma: no cover - jitted
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
     ):
@@ -62,17 +77,7 @@ if numba is not None:
                     total += b_data[k] * values[b_indices[k]]
                 for k in range(a_indptr[i], a_indptr[i + 1]):
                     total += a_data[k] * values[p + a_indices[k]]
-                if code == 1:
-                    total = max(total, 0)
-                elif code == 2:
-                    total = total if total >= 0 else alpha * total
-                elif code == 3:
-                    total = np.tanh(total)
-                elif code == 4:
-                    total = 0.5 + 0.5 * np.tanh(0.5 * total)
-                elif code == 5:
-                    total = total * total
-                values[p + i] = total
+                values[p + i] = phi(total, code, alpha)
 
     def threaded_and_serial(function, **options):
         """The function compiled twice: with ``prange`` run by threads, and on one thread.

@@ -152,25 +152,14 @@ if numba is not None:
         return rows[:g].copy(), sizes[:g].copy(), shared_a[:g].copy(), shared_b[:g].copy(), block_groups
 
     from . import group_kernels
+    from .kernels import phi
 
     @numba.njit(cache=True, nogil=True, inline="always")
     def _activate(out, code, alpha):  # pragma: no cover - jitted
-        """phi in place (codes as in ``kernels``)."""
-        if code == 1:
+        """phi in place (``kernels.phi``)."""
+        if code != 0:
             for j in range(out.shape[0]):
-                out[j] = out[j] if out[j] > 0 else 0
-        elif code == 2:
-            for j in range(out.shape[0]):
-                out[j] = out[j] if out[j] >= 0 else alpha * out[j]
-        elif code == 3:
-            for j in range(out.shape[0]):
-                out[j] = np.tanh(out[j])
-        elif code == 4:
-            for j in range(out.shape[0]):
-                out[j] = 0.5 + 0.5 * np.tanh(0.5 * out[j])
-        elif code == 5:
-            for j in range(out.shape[0]):
-                out[j] = out[j] * out[j]
+                out[j] = phi(out[j], code, alpha)
 
     @numba.njit(cache=True, nogil=True, inline="always")
     def _add_own_entries(out, values, offset, indptr, indices, data, i, start, stop):  # pragma: no cover
