@@ -15,7 +15,8 @@ All engines run in this one process, side by side, on the same float32 input:
 * ours: ``from_onnx(path, dtype=float32).predict(u)`` on float32 input.
 
 Each is timed as the median of at least ``repeats`` runs, after ``warmup`` runs, and for at least
-``min_seconds`` in all. Before timing, ours is checked against onnxruntime at batch 32
+``min_seconds`` in all, the engines taking turns over ``rounds`` rounds (``time_side_by_side``)
+so that a slow spell of the machine falls on all of them. Before timing, ours is checked against onnxruntime at batch 32
 (``CorrectnessError`` when the max abs difference exceeds ``check_tolerance`` times the largest
 |onnxruntime| output). Per model the report also holds the compile time (median of
 ``compile_runs`` fresh ``from_onnx`` calls), the model memory next to the float32 + int32 CSR
@@ -166,6 +167,7 @@ class Settings:
     repeats: int
     warmup: int
     min_seconds: float
+    rounds: int
     compile_runs: int
     include_torch: bool
     check_tolerance: float
@@ -280,7 +282,8 @@ class BenchReport:
             "# implicit_compiler benchmark",
             "",
             f"Run {self.started} ({self.seconds:.0f} s). Median of at least {self.settings.repeats} runs and "
-            f"{self.settings.min_seconds:g} s after {self.settings.warmup} warm-up runs; images per second "
+            f"{self.settings.min_seconds:g} s after {self.settings.warmup} warm-up runs, the engines taking turns "
+            f"over {self.settings.rounds} rounds; images per second "
             "(higher is better); ours/ORT > 1 means ours is faster.",
             "",
             "| model | batch | ORT img/s | torch img/s | ours img/s | ours/ORT |",
@@ -372,28 +375,55 @@ def _machine_lines(machine: MachineInfo) -> list[str]:
 
 
 # --------------------------------------------------------------------------------- timing
-def time_callable(
-    function: Callable[[], Any], *, batch: int, engine: str, repeats: int, warmup: int, min_seconds: float
-) -> tuple[Timing, Any]:
-    """Warm up, then run until at least ``repeats`` runs and ``min_seconds`` in all; the last result too."""
-    result = None
-    for _ in range(warmup):
-        result = function()
-    times: list[float] = []
-    busy_before, own_before = _system_busy_seconds(), _own_cpu_seconds()
-    started = time.perf_counter()
-    while len(times) < max(repeats, 1) or time.perf_counter() - started < min_seconds:
-        t0 = time.perf_counter()
-        result = function()
-        times.append(time.perf_counter() - t0)
-    wall = time.perf_counter() - started
-    busy_after, own_after = _system_busy_seconds(), _own_cpu_seconds()
-    other = None
-    if busy_before is not None and busy_after is not None and wall > 0:
-        other_seconds = (busy_after - busy_before) - (own_after - own_before)
-        other = round(min(max(other_seconds / (wall * (os.cpu_count() or 1)), 0.0), 1.0), 3)
-    timing = Timing(engine, batch, len(times), statistics.median(times), min(times), max(times), other)
-    return timing, result
+def time_side_by_side(
+    functions: dict[str, Callable[[], Any]],
+    *,
+    batch: int,
+    repeats: int,
+    warmup: int,
+    min_seconds: float,
+    rounds: int = 1,
+) -> dict[str, tuple[Timing, Any]]:
+    """Time the engines by turns: after ``warmup`` runs of each, ``rounds`` rounds in which each
+    engine in turn runs at least repeats / rounds times and min_seconds / rounds seconds. Each gets
+    at least ``repeats`` runs and ``min_seconds`` in all; returns its Timing and last result.
+
+    Taking turns makes a slow spell of the machine (seconds long on a shared VM) fall on every
+    engine rather than on whichever ran then; a turn of several runs keeps one engine's idle
+    threads (which spin briefly after a run) from running during the next engine's runs but the
+    first."""
+    rounds = max(1, min(rounds, repeats))
+    runs_per_turn, seconds_per_turn = -(-repeats // rounds), min_seconds / rounds
+    results: dict[str, Any] = {}
+    for engine, function in functions.items():
+        for _ in range(warmup):
+            results[engine] = function()
+    times: dict[str, list[float]] = {engine: [] for engine in functions}
+    wall = dict.fromkeys(functions, 0.0)
+    other_seconds: dict[str, float | None] = dict.fromkeys(functions, 0.0)
+    for _ in range(rounds):
+        for engine, function in functions.items():
+            busy_before, own_before = _system_busy_seconds(), _own_cpu_seconds()
+            started, turn = time.perf_counter(), []
+            while len(turn) < runs_per_turn or time.perf_counter() - started < seconds_per_turn:
+                t0 = time.perf_counter()
+                results[engine] = function()
+                turn.append(time.perf_counter() - t0)
+            wall[engine] += time.perf_counter() - started
+            times[engine] += turn
+            busy_after, own_after = _system_busy_seconds(), _own_cpu_seconds()
+            if busy_before is None or busy_after is None or other_seconds[engine] is None:
+                other_seconds[engine] = None
+            else:
+                other_seconds[engine] += (busy_after - busy_before) - (own_after - own_before)
+    timings = {}
+    for engine, runs in times.items():
+        other = other_seconds[engine]
+        if other is not None and wall[engine] > 0:
+            other = round(min(max(other / (wall[engine] * (os.cpu_count() or 1)), 0.0), 1.0), 3)
+        timing = Timing(engine, batch, len(runs), statistics.median(runs), min(runs), max(runs), other)
+        timings[engine] = (timing, results[engine])
+    return timings
 
 
 def _system_busy_seconds() -> float | None:
@@ -676,6 +706,7 @@ def run_benchmark(
     min_seconds: float = 1.0,
     include_torch: bool = True,
     *,
+    rounds: int = 5,
     compile_runs: int = 3,
     check_tolerance: float = 1e-3,
     measure_compile_memory: bool = True,
@@ -697,8 +728,8 @@ def run_benchmark(
         raise ValueError("no models to benchmark")
     if not batches or min(batches) < 1:
         raise ValueError(f"batch sizes must be positive integers, got {batches}")
-    if repeats < 1 or warmup < 0 or min_seconds < 0 or compile_runs < 1:
-        raise ValueError("repeats and compile_runs must be >= 1, warmup and min_seconds >= 0")
+    if repeats < 1 or rounds < 1 or warmup < 0 or min_seconds < 0 or compile_runs < 1:
+        raise ValueError("repeats, rounds and compile_runs must be >= 1, warmup and min_seconds >= 0")
     paths = {name: _resolve_model(name, zoo_dir) for name in models}
     say = progress or (lambda message: None)
     notes: list[str] = []
@@ -713,9 +744,10 @@ def run_benchmark(
         notes.append("torch not run (--no-torch)")
     threads = usable_cores()
     load_average_start = _load_average()
-    settings = Settings(models, batches, repeats, warmup, min_seconds, compile_runs, torch is not None,
+    rounds = min(rounds, repeats)  # as time_side_by_side runs them
+    settings = Settings(models, batches, repeats, warmup, min_seconds, rounds, compile_runs, torch is not None,
                         check_tolerance, seed)  # fmt: skip
-    timing = dict(repeats=repeats, warmup=warmup, min_seconds=min_seconds)
+    timing = dict(repeats=repeats, warmup=warmup, min_seconds=min_seconds, rounds=rounds)
 
     results = []
     for name in models:
@@ -817,12 +849,14 @@ def _bench_model(
     batch_results = []
     for batch in batches:
         u = np.random.default_rng([seed, batch]).standard_normal((batch, *input_shape)).astype(np.float32)
-        ort_timing, y_ort = time_callable(lambda u=u: run_ort(u), batch=batch, engine="onnxruntime", **timing)
-        torch_timing = None
+        functions = {"onnxruntime": lambda u=u: run_ort(u)}
         if torch_module is not None:
             tu = torch.from_numpy(u)
-            torch_timing, _ = time_callable(lambda tu=tu: run_torch(tu), batch=batch, engine="torch", **timing)
-        ours_timing, y_ours = time_callable(lambda u=u: model.predict(u), batch=batch, engine="ours", **timing)
+            functions["torch"] = lambda tu=tu: run_torch(tu)
+        functions["ours"] = lambda u=u: model.predict(u)
+        timed = time_side_by_side(functions, batch=batch, **timing)
+        (ort_timing, y_ort), (ours_timing, y_ours) = timed["onnxruntime"], timed["ours"]
+        torch_timing = timed["torch"][0] if "torch" in timed else None
         diff = _max_abs(np.asarray(y_ours).reshape(y_ort.shape), y_ort)
         result = BatchResult(batch, ort_timing, ours_timing, torch_timing, diff)
         batch_results.append(result)

@@ -275,6 +275,8 @@ def command_bench(args: argparse.Namespace) -> int:
         quick["repeats"] = args.repeats
     if args.min_seconds is not None:
         quick["min_seconds"] = args.min_seconds
+    if args.rounds is not None:
+        quick["rounds"] = args.rounds
     progress = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
     try:
         report = bench.run_benchmark(models, batches, include_torch=not args.no_torch, progress=progress, **quick)
@@ -365,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--quick", action="store_true", help="fewer repeats and one compile (for tests)")
     sub.add_argument("--repeats", type=int, help="least number of timed runs (default 5, --quick 2)")
     sub.add_argument("--min-seconds", type=float, help="least seconds timed per measurement (default 1, --quick 0)")
+    sub.add_argument("--rounds", type=int, help="rounds in which the engines take turns (default 5)")
     sub.add_argument("--no-torch", action="store_true", help="skip the torch eager column")
     sub.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (default out/bench)")
     sub.add_argument("--quiet", action="store_true", help="no progress lines on stderr")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["bench", "--models", "lenet5", "--batches", "1", "4", "--quick", "--no-torch"]
+ARGS = ["bench", "--models", "lenet5", "--batches", "1", "4", "--quick", "--no-torch", "--rounds", "2"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -37,6 +37,7 @@ def test_bench_writes_json_and_markdown(bench_run):
     assert {"numpy", "scipy", "numba", "onnxruntime", "torch"} <= machine["versions"].keys()
     assert "onnxruntime intra_op_num_threads" in machine["threads"]
     assert report["settings"]["batches"] == [1, 4] and report["settings"]["include_torch"] is False
+    assert report["settings"]["rounds"] == 2 and "taking turns over 2 rounds" in (out / "bench.md").read_text()
     assert any("torch" in note for note in report["notes"])
 
     (model,) = report["models"]
@@ -97,3 +98,26 @@ def test_torch_is_optional(monkeypatch):
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     torch, note = bench._import_torch()
     assert torch is None and "torch column is skipped" in note
+
+
+def test_engines_take_turns():
+    from implicit_compiler import bench
+
+    calls: list[str] = []
+
+    def engine(name: str):
+        def run() -> str:
+            calls.append(name)
+            return name
+
+        return run
+
+    timed = bench.time_side_by_side(
+        {"onnxruntime": engine("onnxruntime"), "ours": engine("ours")},
+        batch=4, repeats=6, warmup=1, min_seconds=0.0, rounds=3,
+    )  # fmt: skip
+    # warm-up, then three rounds of two runs each, taking turns
+    assert calls == ["onnxruntime", "ours"] + (["onnxruntime"] * 2 + ["ours"] * 2) * 3
+    for name, (timing, result) in timed.items():
+        assert result == name and timing.engine == name and timing.batch == 4 and timing.runs == 6
+        assert 0 < timing.min_seconds <= timing.median_seconds <= timing.max_seconds

@@ -14,6 +14,12 @@ from pathlib import Path
 
 GROUP_SIZES = (8, 6, 4, 2, 1)  # row_groups.GROUP_SIZES (kept import-free: this writes its kernels)
 GENERATED = Path(__file__).with_name("group_kernels.py")
+# Groups of up to this many rows are inlined into the caller: a call passes every array as its
+# fields (about 60 arguments), which costs more than a light group's work (LeNet-5's pooling
+# rows: 2 entries each). Inlining the big kernels too made them slower (conv 2: 27 -> 40 ns per
+# group and sample) and their first compile 3x longer.
+INLINED = 2
+_ARGUMENTS = "values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu"
 
 _HEADER = '''"""Per-group-size kernels of ``row_groups`` (generated: do not edit).
 
@@ -31,7 +37,8 @@ import numba
 
 from .simd import vfma, vlanes, vload, vload_first, vprefetch, vrelu, vsplat, vstore, vstore_first
 
-_options = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False)
+# _nrt=False: no reference counting of the arrays (see row_groups.forward_groups)
+_options = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False, _nrt=False)
 PREFETCH = 4  # how far ahead, in vectors, the 2-vector loop asks the cache for a row's lanes
 '''
 
@@ -76,12 +83,11 @@ def _chunk_source(size: int, vectors: int, masked: bool) -> list[str]:
 
 def _group_kernel_source(size: int) -> str:
     """The source of ``group_<size>``."""
-    arguments = "values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu"
     lines = [
         "",
         "",
-        "@numba.njit(**_options)",
-        f"def group_{size}({arguments}):  # pragma: no cover",
+        "@numba.njit(**_options)" if size > INLINED else '@numba.njit(inline="always", **_options)',
+        f"def group_{size}({_ARGUMENTS}):  # pragma: no cover",
         "    lanes, batch = vlanes(values), values.shape[1]",
         "    length_a, length_b = shared_a[g, 0], shared_b[g, 0]",
     ]
@@ -95,9 +101,26 @@ def _group_kernel_source(size: int) -> str:
     return "\n".join(lines) + "\n"  # fmt: skip
 
 
+def _dispatch_source() -> str:
+    """The source of ``shared_runs``: ``group_<size>`` for a group's size."""
+    lines = [
+        "",
+        "",
+        '@numba.njit(inline="always", **_options)',
+        f"def shared_runs(size, {_ARGUMENTS}):  # pragma: no cover",
+    ]
+    for position, size in enumerate(GROUP_SIZES):
+        if position == len(GROUP_SIZES) - 1:
+            lines.append("    else:")
+        else:
+            lines.append(f"    {'if' if position == 0 else 'elif'} size == {size}:")
+        lines.append(f"        group_{size}({_ARGUMENTS})")
+    return "\n".join(lines) + "\n"
+
+
 def generated_source() -> str:
     """The text of ``group_kernels.py``."""
-    return _HEADER + "".join(_group_kernel_source(size) for size in GROUP_SIZES)
+    return _HEADER + "".join(_group_kernel_source(size) for size in GROUP_SIZES) + _dispatch_source()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,8 @@ import numba
 
 from .simd import vfma, vlanes, vload, vload_first, vprefetch, vrelu, vsplat, vstore, vstore_first
 
-_options = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False)
+# _nrt=False: no reference counting of the arrays (see row_groups.forward_groups)
+_options = dict(cache=True, nogil=True, fastmath={"contract"}, boundscheck=False, _nrt=False)
 PREFETCH = 4  # how far ahead, in vectors, the 2-vector loop asks the cache for a row's lanes
 
 
@@ -414,7 +415,7 @@ def group_4(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_
         vstore_first(values, p + row3, j, acc3_0, count)
 
 
-@numba.njit(**_options)
+@numba.njit(inline="always", **_options)
 def group_2(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu):  # pragma: no cover
     lanes, batch = vlanes(values), values.shape[1]
     length_a, length_b = shared_a[g, 0], shared_b[g, 0]
@@ -482,7 +483,7 @@ def group_2(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_
         vstore_first(values, p + row1, j, acc1_0, count)
 
 
-@numba.njit(**_options)
+@numba.njit(inline="always", **_options)
 def group_1(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu):  # pragma: no cover
     lanes, batch = vlanes(values), values.shape[1]
     length_a, length_b = shared_a[g, 0], shared_b[g, 0]
@@ -532,3 +533,17 @@ def group_1(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_
         if relu:
             acc0_0 = vrelu(acc0_0)
         vstore_first(values, p + row0, j, acc0_0, count)
+
+
+@numba.njit(inline="always", **_options)
+def shared_runs(size, values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu):  # pragma: no cover
+    if size == 8:
+        group_8(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
+    elif size == 6:
+        group_6(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
+    elif size == 4:
+        group_4(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
+    elif size == 2:
+        group_2(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
+    else:
+        group_1(values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)

@@ -173,7 +173,7 @@ if numba is not None:
             for j in range(out.shape[0]):
                 out[j] += weight * source[j]
 
-    @numba.njit(cache=True, nogil=True, fastmath={"contract"})
+    @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False)
     def finish_group(values, p, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
         """After ``group_kernels.group_<R>``: each row's own entries, then phi."""
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data = matrices
@@ -187,25 +187,16 @@ if numba is not None:
             _add_own_entries(out, values, p, a_indptr, a_indices, a_data, i, start, start + length)
             _activate(out, code, alpha)
 
-    @numba.njit(cache=True, nogil=True, fastmath={"contract"}, inline="always")
+    @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False, inline="always")
     def run_group(values, p, bias, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
         """Group g's rows of values, complete: the shared runs (and relu, when that is all),
         then, where needed, the rows' own entries and phi."""
         _, a_indices, a_data, _, b_indices, b_data = matrices
         rows, sizes, shared_a, shared_b, own = groups
         relu = code == 1 and not own[g]
-        arguments = (values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu)
-        size = sizes[g]
-        if size == 8:
-            group_kernels.group_8(*arguments)
-        elif size == 6:
-            group_kernels.group_6(*arguments)
-        elif size == 4:
-            group_kernels.group_4(*arguments)
-        elif size == 2:
-            group_kernels.group_2(*arguments)
-        else:
-            group_kernels.group_1(*arguments)
+        group_kernels.shared_runs(
+            sizes[g], values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu
+        )
         if own[g] or code > 1:
             finish_group(values, p, matrices, groups, g, code, alpha)
 
@@ -228,4 +219,8 @@ if numba is not None:
                 for g in numba.prange(first, last):
                     run_group(values, p, bias, matrices, groups, g, code, alpha)
 
-    forward_groups = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"})(_forward_groups)
+    # _nrt=False here and in everything it calls: no reference counting of the arrays passed
+    # per group (numba's atomic increments and decrements took 65% of LeNet-5's pooling blocks).
+    forward_groups = numba.njit(parallel=True, cache=True, nogil=True, fastmath={"contract"}, _nrt=False)(
+        _forward_groups
+    )
