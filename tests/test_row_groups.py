@@ -16,6 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_helpers import assert_matches_onnxruntime, gemm_tanh_chain
 
+from implicit_compiler import from_onnx
 from implicit_compiler.runtime import codegen, kernels, row_groups
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
@@ -172,3 +173,24 @@ def test_generated_kernels_are_current():
         "run: python -m implicit_compiler.runtime.codegen"
     )
     assert codegen.GROUP_SIZES == row_groups.GROUP_SIZES
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 5), (3, 70), (8, 8), (29, 131), (67, 64)])
+def test_transpose_into_matches_numpy(dtype, shape):
+    """Register tiles where both sizes allow them, single values along the edges."""
+    source = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    target = np.full((shape[1] + 3, shape[0]), np.nan, dtype=dtype)  # rows past the first stay untouched
+    kernels.transpose_into(source, target[: shape[1]])
+    np.testing.assert_array_equal(target[: shape[1]], source.T)
+    assert np.isnan(target[shape[1] :]).all()
+
+
+def test_solve_loads_a_non_contiguous_batch():
+    """The batch is read through the tile transpose, which needs contiguous rows: a flat batch
+    (batch, p) in Fortran order or with reversed columns gives the same answer."""
+    model = from_onnx(residual_network(), dtype=np.float32)
+    u = np.random.default_rng(1).standard_normal((29, model.p)).astype(np.float32)
+    expected = model.predict(u)
+    np.testing.assert_array_equal(model.predict(np.asfortranarray(u)), expected)
+    np.testing.assert_array_equal(model.predict(u[:, ::-1].copy()[:, ::-1]), expected)

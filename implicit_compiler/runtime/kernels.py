@@ -152,16 +152,28 @@ if numba is not None:
                         row += 1
         return count
 
-    @numba.njit(cache=True, nogil=True)
+    from .simd import vlanes, vtranspose_tile
+
+    @numba.njit(cache=True, nogil=True, _nrt=False)
     def transpose_into(source, target):  # pragma: no cover - jitted
-        """target[i, j] = source[j, i], by strips of 16 columns of source: numpy's transposed
-        copy of a (256, 1024) float32 batch reads one 4 KiB-strided column at a time, whose
-        lines all fall in the same cache sets (730 us here, against 100)."""
+        """target[i, j] = source[j, i] for C-contiguous rows: by square tiles of one vector per
+        row, transposed in registers (``simd.vtranspose_tile``), over strips of 64 columns of
+        source, then the leftover edges one value at a time. numpy's transposed copy of a (256,
+        1024) float32 batch reads one 4 KiB-strided column at a time (730 us here); one value at a
+        time by strips took 200-250 us, the tiles 75."""
         batch, size = source.shape
-        for first in range(0, size, 16):
-            for j in range(batch):
-                for i in range(first, min(size, first + 16)):
-                    target[i, j] = source[j, i]
+        lanes = vlanes(source)
+        tiled_columns, tiled_rows = size - size % lanes, batch - batch % lanes
+        for first in range(0, tiled_columns, 64):
+            for j in range(0, tiled_rows, lanes):
+                for i in range(first, min(tiled_columns, first + 64), lanes):
+                    vtranspose_tile(source, target, j, i)
+        for j in range(batch):
+            for i in range(tiled_columns, size):
+                target[i, j] = source[j, i]
+        for j in range(tiled_rows, batch):
+            for i in range(tiled_columns):
+                target[i, j] = source[j, i]
 
 
 # Below this many multiply-adds (non-zeros x batch) a chain runs on one thread.

@@ -13,7 +13,7 @@ lives in SSA registers like a scalar:
 ``vlanes(values)`` is the lane count for the array's dtype, a compile-time constant;
 ``vload_first`` / ``vstore_first`` touch only the first ``count`` lanes (masked: nothing past
 them is read or written), for the end of a row. ``vprefetch`` asks the cache for a line soon;
-``vrelu`` is max(vector, 0).
+``vrelu`` is max(vector, 0); ``vtranspose_tile`` transposes a square tile of lanes x lanes.
 Arrays are 2-d with contiguous rows (C order, or column slices of it). Loads and stores are
 unaligned and unchecked: callers keep column + lanes <= values.shape[1]. On machines without
 32-byte vectors LLVM splits them into narrower ones; the results are the same. Intrinsics are
@@ -207,3 +207,39 @@ def vrelu(typingctx, vector):
         return builder.select(builder.fcmp_ordered(">", args[0], zero), args[0], zero)
 
     return vector(vector), codegen
+
+
+@intrinsic
+def vtranspose_tile(typingctx, source, target, row, column):
+    """target[column + a, row + b] = source[row + b, column + a] for a, b < lanes: a square tile
+    read as lanes vectors, transposed in registers, written as lanes vectors."""
+    vector = Vector(source.dtype)
+    lanes = vector.lanes
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(vector)
+        intp = context.get_value_type(types.intp)
+        row, column = (context.cast(builder, a, t, types.intp) for a, t in zip(args[2:4], signature.args[2:4]))
+        source_signature = types.none(signature.args[0], types.intp, types.intp)
+        target_signature = types.none(signature.args[1], types.intp, types.intp)
+        loaded = []
+        for b in range(lanes):
+            at = [args[0], builder.add(row, ir.Constant(intp, b)), column]
+            loaded.append(builder.load(_address(context, builder, source_signature, at, vector_type), align=1))
+        # one wide vector holding the tile row by row, then every lane picked in column order
+        while len(loaded) > 1:
+            width = loaded[0].type.count
+            joined = []
+            for k in range(0, len(loaded), 2):
+                mask = ir.Constant(ir.VectorType(_I32, 2 * width), list(range(2 * width)))
+                joined.append(builder.shuffle_vector(loaded[k], loaded[k + 1], mask))
+            loaded = joined
+        tile = loaded[0]
+        for a in range(lanes):
+            mask = ir.Constant(ir.VectorType(_I32, lanes), [b * lanes + a for b in range(lanes)])
+            column_vector = builder.shuffle_vector(tile, ir.Constant(tile.type, ir.Undefined), mask)
+            at = [args[1], builder.add(column, ir.Constant(intp, a)), row]
+            builder.store(column_vector, _address(context, builder, target_signature, at, vector_type), align=1)
+        return context.get_dummy_value()
+
+    return types.none(source, target, row, column), codegen

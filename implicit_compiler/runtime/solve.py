@@ -119,7 +119,7 @@ def solve(
     # V = [u; x] as one (p + n, batch) array: the fused kernel reads both through one index.
     V = _state_array(model, U.shape[0], zeroed=any(step.cyclic for step in steps), reuse=reuse_state)
     if U.shape[0] > 1 and kernels.available():
-        kernels.transpose_into(U, V[: model.p])
+        kernels.transpose_into(np.ascontiguousarray(U), V[: model.p])
     else:
         V[: model.p] = U.T
     U, X = V[: model.p], V[model.p :]
