@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 
+import numba
 import numpy as np
 import onnx
 import pytest
@@ -17,12 +18,14 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_helpers import assert_matches_onnxruntime, gemm_tanh_chain
 
 from implicit_compiler import from_onnx
-from implicit_compiler.runtime import codegen, kernels, row_groups
+from implicit_compiler.runtime import codegen, kernels, row_groups, simd
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
-# float32 vectors hold 8 lanes, float64 4: 8 = one vector (f32) / two (f64); 29 = 16 + 8 + 5
-# masked (f32) / 3 x 8 + 4 + 1 masked (f64); 67 = 4 x 16 + 3 masked.
-BATCHES = (8, 29, 67)
+# float32 vectors hold 16 lanes, float64 8; the kernels go by 2 vectors, then 1, then masked
+# lanes. float32: 8 masked, 29 = 16 + 13 masked, 53 = 32 + 16 + 5 masked; float64: 8 = one
+# vector, 29 = 16 + 8 + 5 masked, 53 = 3 x 16 + 5 masked.
+BATCHES = (8, 29, 53)
+assert simd.Vector(numba.types.float32).lanes == 16 and simd.Vector(numba.types.float64).lanes == 8
 assert min(BATCHES) > solve_module.STRUCTURED_BATCH_LIMIT
 
 

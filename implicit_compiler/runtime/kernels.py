@@ -152,7 +152,7 @@ if numba is not None:
                         row += 1
         return count
 
-    from .simd import vlanes, vtranspose_tile
+    from .simd import TILE_BYTES, vtranspose_tile
 
     @numba.njit(cache=True, nogil=True, _nrt=False)
     def transpose_into(source, target):  # pragma: no cover - jitted
@@ -162,7 +162,7 @@ if numba is not None:
         1024) float32 batch reads one 4 KiB-strided column at a time (730 us here); one value at a
         time by strips took 200-250 us, the tiles 75."""
         batch, size = source.shape
-        lanes = vlanes(source)
+        lanes = TILE_BYTES // source.itemsize
         tiled_columns, tiled_rows = size - size % lanes, batch - batch % lanes
         for first in range(0, tiled_columns, 64):
             for j in range(0, tiled_rows, lanes):
