@@ -170,12 +170,11 @@ def _solve_step(
             )  # fmt: skip
             return []
         threaded = kernels.threaded(step.work, V.shape[1])
-        # One sample: unsigned indices speed up the gathers (see kernels.unsigned).
         kernel = kernels.forward_chain_single if threaded else kernels.forward_chain_single_serial
-        u = kernels.unsigned
+        a_indptr, a_indices, b_indptr, b_indices, states, starts, stops = step.unsigned
         kernel(
-            u(A.indptr), u(A.indices), A.data, u(B.indptr), u(B.indices), B.data, model.bias_x, V[:, 0], np.uint64(p),
-            u(step.states), u(step.starts), u(step.stops), step.codes, step.alphas,
+            a_indptr, a_indices, A.data, b_indptr, b_indices, B.data, model.bias_x, V[:, 0], np.uint64(p),
+            states, starts, stops, step.codes, step.alphas,
         )  # fmt: skip
         return []
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
@@ -209,6 +208,9 @@ class _Chain:
     alphas: np.ndarray
     work: int  # non-zeros of the chain's rows of A and B
     groups: row_groups.RowGroups  # the rows by groups sharing their columns (batches of 2+)
+    # One sample: A's and B's index arrays, states, starts, stops viewed unsigned (faster
+    # gathers, see kernels.unsigned), made once (a view costs about 0.5 us).
+    unsigned: tuple[np.ndarray, ...]
     cyclic: bool = False
 
 
@@ -244,8 +246,10 @@ def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
     starts = stops - sizes
     # Groups are formed channel-last: the rows of one pixel (all channels) read the same columns.
     channel_last = np.concatenate([_row_order(model.block(step.names[0])) for step in steps])
+    states = np.concatenate([np.arange(s.rows.start, s.rows.stop, dtype=np.int64) for s in steps])
+    A, B = model.A, model.B
     return _Chain(
-        states=np.concatenate([np.arange(s.rows.start, s.rows.stop, dtype=np.int64) for s in steps]),
+        states=states,
         starts=starts,
         stops=stops,
         codes=np.array([kernels.ACTIVATION_CODES[a.name] for a in activations], dtype=np.int64),
@@ -253,7 +257,10 @@ def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
         work=sum(
             int(M.indptr[step.rows.stop] - M.indptr[step.rows.start]) for step in steps for M in (model.A, model.B)
         ),
-        groups=row_groups.group_rows(model.A, model.B, channel_last, starts, stops),
+        groups=row_groups.group_rows(A, B, channel_last, starts, stops),
+        unsigned=tuple(
+            kernels.unsigned(array) for array in (A.indptr, A.indices, B.indptr, B.indices, states, starts, stops)
+        ),
     )
 
 
