@@ -14,7 +14,8 @@ then stores them, with relu applied in registers when the rows have nothing of t
 otherwise ``finish_group`` adds each row's own entries and applies phi. One load feeds R fused
 multiply-adds and no accumulator goes through memory: against the one-row kernel (a load and a
 store per multiply-add) ResNet20's convolutions went from about 20 to about 50 GMAC/s at batch
-256 on 2 cores with 32-byte vectors, and to 79-96 with 64-byte ones (``simd.VECTOR_BYTES``).
+256 on 2 cores with 32-byte vectors; 64-byte ones (``simd.VECTOR_BYTES``) took LeNet-5's from 65-73
+to 79-96 GMAC/s.
 
 Groups are formed once per chain (``form_groups``): from each position, the largest group of 8,
 6, 4, 2 or 1 rows whose shared runs hold at least ``MIN_SHARED`` of its entries. The per-size

@@ -29,9 +29,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-# AVX-512 registers: against 32 bytes, ResNet20's and LeNet-5's convolutions went from 65-73 to
-# 79-96 GMAC/s at batch 256 (AMD Zen 4: the same multiply-adds per cycle, half the instructions,
-# and per loaded input twice the lanes).
+# AVX-512 registers: against 32 bytes, LeNet-5's convolutions went from 65-73 to 79-96 GMAC/s at
+# batch 256 and ResNet20 at batch 256 from 256-284 to 216-219 ms (AMD Zen 4: the same
+# multiply-adds per cycle, half the instructions, and per loaded input twice the lanes).
 VECTOR_BYTES = 64
 # vtranspose_tile's tiles: 8 x 8 float32 (16 x 16 took twice as long: 110 against 55 us for
 # LeNet-5's batch of 256).
