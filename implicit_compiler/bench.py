@@ -16,12 +16,12 @@ All engines run in this one process, side by side, on the same float32 input:
 
 Each is timed as the median of at least ``repeats`` runs, after ``warmup`` runs, and for at least
 ``min_seconds`` in all, the engines taking turns over ``rounds`` rounds (``time_side_by_side``)
-so that a slow spell of the machine falls on all of them. Before timing, ours is checked against onnxruntime at batch 32
-(``CorrectnessError`` when the max abs difference exceeds ``check_tolerance`` times the largest
-|onnxruntime| output). Per model the report also holds the compile time (median of
-``compile_runs`` fresh ``from_onnx`` calls), the model memory next to the float32 + int32 CSR
-ideal (nnz x 8 bytes), and the peak RSS increase of one compile measured in a child process that
-only imports and compiles, next to twice the model memory.
+so that a slow spell of the machine falls on all of them. Before timing, ours is checked against
+onnxruntime at batch 32 (``CorrectnessError`` when the max abs difference exceeds
+``check_tolerance`` times the largest |onnxruntime| output). Per model the report also holds
+the compile time (median of ``compile_runs`` fresh ``from_onnx`` calls), the model memory next to
+the float32 + int32 CSR ideal (nnz x 8 bytes), and the peak RSS increase of one compile measured
+in a child process that only imports and compiles, next to twice the model memory.
 
 Every timing also records how much of the machine other processes (or hypervisor steal) took while
 it ran (``Timing.other_load``, from /proc/stat); above ``BUSY_THRESHOLD`` it is flagged with a *

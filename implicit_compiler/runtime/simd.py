@@ -17,9 +17,8 @@ them is read or written), for the end of a row. ``vprefetch`` asks the cache for
 Arrays are 2-d with contiguous rows (C order, or column slices of it). Loads and stores are
 unaligned and unchecked: callers keep column + lanes <= values.shape[1]. On machines without
 64-byte vectors LLVM splits them into narrower ones (two AVX registers); the results are the
-same. Intrinsics are
-named the opaque-pointer way (``llvm.masked.load.v8f32.p0``): numba 0.68's llvmlite (LLVM 22)
-and later.
+same. Intrinsics are named the opaque-pointer way (``llvm.masked.load.v16f32.p0``): numba
+0.68's llvmlite (LLVM 22) and later.
 """
 
 from __future__ import annotations
