@@ -3,7 +3,8 @@
 Models are written as ``onnx.parser`` text (or built with onnx.helper) and compared on random
 inputs, independently of the library's own ``verify``: float32 against onnxruntime
 (rtol 1e-4, atol 1e-5 * max(1, |y|_inf)) and float64 against ``onnx.reference`` on the
-float64 copy (1e-9 relative to |y|_inf).
+float64 copy (1e-9 relative to |y|_inf). The first sample is also predicted alone, which takes
+the one-sample path (``runtime/one_sample.py``), against the same expected outputs.
 """
 
 from __future__ import annotations
@@ -66,27 +67,33 @@ def assert_matches_onnxruntime(
     if check_reference:
         evaluator = ReferenceEvaluator(_reference_model(model))
         expected64 = _run_per_sample(lambda s: evaluator.run(None, s), model, feeds, input_shapes, np.float64)
-        ours64 = _outputs(compiled.predict(feeds), compiled)
-        for spec, ours, expected in zip(compiled.outputs, ours64, expected64):
-            expected = expected.reshape(ours.shape)
-            scale = max(float(np.abs(expected).max(initial=0)), 1e-300)
-            error = float(np.abs(ours - expected).max(initial=0)) / scale
-            assert error <= 1e-9, f"float64 output {spec.name!r}: relative error {error:.2e} vs onnx.reference"
+        for batch_or_first in (feeds, _first_sample(feeds)):
+            ours64 = _outputs(compiled.predict(batch_or_first), compiled)
+            for spec, ours, expected in zip(compiled.outputs, ours64, expected64):
+                expected = expected[: len(ours)].reshape(ours.shape)
+                scale = max(float(np.abs(expected).max(initial=0)), 1e-300)
+                error = float(np.abs(ours - expected).max(initial=0)) / scale
+                assert error <= 1e-9, f"float64 output {spec.name!r}: relative error {error:.2e} vs onnx.reference"
     return compiled
+
+
+def _first_sample(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first sample of a batch, as a batch of one."""
+    return {name: value[:1] for name, value in feeds.items()}
 
 
 def _assert_float32_matches(compiled, model, feeds, input_shapes) -> None:
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected32 = _run_per_sample(lambda s: session.run(None, s), model, feeds, input_shapes, np.float32)
-    ours32 = _outputs(
-        compiled.astype(np.float32).predict({k: v.astype(np.float32) for k, v in feeds.items()}), compiled
-    )
-    for spec, ours, expected in zip(compiled.outputs, ours32, expected32):
-        expected = expected.reshape(ours.shape)
-        atol = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0)))
-        np.testing.assert_allclose(
-            ours, expected, rtol=1e-4, atol=atol, err_msg=f"float32 output {spec.name!r} vs onnxruntime"
-        )
+    feeds32 = {k: v.astype(np.float32) for k, v in feeds.items()}
+    for batch_or_first in (feeds32, _first_sample(feeds32)):
+        ours32 = _outputs(compiled.astype(np.float32).predict(batch_or_first), compiled)
+        for spec, ours, expected in zip(compiled.outputs, ours32, expected32):
+            expected = expected[: len(ours)].reshape(ours.shape)
+            atol = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0)))
+            np.testing.assert_allclose(
+                ours, expected, rtol=1e-4, atol=atol, err_msg=f"float32 output {spec.name!r} vs onnxruntime"
+            )
 
 
 def _reference_model(model: onnx.ModelProto) -> onnx.ModelProto:

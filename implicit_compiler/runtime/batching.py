@@ -22,7 +22,6 @@ def flatten_inputs(specs: Sequence[TensorSpec], u: Any) -> tuple[np.ndarray, boo
 
     Float32 and float64 inputs keep their dtype; other numbers become float64.
     """
-    p = sum(spec.size for spec in specs)
     if isinstance(u, Mapping):
         missing = [spec.name for spec in specs if spec.name not in u]
         unknown = sorted(set(u) - {spec.name for spec in specs})
@@ -33,10 +32,9 @@ def flatten_inputs(specs: Sequence[TensorSpec], u: Any) -> tuple[np.ndarray, boo
         parts = [_as_float_array(value, spec.name) for value, spec in zip(u, specs)]
     else:
         array = _as_float_array(u, "u")
-        if len(specs) == 1 and _sample_rank(array, specs[0].shape) is not None:
-            parts = [array]
-        else:
-            return _flat(array, p, specs)
+        if len(specs) != 1 or _sample_rank(array, specs[0].shape) is None:
+            return _flat(array, sum(spec.size for spec in specs), specs)
+        parts = [array]
     return _concatenate(parts, specs)
 
 
@@ -61,6 +59,8 @@ def _concatenate(parts: list[np.ndarray], specs: Sequence[TensorSpec]) -> tuple[
         flat.append(array.reshape(batch, spec.size))
     if len(singles) > 1 or len(batches) > 1:
         raise ShapeError(f"inputs disagree on batching: shapes {[a.shape for a in parts]}")
+    if len(flat) == 1:
+        return flat[0], singles.pop()
     dtype = np.result_type(*(a.dtype for a in flat))
     return np.concatenate([a.astype(dtype, copy=False) for a in flat], axis=1), singles.pop()
 

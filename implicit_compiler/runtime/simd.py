@@ -14,7 +14,8 @@ lives in SSA registers like a scalar:
 ``vload_first`` / ``vstore_first`` touch only the first ``count`` lanes (masked: nothing past
 them is read or written), for the end of a row. ``vprefetch`` asks the cache for a line soon;
 ``vrelu`` is max(vector, 0); ``vtranspose_tile`` transposes a square tile (``TILE_BYTES``).
-Arrays are 2-d with contiguous rows (C order, or column slices of it). Loads and stores are
+Arrays are 2-d with contiguous rows (C order, or column slices of it), or contiguous 1-d arrays,
+where (row, column) addresses array[row + column]. Loads and stores are
 unaligned and unchecked: callers keep column + lanes <= values.shape[1]. On machines without
 64-byte vectors LLVM splits them into narrower ones (two AVX registers); the results are the
 same. Intrinsics are named the opaque-pointer way (``llvm.masked.load.v16f32.p0``): numba
@@ -66,13 +67,17 @@ def _broadcast(builder, vector_type, scalar):
 
 
 def _address(context, builder, signature, args, vector_type):
-    """Pointer to array[row, column] (args = array, row, column, ...) as a vector pointer."""
+    """Pointer to array[row, column] (args = array, row, column, ...) as a vector pointer; for a
+    1-d array, to array[row + column]."""
     array_type, array = signature.args[0], args[0]
     row, column = (context.cast(builder, a, t, types.intp) for a, t in zip(args[1:3], signature.args[1:3]))
     data = context.make_array(array_type)(context, builder, array)
-    row_stride = cgutils.unpack_tuple(builder, data.strides, 2)[0]
     item = context.get_constant(types.intp, array_type.dtype.bitwidth // 8)
-    offset = builder.add(builder.mul(row, row_stride), builder.mul(column, item))
+    if array_type.ndim == 1:
+        offset = builder.mul(builder.add(row, column), item)
+    else:
+        row_stride = cgutils.unpack_tuple(builder, data.strides, 2)[0]
+        offset = builder.add(builder.mul(row, row_stride), builder.mul(column, item))
     address = builder.add(builder.ptrtoint(data.data, ir.IntType(64)), offset)
     return builder.inttoptr(address, vector_type.as_pointer())
 
@@ -178,15 +183,51 @@ def vstore_first(typingctx, array, row, column, value, count):
 
 @intrinsic
 def vfma(typingctx, accumulator, vector, weight):
-    """accumulator + vector * weight (weight a scalar, broadcast), fused where the CPU can."""
+    """accumulator + vector * weight (weight a scalar, broadcast, or a vector), fused where the
+    CPU can."""
 
     def codegen(context, builder, signature, args):
         vector_type = context.get_value_type(signature.args[0])
-        scalar = context.cast(builder, args[2], signature.args[2], signature.args[0].dtype)
+        if isinstance(signature.args[2], Vector):
+            factor = args[2]
+        else:
+            scalar = context.cast(builder, args[2], signature.args[2], signature.args[0].dtype)
+            factor = _broadcast(builder, vector_type, scalar)
         fmuladd = _declare(builder, f"llvm.fmuladd.{_suffix(signature.args[0])}", vector_type, [vector_type] * 3)
-        return builder.call(fmuladd, [args[1], _broadcast(builder, vector_type, scalar), args[0]])
+        return builder.call(fmuladd, [args[1], factor, args[0]])
 
     return accumulator(accumulator, vector, weight), codegen
+
+
+@intrinsic
+def vgather(typingctx, array, indices, position):
+    """array[indices[position + k]] in lane k: a 1-d float array gathered through a 1-d uint32
+    index array (unchecked, as the loads)."""
+    vector = Vector(array.dtype)
+
+    def codegen(context, builder, signature, args):
+        vector_type = context.get_value_type(vector)
+        index_type = ir.VectorType(_I32, vector.lanes)
+        index_signature = types.none(signature.args[1], types.intp, signature.args[2])
+        zero = context.get_constant(types.intp, 0)
+        at = [args[1], zero, args[2]]
+        offsets = builder.load(_address(context, builder, index_signature, at, index_type), align=1)
+        data = context.make_array(signature.args[0])(context, builder, args[0])
+        element = vector_type.element
+        wide = ir.VectorType(ir.IntType(64), vector.lanes)
+        item = ir.Constant(wide, [context.get_abi_sizeof(element)] * vector.lanes)
+        start = _broadcast(builder, wide, builder.ptrtoint(data.data, ir.IntType(64)))
+        addresses = builder.add(start, builder.mul(builder.zext(offsets, wide), item))
+        pointers = builder.inttoptr(addresses, ir.VectorType(element.as_pointer(), vector.lanes))
+        mask = ir.Constant(ir.VectorType(ir.IntType(1), vector.lanes), [1] * vector.lanes)
+        gather = _declare(
+            builder, f"llvm.masked.gather.{_suffix(vector)}.v{vector.lanes}p0", vector_type,
+            [pointers.type, _I32, mask.type, vector_type],
+        )  # fmt: skip
+        alignment = _i32(context.get_abi_sizeof(element))
+        return builder.call(gather, [pointers, alignment, mask, ir.Constant(vector_type, ir.Undefined)])
+
+    return vector(array, indices, position), codegen
 
 
 @intrinsic

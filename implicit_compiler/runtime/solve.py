@@ -27,6 +27,7 @@ from ..model import ImplicitModel
 from . import kernels, row_groups
 from .batching import flatten_inputs
 from .fixed_point import anderson
+from .one_sample import Program, build_program
 from .plan import execution_order
 from .structured import StructuredBlock, structured_block, tensor_sources
 
@@ -110,6 +111,10 @@ def solve(
         raise ShapeError(f"unknown solve method {method!r}: expected one of {', '.join(METHODS)}")
     U, single = flatten_inputs(model.inputs, u)
     model = model.astype(U.dtype)
+    if method == "auto" and U.shape[0] == 1:
+        program = _one_sample_program(model)
+        if program is not None:  # an acyclic model: one compiled call
+            return _run_program(model, program, U, single, reuse_state)
     tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
     if method == "auto":
         steps = _execution_steps(model, structured=U.shape[0] <= STRUCTURED_BATCH_LIMIT)
@@ -133,6 +138,31 @@ def solve(
     if single:
         return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories))
     return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories))
+
+
+def _one_sample_program(model: ImplicitModel) -> Program | None:
+    """The model's forward pass as one compiled program (``one_sample``); None for a model
+    with cyclic components."""
+    if "one_sample_program" not in model._cache:
+        model._cache["one_sample_program"] = build_program(model, _execution_steps(model, structured=True))
+    return model._cache["one_sample_program"]
+
+
+def _run_program(model: ImplicitModel, program: Program, U: np.ndarray, single: bool, reuse: bool) -> Solution:
+    """Solve one sample by its program: values = [u; x; y] (and slack), filled in one call."""
+    p, n, q = model.p, model.n, model.q
+    if reuse:
+        kept = model._cache.setdefault("one_sample_arrays", threading.local())
+        arrays = getattr(kept, "arrays", None)
+        if arrays is None:
+            arrays = kept.arrays = program.arrays()
+    else:
+        arrays = program.arrays()
+    values = arrays[0]
+    values[:p] = U[0]
+    program.run(values, *arrays[1:])
+    x, y = values[p : p + n], values[p + n : p + n + q].copy()
+    return Solution(x, y, 0, (), "auto") if single else Solution(x[None], y[None], 0, (), "auto")
 
 
 def _state_array(model: ImplicitModel, batch: int, zeroed: bool, reuse: bool) -> np.ndarray:

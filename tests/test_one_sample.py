@@ -1,0 +1,208 @@
+"""One sample in one compiled call (runtime/one_sample.py) against onnxruntime and onnx.reference.
+
+Every frontend test predicts its first sample alone too (``onnx_helpers``); these tests make
+sure the program takes the operations it should (a silent fallback would pass them too), reach
+every tile shape of the convolution kernel (rows of several vectors, channel counts that are
+not a multiple of the tile, odd vector counts, strides through the phase-split copy), and check
+the states, the shapes and the state kept between calls.
+"""
+
+from __future__ import annotations
+
+import importlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import scipy.sparse as sp
+from onnx import TensorProto, helper, numpy_helper
+from onnx_helpers import assert_matches_onnxruntime, gemm_tanh_chain
+from test_structured import conv_relu_chain
+
+import implicit_compiler as ic
+from implicit_compiler.runtime import one_sample
+
+solve_module = importlib.import_module("implicit_compiler.runtime.solve")
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+def program_codes(compiled: ic.ImplicitModel, dtype=np.float64) -> list[int]:
+    program = solve_module._one_sample_program(compiled.astype(dtype))
+    assert program is not None, "an acyclic model runs as one program"
+    return program.operations[:, 0].tolist()
+
+
+# (input shape, layers): rows of 40 are 3 float32 vectors (the last masked) and 5 float64 ones;
+# 5 and 1 output channels leave the 4-channel tile part empty; 7 x 40 positions are odd in
+# float32; strides 2 and 3 read the phase-split copy.
+WIDE_CASES = {
+    "wide rows, 5 channels": ((3, 7, 40), [((5, 3, 3, 3), {"pads": [1, 1, 1, 1]})]),
+    "one channel, dilated along the width": ((2, 6, 37), [((1, 2, 3, 5), {"dilations": [1, 2]})]),
+    "stride 2 wide": ((3, 9, 41), [((6, 3, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]})]),
+    "stride 3 dilation 2": (
+        (2, 13, 35),
+        [((3, 2, 3, 3), {"strides": [1, 3], "dilations": [2, 2], "pads": [0, 2, 1, 0]})],
+    ),
+    "two layers, narrow": ((1, 12, 12), [((6, 1, 5, 5), {}), ((16, 6, 5, 5), {"pads": [2, 2, 2, 2]})]),
+}
+
+
+@pytest.fixture(autouse=True)
+def small_terms_count(monkeypatch):
+    """These models are small: take their structured terms however few non-zeros they have."""
+    monkeypatch.setattr(importlib.import_module("implicit_compiler.runtime.structured"), "MIN_STRUCTURED_NONZEROS", 16)
+
+
+@pytest.mark.parametrize("case", sorted(WIDE_CASES))
+def test_convolutions_run_as_direct_convolutions(case):
+    x_shape, layers = WIDE_CASES[case]
+    compiled = assert_matches_onnxruntime(conv_relu_chain(x_shape, layers), batch=3)
+    for dtype in (np.float32, np.float64):
+        assert program_codes(compiled, dtype).count(one_sample.CONV) == len(layers)
+
+
+def lenet_like(activation: str) -> onnx.ModelProto:
+    """Conv -> activation -> MaxPool -> flatten -> Gemm -> Relu -> Gemm, random weights."""
+    rng = np.random.default_rng(4)
+    weights = {
+        "K": rng.standard_normal((5, 2, 3, 3)) / 4,
+        "KB": rng.standard_normal(5) / 10,
+        "W1": rng.standard_normal((5 * 5 * 5, 24)) / 8,
+        "B1": rng.standard_normal(24) / 10,
+        "W2": rng.standard_normal((24, 7)) / 4,
+        "B2": rng.standard_normal(7) / 10,
+    }
+    extra = {"alpha": 0.2} if activation == "LeakyRelu" else {}
+    nodes = [
+        helper.make_node("Conv", ["x", "K", "KB"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node(activation, ["c"], ["a"], **extra),
+        helper.make_node("MaxPool", ["a"], ["m"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["m"], ["f"]),
+        helper.make_node("Gemm", ["f", "W1", "B1"], ["g1"]),
+        helper.make_node("Relu", ["g1"], ["r1"]),
+        helper.make_node("Gemm", ["r1", "W2", "B2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lenet_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 10, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("activation", ["Relu", "LeakyRelu", "Sigmoid"])
+def test_conv_pool_dense_network(activation):
+    compiled = assert_matches_onnxruntime(lenet_like(activation), batch=3)
+    codes = program_codes(compiled)
+    assert {one_sample.CONV, one_sample.ELL, one_sample.DENSE} <= set(codes), codes
+    if activation != "Relu":  # relu is applied as the convolution stores; others after it
+        assert one_sample.ACTIVATE in codes
+
+
+def test_two_convolutions_into_one_block():
+    """relu(conv_a(relu(x)) + conv_b(x)) with conv_b strided 1x1 (a projection shortcut): two
+    sources, two terms; the second adds to what the first stored, the bias counted once."""
+    rng = np.random.default_rng(5)
+    weights = {
+        "Ka": rng.standard_normal((6, 3, 3, 3)) / 4,
+        "Kb": rng.standard_normal((6, 3, 1, 1)) / 2,
+        "Bb": rng.standard_normal(6) / 10,
+    }
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Conv", ["r", "Ka"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "Kb", "Bb"], ["b"], strides=[2, 2]),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "two_convolutions",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 34])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled = assert_matches_onnxruntime(model, batch=3)
+    assert program_codes(compiled).count(one_sample.CONV) == 2
+
+
+def test_gemm_chain_with_tanh():
+    compiled = assert_matches_onnxruntime(gemm_tanh_chain([(40, 30), (20, 40), (3, 20)], seed=2), batch=3)
+    assert program_codes(compiled).count(one_sample.DENSE) == 3
+
+
+@pytest.mark.parametrize("name", ["lenet5", "resnet20"])
+def test_zoo_models_one_sample_at_a_time_match_onnxruntime(name, rng):
+    path = ZOO / f"{name}.onnx"
+    model = ic.from_onnx(path, dtype=np.float32)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shape = session.get_inputs()[0].shape[1:]
+    for _ in range(3):
+        u = rng.normal(size=(1, *shape)).astype(np.float32)
+        expected = session.run(None, {session.get_inputs()[0].name: u})[0]
+        ours = model.predict(u)
+        assert ours.shape == expected.shape
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    codes = program_codes(model, np.float32)
+    assert one_sample.CONV in codes
+
+
+def test_states_satisfy_the_equilibrium_and_shapes_follow_the_input(rng):
+    """x from the program solves x = phi(A x + B u + b) (checked with scipy, block by block)
+    and y = C x + D u + b_y; one sample gives (n,) and (q,), a batch of one (1, n), (1, q)."""
+    model = ic.from_onnx(lenet_like("LeakyRelu"))
+    u = rng.normal(size=(2, 10, 10))
+    single = model.solve(u)
+    batch = model.solve(u[None])
+    assert single.x.shape == (model.n,) and single.y.shape == (model.q,)
+    assert batch.x.shape == (1, model.n) and batch.y.shape == (1, model.q)
+    x, flat_u = single.x, u.ravel()
+    pre = model.A @ x + model.B @ flat_u + model.bias_x
+    phi = {
+        "identity": lambda z, alpha: z,
+        "relu": lambda z, alpha: np.maximum(z, 0),
+        "leaky_relu": lambda z, alpha: np.where(z >= 0, z, alpha * z),
+    }
+    for block in model.blocks:
+        z, activation = pre[block.start : block.stop], block.activation
+        expected = phi[activation.name](z, activation.alpha)
+        np.testing.assert_allclose(x[block.start : block.stop], expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(single.y, model.C @ x + model.D @ flat_u + model.bias_y, rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(batch.x[0], x)
+
+
+def test_cyclic_models_keep_the_iterative_path(rng):
+    A = sp.csr_array(np.array([[0.0, 0.5], [0.4, 0.0]]))
+    blocks = (ic.StateBlock("loop", 0, 2, "tanh", (2,)),)
+    model = ic.ImplicitModel(
+        A, np.eye(2), np.eye(2), np.zeros((2, 2)), None, None, blocks, (ic.TensorSpec("u", (2,)),),
+        (ic.TensorSpec("y", (2,)),),
+    )  # fmt: skip
+    assert solve_module._one_sample_program(model) is None
+    u = rng.normal(size=2)
+    solution = model.solve(u)
+    np.testing.assert_allclose(solution.x, np.tanh(A @ solution.x + u), atol=1e-9)
+    assert solution.iterations > 0
+
+
+def test_predictions_survive_the_next_call_and_threads(rng):
+    """predict keeps its values array per thread; what it returned is not overwritten."""
+    path = ZOO / "lenet5.onnx"
+    model = ic.from_onnx(path, dtype=np.float32)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inputs = [rng.normal(size=(1, 1, 32, 32)).astype(np.float32) for _ in range(6)]
+    expected = [session.run(None, {session.get_inputs()[0].name: u})[0] for u in inputs]
+    first = model.predict(inputs[0])
+    model.predict(inputs[1])
+    np.testing.assert_allclose(first, expected[0], rtol=1e-4, atol=1e-4 * np.abs(expected[0]).max())
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        outputs = list(pool.map(lambda u: [model.predict(u) for _ in range(20)], inputs))
+    for ys, y_expected in zip(outputs, expected):
+        for y in ys:
+            np.testing.assert_allclose(y, y_expected, rtol=1e-4, atol=1e-4 * np.abs(y_expected).max())
