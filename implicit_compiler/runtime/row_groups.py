@@ -154,39 +154,40 @@ if numba is not None:
 
     from . import group_kernels
     from .kernels import phi
+    from .simd import vfma, vlanes, vload_first, vrelu, vstore_first
 
-    @numba.njit(cache=True, nogil=True, inline="always")
-    def _activate(out, code, alpha):  # pragma: no cover - jitted
-        """phi in place (``kernels.phi``)."""
-        if code != 0:
-            for j in range(out.shape[0]):
-                out[j] = phi(out[j], code, alpha)
-
-    @numba.njit(cache=True, nogil=True, inline="always")
-    def _add_own_entries(out, values, offset, indptr, indices, data, i, start, stop):  # pragma: no cover
-        """out += the row's entries outside its shared run [start, stop)."""
+    @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False, inline="always")
+    def _own_chunk(accumulator, values, offset, indptr, indices, data, i, start, stop, j, count):  # pragma: no cover
+        """accumulator + the row's entries outside its shared run [start, stop), lanes j:j+count."""
         for k in range(indptr[i], start):
-            source, weight = values[offset + indices[k]], data[k]
-            for j in range(out.shape[0]):
-                out[j] += weight * source[j]
+            accumulator = vfma(accumulator, vload_first(values, offset + indices[k], j, count), data[k])
         for k in range(stop, indptr[i + 1]):
-            source, weight = values[offset + indices[k]], data[k]
-            for j in range(out.shape[0]):
-                out[j] += weight * source[j]
+            accumulator = vfma(accumulator, vload_first(values, offset + indices[k], j, count), data[k])
+        return accumulator
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False)
     def finish_group(values, p, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
-        """After ``group_kernels.group_<R>``: each row's own entries, then phi."""
+        """After ``group_kernels.group_<R>``: each row's own entries added a vector of lanes at a
+        time, then phi (relu in registers)."""
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data = matrices
         rows, sizes, shared_a, shared_b, _ = groups
+        batch, lanes = values.shape[1], vlanes(values)
         for r in range(sizes[g]):
             i = rows[g, r]
-            out = values[p + i]
-            start, length = np.int64(shared_b[g, 1 + r]), np.int64(shared_b[g, 0])
-            _add_own_entries(out, values, 0, b_indptr, b_indices, b_data, i, start, start + length)
-            start, length = np.int64(shared_a[g, 1 + r]), np.int64(shared_a[g, 0])
-            _add_own_entries(out, values, p, a_indptr, a_indices, a_data, i, start, start + length)
-            _activate(out, code, alpha)
+            start_b, stop_b = np.int64(shared_b[g, 1 + r]), np.int64(shared_b[g, 1 + r] + shared_b[g, 0])
+            start_a, stop_a = np.int64(shared_a[g, 1 + r]), np.int64(shared_a[g, 1 + r] + shared_a[g, 0])
+            for j in range(0, batch, lanes):
+                count = batch - j
+                acc = vload_first(values, p + i, j, count)
+                acc = _own_chunk(acc, values, 0, b_indptr, b_indices, b_data, i, start_b, stop_b, j, count)
+                acc = _own_chunk(acc, values, p, a_indptr, a_indices, a_data, i, start_a, stop_a, j, count)
+                if code == 1:
+                    acc = vrelu(acc)
+                vstore_first(values, p + i, j, acc, count)
+            if code > 1:
+                out = values[p + i]
+                for j in range(batch):
+                    out[j] = phi(out[j], code, alpha)
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False, inline="always")
     def run_group(values, p, bias, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
