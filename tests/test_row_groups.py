@@ -184,9 +184,13 @@ def test_transpose_into_matches_numpy(dtype, shape):
     """Register tiles where both sizes allow them, single values along the edges."""
     source = np.random.default_rng(0).standard_normal(shape).astype(dtype)
     target = np.full((shape[1] + 3, shape[0]), np.nan, dtype=dtype)  # rows past the first stay untouched
-    kernels.transpose_into(source, target[: shape[1]])
+    assert kernels.transpose_into(source, target[: shape[1]]) == 0  # every value finite
     np.testing.assert_array_equal(target[: shape[1]], source.T)
     assert np.isnan(target[shape[1] :]).all()
+    for position in {(0, 0), (shape[0] - 1, shape[1] - 1), (shape[0] // 2, shape[1] // 2)}:
+        source[position] = np.inf
+        assert np.isnan(kernels.transpose_into(source, target[: shape[1]])), f"inf at {position} not seen"
+        source[position] = 0
 
 
 def test_solve_loads_a_non_contiguous_batch():

@@ -134,11 +134,17 @@ def test_oscillating_model_raises_convergence_error_under_picard():
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
-def test_non_finite_inputs_raise(mlp, bad):
-    u = np.zeros((2, 6))
-    u[1, 3] = bad
-    with pytest.raises(ic.NonFiniteError, match="NaN or inf"):
-        mlp.implicit().solve(u)
+@pytest.mark.parametrize("batch", [1, 2, 40], ids=["one", "two", "tiles"])
+def test_non_finite_inputs_raise(mlp, bad, batch):
+    """One sample is checked as it is read; a batch as it is loaded (the tile transpose), at
+    any place: in a tile, on the right and bottom edges."""
+    for row, column in {(0, 0), (batch - 1, 3), (batch // 2, 5)}:
+        u = np.zeros((batch, 6))
+        u[row, column] = bad
+        with pytest.raises(ic.NonFiniteError, match="NaN or inf"):
+            mlp.implicit().solve(u)
+        with pytest.raises(ic.NonFiniteError, match="NaN or inf"):
+            mlp.implicit().predict(u.astype(np.float32))
 
 
 @pytest.mark.parametrize("shape", [(5,), (2, 5), (2, 3, 2)], ids=["short", "batch-short", "3d"])

@@ -17,21 +17,22 @@ from ..errors import NonFiniteError, ShapeError
 from ..model import FLOAT_DTYPES, TensorSpec
 
 
-def flatten_inputs(specs: Sequence[TensorSpec], u: Any) -> tuple[np.ndarray, bool]:
+def flatten_inputs(specs: Sequence[TensorSpec], u: Any, check_finite: bool = True) -> tuple[np.ndarray, bool]:
     """Return (U, single): U of shape (batch, p) and whether u was one unbatched sample.
 
-    Float32 and float64 inputs keep their dtype; other numbers become float64.
+    Float32 and float64 inputs keep their dtype; other numbers become float64. NaN or infinite
+    values raise NonFiniteError, unless ``check_finite`` is False (the caller checks).
     """
     if isinstance(u, Mapping):
         missing = [spec.name for spec in specs if spec.name not in u]
         unknown = sorted(set(u) - {spec.name for spec in specs})
         if missing or unknown:
             raise ShapeError(f"inputs: expected names {[s.name for s in specs]}, missing {missing}, unknown {unknown}")
-        parts = [_as_float_array(u[spec.name], spec.name) for spec in specs]
+        parts = [_as_float_array(u[spec.name], spec.name, check_finite) for spec in specs]
     elif _is_sequence_of_tensors(u, len(specs)):
-        parts = [_as_float_array(value, spec.name) for value, spec in zip(u, specs)]
+        parts = [_as_float_array(value, spec.name, check_finite) for value, spec in zip(u, specs)]
     else:
-        array = _as_float_array(u, "u")
+        array = _as_float_array(u, "u", check_finite)
         if len(specs) != 1 or _sample_rank(array, specs[0].shape) is None:
             return _flat(array, sum(spec.size for spec in specs), specs)
         parts = [array]
@@ -86,13 +87,13 @@ def _sample_rank(array: np.ndarray, shape: tuple[int, ...]) -> int | None:
     return None
 
 
-def _as_float_array(value: Any, name: str) -> np.ndarray:
+def _as_float_array(value: Any, name: str, check_finite: bool = True) -> np.ndarray:
     array = np.asarray(value)
     if array.dtype not in FLOAT_DTYPES:
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
             raise ShapeError(f"input {name!r}: expected real numbers, got dtype {array.dtype}")
         array = array.astype(np.float32 if np.issubdtype(array.dtype, np.floating) else np.float64)
-    if not np.isfinite(array).all():
+    if check_finite and not np.isfinite(array).all():
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise NonFiniteError(f"input {name!r} holds {bad} NaN or inf value(s); expected finite inputs")
     return array

@@ -260,7 +260,8 @@ def vrelu(typingctx, vector):
 def vtranspose_tile(typingctx, source, target, row, column):
     """target[column + a, row + b] = source[row + b, column + a] for a, b < lanes, lanes =
     TILE_BYTES / itemsize: a square tile read as lanes vectors, transposed in registers, written
-    as lanes vectors."""
+    as lanes vectors. Returns the sum of 0 x value over the tile: 0, or NaN when a value is
+    NaN or infinite."""
     lanes = TILE_BYTES // (source.dtype.bitwidth // 8)
     element = ir.FloatType() if source.dtype == types.float32 else ir.DoubleType()
 
@@ -274,6 +275,14 @@ def vtranspose_tile(typingctx, source, target, row, column):
         for b in range(lanes):
             at = [args[0], builder.add(row, ir.Constant(intp, b)), column]
             loaded.append(builder.load(_address(context, builder, source_signature, at, vector_type), align=1))
+        zero = ir.Constant(vector_type, [0.0] * lanes)
+        check = zero  # 0 x value summed: NaN from any NaN or infinite value
+        for vector in loaded:
+            check = builder.fadd(check, builder.fmul(vector, zero))
+        name = f"llvm.vector.reduce.fadd.v{lanes}f{source.dtype.bitwidth}"
+        checked = builder.call(
+            _declare(builder, name, element, [element, vector_type]), [ir.Constant(element, 0.0), check]
+        )
         # one wide vector holding the tile row by row, then every lane picked in column order
         while len(loaded) > 1:
             width = loaded[0].type.count
@@ -288,6 +297,6 @@ def vtranspose_tile(typingctx, source, target, row, column):
             column_vector = builder.shuffle_vector(tile, ir.Constant(tile.type, ir.Undefined), mask)
             at = [args[1], builder.add(column, ir.Constant(intp, a)), row]
             builder.store(column_vector, _address(context, builder, target_signature, at, vector_type), align=1)
-        return context.get_dummy_value()
+        return checked
 
-    return types.none(source, target, row, column), codegen
+    return source.dtype(source, target, row, column), codegen

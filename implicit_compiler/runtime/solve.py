@@ -109,7 +109,11 @@ def solve(
     """
     if method not in METHODS:
         raise ShapeError(f"unknown solve method {method!r}: expected one of {', '.join(METHODS)}")
-    U, single = flatten_inputs(model.inputs, u)
+    U, single = flatten_inputs(model.inputs, u, check_finite=False)
+    # a batch is checked for NaN and inf as it is loaded (kernels.transpose_into); one sample here
+    loads_checked = U.shape[0] > 1 and kernels.available()
+    if not loads_checked and not np.isfinite(U).all():
+        flatten_inputs(model.inputs, u)  # raises NonFiniteError, naming the input
     model = model.astype(U.dtype)
     if method == "auto" and U.shape[0] == 1:
         program = _one_sample_program(model)
@@ -123,8 +127,9 @@ def solve(
         anderson_memory = 0 if method == "picard" else anderson_memory
     # V = [u; x] as one (p + n, batch) array: the fused kernel reads both through one index.
     V = _state_array(model, U.shape[0], zeroed=any(step.cyclic for step in steps), reuse=reuse_state)
-    if U.shape[0] > 1 and kernels.available():
-        kernels.transpose_into(np.ascontiguousarray(U), V[: model.p])
+    if loads_checked:
+        if not np.isfinite(kernels.transpose_into(np.ascontiguousarray(U), V[: model.p])):
+            flatten_inputs(model.inputs, u)  # raises NonFiniteError, naming the input
     else:
         V[: model.p] = U.T
     U, X = V[: model.p], V[model.p :]
@@ -133,7 +138,12 @@ def solve(
         history = _solve_step(model, step, V, tol, max_iter, anderson_memory)
         if step.cyclic:
             histories.append((step.names, tuple(history)))
-    Y = model.C @ X + model.D @ U + model.bias_y[:, None]
+    if V.shape[1] > 1 and kernels.available():
+        Y = np.empty((model.q, V.shape[1]), dtype=model.dtype)
+        C, D = model.C, model.D
+        kernels.output_into(C.indptr, C.indices, C.data, D.indptr, D.indices, D.data, model.bias_y, V, model.p, Y)
+    else:
+        Y = model.C @ X + model.D @ U + model.bias_y[:, None]
     residuals = tuple(r for _, history in histories for r in history)
     if single:
         return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories))
@@ -152,7 +162,7 @@ def _run_program(model: ImplicitModel, program: Program, U: np.ndarray, single: 
     """Solve one sample by its program: values = [u; x; y] (and slack), filled in one call."""
     p, n, q = model.p, model.n, model.q
     if reuse:
-        kept = model._cache.setdefault("one_sample_arrays", threading.local())
+        kept = _thread_local(model, "one_sample_arrays")
         arrays = getattr(kept, "arrays", None)
         if arrays is None:
             arrays = kept.arrays = program.arrays()
@@ -165,13 +175,21 @@ def _run_program(model: ImplicitModel, program: Program, U: np.ndarray, single: 
     return Solution(x, y, 0, (), "auto") if single else Solution(x[None], y[None], 0, (), "auto")
 
 
+def _thread_local(model: ImplicitModel, key: str) -> threading.local:
+    """A per-thread namespace kept on the model (what one thread keeps there, no other sees)."""
+    kept = model._cache.get(key)
+    if kept is None:
+        kept = model._cache.setdefault(key, threading.local())
+    return kept
+
+
 def _state_array(model: ImplicitModel, batch: int, zeroed: bool, reuse: bool) -> np.ndarray:
     """V = [u; x], (p + n, batch): new, or the one this thread last used for this model and
     batch size. Zeroed when cyclic components iterate from x = 0."""
     shape = (model.p + model.n, batch)
     if not reuse:
         return (np.zeros if zeroed else np.empty)(shape, dtype=model.dtype)
-    kept = model._cache.setdefault("state", threading.local())  # one per thread: no sharing
+    kept = _thread_local(model, "state")
     V = getattr(kept, "array", None)
     if V is None or V.shape != shape:
         V = kept.array = np.empty(shape, dtype=model.dtype)
