@@ -271,10 +271,9 @@ class ImplicitModel:
         last batch size), as only y is returned: (p + n) x batch values, released with the model.
         """
         from .runtime.batching import shape_outputs
-        from .runtime.solve import solve
+        from .runtime.solve import predict_outputs
 
-        solution = solve(self, u, reuse_state=True, **solve_options)
-        return shape_outputs(self.outputs, solution.y)
+        return shape_outputs(self.outputs, predict_outputs(self, u, **solve_options))
 
     def save(self, path: str, overwrite: bool = False) -> None:
         """Write the model to one .npz file (no pickle); refuse to replace a file unless asked."""

@@ -4,10 +4,14 @@ Models are written as ``onnx.parser`` text (or built with onnx.helper) and compa
 inputs, independently of the library's own ``verify``: float32 against onnxruntime
 (rtol 1e-4, atol 1e-5 * max(1, |y|_inf)) and float64 against ``onnx.reference`` on the
 float64 copy (1e-9 relative to |y|_inf). The first sample is also predicted alone, which takes
-the one-sample path (``runtime/one_sample.py``), against the same expected outputs.
+the one-sample path (``runtime/one_sample.py``), and the batch also goes by tiles of samples
+(``runtime/sample_tiles.py``, what ``predict`` takes for large batches), against the same
+expected outputs.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import numpy as np
 import onnx
@@ -18,6 +22,9 @@ from onnx.reference import ReferenceEvaluator
 
 import implicit_compiler as ic
 from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
+from implicit_compiler.runtime.batching import flatten_inputs, shape_outputs
+
+solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 
 
 def parse(text: str) -> onnx.ModelProto:
@@ -67,8 +74,7 @@ def assert_matches_onnxruntime(
     if check_reference:
         evaluator = ReferenceEvaluator(_reference_model(model))
         expected64 = _run_per_sample(lambda s: evaluator.run(None, s), model, feeds, input_shapes, np.float64)
-        for batch_or_first in (feeds, _first_sample(feeds)):
-            ours64 = _outputs(compiled.predict(batch_or_first), compiled)
+        for ours64 in _predictions(compiled, feeds, np.float64):
             for spec, ours, expected in zip(compiled.outputs, ours64, expected64):
                 expected = expected[: len(ours)].reshape(ours.shape)
                 scale = max(float(np.abs(expected).max(initial=0)), 1e-300)
@@ -77,17 +83,25 @@ def assert_matches_onnxruntime(
     return compiled
 
 
-def _first_sample(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The first sample of a batch, as a batch of one."""
-    return {name: value[:1] for name, value in feeds.items()}
+def _predictions(compiled: ic.ImplicitModel, feeds: dict[str, np.ndarray], dtype) -> list[list[np.ndarray]]:
+    """The outputs for the batch, for its first sample alone (as a batch of one), and for the
+    batch by tiles of samples when the model runs as a program (it is acyclic)."""
+    typed = compiled.astype(dtype)
+    feeds = {name: value.astype(dtype) for name, value in feeds.items()}
+    first = {name: value[:1] for name, value in feeds.items()}
+    predictions = [_outputs(typed.predict(feeds), compiled), _outputs(typed.predict(first), compiled)]
+    program = solve_module._one_sample_program(typed)
+    if program is not None:
+        U, _ = flatten_inputs(typed.inputs, feeds)
+        tiled = solve_module._predict_by_tiles(typed, program, U, feeds)
+        predictions.append(_outputs(shape_outputs(typed.outputs, tiled), compiled))
+    return predictions
 
 
 def _assert_float32_matches(compiled, model, feeds, input_shapes) -> None:
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     expected32 = _run_per_sample(lambda s: session.run(None, s), model, feeds, input_shapes, np.float32)
-    feeds32 = {k: v.astype(np.float32) for k, v in feeds.items()}
-    for batch_or_first in (feeds32, _first_sample(feeds32)):
-        ours32 = _outputs(compiled.astype(np.float32).predict(batch_or_first), compiled)
+    for ours32 in _predictions(compiled, feeds, np.float32):
         for spec, ours, expected in zip(compiled.outputs, ours32, expected32):
             expected = expected[: len(ours)].reshape(ours.shape)
             atol = 1e-5 * max(1.0, float(np.abs(expected).max(initial=0)))

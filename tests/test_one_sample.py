@@ -104,9 +104,8 @@ def test_conv_pool_dense_network(activation):
         assert one_sample.ACTIVATE in codes
 
 
-def test_two_convolutions_into_one_block():
-    """relu(conv_a(relu(x)) + conv_b(x)) with conv_b strided 1x1 (a projection shortcut): two
-    sources, two terms; the second adds to what the first stored, the bias counted once."""
+def two_convolutions() -> onnx.ModelProto:
+    """relu(conv_a(relu(x)) + conv_b(x)) with conv_b strided 1x1 (a projection shortcut)."""
     rng = np.random.default_rng(5)
     weights = {
         "Ka": rng.standard_normal((6, 3, 3, 3)) / 4,
@@ -127,8 +126,12 @@ def test_two_convolutions_into_one_block():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    compiled = assert_matches_onnxruntime(model, batch=3)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_two_convolutions_into_one_block():
+    """Two sources, two terms: the second adds to what the first stored, the bias counted once."""
+    compiled = assert_matches_onnxruntime(two_convolutions(), batch=3)
     assert program_codes(compiled).count(one_sample.CONV) == 2
 
 
@@ -137,14 +140,32 @@ def test_gemm_chain_with_tanh():
     assert program_codes(compiled).count(one_sample.DENSE) == 3
 
 
+TILE_MODELS = {
+    "conv chain": lambda: conv_relu_chain(*WIDE_CASES["stride 2 wide"]),
+    "lenet-like, sigmoid": lambda: lenet_like("Sigmoid"),
+    "lenet-like, leaky relu": lambda: lenet_like("LeakyRelu"),
+    "two convolutions": lambda: two_convolutions(),
+    "gemm chain": lambda: gemm_tanh_chain([(40, 30), (20, 40), (3, 20)], seed=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TILE_MODELS))
+def test_tiles_of_samples(name):
+    """70 samples: in float32 (tiles of 32) two whole tiles and one of 6, in float64 (tiles of
+    16) four and one of 6; split over the threads. ``assert_matches_onnxruntime`` runs the batch
+    by tiles too (and predict takes them from ``sample_tiles.least_batch`` on)."""
+    compiled = assert_matches_onnxruntime(TILE_MODELS[name](), batch=70)
+    assert solve_module._one_sample_program(compiled) is not None
+
+
 @pytest.mark.parametrize("name", ["lenet5", "resnet20"])
 def test_zoo_models_one_sample_at_a_time_match_onnxruntime(name, rng):
     path = ZOO / f"{name}.onnx"
     model = ic.from_onnx(path, dtype=np.float32)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     shape = session.get_inputs()[0].shape[1:]
-    for _ in range(3):
-        u = rng.normal(size=(1, *shape)).astype(np.float32)
+    for batch in (1, 1, 1, 70):  # one sample at a time, then by tiles of samples
+        u = rng.normal(size=(batch, *shape)).astype(np.float32)
         expected = session.run(None, {session.get_inputs()[0].name: u})[0]
         ours = model.predict(u)
         assert ours.shape == expected.shape

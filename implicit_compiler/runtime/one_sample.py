@@ -73,6 +73,8 @@ class Program:
             ``kernels.unsigned``): SPARSE operations read the model's rows where they are.
         scratch_size: floats of the scratch array (padded copies of images).
         p, n, q: the model's sizes.
+        entries: multiply-adds per sample; sparse_entries: those of SPARSE operations (rows
+            read one by one from the model's CSR).
     """
 
     operations: np.ndarray
@@ -86,6 +88,8 @@ class Program:
     p: int
     n: int
     q: int
+    entries: int
+    sparse_entries: int
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """New (values, scratch) arrays for ``run``: values holds p + n + q and the slack."""
@@ -117,6 +121,8 @@ class _Builder:
         self.scratch_size = 0
         self.ell_columns: list[np.ndarray] = []
         self.ell_count = 0
+        self.entries = 0  # multiply-adds per sample
+        self.sparse_entries = 0  # of which SPARSE operations
 
     def add(self, code: int, *fields: int) -> None:
         self.operations.append([code, *map(int, fields)] + [0] * (OP_FIELDS - 1 - len(fields)))
@@ -135,6 +141,7 @@ class _Builder:
         self.columns.append(columns[matrix.indices].astype(np.uint64))
         self.data.append(matrix.data.astype(self.dtype))
         self.entry_count += matrix.nnz
+        self.entries += matrix.nnz
         self.indptr_count += matrix.shape[0] + 1
         return offset
 
@@ -152,6 +159,7 @@ class _Builder:
         columns[entry, row] = matrix.indices
         data[entry, row] = matrix.data
         offset = self.ell_count
+        self.entries += matrix.nnz
         self.ell_columns.append(columns.ravel())
         self.ell_count += columns.size
         return offset, self.put(data), padded
@@ -175,6 +183,8 @@ class _Builder:
             p=model.p,
             n=model.n,
             q=model.q,
+            entries=self.entries,
+            sparse_entries=self.sparse_entries,
         )
 
 
@@ -213,6 +223,8 @@ def _sparse_block(build: _Builder, model, first: int, last: int, code: int, alph
         build.add(ELL, model.p + first, last - first, width, columns, data, bias, code, alpha_offset, padded)
     else:
         build.add(SPARSE, first, last, bias, code, alpha_offset)
+        build.entries += rows.nnz
+        build.sparse_entries += rows.nnz
 
 
 def _structured(build: _Builder, block: StructuredBlock) -> None:
@@ -230,6 +242,7 @@ def _structured(build: _Builder, block: StructuredBlock) -> None:
             weights = build.put(term.weight.T)  # (k, m): one row per input
             m, k = term.weight.shape
             build.add(DENSE, target, term.source.start, weights, m, k, bias, relu)
+            build.entries += m * k
     if block.remainder is not None:
         build.add(CSR, target, size, build.put_csr(block.remainder.tocsr(), block.remainder_columns))
     if not fused_activation:
@@ -246,8 +259,10 @@ def _convolution(build: _Builder, target: int, term: Convolution, bias: int, rel
     if (ph, pw, Hp, Wp, sw) != (0, 0, H, W, 1):
         build.scratch_size = max(build.scratch_size, C * Hp * sw * Wq)
     weights = build.put(term.weight)  # (Co, C kh kw)
+    by_tap = build.put(term.weight.T)  # (C kh kw, Co): the layout of ``sample_tiles``
+    build.entries += term.weight.size * Ho * Wo
     geometry = (kh, kw, sh, sw, dh, dw, ph, pw, Hp, Wq)
-    build.add(CONV, target, term.source.start, weights, C, H, W, Co, Ho, Wo, *geometry, bias, relu)
+    build.add(CONV, target, term.source.start, weights, C, H, W, Co, Ho, Wo, *geometry, bias, relu, by_tap)
 
 
 if kernels.available():

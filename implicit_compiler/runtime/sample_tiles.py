@@ -1,0 +1,307 @@
+"""A batch by tiles of samples: the program of ``one_sample`` with the samples as vector lanes.
+
+The operation table of ``one_sample.Program`` runs here on the state held as rows of samples,
+values = [u; x; y] of shape (p + n + q, batch), a tile of ``TILE_VECTORS`` vectors of samples
+at a time: each tile goes through the whole table before the next one starts, so what a tile
+reads and writes (LeNet-5: 12,812 rows x 128 bytes) stays in the core's cache instead of
+crossing the shared cache between layers, and tiles split over the threads need no barrier
+between layers. Every operation computes a row as vectors of samples:
+
+    CONV   for an output pixel and 8 output channels, 8 x 2 accumulators; per kernel tap
+           (c, i, j) inside the image, one load of the input row's lanes feeds 8 x 2
+           multiply-adds with K[co, c, i, j] (stored tap by tap, channels contiguous);
+    DENSE  8 output rows x 2 vectors; per input k, W^T[k, r] times the input row's lanes;
+    ELL, SPARSE, CSR   a row's entries times their input rows' lanes;
+    ACTIVATE, BIAS     row by row.
+
+The weights are the compact kernels ``structured`` found (LeNet-5: 2,550 + 58,920 values), not
+the rows of A (433,856 entries with their indices), so reading them again per tile is cheap.
+The batch is loaded tile by tile with ``kernels.transpose_into`` (which also checks it for NaN
+and inf).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import kernels
+from .one_sample import ACTIVATE, BIAS, CONV, CSR, DENSE, ELL, SPARSE, Program
+
+_1, _2, _3, _4, _5, _6, _7 = (np.uint64(k) for k in range(1, 8))  # unsigned offsets of weights
+TILE_VECTORS = 2  # vectors of samples per tile (the accumulators of an operation: 8 rows x 2)
+ROWS = 8  # output rows (channels) per register tile
+
+
+def run_tiles(program: Program, batch: np.ndarray, work: np.ndarray, out: np.ndarray) -> float:
+    """y of each sample of ``batch`` (batch, p), C-contiguous, into out (q, batch). work:
+    (threads, p + n + q, tile) scratch, one slab per thread. Returns the sum of 0 x the inputs:
+    NaN when one is not finite."""
+    checks = np.zeros(work.shape[0], dtype=work.dtype)  # one per part
+    _run_tiles(
+        program.operations, program.floats, program.csr_indptr, program.csr_columns, program.csr_data,
+        program.ell_columns, *program.matrices, work, batch, out, program.p, program.n, checks,
+    )  # fmt: skip
+    return float(checks.sum())
+
+
+def tile_size(dtype) -> int:
+    """Samples per tile: ``TILE_VECTORS`` vectors of the dtype."""
+    from .simd import VECTOR_BYTES
+
+    return TILE_VECTORS * VECTOR_BYTES // np.dtype(dtype).itemsize
+
+
+def least_batch(dtype) -> int:
+    """The smallest batch worth going by tiles: a tile for every thread."""
+    return tile_size(dtype) * numba.get_num_threads()
+
+
+def work_shape(program: Program, dtype) -> tuple[int, int, int]:
+    """The shape of the scratch ``run_tiles`` takes: a (p + n + q, tile) slab per thread."""
+    return (numba.get_num_threads(), program.p + program.n + program.q, tile_size(dtype))
+
+
+if kernels.available():
+    import numba
+
+    from .kernels import phi, transpose_into
+    from .simd import vfma, vlanes, vload, vload_first, vrelu, vsplat, vstore_first
+
+    _options = dict(cache=True, nogil=True, _nrt=False, fastmath={"contract"})
+
+    @numba.njit(parallel=True, **_options)
+    def _run_tiles(  # pragma: no cover - jitted
+        operations, floats, csr_indptr, csr_columns, csr_data, ell_columns,
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, work, batch, out, p, n, checks,
+    ):  # fmt: skip
+        """The tiles split in len(checks) parts, one per thread, each in its own slab of work;
+        checks[part] gets the sum of 0 x the part's inputs."""
+        matrices = (a_indptr, a_indices, a_data, b_indptr, b_indices, b_data)
+        csr = (csr_indptr, csr_columns, csr_data)
+        samples, tile = batch.shape[0], work.shape[2]
+        tiles = (samples + tile - 1) // tile
+        parts = max(1, min(checks.shape[0], tiles))
+        for part in numba.prange(parts):
+            values = work[part]
+            for t in range(tiles * part // parts, tiles * (part + 1) // parts):
+                first, count = t * tile, min(tile, samples - t * tile)
+                checks[part] += transpose_into(batch[first : first + count], values[:p, :count])
+                _run_operations(operations, floats, csr, ell_columns, matrices, values, p, count)
+                for r in range(out.shape[0]):
+                    for lane in range(count):
+                        out[r, first + lane] = values[p + n + r, lane]
+
+    @numba.njit(**_options)
+    def _run_operations(operations, floats, csr, ell_columns, matrices, values, p, count):  # pragma: no cover
+        """The operation table on the first count lanes of values (p + n + q, tile)."""
+        j = 0
+        for k in range(operations.shape[0]):
+            op = operations[k]
+            code = op[0]
+            if code == CONV:
+                _convolve(op, floats, values, j, count)
+            elif code == DENSE:
+                _dense(op, floats, values, j, count)
+            elif code == ELL:
+                _ell(op, floats, ell_columns, values, j, count)
+            elif code == SPARSE:
+                _sparse(op, floats, matrices, values, p, j, count)
+            elif code == CSR:
+                _csr(op, csr, values, j, count)
+            elif code == ACTIVATE:
+                _activate_rows(values, op[1], op[2], op[3], floats[op[4]], j, count)
+            elif code == BIAS:
+                for r in range(op[2]):
+                    bias = vsplat(values, floats[op[3] + r])
+                    _store(values, op[1] + r, j, count, bias, bias, 0)
+
+    @numba.njit(inline="always", **_options)
+    def _load(values, row, j, count):  # pragma: no cover - jitted
+        lanes = vlanes(values)
+        if count >= 2 * lanes:  # a whole tile: plain loads
+            return vload(values, row, j), vload(values, row, j + lanes)
+        return vload_first(values, row, j, count), vload_first(values, row, j + lanes, count - lanes)
+
+    @numba.njit(inline="always", **_options)
+    def _first_inside(position, step, size):  # pragma: no cover - jitted
+        """The least i >= 0 with 0 <= position + i step (step > 0)."""
+        return 0 if position >= 0 else (step - 1 - position) // step
+
+    @numba.njit(inline="always", **_options)
+    def _past_inside(position, step, size, count):  # pragma: no cover - jitted
+        """1 + the largest i < count with position + i step < size (step > 0), at least 0."""
+        if position >= size:
+            return 0
+        return min(count, (size - 1 - position) // step + 1)
+
+    @numba.njit(inline="always", **_options)
+    def _store(values, row, j, count, first, second, relu):  # pragma: no cover - jitted
+        lanes = vlanes(values)
+        if relu:
+            first, second = vrelu(first), vrelu(second)
+        vstore_first(values, row, j, first, count)
+        vstore_first(values, row, j + lanes, second, count - lanes)
+
+    @numba.njit(inline="always", **_options)
+    def _start(floats, bias, values, row, offset, j, count):  # pragma: no cover - jitted
+        """A row's accumulators: its bias (bias >= 0: offset in floats, the row's at + offset)
+        or what the row holds."""
+        if bias >= 0:
+            value = vsplat(values, floats[bias + offset])
+            return value, value
+        return _load(values, row, j, count)
+
+    @numba.njit(inline="always", **_options)
+    def _activate_rows(values, first, size, code, alpha, j, count):  # pragma: no cover - jitted
+        if code == 1:
+            for row in range(first, first + size):
+                x, y = _load(values, row, j, count)
+                _store(values, row, j, count, x, y, 1)
+        elif code != 0:
+            for row in range(first, first + size):
+                for lane in range(j, j + count):
+                    values[row, lane] = phi(values[row, lane], code, alpha)
+
+    @numba.njit(**_options)
+    def _convolve(op, floats, values, j, count):  # pragma: no cover - jitted
+        """values[t + (co, ho, wo)] (+)= sum over taps inside the image of K[co, c, i, j] x
+        values[s + (c, h, w)], 8 channels x the tile's lanes at a time."""
+        target, source, C, H, W, Co, Ho, Wo = op[1], op[2], op[4], op[5], op[6], op[7], op[8], op[9]
+        kh, kw, sh, sw, dh, dw, ph, pw = op[10], op[11], op[12], op[13], op[14], op[15], op[16], op[17]
+        bias, relu, by_tap = op[20], op[21], op[22]
+        plane = Ho * Wo
+        for c0 in range(0, Co, ROWS):
+            for ho in range(Ho):
+                for wo in range(Wo):
+                    pixel = ho * Wo + wo
+                    # rows of the 8 channels in the block; past Co the last channel again
+                    # (computed from the next weights, never stored)
+                    o0, o1 = c0 * plane + pixel, min(c0 + 1, Co - 1) * plane + pixel
+                    o2, o3 = min(c0 + 2, Co - 1) * plane + pixel, min(c0 + 3, Co - 1) * plane + pixel
+                    o4, o5 = min(c0 + 4, Co - 1) * plane + pixel, min(c0 + 5, Co - 1) * plane + pixel
+                    o6, o7 = min(c0 + 6, Co - 1) * plane + pixel, min(c0 + 7, Co - 1) * plane + pixel
+                    a0, b0 = _start(floats, bias, values, target + o0, o0, j, count)
+                    a1, b1 = _start(floats, bias, values, target + o1, o1, j, count)
+                    a2, b2 = _start(floats, bias, values, target + o2, o2, j, count)
+                    a3, b3 = _start(floats, bias, values, target + o3, o3, j, count)
+                    a4, b4 = _start(floats, bias, values, target + o4, o4, j, count)
+                    a5, b5 = _start(floats, bias, values, target + o5, o5, j, count)
+                    a6, b6 = _start(floats, bias, values, target + o6, o6, j, count)
+                    a7, b7 = _start(floats, bias, values, target + o7, o7, j, count)
+                    # the kernel rows and columns that fall inside the image
+                    top, left = ho * sh - ph, wo * sw - pw
+                    i0, i1 = _first_inside(top, dh, H), _past_inside(top, dh, H, kh)
+                    j0, j1 = _first_inside(left, dw, W), _past_inside(left, dw, W, kw)
+                    for c in range(C):
+                        for i in range(i0, i1):
+                            row = source + (c * H + top + i * dh) * W + left
+                            tap = np.uint64(by_tap + ((c * kh + i) * kw) * Co + c0)
+                            for jj in range(j0, j1):
+                                x, y = _load(values, row + jj * dw, j, count)
+                                k = tap + np.uint64(jj * Co)  # unsigned: no negative-index test
+                                k0, k1, k2, k3 = floats[k], floats[k + _1], floats[k + _2], floats[k + _3]
+                                k4, k5, k6, k7 = floats[k + _4], floats[k + _5], floats[k + _6], floats[k + _7]
+                                a0, b0, a1, b1 = vfma(a0, x, k0), vfma(b0, y, k0), vfma(a1, x, k1), vfma(b1, y, k1)
+                                a2, b2, a3, b3 = vfma(a2, x, k2), vfma(b2, y, k2), vfma(a3, x, k3), vfma(b3, y, k3)
+                                a4, b4, a5, b5 = vfma(a4, x, k4), vfma(b4, y, k4), vfma(a5, x, k5), vfma(b5, y, k5)
+                                a6, b6, a7, b7 = vfma(a6, x, k6), vfma(b6, y, k6), vfma(a7, x, k7), vfma(b7, y, k7)
+                    _store(values, target + o0, j, count, a0, b0, relu)
+                    if c0 + 1 < Co:
+                        _store(values, target + o1, j, count, a1, b1, relu)
+                    if c0 + 2 < Co:
+                        _store(values, target + o2, j, count, a2, b2, relu)
+                    if c0 + 3 < Co:
+                        _store(values, target + o3, j, count, a3, b3, relu)
+                    if c0 + 4 < Co:
+                        _store(values, target + o4, j, count, a4, b4, relu)
+                    if c0 + 5 < Co:
+                        _store(values, target + o5, j, count, a5, b5, relu)
+                    if c0 + 6 < Co:
+                        _store(values, target + o6, j, count, a6, b6, relu)
+                    if c0 + 7 < Co:
+                        _store(values, target + o7, j, count, a7, b7, relu)
+
+    @numba.njit(**_options)
+    def _dense(op, floats, values, j, count):  # pragma: no cover - jitted
+        """values[t + r] (+)= sum_k W^T[k, r] values[s + k], 8 rows x the tile's lanes at a time."""
+        target, source, w, m, k, bias, relu = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
+        for r0 in range(0, m, ROWS):
+            # past m the last row again (computed from the next weights, never stored)
+            r1, r2, r3 = min(r0 + 1, m - 1), min(r0 + 2, m - 1), min(r0 + 3, m - 1)
+            r4, r5, r6, r7 = min(r0 + 4, m - 1), min(r0 + 5, m - 1), min(r0 + 6, m - 1), min(r0 + 7, m - 1)
+            a0, b0 = _start(floats, bias, values, target + r0, r0, j, count)
+            a1, b1 = _start(floats, bias, values, target + r1, r1, j, count)
+            a2, b2 = _start(floats, bias, values, target + r2, r2, j, count)
+            a3, b3 = _start(floats, bias, values, target + r3, r3, j, count)
+            a4, b4 = _start(floats, bias, values, target + r4, r4, j, count)
+            a5, b5 = _start(floats, bias, values, target + r5, r5, j, count)
+            a6, b6 = _start(floats, bias, values, target + r6, r6, j, count)
+            a7, b7 = _start(floats, bias, values, target + r7, r7, j, count)
+            for kk in range(k):
+                x, y = _load(values, source + kk, j, count)
+                # rows past m read the next input's weights: never stored
+                at = np.uint64(w + kk * m + r0)  # unsigned: no negative-index test
+                k0, k1, k2, k3 = floats[at], floats[at + _1], floats[at + _2], floats[at + _3]
+                k4, k5, k6, k7 = floats[at + _4], floats[at + _5], floats[at + _6], floats[at + _7]
+                a0, b0, a1, b1 = vfma(a0, x, k0), vfma(b0, y, k0), vfma(a1, x, k1), vfma(b1, y, k1)
+                a2, b2, a3, b3 = vfma(a2, x, k2), vfma(b2, y, k2), vfma(a3, x, k3), vfma(b3, y, k3)
+                a4, b4, a5, b5 = vfma(a4, x, k4), vfma(b4, y, k4), vfma(a5, x, k5), vfma(b5, y, k5)
+                a6, b6, a7, b7 = vfma(a6, x, k6), vfma(b6, y, k6), vfma(a7, x, k7), vfma(b7, y, k7)
+            _store(values, target + r0, j, count, a0, b0, relu)
+            if r0 + 1 < m:
+                _store(values, target + r0 + 1, j, count, a1, b1, relu)
+            if r0 + 2 < m:
+                _store(values, target + r0 + 2, j, count, a2, b2, relu)
+            if r0 + 3 < m:
+                _store(values, target + r0 + 3, j, count, a3, b3, relu)
+            if r0 + 4 < m:
+                _store(values, target + r0 + 4, j, count, a4, b4, relu)
+            if r0 + 5 < m:
+                _store(values, target + r0 + 5, j, count, a5, b5, relu)
+            if r0 + 6 < m:
+                _store(values, target + r0 + 6, j, count, a6, b6, relu)
+            if r0 + 7 < m:
+                _store(values, target + r0 + 7, j, count, a7, b7, relu)
+
+    @numba.njit(**_options)
+    def _ell(op, floats, ell_columns, values, j, count):  # pragma: no cover - jitted
+        target, rows, width, columns, data = op[1], op[2], op[3], op[4], op[5]
+        bias, code, alpha, padded = op[6], op[7], floats[op[8]], op[9]
+        for r in range(rows):
+            x = vsplat(values, floats[bias + r])
+            y = x
+            for t in range(width):
+                weight = floats[data + t * padded + r]
+                u, v = _load(values, ell_columns[columns + t * padded + r], j, count)
+                x, y = vfma(x, u, weight), vfma(y, v, weight)
+            _store(values, target + r, j, count, x, y, code == 1)
+        if code > 1:
+            _activate_rows(values, target, rows, code, alpha, j, count)
+
+    @numba.njit(**_options)
+    def _sparse(op, floats, matrices, values, p, j, count):  # pragma: no cover - jitted
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data = matrices
+        first, last, bias, code, alpha = op[1], op[2], op[3], op[4], floats[op[5]]
+        for i in range(first, last):
+            x = vsplat(values, floats[bias + i - first])
+            y = x
+            for k in range(b_indptr[i], b_indptr[i + 1]):
+                u, v = _load(values, b_indices[k], j, count)
+                x, y = vfma(x, u, b_data[k]), vfma(y, v, b_data[k])
+            for k in range(a_indptr[i], a_indptr[i + 1]):
+                u, v = _load(values, p + a_indices[k], j, count)
+                x, y = vfma(x, u, a_data[k]), vfma(y, v, a_data[k])
+            _store(values, p + i, j, count, x, y, code == 1)
+        if code > 1:
+            _activate_rows(values, p + first, last - first, code, alpha, j, count)
+
+    @numba.njit(**_options)
+    def _csr(op, csr, values, j, count):  # pragma: no cover - jitted
+        csr_indptr, csr_columns, csr_data = csr
+        target, rows, offset = op[1], op[2], op[3]
+        for r in range(rows):
+            x, y = _load(values, target + r, j, count)
+            for k in range(csr_indptr[offset + r], csr_indptr[offset + r + 1]):
+                u, v = _load(values, csr_columns[k], j, count)
+                x, y = vfma(x, u, csr_data[k]), vfma(y, v, csr_data[k])
+            _store(values, target + r, j, count, x, y, 0)
