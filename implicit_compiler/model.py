@@ -267,8 +267,12 @@ class ImplicitModel:
     def predict(self, u: Any, **solve_options: Any) -> np.ndarray | dict[str, np.ndarray]:
         """y shaped like the source network's output(s): one array, or a dict for several.
 
-        The solver's state array is kept on the model between calls (one per thread, for the
-        last batch size), as only y is returned: (p + n) x batch values, released with the model.
+        Acyclic models run as one compiled program: one sample in one call
+        (``runtime/one_sample.py``), a batch by tiles of samples (``runtime/sample_tiles.py``,
+        from a tile per thread on). What the runtime works in is kept on the model between calls
+        (one per thread, released with the model), as only y is returned: the program's values
+        (p + n + q), the tiles' slabs (threads x (p + n + q) x tile), or for other models and
+        smaller batches the solver's (p + n) x batch state.
         """
         from .runtime.batching import shape_outputs
         from .runtime.solve import predict_outputs

@@ -213,11 +213,12 @@ def test_cyclic_models_keep_the_iterative_path(rng):
 
 
 def test_predictions_survive_the_next_call_and_threads(rng):
-    """predict keeps its values array per thread; what it returned is not overwritten."""
+    """predict keeps its values array (one sample) and its tile slabs (batches) per thread;
+    what it returned is not overwritten."""
     path = ZOO / "lenet5.onnx"
     model = ic.from_onnx(path, dtype=np.float32)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    inputs = [rng.normal(size=(1, 1, 32, 32)).astype(np.float32) for _ in range(6)]
+    inputs = [rng.normal(size=(batch, 1, 32, 32)).astype(np.float32) for batch in (1, 70, 1, 70, 1, 70)]
     expected = [session.run(None, {session.get_inputs()[0].name: u})[0] for u in inputs]
     first = model.predict(inputs[0])
     model.predict(inputs[1])

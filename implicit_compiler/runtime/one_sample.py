@@ -32,6 +32,8 @@ one load of the image feeding 4 multiply-adds. The image is read in place, or fr
 the pads written as zeros and, for a stride s_w > 1, each row split in s_w phases (columns
 w = s_w q + r at r W_q + q): the columns an output row reads for one tap are then contiguous.
 A dense product holds 4 vectors of output rows and adds W^T[k] * values[s + k] for each k.
+
+``sample_tiles`` runs the same table on a batch, the samples as the vector lanes.
 """
 
 from __future__ import annotations

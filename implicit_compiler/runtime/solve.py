@@ -10,6 +10,10 @@ computed together, in registers); up to ``STRUCTURED_BATCH_LIMIT`` samples, bloc
 are convolutions or dense products run through BLAS instead (``structured``). ``method="picard"`` and
 ``method="anderson"`` iterate on the whole model from x = 0 (the paper's setting; an acyclic
 model converges exactly after depth + 1 Picard steps).
+
+An acyclic model also compiles into one program (``one_sample``): one sample is solved by it in
+one call, and ``predict_outputs`` (``ImplicitModel.predict``) runs large batches through it by
+tiles of samples (``sample_tiles``), where only y is needed.
 """
 
 from __future__ import annotations
