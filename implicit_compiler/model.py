@@ -271,7 +271,7 @@ class ImplicitModel:
         (``runtime/one_sample.py``), a batch by tiles of samples (``runtime/sample_tiles.py``,
         from a tile per thread on). What the runtime works in is kept on the model between calls
         (one per thread, released with the model), as only y is returned: the program's values
-        (p + n + q), the tiles' slabs (threads x (p + n + q) x tile), or for other models and
+        (p + n + q), the tiles' slabs ((p + n + q) x tile per thread), or for other models and
         smaller batches the solver's (p + n) x batch state.
         """
         from .runtime.batching import shape_outputs

@@ -1,11 +1,15 @@
 """A batch by tiles of samples: the program of ``one_sample`` with the samples as vector lanes.
 
-The operation table of ``one_sample.Program`` runs here on the state held as rows of samples,
-values = [u; x; y] of shape (p + n + q, batch), a tile of ``TILE_VECTORS`` vectors of samples
-at a time: each tile goes through the whole table before the next one starts, so what a tile
-reads and writes (LeNet-5: 12,812 rows x 128 bytes) stays in the core's cache instead of
-crossing the shared cache between layers, and tiles split over the threads need no barrier
-between layers. Every operation computes a row as vectors of samples:
+The batch is cut in tiles of ``TILE_VECTORS`` vectors of samples (32 in float32), and the tiles
+in one contiguous part per thread. A thread runs each of its tiles through the whole operation
+table of ``one_sample.Program`` before the next one, in its own slab
+
+    values = [u; x; y]   (p + n + q rows, tile lanes: one row per value, one lane per sample)
+
+so what a tile reads and writes stays in the core's cache (LeNet-5: 12,812 rows x 128 bytes,
+1.6 MB) and the threads need no barrier between layers; the tile's y is then copied out. (The
+tiles as column ranges of one (p + n + q, batch) array were slower than the row groups: rows
+1 KB apart fall into a few cache sets.) Every operation computes rows as vectors of samples:
 
     CONV   for an output pixel and 8 output channels, 8 x 2 accumulators; per kernel tap
            (c, i, j) inside the image, one load of the input row's lanes feeds 8 x 2
@@ -16,8 +20,8 @@ between layers. Every operation computes a row as vectors of samples:
 
 The weights are the compact kernels ``structured`` found (LeNet-5: 2,550 + 58,920 values), not
 the rows of A (433,856 entries with their indices), so reading them again per tile is cheap.
-The batch is loaded tile by tile with ``kernels.transpose_into`` (which also checks it for NaN
-and inf).
+A tile is loaded with ``kernels.transpose_into``, which also checks it for NaN and inf. Only y
+comes out: ``predict`` takes this path, ``solve`` (which returns x) does not.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ ROWS = 8  # output rows (channels) per register tile
 
 def run_tiles(program: Program, batch: np.ndarray, work: np.ndarray, out: np.ndarray) -> float:
     """y of each sample of ``batch`` (batch, p), C-contiguous, into out (q, batch). work:
-    (threads, p + n + q, tile) scratch, one slab per thread. Returns the sum of 0 x the inputs:
+    scratch of ``work_shape``, one slab per thread. Returns the sum of 0 x the inputs:
     NaN when one is not finite."""
     checks = np.zeros(work.shape[0], dtype=work.dtype)  # one per part
     _run_tiles(
@@ -56,9 +60,12 @@ def least_batch(dtype) -> int:
     return tile_size(dtype) * numba.get_num_threads()
 
 
-def work_shape(program: Program, dtype) -> tuple[int, int, int]:
-    """The shape of the scratch ``run_tiles`` takes: a (p + n + q, tile) slab per thread."""
-    return (numba.get_num_threads(), program.p + program.n + program.q, tile_size(dtype))
+def work_shape(program: Program, dtype, batch: int) -> tuple[int, int, int]:
+    """The shape of the scratch ``run_tiles`` takes for ``batch`` samples: a (p + n + q, tile)
+    slab per thread, or per tile when there are fewer tiles."""
+    tile = tile_size(dtype)
+    slabs = max(1, min(numba.get_num_threads(), -(-batch // tile)))
+    return (slabs, program.p + program.n + program.q, tile)
 
 
 if kernels.available():
@@ -123,7 +130,7 @@ if kernels.available():
         return vload_first(values, row, j, count), vload_first(values, row, j + lanes, count - lanes)
 
     @numba.njit(inline="always", **_options)
-    def _first_inside(position, step, size):  # pragma: no cover - jitted
+    def _first_inside(position, step):  # pragma: no cover - jitted
         """The least i >= 0 with 0 <= position + i step (step > 0)."""
         return 0 if position >= 0 else (step - 1 - position) // step
 
@@ -153,6 +160,7 @@ if kernels.available():
 
     @numba.njit(inline="always", **_options)
     def _activate_rows(values, first, size, code, alpha, j, count):  # pragma: no cover - jitted
+        """phi of code ``code`` on rows first : first + size (relu a vector at a time)."""
         if code == 1:
             for row in range(first, first + size):
                 x, y = _load(values, row, j, count)
@@ -190,8 +198,8 @@ if kernels.available():
                     a7, b7 = _start(floats, bias, values, target + o7, o7, j, count)
                     # the kernel rows and columns that fall inside the image
                     top, left = ho * sh - ph, wo * sw - pw
-                    i0, i1 = _first_inside(top, dh, H), _past_inside(top, dh, H, kh)
-                    j0, j1 = _first_inside(left, dw, W), _past_inside(left, dw, W, kw)
+                    i0, i1 = _first_inside(top, dh), _past_inside(top, dh, H, kh)
+                    j0, j1 = _first_inside(left, dw), _past_inside(left, dw, W, kw)
                     for c in range(C):
                         for i in range(i0, i1):
                             row = source + (c * H + top + i * dh) * W + left

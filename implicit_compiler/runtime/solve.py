@@ -176,7 +176,7 @@ def _predict_by_tiles(model: ImplicitModel, program: Program, U: np.ndarray, u: 
     """y (batch, q) by ``sample_tiles`` in the scratch kept on the model for this thread."""
     kept = _thread_local(model, "tiles_work")
     work = getattr(kept, "array", None)
-    shape = sample_tiles.work_shape(program, model.dtype)
+    shape = sample_tiles.work_shape(program, model.dtype, U.shape[0])
     if work is None or work.shape != shape:
         work = kept.array = np.zeros(shape, dtype=model.dtype)
     Y = np.empty((model.q, U.shape[0]), dtype=model.dtype)
