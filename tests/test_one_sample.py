@@ -85,12 +85,17 @@ def lenet_like(activation: str) -> onnx.ModelProto:
         helper.make_node("Relu", ["g1"], ["r1"]),
         helper.make_node("Gemm", ["r1", "W2", "B2"], ["y"]),
     ]
+    return single_input_model(nodes, "lenet_like", (2, 10, 10), weights)
+
+
+def single_input_model(nodes, name: str, x_shape: tuple[int, ...], weights: dict) -> onnx.ModelProto:
+    """A model of ``nodes`` from input x (batch, *x_shape) to output y, float32 initializers."""
     graph = helper.make_graph(
         nodes,
-        "lenet_like",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 10, 10])],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *x_shape])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
+        [numpy_helper.from_array(value.astype(np.float32), key) for key, value in weights.items()],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -119,14 +124,7 @@ def two_convolutions() -> onnx.ModelProto:
         helper.make_node("Add", ["a", "b"], ["s"]),
         helper.make_node("Relu", ["s"], ["y"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "two_convolutions",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 12, 34])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return single_input_model(nodes, "two_convolutions", (3, 12, 34), weights)
 
 
 def test_two_convolutions_into_one_block():

@@ -150,13 +150,72 @@ if kernels.available():
         vstore_first(values, row, j + lanes, second, count - lanes)
 
     @numba.njit(inline="always", **_options)
-    def _start(floats, bias, values, row, offset, j, count):  # pragma: no cover - jitted
-        """A row's accumulators: its bias (bias >= 0: offset in floats, the row's at + offset)
-        or what the row holds."""
+    def _start_row(floats, bias, values, row, offset, j, count):  # pragma: no cover - jitted
+        """A row's two accumulators: its bias (bias >= 0: offset in floats, the row's at +
+        offset) or what the row holds."""
         if bias >= 0:
             value = vsplat(values, floats[bias + offset])
             return value, value
         return _load(values, row, j, count)
+
+    @numba.njit(inline="always", **_options)
+    def _rows(first, limit, stride, base):  # pragma: no cover - jitted
+        """Offsets in a block of the register tile's 8 rows: min(first + r, limit - 1) x stride
+        + base."""
+        last = limit - 1
+        return (
+            first * stride + base, min(first + 1, last) * stride + base, min(first + 2, last) * stride + base,
+            min(first + 3, last) * stride + base, min(first + 4, last) * stride + base,
+            min(first + 5, last) * stride + base, min(first + 6, last) * stride + base,
+            min(first + 7, last) * stride + base,
+        )  # fmt: skip
+
+    @numba.njit(inline="always", **_options)
+    def _start(floats, bias, values, target, rows, j, count):  # pragma: no cover - jitted
+        """The register tile: 8 rows x 2 vectors of accumulators, (a0, b0, ..., a7, b7)."""
+        a0, b0 = _start_row(floats, bias, values, target + rows[0], rows[0], j, count)
+        a1, b1 = _start_row(floats, bias, values, target + rows[1], rows[1], j, count)
+        a2, b2 = _start_row(floats, bias, values, target + rows[2], rows[2], j, count)
+        a3, b3 = _start_row(floats, bias, values, target + rows[3], rows[3], j, count)
+        a4, b4 = _start_row(floats, bias, values, target + rows[4], rows[4], j, count)
+        a5, b5 = _start_row(floats, bias, values, target + rows[5], rows[5], j, count)
+        a6, b6 = _start_row(floats, bias, values, target + rows[6], rows[6], j, count)
+        a7, b7 = _start_row(floats, bias, values, target + rows[7], rows[7], j, count)
+        return a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5, a6, b6, a7, b7
+
+    @numba.njit(inline="always", **_options)
+    def _multiply_add(acc, x, y, floats, k):  # pragma: no cover - jitted
+        """acc[row r] += floats[k + r] x (x, y): one input row's lanes into the 8 rows (k is
+        unsigned: no negative-index test on the weights)."""
+        a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5, a6, b6, a7, b7 = acc
+        k0, k1, k2, k3 = floats[k], floats[k + _1], floats[k + _2], floats[k + _3]
+        k4, k5, k6, k7 = floats[k + _4], floats[k + _5], floats[k + _6], floats[k + _7]
+        return (
+            vfma(a0, x, k0), vfma(b0, y, k0), vfma(a1, x, k1), vfma(b1, y, k1),
+            vfma(a2, x, k2), vfma(b2, y, k2), vfma(a3, x, k3), vfma(b3, y, k3),
+            vfma(a4, x, k4), vfma(b4, y, k4), vfma(a5, x, k5), vfma(b5, y, k5),
+            vfma(a6, x, k6), vfma(b6, y, k6), vfma(a7, x, k7), vfma(b7, y, k7),
+        )  # fmt: skip
+
+    @numba.njit(inline="always", **_options)
+    def _finish(values, target, rows, acc, j, count, relu, valid):  # pragma: no cover - jitted
+        """Store the register tile's first ``valid`` rows (relu first when asked)."""
+        a0, b0, a1, b1, a2, b2, a3, b3, a4, b4, a5, b5, a6, b6, a7, b7 = acc
+        _store(values, target + rows[0], j, count, a0, b0, relu)
+        if valid > 1:
+            _store(values, target + rows[1], j, count, a1, b1, relu)
+        if valid > 2:
+            _store(values, target + rows[2], j, count, a2, b2, relu)
+        if valid > 3:
+            _store(values, target + rows[3], j, count, a3, b3, relu)
+        if valid > 4:
+            _store(values, target + rows[4], j, count, a4, b4, relu)
+        if valid > 5:
+            _store(values, target + rows[5], j, count, a5, b5, relu)
+        if valid > 6:
+            _store(values, target + rows[6], j, count, a6, b6, relu)
+        if valid > 7:
+            _store(values, target + rows[7], j, count, a7, b7, relu)
 
     @numba.njit(inline="always", **_options)
     def _activate_rows(values, first, size, code, alpha, j, count):  # pragma: no cover - jitted
@@ -181,21 +240,10 @@ if kernels.available():
         for c0 in range(0, Co, ROWS):
             for ho in range(Ho):
                 for wo in range(Wo):
-                    pixel = ho * Wo + wo
-                    # rows of the 8 channels in the block; past Co the last channel again
+                    # the block's rows of the 8 channels; past Co the last channel's again
                     # (computed from the next weights, never stored)
-                    o0, o1 = c0 * plane + pixel, min(c0 + 1, Co - 1) * plane + pixel
-                    o2, o3 = min(c0 + 2, Co - 1) * plane + pixel, min(c0 + 3, Co - 1) * plane + pixel
-                    o4, o5 = min(c0 + 4, Co - 1) * plane + pixel, min(c0 + 5, Co - 1) * plane + pixel
-                    o6, o7 = min(c0 + 6, Co - 1) * plane + pixel, min(c0 + 7, Co - 1) * plane + pixel
-                    a0, b0 = _start(floats, bias, values, target + o0, o0, j, count)
-                    a1, b1 = _start(floats, bias, values, target + o1, o1, j, count)
-                    a2, b2 = _start(floats, bias, values, target + o2, o2, j, count)
-                    a3, b3 = _start(floats, bias, values, target + o3, o3, j, count)
-                    a4, b4 = _start(floats, bias, values, target + o4, o4, j, count)
-                    a5, b5 = _start(floats, bias, values, target + o5, o5, j, count)
-                    a6, b6 = _start(floats, bias, values, target + o6, o6, j, count)
-                    a7, b7 = _start(floats, bias, values, target + o7, o7, j, count)
+                    rows = _rows(c0, Co, plane, ho * Wo + wo)
+                    acc = _start(floats, bias, values, target, rows, j, count)
                     # the kernel rows and columns that fall inside the image
                     top, left = ho * sh - ph, wo * sw - pw
                     i0, i1 = _first_inside(top, dh), _past_inside(top, dh, H, kh)
@@ -206,70 +254,21 @@ if kernels.available():
                             tap = np.uint64(by_tap + ((c * kh + i) * kw) * Co + c0)
                             for jj in range(j0, j1):
                                 x, y = _load(values, row + jj * dw, j, count)
-                                k = tap + np.uint64(jj * Co)  # unsigned: no negative-index test
-                                k0, k1, k2, k3 = floats[k], floats[k + _1], floats[k + _2], floats[k + _3]
-                                k4, k5, k6, k7 = floats[k + _4], floats[k + _5], floats[k + _6], floats[k + _7]
-                                a0, b0, a1, b1 = vfma(a0, x, k0), vfma(b0, y, k0), vfma(a1, x, k1), vfma(b1, y, k1)
-                                a2, b2, a3, b3 = vfma(a2, x, k2), vfma(b2, y, k2), vfma(a3, x, k3), vfma(b3, y, k3)
-                                a4, b4, a5, b5 = vfma(a4, x, k4), vfma(b4, y, k4), vfma(a5, x, k5), vfma(b5, y, k5)
-                                a6, b6, a7, b7 = vfma(a6, x, k6), vfma(b6, y, k6), vfma(a7, x, k7), vfma(b7, y, k7)
-                    _store(values, target + o0, j, count, a0, b0, relu)
-                    if c0 + 1 < Co:
-                        _store(values, target + o1, j, count, a1, b1, relu)
-                    if c0 + 2 < Co:
-                        _store(values, target + o2, j, count, a2, b2, relu)
-                    if c0 + 3 < Co:
-                        _store(values, target + o3, j, count, a3, b3, relu)
-                    if c0 + 4 < Co:
-                        _store(values, target + o4, j, count, a4, b4, relu)
-                    if c0 + 5 < Co:
-                        _store(values, target + o5, j, count, a5, b5, relu)
-                    if c0 + 6 < Co:
-                        _store(values, target + o6, j, count, a6, b6, relu)
-                    if c0 + 7 < Co:
-                        _store(values, target + o7, j, count, a7, b7, relu)
+                                acc = _multiply_add(acc, x, y, floats, tap + np.uint64(jj * Co))
+                    _finish(values, target, rows, acc, j, count, relu, Co - c0)
 
     @numba.njit(**_options)
     def _dense(op, floats, values, j, count):  # pragma: no cover - jitted
         """values[t + r] (+)= sum_k W^T[k, r] values[s + k], 8 rows x the tile's lanes at a time."""
         target, source, w, m, k, bias, relu = op[1], op[2], op[3], op[4], op[5], op[6], op[7]
         for r0 in range(0, m, ROWS):
-            # past m the last row again (computed from the next weights, never stored)
-            r1, r2, r3 = min(r0 + 1, m - 1), min(r0 + 2, m - 1), min(r0 + 3, m - 1)
-            r4, r5, r6, r7 = min(r0 + 4, m - 1), min(r0 + 5, m - 1), min(r0 + 6, m - 1), min(r0 + 7, m - 1)
-            a0, b0 = _start(floats, bias, values, target + r0, r0, j, count)
-            a1, b1 = _start(floats, bias, values, target + r1, r1, j, count)
-            a2, b2 = _start(floats, bias, values, target + r2, r2, j, count)
-            a3, b3 = _start(floats, bias, values, target + r3, r3, j, count)
-            a4, b4 = _start(floats, bias, values, target + r4, r4, j, count)
-            a5, b5 = _start(floats, bias, values, target + r5, r5, j, count)
-            a6, b6 = _start(floats, bias, values, target + r6, r6, j, count)
-            a7, b7 = _start(floats, bias, values, target + r7, r7, j, count)
+            rows = _rows(r0, m, 1, 0)  # past m the last row again (never stored)
+            acc = _start(floats, bias, values, target, rows, j, count)
             for kk in range(k):
                 x, y = _load(values, source + kk, j, count)
                 # rows past m read the next input's weights: never stored
-                at = np.uint64(w + kk * m + r0)  # unsigned: no negative-index test
-                k0, k1, k2, k3 = floats[at], floats[at + _1], floats[at + _2], floats[at + _3]
-                k4, k5, k6, k7 = floats[at + _4], floats[at + _5], floats[at + _6], floats[at + _7]
-                a0, b0, a1, b1 = vfma(a0, x, k0), vfma(b0, y, k0), vfma(a1, x, k1), vfma(b1, y, k1)
-                a2, b2, a3, b3 = vfma(a2, x, k2), vfma(b2, y, k2), vfma(a3, x, k3), vfma(b3, y, k3)
-                a4, b4, a5, b5 = vfma(a4, x, k4), vfma(b4, y, k4), vfma(a5, x, k5), vfma(b5, y, k5)
-                a6, b6, a7, b7 = vfma(a6, x, k6), vfma(b6, y, k6), vfma(a7, x, k7), vfma(b7, y, k7)
-            _store(values, target + r0, j, count, a0, b0, relu)
-            if r0 + 1 < m:
-                _store(values, target + r0 + 1, j, count, a1, b1, relu)
-            if r0 + 2 < m:
-                _store(values, target + r0 + 2, j, count, a2, b2, relu)
-            if r0 + 3 < m:
-                _store(values, target + r0 + 3, j, count, a3, b3, relu)
-            if r0 + 4 < m:
-                _store(values, target + r0 + 4, j, count, a4, b4, relu)
-            if r0 + 5 < m:
-                _store(values, target + r0 + 5, j, count, a5, b5, relu)
-            if r0 + 6 < m:
-                _store(values, target + r0 + 6, j, count, a6, b6, relu)
-            if r0 + 7 < m:
-                _store(values, target + r0 + 7, j, count, a7, b7, relu)
+                acc = _multiply_add(acc, x, y, floats, np.uint64(w + kk * m + r0))
+            _finish(values, target, rows, acc, j, count, relu, m - r0)
 
     @numba.njit(**_options)
     def _ell(op, floats, ell_columns, values, j, count):  # pragma: no cover - jitted
