@@ -196,6 +196,19 @@ def test_states_satisfy_the_equilibrium_and_shapes_follow_the_input(rng):
     np.testing.assert_array_equal(batch.x[0], x)
 
 
+def test_large_models_take_the_steps_at_batch_one(monkeypatch):
+    """Past ``ONE_SAMPLE_WORK`` multiply-adds per thread one sample goes step by step (BLAS
+    products on every thread), with the same results."""
+    monkeypatch.setattr(solve_module, "ONE_SAMPLE_WORK", 1000)
+
+    def program_call(*args):
+        raise AssertionError("one sample past ONE_SAMPLE_WORK ran by the program")
+
+    monkeypatch.setattr(solve_module, "_run_program", program_call)
+    compiled = assert_matches_onnxruntime(lenet_like("Relu"), batch=3)  # predicts sample 0 alone too
+    assert not solve_module._one_call_pays(solve_module._one_sample_program(compiled))
+
+
 def test_cyclic_models_keep_the_iterative_path(rng):
     A = sp.csr_array(np.array([[0.0, 0.5], [0.4, 0.0]]))
     blocks = (ic.StateBlock("loop", 0, 2, "tanh", (2,)),)

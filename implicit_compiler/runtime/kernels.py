@@ -208,6 +208,11 @@ def unsigned(indices: np.ndarray) -> np.ndarray:
     return indices.view(np.uint32 if indices.dtype.itemsize == 4 else np.uint64)
 
 
+def thread_count() -> int:
+    """The threads numba's parallel kernels run on (1 without numba)."""
+    return numba.get_num_threads() if numba is not None else 1
+
+
 def threaded(work: int, batch: int) -> bool:
     """Whether a chain of ``work`` non-zeros on ``batch`` samples is worth the threads."""
     return work * batch >= PARALLEL_THRESHOLD
