@@ -120,9 +120,22 @@ def solve(
         ConvergenceError: a fixed-point solve did not converge; it carries the history.
         NonFiniteError, ShapeError: bad inputs.
     """
+    _check_method(method)
+    U, single = flatten_inputs(model.inputs, u, check_finite=False)
+    return _solve_flat(model, U, single, u, method, tol, max_iter, anderson_memory, reuse_state)
+
+
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ShapeError(f"unknown solve method {method!r}: expected one of {', '.join(METHODS)}")
-    U, single = flatten_inputs(model.inputs, u, check_finite=False)
+
+
+def _solve_flat(
+    model: ImplicitModel, U: np.ndarray, single: bool, u: Any, method: str = "auto", tol: float | None = None,
+    max_iter: int = 1000, anderson_memory: int = 5, reuse_state: bool = False,
+) -> Solution:  # fmt: skip
+    """``solve`` on U = the flat inputs (batch, p), not yet checked for NaN and inf (u: the
+    inputs as given, for the error)."""
     # a batch is checked for NaN and inf as it is loaded (kernels.transpose_into); one sample here
     loads_checked = U.shape[0] > 1 and kernels.available()
     if not loads_checked and not np.isfinite(U).all():
@@ -168,14 +181,16 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
     of an acyclic model whose work is mostly convolutions, dense products and short rows, with
     a tile of samples for every thread, goes by tiles of samples instead (``sample_tiles``:
     faster, and the states are not kept)."""
-    if solve_options.get("method", "auto") == "auto" and kernels.available():
-        U, _ = flatten_inputs(model.inputs, u, check_finite=False)
+    method = solve_options.pop("method", "auto")
+    _check_method(method)
+    U, single = flatten_inputs(model.inputs, u, check_finite=False)
+    if method == "auto" and U.shape[0] > 1 and kernels.available():
         typed = model.astype(U.dtype)
         if U.shape[0] >= sample_tiles.least_batch(typed.dtype):
             program = _one_sample_program(typed)
             if program is not None and program.sparse_entries <= TILES_SPARSE_SHARE * program.entries:
                 return _predict_by_tiles(typed, program, U, u)
-    return solve(model, u, reuse_state=True, **solve_options).y
+    return _solve_flat(model, U, single, u, method, reuse_state=True, **solve_options).y
 
 
 def _predict_by_tiles(model: ImplicitModel, program: Program, U: np.ndarray, u: Any) -> np.ndarray:
