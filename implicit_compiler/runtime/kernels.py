@@ -158,7 +158,7 @@ if numba is not None:
     def output_into(c_indptr, c_indices, c_data, d_indptr, d_indices, d_data, bias, values, p, out):  # pragma: no cover
         """out = C values[p:] + D values[:p] + bias[:, None] for values = V = [u; x], (p + n,
         batch) C-contiguous, and out (q, batch): each output row a vector of samples at a time
-        (scipy's product plus the sums took 110 us for LeNet-5 at batch 256, this 10)."""
+        (LeNet-5 at batch 256, one after the other: scipy's products and sums 52 us, this 22)."""
         batch, lanes = values.shape[1], vlanes(values)
         for r in range(out.shape[0]):
             for j in range(0, batch, lanes):

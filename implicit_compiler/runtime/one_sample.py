@@ -280,6 +280,7 @@ if kernels.available():
         operations, floats, csr_indptr, csr_columns, csr_data, ell_columns,
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, values, scratch, p,
     ):  # fmt: skip
+        """The operation table, row by row, on values = [u; x; y] (see the module docstring)."""
         for k in range(operations.shape[0]):
             op = operations[k]
             code = op[0]
