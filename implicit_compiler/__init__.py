@@ -21,6 +21,7 @@ from .errors import (
     NotWellPosedError,
     OverwriteError,
     ShapeError,
+    ToleranceError,
     UnsupportedAttributeError,
     UnsupportedOpError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "Solution",
     "StateBlock",
     "TensorSpec",
+    "ToleranceError",
     "UnsupportedAttributeError",
     "UnsupportedOpError",
     "VerifyReport",

@@ -64,5 +64,9 @@ class ConvergenceError(ImplicitCompilerError, RuntimeError):
         self.iterations = len(self.residual_history)
 
 
+class ToleranceError(ImplicitCompilerError, ValueError):
+    """A solver tolerance that is not positive, or below what the dtype can reach."""
+
+
 class AnalysisError(ImplicitCompilerError, ValueError):
     """An analysis does not apply to the model (or input) it was given, or its result is not valid."""

@@ -190,9 +190,10 @@ class _Builder:
         )
 
 
-def build_program(model, steps) -> Program | None:
-    """The program of ``steps`` (``solve._execution_steps(model, structured=True)``); None when
-    a step is cyclic (fixed-point iteration stays in ``solve``)."""
+def build_program(model, steps, outputs: bool = True) -> Program | None:
+    """The program of ``steps`` (``solve._execution_steps(model, structured=True)``), then y
+    unless not ``outputs``; None when a step is cyclic (fixed-point iteration stays in
+    ``solve``) or has no operations here."""
     if any(step.cyclic for step in steps) or not kernels.available():
         return None
     build = _Builder(model.dtype)
@@ -206,6 +207,8 @@ def build_program(model, steps) -> Program | None:
                 _sparse_block(build, model, first, last, step.codes[k], step.alphas[k])
         else:
             return None
+    if not outputs:
+        return build.program(model)
     p, n, q = model.p, model.n, model.q
     build.add(BIAS, p + n, q, build.put(model.bias_y))
     output = sp.hstack([model.D, model.C], format="csr")  # [D C] [u; x]

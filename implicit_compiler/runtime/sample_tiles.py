@@ -68,6 +68,35 @@ def work_shape(program: Program, dtype, batch: int) -> tuple[int, int, int]:
     return (slabs, program.p + program.n + program.q, tile)
 
 
+def slabs_shape(program: Program, dtype, batch: int) -> tuple[int, int, int]:
+    """The shape of the slabs ``load_tiles`` / ``run_on_tiles`` keep: a (p + n + q, tile)
+    slab for every tile of the batch (a fixed-point iteration sweeps them again and again)."""
+    tile = tile_size(dtype)
+    return (-(-batch // tile), program.p + program.n + program.q, tile)
+
+
+def load_tiles(batch: np.ndarray, slabs: np.ndarray) -> float:
+    """u of ``batch`` (batch, p), C-contiguous, into each tile's slab; returns the sum of 0 x
+    the inputs (NaN when one is not finite)."""
+    checks = np.zeros(slabs.shape[0], dtype=slabs.dtype)
+    _load_tiles(batch, slabs, checks)
+    return float(checks.sum())
+
+
+def run_on_tiles(program: Program, slabs: np.ndarray, tiles: np.ndarray, samples: int) -> None:
+    """The program's operations on the slabs of ``tiles`` (tile indices), in parallel; the
+    last tile of the batch (``samples`` in all) runs on its own samples only."""
+    _run_on_tiles(
+        program.operations, program.floats, program.csr_indptr, program.csr_columns, program.csr_data,
+        program.ell_columns, *program.matrices, slabs, tiles, samples, program.p,
+    )  # fmt: skip
+
+
+def outputs_from_tiles(slabs: np.ndarray, first: int, out: np.ndarray) -> None:
+    """out (rows, batch) = rows first: first + rows of every slab, sample by sample."""
+    _outputs_from_tiles(slabs, first, out)
+
+
 if kernels.available():
     import numba
 
@@ -97,6 +126,34 @@ if kernels.available():
                 for r in range(out.shape[0]):
                     for lane in range(count):
                         out[r, first + lane] = values[p + n + r, lane]
+
+    @numba.njit(parallel=True, **_options)
+    def _load_tiles(batch, slabs, checks):  # pragma: no cover - jitted
+        samples, p, tile = batch.shape[0], batch.shape[1], slabs.shape[2]
+        for t in numba.prange(slabs.shape[0]):
+            first, count = t * tile, min(tile, samples - t * tile)
+            checks[t] = transpose_into(batch[first : first + count], slabs[t, :p, :count])
+
+    @numba.njit(parallel=True, **_options)
+    def _run_on_tiles(  # pragma: no cover - jitted
+        operations, floats, csr_indptr, csr_columns, csr_data, ell_columns,
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, slabs, tiles, samples, p,
+    ):  # fmt: skip
+        matrices = (a_indptr, a_indices, a_data, b_indptr, b_indices, b_data)
+        csr = (csr_indptr, csr_columns, csr_data)
+        tile = slabs.shape[2]
+        for k in numba.prange(tiles.shape[0]):
+            t = tiles[k]
+            count = min(tile, samples - t * tile)
+            _run_operations(operations, floats, csr, ell_columns, matrices, slabs[t], p, count)
+
+    @numba.njit(**_options)
+    def _outputs_from_tiles(slabs, first, out):  # pragma: no cover - jitted
+        samples, tile = out.shape[1], slabs.shape[2]
+        for t in range(slabs.shape[0]):
+            for r in range(out.shape[0]):
+                for lane in range(min(tile, samples - t * tile)):
+                    out[r, t * tile + lane] = slabs[t, first + r, lane]
 
     @numba.njit(**_options)
     def _run_operations(operations, floats, csr, ell_columns, matrices, values, p, count):  # pragma: no cover

@@ -30,9 +30,10 @@ from ..errors import ShapeError
 from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
-from .fixed_point import anderson
+from .cyclic import Sweep, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks
+from .fixed_point import FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
-from .plan import execution_order
+from .plan import block_dependency_graph, execution_order
 from .structured import StructuredBlock, structured_block, tensor_sources
 
 METHODS = ("auto", "picard", "anderson")
@@ -66,6 +67,8 @@ class Solution:
             components' histories one after another; see ``component_histories``).
         method: the method used.
         component_histories: for each cyclic component solved, its block names and history.
+        error: the largest estimated relative error of the iterated states when they stopped
+            (``fixed_point``: residual / (1 - rate)); 0 when nothing was iterated.
     """
 
     x: np.ndarray
@@ -74,6 +77,7 @@ class Solution:
     residual_history: tuple[float, ...]
     method: str
     component_histories: tuple[tuple[tuple[str, ...], tuple[float, ...]], ...] = ()
+    error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,7 +112,9 @@ def solve(
             flat concatenation (p,) / (batch, p). float32 and float64 keep their dtype.
         method: "auto" (forward substitution, iteration only on cyclic components),
             "picard" or "anderson" (iteration on the whole model).
-        tol: residual tolerance (default 1e-10 in float64, 1e-5 in float32).
+        tol: tolerance on the estimated relative error of the iterated states (default 1e-10 in
+            float64, 1e-5 in float32; ``fixed_point``); ToleranceError below what the dtype
+            can reach.
         max_iter: iteration cap per fixed-point solve.
         anderson_memory: Anderson history length for "auto" and "anderson" (0: plain Picard).
         reuse_state: work in a state array kept on the model for this thread and batch size
@@ -141,11 +147,19 @@ def _solve_flat(
     if not loads_checked and not np.isfinite(U).all():
         flatten_inputs(model.inputs, u)  # raises NonFiniteError, naming the input
     model = model.astype(U.dtype)
+    tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
+    check_tolerance(tol, model.dtype)
     if method == "auto" and U.shape[0] == 1:
         program = _one_sample_program(model)
         if program is not None and _one_call_pays(program):  # an acyclic model: one compiled call
             return _run_program(model, program, U, single, reuse_state)
-    tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
+        plan = _plan(model)
+        if plan is not None and len(plan) > 1 and _one_call_pays(_plan_work(plan)):  # cyclic, by the plan
+            return _run_plan_one_sample(model, plan, U, single, tol, max_iter, anderson_memory)
+    if method == "auto" and loads_checked and U.shape[0] >= sample_tiles.least_batch(model.dtype):
+        plan = _plan(model)
+        if plan is not None and len(plan) > 1 and _tiles_pay(_plan_work(plan)):
+            return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, anderson_memory, want_x=True)
     if method == "auto":
         steps = _execution_steps(model, structured=U.shape[0] <= STRUCTURED_BATCH_LIMIT)
     else:
@@ -160,10 +174,12 @@ def _solve_flat(
         V[: model.p] = U.T
     U, X = V[: model.p], V[model.p :]
     histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
+    error = 0.0
     for step in steps:
-        history = _solve_step(model, step, V, tol, max_iter, anderson_memory)
-        if step.cyclic:
-            histories.append((step.names, tuple(history)))
+        result = _solve_step(model, step, V, tol, max_iter, anderson_memory)
+        if result is not None:
+            histories.append((step.names, tuple(result.history)))
+            error = max(error, result.error)
     if V.shape[1] > 1 and kernels.available():
         Y = np.empty((model.q, V.shape[1]), dtype=model.dtype)
         C, D = model.C, model.D
@@ -172,8 +188,8 @@ def _solve_flat(
         Y = model.C @ X + model.D @ U + model.bias_y[:, None]
     residuals = tuple(r for _, history in histories for r in history)
     if single:
-        return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories))
-    return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories))
+        return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories), error)
+    return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories), error)
 
 
 def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.ndarray:
@@ -187,10 +203,119 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
     if method == "auto" and U.shape[0] > 1 and kernels.available():
         typed = model.astype(U.dtype)
         if U.shape[0] >= sample_tiles.least_batch(typed.dtype):
-            program = _one_sample_program(typed)
-            if program is not None and program.sparse_entries <= TILES_SPARSE_SHARE * program.entries:
-                return _predict_by_tiles(typed, program, U, u)
+            plan = _plan(typed)
+            if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
+                return _predict_by_tiles(typed, plan[0], U, u)
+            if plan is not None and _tiles_pay(_plan_work(plan)):  # cyclic: the states are not needed
+                options = {"tol": None, "max_iter": 1000, "anderson_memory": 5, **solve_options}
+                tol = DEFAULT_TOLERANCE[typed.dtype] if options["tol"] is None else float(options["tol"])
+                check_tolerance(tol, typed.dtype)
+                solution = _solve_plan_by_tiles(
+                    typed, plan, U, u, tol, options["max_iter"], options["anderson_memory"], want_x=False
+                )  # fmt: skip
+                return solution.y
     return _solve_flat(model, U, single, u, method, reuse_state=True, **solve_options).y
+
+
+def _tiles_pay(program: Program | _Work) -> bool:
+    """Whether a batch goes by tiles of samples: SPARSE rows (read one by one, without the
+    column sharing of row groups) are at most ``TILES_SPARSE_SHARE`` of the work."""
+    return program.sparse_entries <= TILES_SPARSE_SHARE * program.entries
+
+
+def _plan(model: ImplicitModel) -> tuple[Program | Sweep, ...] | None:
+    """The model as one compiled plan: programs (acyclic runs of blocks, the last one also
+    computing y) and, between them, cyclic components as sweeps with their programs
+    (``cyclic``); an acyclic model is one program. None when a step has no program."""
+    if "plan" not in model._cache:
+        segments: list[Program | Sweep] = []
+        run: list[Any] = []
+        plan: tuple[Program | Sweep, ...] | None = None
+        for step in _execution_steps(model, structured=True):
+            if not isinstance(step, Sweep):
+                run.append(step)
+                continue
+            program = build_program(model, run, outputs=False) if run else None
+            if step.program is None or (run and program is None):
+                break
+            segments += [program, step] if run else [step]
+            run = []
+        else:
+            last = build_program(model, run, outputs=True)
+            plan = None if last is None else (*segments, last)
+        model._cache["plan"] = plan
+    return model._cache["plan"]
+
+
+@dataclass(frozen=True)
+class _Work:
+    entries: int
+    sparse_entries: int
+
+
+def _plan_work(plan: tuple[Program | Sweep, ...]) -> _Work:
+    """Multiply-adds of one pass over the plan (a sweep counted once)."""
+    programs = [segment if isinstance(segment, Program) else segment.program for segment in plan]
+    return _Work(sum(p.entries for p in programs), sum(p.sparse_entries for p in programs))
+
+
+def _run_plan_one_sample(
+    model: ImplicitModel, plan, U: np.ndarray, single: bool, tol: float, max_iter: int, memory: int
+) -> Solution:
+    """One sample of a cyclic model by its plan, in one values = [u; x; y] array: each program
+    in one call, each sweep of a cyclic component in one call."""
+    p, n, q = model.p, model.n, model.q
+    programs = [segment if isinstance(segment, Program) else segment.program for segment in plan]
+    values = plan[-1].arrays()[0]
+    scratch = np.zeros(max(program.scratch_size for program in programs), dtype=model.dtype)
+    values[:p] = U[0]
+    histories, error = [], 0.0
+    for segment in plan:
+        if isinstance(segment, Program):
+            segment.run(values, scratch)
+        else:
+            result = solve_sweep_in_values(segment, values, scratch, tol, max_iter, memory)
+            histories.append((segment.names, tuple(result.history)))
+            error = max(error, result.error)
+    x, y = values[p : p + n].copy(), values[p + n : p + n + q].copy()
+    residuals = tuple(r for _, history in histories for r in history)
+    if not single:
+        x, y = x[None], y[None]
+    return Solution(x, y, len(residuals), residuals, "auto", tuple(histories), error)
+
+
+def _solve_plan_by_tiles(
+    model: ImplicitModel, plan, U: np.ndarray, u: Any, tol: float, max_iter: int, memory: int, want_x: bool
+) -> Solution:
+    """A batch of a cyclic model by its plan on tiles of samples (``sample_tiles``), each tile
+    in its own slab kept on the model for this thread: programs on every tile, sweeps on the
+    tiles with samples still running. Without ``want_x`` the Solution's x is empty."""
+    batch = U.shape[0]
+    kept = _thread_local(model, "plan_slabs")
+    slabs = getattr(kept, "array", None)
+    shape = sample_tiles.slabs_shape(plan[-1], model.dtype, batch)
+    if slabs is None or slabs.shape != shape:
+        slabs = kept.array = np.zeros(shape, dtype=model.dtype)
+    if not np.isfinite(sample_tiles.load_tiles(np.ascontiguousarray(U), slabs)):
+        flatten_inputs(model.inputs, u)  # raises NonFiniteError, naming the input
+    every_tile = np.arange(shape[0])
+    histories, error = [], 0.0
+    for segment in plan:
+        if isinstance(segment, Program):
+            sample_tiles.run_on_tiles(segment, slabs, every_tile, batch)
+        else:
+            result = solve_sweep_on_tiles(segment, slabs, batch, tol, max_iter, memory)
+            histories.append((segment.names, tuple(result.history)))
+            error = max(error, result.error)
+    p, n, q = model.p, model.n, model.q
+    Y = np.empty((q, batch), dtype=model.dtype)
+    sample_tiles.outputs_from_tiles(slabs, p + n, Y)
+    if want_x:  # (tiles, n, lanes) -> (batch, n)
+        X = slabs[:, p : p + n, :].transpose(0, 2, 1).reshape(-1, n)[:batch]
+    else:
+        X = np.empty((batch, 0), dtype=model.dtype)
+    residuals = tuple(r for _, history in histories for r in history)
+    return Solution(X, Y.T, len(residuals), residuals, "auto", tuple(histories), error)
 
 
 def _predict_by_tiles(model: ImplicitModel, program: Program, U: np.ndarray, u: Any) -> np.ndarray:
@@ -209,12 +334,11 @@ def _predict_by_tiles(model: ImplicitModel, program: Program, U: np.ndarray, u: 
 def _one_sample_program(model: ImplicitModel) -> Program | None:
     """The model's forward pass as one compiled program (``one_sample``); None for a model
     with cyclic components."""
-    if "one_sample_program" not in model._cache:
-        model._cache["one_sample_program"] = build_program(model, _execution_steps(model, structured=True))
-    return model._cache["one_sample_program"]
+    plan = _plan(model)
+    return plan[0] if plan is not None and len(plan) == 1 else None
 
 
-def _one_call_pays(program: Program) -> bool:
+def _one_call_pays(program: Program | _Work) -> bool:
     """Whether one sample is faster by the program than by the steps (``ONE_SAMPLE_WORK``; and
     SPARSE rows that the one-row kernel would run on threads stay with it)."""
     small = program.entries * kernels.thread_count() <= ONE_SAMPLE_WORK
@@ -263,14 +387,17 @@ def _state_array(model: ImplicitModel, batch: int, zeroed: bool, reuse: bool) ->
 
 def _solve_step(
     model: ImplicitModel, step: _Step, V: np.ndarray, tol: float, max_iter: int, memory: int
-) -> list[float]:
-    """Fill the step's states of V = [u; x] in place; return the residual history (empty for
-    acyclic steps)."""
+) -> FixedPoint | None:
+    """Fill the step's states of V = [u; x] in place; return the fixed point's result (None
+    for acyclic steps)."""
     p = model.p
     U, X = V[:p], V[p:]
+    if isinstance(step, Sweep):  # a cyclic component: block Gauss-Seidel sweeps (``cyclic``)
+        return solve_sweep(step, V, lambda block, W: _solve_step(model, block, W, tol, max_iter, memory), tol,
+                           max_iter, memory)  # fmt: skip
     if isinstance(step, StructuredBlock):  # convolutions and dense products through BLAS
         step.run(V)
-        return []
+        return None
     if isinstance(step, _Chain):  # acyclic blocks: fused kernels, straight from the model's CSR arrays
         A, B = model.A, model.B
         if V.shape[1] > 1:  # rows sharing their columns, held in registers (row_groups)
@@ -279,7 +406,7 @@ def _solve_step(
                 V, p, model.bias_x, matrices, g.arrays, g.block_groups, g.block_work, step.codes, step.alphas,
                 row_groups.PARALLEL_THRESHOLD,
             )  # fmt: skip
-            return []
+            return None
         threaded = kernels.threaded(step.work, V.shape[1])
         kernel = kernels.forward_chain_single if threaded else kernels.forward_chain_single_serial
         a_indptr, a_indices, b_indptr, b_indices, states, starts, stops = step.unsigned
@@ -287,19 +414,20 @@ def _solve_step(
             a_indptr, a_indices, A.data, b_indptr, b_indices, B.data, model.bias_x, V[:, 0], np.uint64(p),
             states, starts, stops, step.codes, step.alphas,
         )  # fmt: skip
-        return []
+        return None
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
     if not step.cyclic:
         X[step.rows] = _activate(step.segments, pre_activation)
-        return []
+        return None
     constant = pre_activation  # X[step.rows] is still zero: only outside states contributed
 
-    def g(x: np.ndarray) -> np.ndarray:
-        return _activate(step.segments, step.A_self @ x + constant)
+    def g(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        part = constant if columns.size == constant.shape[1] else constant[:, columns]
+        return _activate(step.segments, step.A_self @ x + part)
 
-    x0 = np.zeros_like(constant)
-    X[step.rows], history = anderson(g, x0, tol, max_iter, memory=memory, what=step.description)
-    return history
+    result = iterate(g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description)
+    X[step.rows] = result.x
+    return result
 
 
 def _activate(segments: tuple[tuple[int, int, Activation], ...], z: np.ndarray) -> np.ndarray:
@@ -325,15 +453,24 @@ class _Chain:
     cyclic: bool = False
 
 
-def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _Chain | StructuredBlock, ...]:
-    """The execution order as steps: chains of fused acyclic blocks and cyclic components, and
-    with ``structured``, convolution and dense blocks run through BLAS (``structured``)."""
+def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _Chain | StructuredBlock | Sweep, ...]:
+    """The execution order as steps: chains of fused acyclic blocks and cyclic components as
+    sweeps (``cyclic``), and with ``structured``, convolution and dense blocks run through BLAS
+    (``structured``)."""
     key = ("execution_steps", structured)
     if key not in model._cache:
-        steps: list[_Step | _Chain | StructuredBlock] = []
+        steps: list[_Step | _Chain | StructuredBlock | Sweep] = []
         chain: list[_Step] = []
-        sources = tensor_sources(model) if structured else []
+        sources = tensor_sources(model)
+        graph = None
         for component in execution_order(model):
+            if component.cyclic and kernels.available():
+                if chain:
+                    steps.append(_make_chain(model, chain))
+                    chain = []
+                graph = block_dependency_graph(model) if graph is None else graph
+                steps.append(_make_sweep(model, component.blocks, graph, structured, sources))
+                continue
             step = _make_step(model, [model.blocks[i] for i in component.blocks], component.cyclic)
             block = model.blocks[component.blocks[0]]
             fast = structured_block(model, block, sources) if structured and step.A_rows is None else None
@@ -348,6 +485,47 @@ def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _C
             steps.append(_make_chain(model, chain))
         model._cache[key] = tuple(steps)
     return model._cache[key]
+
+
+def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -> Sweep:
+    """A cyclic component (block indices in storage order) as a sweep of its blocks: each as
+    an acyclic block would run, except that a block reading itself runs out of place (as a
+    structured BLAS product when it is one, else by scipy)."""
+    torn = torn_blocks(list(order), lambda i: set(graph.predecessors(i)))
+    steps: list[_Step | _Chain | StructuredBlock] = []
+    chain: list[_Step] = []
+    for index in order:
+        block = model.blocks[index]
+        reads_itself = graph.has_edge(index, index)
+        fast = structured_block(model, block, sources) if structured or reads_itself else None
+        step = _make_step(model, [block], cyclic=False, fused=not reads_itself)
+        if fast is None and step.A_rows is None:
+            chain.append(step)
+            continue
+        if chain:
+            steps.append(_make_chain(model, chain))
+            chain = []
+        steps.append(step if fast is None else fast)
+    if chain:
+        steps.append(_make_chain(model, chain))
+    blocks = [model.blocks[i] for i in order]
+    p = model.p
+    if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
+        rows: slice | np.ndarray = slice(p + blocks[0].start, p + blocks[-1].stop)
+    else:
+        rows = p + np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+    # one sample: the sweep as one program, unless a block reads itself (its operations would
+    # overwrite the states they still read)
+    in_place = structured and not any(graph.has_edge(i, i) for i in order)
+    names = tuple(b.name for b in blocks)
+    return Sweep(
+        names=names,
+        description=f"the cyclic component [{', '.join(names)}]",
+        rows=rows,
+        torn=p + np.sort(np.concatenate([np.arange(model.blocks[i].start, model.blocks[i].stop) for i in torn])),
+        steps=tuple(steps),
+        program=build_program(model, steps, outputs=False) if in_place else None,
+    )
 
 
 def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
@@ -387,7 +565,7 @@ def _whole_model_step(model: ImplicitModel) -> _Step:
     return _make_step(model, list(model.blocks), cyclic=True, description="the whole model")
 
 
-def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: str = "") -> _Step:
+def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: str = "", fused: bool = True) -> _Step:
     contiguous = all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
     if contiguous:
         rows: slice | np.ndarray = slice(blocks[0].start if blocks else 0, blocks[-1].stop if blocks else 0)
@@ -397,7 +575,7 @@ def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: st
     for block in blocks:
         segments.append((offset, offset + block.size, block.activation))
         offset += block.size
-    fused = not cyclic and len(blocks) == 1 and kernels.available()
+    fused = fused and not cyclic and len(blocks) == 1 and kernels.available()
     A_rows = None if fused else model.A[rows]
     return _Step(
         names=tuple(b.name for b in blocks),

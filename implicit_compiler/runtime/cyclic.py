@@ -1,0 +1,180 @@
+"""Cyclic components by block Gauss-Seidel sweeps, accelerated on their torn states only.
+
+A cyclic component's blocks are put in storage order (the order the network was built in) and
+the edges that go back in it (block i reads block j with j at or after i) are cut. The blocks
+those back edges read are the **torn** ones; their states t are the only unknowns of the
+iteration. One sweep computes every block of the component once, in order, in place:
+
+    G(t):  x_T = t;  for each block i in order:  x_i = phi_i(A_i x + B_i u + b_i);  return x_T
+
+A block reads what this sweep already computed (the blocks before it) and, through back edges,
+the torn states of the previous sweep, so one sweep is one pass around a feedback loop (one
+forward pass of the network it closes) where Picard on the component's states moves information
+one block per step. t* = G(t*) is exactly the component's equilibrium: at a fixed point every
+block's equation holds. ``fixed_point.iterate`` accelerates (Anderson) and tests t alone: for
+LeNet-5 in a feedback loop, 84 states of 12,812. A block that reads itself (a dense implicit
+layer) is torn, and computed out of place (as a structured BLAS product when it is one).
+
+The sweep runs the component's blocks by the same compiled steps as acyclic blocks (row groups,
+structured BLAS products; one sample: the blocks' program in one call, ``one_sample``). Samples
+that have converged are copied out of the way (``Sweeps``), and once they are at least half of
+the columns swept, the rest is compacted, so they stop costing work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .fixed_point import FixedPoint, iterate
+from .one_sample import Program
+
+# Compact the swept columns once the samples still running are at most this share of them.
+COMPACT_SHARE = 0.5
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A cyclic component as a sweep of its blocks (see the module docstring).
+
+    Attributes:
+        names: the component's block names, in sweep order.
+        description: how errors name it.
+        rows: the component's rows of V = [u; x] (slice, or an index array).
+        torn: the torn states' rows of V, ascending.
+        steps: the blocks' steps in sweep order (as ``solve`` runs acyclic blocks).
+        program: the sweep for one sample as one compiled call; None when a step has none.
+    """
+
+    names: tuple[str, ...]
+    description: str
+    rows: slice | np.ndarray
+    torn: np.ndarray
+    steps: tuple[Any, ...]
+    program: Program | None
+    cyclic: bool = True
+
+
+def torn_blocks(order: list[int], reads: Callable[[int], set[int]]) -> list[int]:
+    """The blocks of ``order`` that a block at or before them reads (back edges' sources).
+    ``reads(i)``: the blocks block i reads."""
+    position = {block: k for k, block in enumerate(order)}
+    torn = set()
+    for i in order:
+        torn.update(j for j in reads(i) if j in position and position[j] >= position[i])
+    return sorted(torn, key=position.__getitem__)
+
+
+def solve_sweep(
+    sweep: Sweep, V: np.ndarray, run_step: Callable[[Any, np.ndarray], None], tol: float, max_iter: int, memory: int
+) -> FixedPoint:
+    """Solve the component in place in V (rows = values, columns = samples); its torn states
+    start from what V holds. ``run_step(step, W)`` computes one block's step in W."""
+    if V.shape[1] == 1 and sweep.program is not None:
+        values, scratch = sweep.program.arrays()
+        values[: V.shape[0]] = V[:, 0]
+        result = solve_sweep_in_values(sweep, values, scratch, tol, max_iter, memory)
+        V[:, 0] = values[: V.shape[0]]
+        return result
+    run = _Sweeps(sweep, V, run_step)
+    result = iterate(run, V[sweep.torn], tol, max_iter, memory=memory, what=sweep.description)
+    run.finish()
+    return result
+
+
+def solve_sweep_in_values(
+    sweep: Sweep, values: np.ndarray, scratch: np.ndarray, tol: float, max_iter: int, memory: int
+) -> FixedPoint:
+    """One sample in values = [u; x; y] (``one_sample``): every sweep is one call of the
+    component's program. The torn states start from zero."""
+    program, torn = sweep.program, sweep.torn
+
+    def g(t: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        values[torn] = t[:, 0]
+        program.run(values, scratch)
+        return values[torn][:, None]
+
+    start = np.zeros((torn.size, 1), dtype=values.dtype)
+    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description)
+
+
+def solve_sweep_on_tiles(
+    sweep: Sweep, slabs: np.ndarray, samples: int, tol: float, max_iter: int, memory: int
+) -> FixedPoint:
+    """A batch in the slabs of ``sample_tiles`` (tiles, p + n + q, lanes): every sweep is one
+    parallel call of the component's program on the tiles that hold running samples. (A
+    converged sample that shares its tile with a running one is swept on: from a converged
+    state a sweep only moves it closer.) The torn states start from zero."""
+    from .sample_tiles import run_on_tiles
+
+    program, torn, lanes = sweep.program, sweep.torn, slabs.shape[2]
+
+    def g(t: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        tiles, lane = np.divmod(columns, lanes)
+        place = (tiles[None, :], torn[:, None], lane[None, :])
+        slabs[place] = t
+        run_on_tiles(program, slabs, np.unique(tiles), samples)
+        return slabs[place]
+
+    start = np.zeros((torn.size, samples), dtype=slabs.dtype)
+    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description)
+
+
+class _Sweeps:
+    """The sweep map G(t, columns) for ``iterate`` on a batch held in V.
+
+    W is the array swept: V itself, then compacted copies of the running samples. When samples
+    stop, their component states are kept aside (they would move on under later sweeps of W)
+    and written back to V by ``finish``."""
+
+    def __init__(self, sweep: Sweep, V: np.ndarray, run_step: Callable[[Any, np.ndarray], None]):
+        self.sweep, self.V, self.run_step = sweep, V, run_step
+        self.W = V
+        self.samples = np.arange(V.shape[1])  # the sample of each column of W
+        self.running = self.samples  # the samples of the last call
+        self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # (samples, their component states)
+
+    def __call__(self, t: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        if columns.size != self.running.size:
+            self._retire(np.setdiff1d(self.running, columns, assume_unique=True))
+            if columns.size <= COMPACT_SHARE * self.W.shape[1]:
+                # (a fancy-indexed copy comes out Fortran-ordered; the kernels read rows)
+                self.W = np.ascontiguousarray(self.W[:, np.searchsorted(self.samples, columns)])
+                self.samples = columns
+        self.running = columns
+        W, torn = self.W, self.sweep.torn
+        if columns.size == self.samples.size:
+            W[torn] = t
+            for step in self.sweep.steps:
+                self.run_step(step, W)
+            return W[torn]
+        positions = np.searchsorted(self.samples, columns)
+        W[np.ix_(torn, positions)] = t
+        for step in self.sweep.steps:
+            self.run_step(step, W)
+        return W[np.ix_(torn, positions)]
+
+    def _retire(self, samples: np.ndarray) -> None:
+        positions = np.searchsorted(self.samples, samples)
+        self.kept.append((samples, _take(self.W, self.sweep.rows, positions)))
+
+    def finish(self) -> None:
+        """Write every sample's final component states into V."""
+        if self.W is not self.V:  # (in V, the last running samples are in place)
+            self._retire(self.running)
+        for samples, states in self.kept:
+            _put(self.V, self.sweep.rows, samples, states)
+
+
+def _take(W: np.ndarray, rows: slice | np.ndarray, columns: np.ndarray) -> np.ndarray:
+    return W[rows][:, columns] if isinstance(rows, slice) else W[np.ix_(rows, columns)]
+
+
+def _put(V: np.ndarray, rows: slice | np.ndarray, columns: np.ndarray, states: np.ndarray) -> None:
+    if isinstance(rows, slice):
+        V[rows, columns] = states
+    else:
+        V[np.ix_(rows, columns)] = states

@@ -1,0 +1,249 @@
+"""Cyclic components by block Gauss-Seidel sweeps (runtime/cyclic.py) and the fixed-point
+iteration's stopping test (runtime/fixed_point.py), against independent fixed points: scipy's
+root finder per sample, and a plain numpy/scipy Picard loop on the whole model in float64."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.sparse as sp
+from conftest import contractive_matrix
+
+import implicit_compiler as ic
+from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
+from implicit_compiler.runtime import cyclic, sample_tiles
+from implicit_compiler.runtime.cyclic import Sweep, torn_blocks
+from implicit_compiler.runtime.solve import _execution_steps, _plan
+
+ROOT = Path(__file__).resolve().parents[1]
+NUMPY_PHI = {
+    "relu": lambda z: np.maximum(z, 0),
+    "identity": lambda z: z,
+    "tanh": np.tanh,
+    "leaky_relu": lambda z: np.where(z < 0, 0.1 * z, z),
+}
+
+
+def numpy_fixed_point(model: ImplicitModel, u: np.ndarray, iterations: int = 400) -> np.ndarray:
+    """x = phi(A x + B u + b) by plain Picard on the whole model in float64 with scipy
+    products (every model here contracts fast): the reference, (batch, n)."""
+    A, B = model.A.astype(np.float64), model.B.astype(np.float64)
+    constant = B @ u.T.astype(np.float64) + model.bias_x.astype(np.float64)[:, None]
+    x = np.zeros_like(constant)
+    for _ in range(iterations):
+        z = A @ x + constant
+        new = np.empty_like(z)
+        for block in model.blocks:
+            new[block.start : block.stop] = NUMPY_PHI[block.activation.name](z[block.start : block.stop])
+        if np.array_equal(new, x):
+            break
+        x = new
+    return x.T
+
+
+def root_fixed_point(A, B, b, u, phi):
+    """x = phi(A x + B u + b) per sample by scipy's hybrid Powell root finder."""
+    rows = []
+    for sample in u:
+        equation = lambda x, s=sample: x - phi(A @ x + B @ s + b)
+        result = scipy.optimize.root(equation, np.zeros(A.shape[0]), tol=1e-14)
+        assert np.abs(equation(result.x)).max() <= 1e-13, result.message  # ("xtol too small" at 1e-14 is fine)
+        rows.append(result.x)
+    return np.array(rows)
+
+
+def dense_model(rng, n=60, p=7, norm=0.9, activation="tanh", nonnegative=False):
+    A = rng.uniform(size=(n, n)) if nonnegative else rng.normal(size=(n, n))
+    A *= norm / np.abs(A).sum(axis=1).max()
+    B, C = rng.normal(size=(n, p)), rng.normal(size=(3, n))
+    return ImplicitModel.from_matrices(A, B, C, np.zeros((3, p)), activation=activation, bias_x=rng.normal(size=n))
+
+
+def ring_model(rng, sizes=(5, 6, 4), p=3) -> ImplicitModel:
+    """Blocks a -> b -> c -> a (tanh, leaky relu, tanh): one cyclic component, c torn."""
+    n = sum(sizes)
+    starts = np.cumsum((0,) + sizes)
+    A = np.zeros((n, n))
+    for k in range(len(sizes)):
+        source = (k - 1) % len(sizes)
+        block = rng.normal(size=(sizes[k], sizes[source]))
+        A[starts[k] : starts[k + 1], starts[source] : starts[source + 1]] = 0.8 * block / np.abs(block).sum(1).max()
+    B = np.zeros((n, p))
+    B[: sizes[0]] = rng.normal(size=(sizes[0], p))
+    C = np.zeros((2, n))
+    C[:, starts[-2] :] = rng.normal(size=(2, sizes[-1]))
+    names, activations = ("a", "b", "c"), ("tanh", "leaky_relu(0.1)", "tanh")
+    blocks = tuple(
+        StateBlock(name, int(starts[k]), int(starts[k + 1]), activation, (sizes[k],))
+        for k, (name, activation) in enumerate(zip(names, activations))
+    )
+    return ImplicitModel(
+        sp.csr_array(A), sp.csr_array(B), sp.csr_array(C), sp.csr_array((2, p)), rng.normal(size=n), None,
+        blocks, (TensorSpec("u", (p,)),), (TensorSpec("y", (2,)),),
+    )  # fmt: skip
+
+
+def lenet_loop(dtype=np.float64) -> ImplicitModel:
+    """LeNet-5 of the zoo closed in a feedback loop u = v + K y (the loop of demo_feedback)."""
+    lenet = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx")
+    pattern = np.random.default_rng(0).normal(size=(lenet.p, lenet.q)) / np.sqrt(lenet.p)
+    return ic.feedback(lenet, 2e-4 * pattern).astype(dtype)
+
+
+def test_torn_blocks_are_the_sources_of_back_edges():
+    edges = {0: {2}, 1: {0}, 2: {1}}  # a ring: block 0 reads block 2
+    assert torn_blocks([0, 1, 2], edges.__getitem__) == [2]
+    assert torn_blocks([0], {0: {0}}.__getitem__) == [0]  # a block reading itself
+    assert torn_blocks([0, 1, 2], {0: {2, 1}, 1: {0}, 2: {1}}.__getitem__) == [1, 2]
+
+
+@pytest.mark.parametrize("batch", [1, 5, 70])
+@pytest.mark.parametrize("method", ["auto", "picard", "anderson"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_dense_loop_matches_root_finding(rng, batch, method, activation):
+    """A dense cyclic A (one block reading itself: a structured BLAS product, out of place)."""
+    model = dense_model(rng, activation=activation)
+    steps = _execution_steps(model, structured=False)
+    assert len(steps) == 1 and isinstance(steps[0], Sweep) and steps[0].torn.size == model.n
+    u = rng.normal(size=(batch, model.p))
+    A, B = model.A.toarray(), model.B.toarray()
+    expected = root_fixed_point(A, B, model.bias_x, u, NUMPY_PHI[activation])
+    solution = model.solve(u, method=method)
+    np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(solution.y, expected @ model.C.toarray().T, rtol=1e-9, atol=1e-9)
+    assert solution.iterations > 0 and 0 <= solution.error <= 1e-10
+
+
+@pytest.mark.parametrize("compact_share", [0.0, 0.5, 1.0], ids=["never", "half", "always"])
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_ring_sweeps_match_root_finding_whatever_the_compaction(rng, monkeypatch, compact_share, batch):
+    """Inputs of very different sizes: samples stop at different iterations; the stopped ones
+    are kept aside, and the rest compacted never, from half, or at every stop."""
+    monkeypatch.setattr(cyclic, "COMPACT_SHARE", compact_share)
+    model = ring_model(rng)
+    (sweep,) = _execution_steps(model, structured=batch <= 7)
+    assert sweep.names == ("a", "b", "c") and list(sweep.torn) == list(range(model.p + 11, model.p + 15))
+    u = rng.normal(size=(batch, model.p)) * np.geomspace(1e-3, 10, batch)[:, None]
+    phi = lambda z: np.concatenate([np.tanh(z[:5]), NUMPY_PHI["leaky_relu"](z[5:11]), np.tanh(z[11:])])
+    expected = root_fixed_point(model.A.toarray(), model.B.toarray(), model.bias_x, u, phi)
+    solution = model.solve(u)
+    np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)
+    assert [names for names, _ in solution.component_histories] == [("a", "b", "c")]
+
+
+def test_two_components_in_sequence(rng):
+    """ring -> dense loop: two cyclic components, each solved by its own sweeps."""
+    first, second = ring_model(rng), dense_model(rng, n=20, p=2)
+    model = ic.cascade(first, second)
+    u = rng.normal(size=(9, first.p))
+    solution = model.solve(u)
+    assert len(solution.component_histories) == 2
+    np.testing.assert_allclose(solution.x, numpy_fixed_point(model, u), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(solution.y, second.predict(first.predict(u)), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_lenet_feedback_loop_by_the_plan(dtype):
+    """LeNet-5 in a feedback loop: one sample by the plan in one values array, a batch by tiles
+    of samples (sweeps on the tiles still running), a small batch by the steps; every one
+    against the float64 Picard loop on the whole model."""
+    model = lenet_loop(dtype)
+    plan = _plan(model)
+    assert plan is not None and isinstance(plan[0], Sweep) and plan[0].torn.size == 84
+    digits = np.random.default_rng(1).uniform(0, 1, size=(70, 1, 32, 32))
+    expected_x = numpy_fixed_point(lenet_loop(np.float64), digits.reshape(70, -1))
+    expected_y = expected_x @ model.C.T.astype(np.float64) + model.bias_y.astype(np.float64)
+    assert sample_tiles.least_batch(dtype) <= 70
+    tol, close = (1e-12, 1e-9) if dtype == np.float64 else (1e-6, 2e-5)
+    scale = np.abs(expected_y).max()
+    for batch in (1, 3, 70):
+        u = digits[:batch].astype(dtype)
+        solution = model.solve(u, tol=tol)
+        assert solution.iterations >= 2 and solution.x.dtype == dtype
+        np.testing.assert_allclose(solution.y, expected_y[:batch], rtol=0, atol=close * scale)
+        np.testing.assert_allclose(solution.x, expected_x[:batch], rtol=0, atol=close * np.abs(expected_x).max())
+        predicted = model.predict(u, tol=tol)
+        np.testing.assert_allclose(predicted.reshape(batch, -1), expected_y[:batch], rtol=0, atol=close * scale)
+
+
+def test_diverging_loop_raises_without_hanging():
+    model = ImplicitModel.from_matrices(1.5 * np.eye(4), np.ones((4, 1)), np.eye(4), np.zeros((4, 1)))
+    for batch in (1, 50):
+        with pytest.raises(ic.ConvergenceError) as caught:
+            model.solve(np.ones((batch, 1)), max_iter=100)
+        assert 0 < caught.value.iterations <= 100
+        assert len(caught.value.residual_history) == caught.value.iterations
+
+
+@pytest.mark.slow
+def test_diverging_lenet_loop_by_tiles_raises():
+    lenet = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx")
+    model = ic.feedback(lenet, 0.5 * np.ones((lenet.p, lenet.q))).astype(np.float32)
+    with pytest.raises(ic.ConvergenceError, match="cyclic component"):
+        model.predict(np.ones((70, 1, 32, 32), np.float32), max_iter=50)
+
+
+def test_the_tolerance_bounds_the_error_not_the_last_step(rng):
+    """A linear loop contracting slowly (rate 0.99): the error of x is within tol, where a
+    residual test alone would stop about 100x too early."""
+    n = 30
+    A = rng.uniform(size=(n, n))
+    A *= 0.99 / A.sum(axis=1, keepdims=True)  # every row sums to 0.99: lambda_pf = 0.99
+    model = ImplicitModel.from_matrices(A, np.eye(n), np.eye(n), np.zeros((n, n)), activation="identity")
+    u = rng.uniform(size=(4, n))
+    exact = np.linalg.solve(np.eye(n) - A, u.T).T
+    for method in ("picard", "auto"):
+        solution = model.solve(u, tol=1e-6, method=method, anderson_memory=0, max_iter=5000)
+        error = np.abs(solution.x - exact).max(axis=1) / np.abs(exact).max(axis=1)
+        assert error.max() <= 1e-6, method
+        assert solution.residual_history[-1] < 3e-8  # (a residual test would stop at 1e-6)
+
+
+def test_tolerance_below_the_dtype_is_refused(rng):
+    model = dense_model(rng).astype(np.float32)
+    u = rng.normal(size=(2, model.p)).astype(np.float32)
+    for tol in (1e-10, 0.0, -1.0, float("nan")):
+        with pytest.raises(ic.ToleranceError):
+            model.solve(u, tol=tol)
+    with pytest.raises(ic.ToleranceError, match="float32"):
+        model.predict(u, tol=1e-9)
+    model.solve(u.astype(np.float64), tol=1e-10)  # float64 reaches it
+
+
+def test_rounding_floor_stops_with_a_clear_error(rng):
+    """float32, rate 0.9999: the error cannot reach 1e-6; the iteration says so early."""
+    n = 8
+    A = np.full((n, n), 0.9999 / n)
+    model = ImplicitModel.from_matrices(A, np.eye(n), np.eye(n), np.zeros((n, n)), activation="identity")
+    with pytest.raises(ic.ConvergenceError, match="rounding floor of float32") as caught:
+        model.astype(np.float32).solve(np.ones((2, n), np.float32), tol=1e-6, anderson_memory=0, max_iter=100000)
+    assert caught.value.iterations < 100000
+
+
+def test_anderson_needs_fewer_sweeps_on_a_slow_loop(rng):
+    model = dense_model(rng, norm=0.99, activation="relu", nonnegative=True)
+    u = rng.normal(size=(6, model.p))
+    auto = model.solve(u, tol=1e-9)
+    picard = model.solve(u, tol=1e-9, method="picard")
+    np.testing.assert_allclose(auto.x, picard.x, rtol=1e-7, atol=1e-7)
+    assert auto.iterations < picard.iterations / 2
+    x = auto.x
+    residual = x - np.maximum(x @ model.A.T + u @ model.B.T + model.bias_x, 0)
+    assert np.abs(residual).max() <= 1e-9 * np.abs(x).max()
+
+
+def test_safeguard_restarts_keep_anderson_near_picard(rng):
+    """A rotation-like loop where mixing can overshoot: auto never needs many more sweeps
+    than Picard."""
+    n = 16
+    A = contractive_matrix(rng, n, 0.95)
+    model = ImplicitModel.from_matrices(A, np.eye(n), np.eye(n), np.zeros((n, n)), activation="tanh")
+    u = rng.normal(size=(8, n)) * 3
+    auto = model.solve(u, tol=1e-10)
+    picard = model.solve(u, tol=1e-10, method="picard")
+    np.testing.assert_allclose(auto.x, picard.x, rtol=1e-8, atol=1e-8)
+    assert auto.iterations <= picard.iterations + 3
