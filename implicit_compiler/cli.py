@@ -267,6 +267,8 @@ def command_ops(args: argparse.Namespace) -> int:
 def command_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.implicit:
+        return _command_bench_implicit(args)
     models = [m for item in args.models for m in item.split(",") if m]
     batches = [int(b) for item in args.batches for b in item.split(",") if b]
     bench.check_writable(args.out, args.overwrite)  # refuse before minutes of benchmarking
@@ -285,6 +287,18 @@ def command_bench(args: argparse.Namespace) -> int:
         return EXIT_CHECK_FAILED
     print(report.format_table(), end="")
     json_path, md_path = bench.write_report(report, args.out, overwrite=args.overwrite)
+    print(f"wrote {json_path} and {md_path}")
+    return EXIT_OK
+
+
+def _command_bench_implicit(args: argparse.Namespace) -> int:
+    from . import bench_implicit
+
+    bench_implicit.check_writable(args.out, args.overwrite)
+    progress = (lambda message: print(message, file=sys.stderr, flush=True)) if not args.quiet else None
+    report = bench_implicit.run_implicit_benchmark(quick=args.quick, progress=progress)
+    print(bench_implicit.format_table(report), end="")
+    json_path, md_path = bench_implicit.write_report(report, args.out, overwrite=args.overwrite)
     print(f"wrote {json_path} and {md_path}")
     return EXIT_OK
 
@@ -371,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--no-torch", action="store_true", help="skip the torch eager column")
     sub.add_argument("--out", default="out/bench", help="folder for bench.json and bench.md (default out/bench)")
     sub.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    sub.add_argument(
+        "--implicit", action="store_true",
+        help="cyclic models against a dense torch Picard loop, torchdeq and torchidl (implicit.json, .md)",
+    )  # fmt: skip
     sub.add_argument("--overwrite", action="store_true")
 
     add("ops", command_ops, "print the supported ONNX ops (markdown)")

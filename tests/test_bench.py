@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from implicit_compiler import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["bench", "--models", "lenet5", "--batches", "1", "4", "--quick", "--no-torch", "--rounds", "2"]
@@ -121,3 +124,29 @@ def test_engines_take_turns():
     for name, (timing, result) in timed.items():
         assert result == name and timing.engine == name and timing.batch == 4 and timing.runs == 6
         assert 0 < timing.min_seconds <= timing.median_seconds <= timing.max_seconds
+
+
+def test_implicit_bench_contenders_solve_the_same_equilibrium():
+    """Every dense contender (ours, the torch Picard loop, and the peers that are installed)
+    reaches the tolerance, by the true residual computed the same way for all."""
+    from implicit_compiler import bench_implicit
+
+    A, B, b = bench_implicit.dense_problem(120, 0.95, signed=False)
+    u = np.random.default_rng(3).normal(size=(5, bench_implicit.P))
+    x_star = bench_implicit._reference(A, B, b, u)
+    assert bench_implicit.dense_residual(A, B, b, u, x_star) <= 1e-11
+    assert bench_implicit.dense_residual(A, B, b, u, 1.01 * x_star) > 1e-3
+    contenders = bench_implicit._dense_contenders(A, B, b, u, np.float64, bench_implicit._peers(), np.abs(x_star).max())
+    assert {"ours", "torch picard"} <= set(contenders)
+    for name, solve in contenders.items():
+        x = solve()
+        assert bench_implicit.dense_residual(A, B, b, u, x) <= 2 * bench_implicit.TOL, name
+        np.testing.assert_allclose(x, x_star, rtol=0, atol=1e-4 * np.abs(x_star).max(), err_msg=name)
+    timed = bench.time_side_by_side(contenders, batch=5, repeats=1, warmup=0, min_seconds=0.0)
+    residuals = {name: bench_implicit.dense_residual(A, B, b, u, x) for name, (_, x) in timed.items()}
+    rows = bench_implicit._rows("dense", 5, "float64", timed, residuals)
+    ours = next(row for row in rows if row.engine == "ours")
+    others = [row.median_ms for row in rows if row.engine != "ours"]
+    assert ours.ratio == pytest.approx(min(others) / ours.median_ms)
+    table = bench_implicit.format_table({"tol": 1e-6, "peers": ["torch"], "rows": [vars(r) for r in rows]})
+    assert "| dense | 5 | float64 | ours |" in table

@@ -112,13 +112,13 @@ def iterate(
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(max_iter):
             gx = g(x, columns)
-            f = gx - x
-            scale = np.maximum(np.max(np.abs(gx), axis=0, initial=0.0), tiny)
-            residual = np.max(np.abs(f), axis=0, initial=0.0) / scale
+            step, size, dx, dg = column_maxima(x, gx, state.previous)
+            scale = np.maximum(size, tiny)
+            residual = step / scale
             history.append(float(residual.max(initial=0.0)))
             if not np.isfinite(residual).all():
                 raise ConvergenceError(_diverged_message(what, len(history)), history)
-            rate = state.rate(x, gx, scale, SECANT_FLOOR * eps)
+            rate = state.rate(x, gx, dx, dg, scale, SECANT_FLOOR * eps)
             error = np.where(rate < 1, residual / (1 - np.minimum(rate, 1)), np.inf)
             error[residual <= EXACT_FLOOR * eps] = 0.0  # at the rounding floor: as exact as it gets
             done = error <= tol
@@ -128,16 +128,14 @@ def iterate(
                 keep = np.flatnonzero(~done)
                 if keep.size == 0:
                     return FixedPoint(out, history, worst_error)
-                columns, x, gx, f, residual, rate = (
-                    columns[keep], x[:, keep], gx[:, keep], f[:, keep], residual[keep], rate[keep]
-                )  # fmt: skip
+                columns, x, gx, residual, rate = columns[keep], x[:, keep], gx[:, keep], residual[keep], rate[keep]
                 state.keep(keep)
             stuck = state.stalled(residual, eps)
             if stuck.any():
                 raise ConvergenceError(
                     _floor_message(what, len(history), residual[stuck], rate[stuck], tol, x0.dtype), history
                 )
-            x = state.step(x, gx, f, residual, rate, regularization) if memory else gx
+            x = state.step(x, gx, gx - x, residual, rate, regularization) if memory else gx
     raise ConvergenceError(_stalled_message(what, max_iter, history[-1], float(error.max()), tol), history)
 
 
@@ -157,12 +155,11 @@ class _SampleState:
         self.last_f: np.ndarray | None = None  # f and g(x) of the last step
         self.previous_g: np.ndarray | None = None
 
-    def rate(self, x: np.ndarray, gx: np.ndarray, scale: np.ndarray, floor: float) -> np.ndarray:
-        """The rate estimate L_k per sample (inf until a secant ratio is known). Steps at the
-        rounding floor (relative size below ``floor``) repeat the last ratio."""
+    def rate(self, x, gx, dx, dg, scale: np.ndarray, floor: float) -> np.ndarray:
+        """The rate estimate L_k per sample (inf until a secant ratio is known) from the steps'
+        sizes dx = ||x_k - x_{k-1}||, dg = ||g(x_k) - g(x_{k-1})||. Steps at the rounding
+        floor (relative size below ``floor``) repeat the last ratio."""
         if self.previous is not None:
-            dx = np.max(np.abs(x - self.previous[0]), axis=0, initial=0.0)
-            dg = np.max(np.abs(gx - self.previous[1]), axis=0, initial=0.0)
             measurable = dx > floor * scale
             ratio = dg / np.where(measurable, dx, 1.0)
             last = self.rates[-1] if self.rates else np.full(x.shape[1], np.inf)
@@ -209,9 +206,8 @@ class _SampleState:
         if not self.dF or not use.any():
             return gx
         k = len(self.dF)
-        dF = np.stack(self.dF)  # (k, m, batch)
         gram = self.gram[:, self.memory - k :, self.memory - k :].copy()
-        rhs = np.einsum("jmb,mb->bj", dF, f)
+        rhs = _dots(self.dF, f)
         trace = np.einsum("bii->b", gram)
         gram += (regularization * np.where(trace > 0, trace, 1.0))[:, None, None] * np.eye(k)
         try:
@@ -232,9 +228,24 @@ class _SampleState:
         m = self.memory
         self.gram[:, :-1, :-1] = self.gram[:, 1:, 1:]
         k = len(self.dF)
-        dots = np.einsum("jmb,mb->bj", np.stack(self.dF), dF)  # (batch, k), the newest last
+        dots = _dots(self.dF, dF)  # the newest last
         self.gram[:, m - k :, m - 1] = dots
         self.gram[:, m - 1, m - k :] = dots
+
+
+def column_maxima(x: np.ndarray, gx: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | None):
+    """Per column: max |g(x) - x|, max |g(x)|, max |x - x_prev|, max |g(x) - g_prev| (the last
+    two zero without a previous step; NaN where a value is). (A numba pass computing the four
+    at once was slower here: its NaN-keeping maxima do not vectorize.)"""
+    px, pg = (x, gx) if previous is None else previous
+    biggest = lambda a: np.max(np.abs(a), axis=0, initial=0.0).astype(np.float64)
+    return biggest(gx - x), biggest(gx), biggest(x - px), biggest(gx - pg)
+
+
+def _dots(vectors, v: np.ndarray) -> np.ndarray:
+    """(batch, len(vectors)): per sample (column), the dot product of each of vectors with v
+    (no stacked copy of the history)."""
+    return np.stack([np.einsum("mb,mb->b", w, v) for w in vectors], axis=1)
 
 
 def picard(

@@ -3,17 +3,24 @@
 The state is held as an (n, batch) array. ``method="auto"`` walks the strongly connected
 components of the block graph in topological order (see ``plan``): an acyclic block is one
 sparse product, bias and activation (forward substitution, about one network forward pass in
-cost); a cyclic component gets Anderson-accelerated fixed-point iteration on its own states,
-with everything it reads from outside folded into a constant first. Acyclic blocks run in fused
-numba chains: one sample by ``kernels``, batches by ``row_groups`` (rows that share their columns
-computed together, in registers); up to ``STRUCTURED_BATCH_LIMIT`` samples, blocks whose rows
-are convolutions or dense products run through BLAS instead (``structured``). ``method="picard"`` and
-``method="anderson"`` iterate on the whole model from x = 0 (the paper's setting; an acyclic
-model converges exactly after depth + 1 Picard steps).
+cost); a cyclic component is solved by block Gauss-Seidel sweeps of its blocks, accelerated on
+its torn states only (``cyclic``: LeNet-5 in a feedback loop iterates on 84 states, not 12,812).
+Acyclic blocks, and the blocks of a sweep, run in fused numba chains: one sample by
+``kernels``, batches by ``row_groups`` (rows that share their columns computed together, in
+registers); up to ``STRUCTURED_BATCH_LIMIT`` samples, blocks whose rows are convolutions or
+dense products run through BLAS instead (``structured``; a block reading itself, a dense
+implicit layer, always does, out of place). ``method="picard"`` and ``method="anderson"``
+iterate on the whole model from x = 0 (the paper's setting; an acyclic model converges
+exactly after depth + 1 Picard steps).
 
-An acyclic model also compiles into one program (``one_sample``): one sample is solved by it in
-one call, and ``predict_outputs`` (``ImplicitModel.predict``) runs large batches through it by
-tiles of samples (``sample_tiles``), where only y is needed.
+A model also compiles into one **plan** (``_plan``): programs of ``one_sample`` (tables of
+operations) for its acyclic runs of blocks, the last one computing y, and between them its
+cyclic components as sweeps with their own programs. An acyclic model's plan is one program:
+one sample is solved by it in one call, and ``predict_outputs`` (``ImplicitModel.predict``)
+runs large batches through it by tiles of samples (``sample_tiles``). A cyclic model's plan
+runs one sample in one values array (a call per program and per sweep) and large batches on
+tiles of samples kept in slabs (each sweep one parallel call over the tiles still running):
+the LeNet-5 loop at batch 256, 7.7 ms by tiles against 10.6 ms by row groups (3 sweeps).
 """
 
 from __future__ import annotations
