@@ -2,6 +2,7 @@
 
     python scripts/bench.py [--models lenet5 resnet20] [--batches 1 32 256] [--quick] [--no-torch]
                             [--out out/bench] [--overwrite]
+    python scripts/bench.py --implicit [--quick]   (cyclic models against the peers)
 
 The same as ``implicit-compiler bench``: prints a table and writes bench.json and bench.md into
 --out (default out/bench, relative to the current folder), never replacing them without

@@ -247,3 +247,16 @@ def test_safeguard_restarts_keep_anderson_near_picard(rng):
     picard = model.solve(u, tol=1e-10, method="picard")
     np.testing.assert_allclose(auto.x, picard.x, rtol=1e-8, atol=1e-8)
     assert auto.iterations <= picard.iterations + 3
+
+
+@pytest.mark.slow
+def test_readme_feedback_example_runs_as_written(monkeypatch):
+    """The README's composition example: its loop is well-posed, rescales and predicts."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```python", text.index("## Composition and analysis")) + len("```python")
+    block = text[start : text.index("```", start)]
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["report"].well_posed
+    assert namespace["y"].shape == (1, 10) and np.isfinite(namespace["y"]).all()
