@@ -145,10 +145,11 @@ def _check_method(method: str) -> None:
 
 def _solve_flat(
     model: ImplicitModel, U: np.ndarray, single: bool, u: Any, method: str = "auto", tol: float | None = None,
-    max_iter: int = 1000, anderson_memory: int = 5, reuse_state: bool = False,
+    max_iter: int = 1000, anderson_memory: int = 5, reuse_state: bool = False, want_x: bool = True,
 ) -> Solution:  # fmt: skip
     """``solve`` on U = the flat inputs (batch, p), not yet checked for NaN and inf (u: the
-    inputs as given, for the error)."""
+    inputs as given, for the error). Without ``want_x``, a batch solved by tiles leaves the
+    Solution's x empty."""
     # a batch is checked for NaN and inf as it is loaded (kernels.transpose_into); one sample here
     loads_checked = U.shape[0] > 1 and kernels.available()
     if not loads_checked and not np.isfinite(U).all():
@@ -166,7 +167,7 @@ def _solve_flat(
     if method == "auto" and loads_checked and U.shape[0] >= sample_tiles.least_batch(model.dtype):
         plan = _plan(model)
         if plan is not None and len(plan) > 1 and _tiles_pay(_plan_work(plan)):
-            return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, anderson_memory, want_x=True)
+            return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, anderson_memory, want_x)
     if method == "auto":
         steps = _execution_steps(model, structured=U.shape[0] <= STRUCTURED_BATCH_LIMIT)
     else:
@@ -213,15 +214,7 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
             plan = _plan(typed)
             if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
                 return _predict_by_tiles(typed, plan[0], U, u)
-            if plan is not None and _tiles_pay(_plan_work(plan)):  # cyclic: the states are not needed
-                options = {"tol": None, "max_iter": 1000, "anderson_memory": 5, **solve_options}
-                tol = DEFAULT_TOLERANCE[typed.dtype] if options["tol"] is None else float(options["tol"])
-                check_tolerance(tol, typed.dtype)
-                solution = _solve_plan_by_tiles(
-                    typed, plan, U, u, tol, options["max_iter"], options["anderson_memory"], want_x=False
-                )  # fmt: skip
-                return solution.y
-    return _solve_flat(model, U, single, u, method, reuse_state=True, **solve_options).y
+    return _solve_flat(model, U, single, u, method, reuse_state=True, want_x=False, **solve_options).y
 
 
 def _tiles_pay(program: Program | _Work) -> bool:
@@ -466,46 +459,28 @@ def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _C
     (``structured``)."""
     key = ("execution_steps", structured)
     if key not in model._cache:
-        steps: list[_Step | _Chain | StructuredBlock | Sweep] = []
-        chain: list[_Step] = []
+        pairs: list[tuple[_Step | None, Any]] = []
         sources = tensor_sources(model)
         graph = None
         for component in execution_order(model):
             if component.cyclic and kernels.available():
-                if chain:
-                    steps.append(_make_chain(model, chain))
-                    chain = []
                 graph = block_dependency_graph(model) if graph is None else graph
-                steps.append(_make_sweep(model, component.blocks, graph, structured, sources))
+                pairs.append((None, _make_sweep(model, component.blocks, graph, structured, sources)))
                 continue
             step = _make_step(model, [model.blocks[i] for i in component.blocks], component.cyclic)
             block = model.blocks[component.blocks[0]]
             fast = structured_block(model, block, sources) if structured and step.A_rows is None else None
-            if step.A_rows is None and fast is None:
-                chain.append(step)
-                continue
-            if chain:
-                steps.append(_make_chain(model, chain))
-                chain = []
-            steps.append(step if fast is None else fast)
-        if chain:
-            steps.append(_make_chain(model, chain))
-        model._cache[key] = tuple(steps)
+            pairs.append((step, fast))
+        model._cache[key] = tuple(_chained(model, pairs))
     return model._cache[key]
 
 
-def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -> Sweep:
-    """A cyclic component (block indices in storage order) as a sweep of its blocks: each as
-    an acyclic block would run, except that a block reading itself runs out of place (as a
-    structured BLAS product when it is one, else by scipy)."""
-    torn = torn_blocks(list(order), lambda i: set(graph.predecessors(i)))
-    steps: list[_Step | _Chain | StructuredBlock] = []
+def _chained(model: ImplicitModel, pairs) -> list:
+    """Steps from (step, its faster form or None) pairs: a fused step with no faster form joins
+    its neighbours in a chain (``_Chain``); anything else is a step of its own."""
+    steps: list[Any] = []
     chain: list[_Step] = []
-    for index in order:
-        block = model.blocks[index]
-        reads_itself = graph.has_edge(index, index)
-        fast = structured_block(model, block, sources) if structured or reads_itself else None
-        step = _make_step(model, [block], cyclic=False, fused=not reads_itself)
+    for step, fast in pairs:
         if fast is None and step.A_rows is None:
             chain.append(step)
             continue
@@ -515,12 +490,24 @@ def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -
         steps.append(step if fast is None else fast)
     if chain:
         steps.append(_make_chain(model, chain))
+    return steps
+
+
+def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -> Sweep:
+    """A cyclic component (block indices in storage order) as a sweep of its blocks: each as
+    an acyclic block would run, except that a block reading itself runs out of place (as a
+    structured BLAS product when it is one, else by scipy)."""
+    torn = torn_blocks(list(order), lambda i: set(graph.predecessors(i)))
+    pairs = []
+    for index in order:
+        block = model.blocks[index]
+        reads_itself = graph.has_edge(index, index)
+        fast = structured_block(model, block, sources) if structured or reads_itself else None
+        pairs.append((_make_step(model, [block], cyclic=False, fused=not reads_itself), fast))
+    steps = _chained(model, pairs)
     blocks = [model.blocks[i] for i in order]
     p = model.p
-    if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
-        rows: slice | np.ndarray = slice(p + blocks[0].start, p + blocks[-1].stop)
-    else:
-        rows = p + np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+    rows = _state_rows(blocks, offset=p)
     # one sample: the sweep as one program, unless a block reads itself (its operations would
     # overwrite the states they still read)
     in_place = structured and not any(graph.has_edge(i, i) for i in order)
@@ -572,12 +559,15 @@ def _whole_model_step(model: ImplicitModel) -> _Step:
     return _make_step(model, list(model.blocks), cyclic=True, description="the whole model")
 
 
+def _state_rows(blocks: list, offset: int = 0) -> slice | np.ndarray:
+    """The blocks' states (plus ``offset``): a slice when they are contiguous."""
+    if all(a.stop == b.start for a, b in zip(blocks, blocks[1:])):
+        return slice(offset + (blocks[0].start if blocks else 0), offset + (blocks[-1].stop if blocks else 0))
+    return offset + np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+
+
 def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: str = "", fused: bool = True) -> _Step:
-    contiguous = all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
-    if contiguous:
-        rows: slice | np.ndarray = slice(blocks[0].start if blocks else 0, blocks[-1].stop if blocks else 0)
-    else:
-        rows = np.concatenate([np.arange(b.start, b.stop) for b in blocks])
+    rows = _state_rows(blocks)
     segments, offset = [], 0
     for block in blocks:
         segments.append((offset, offset + block.size, block.activation))
