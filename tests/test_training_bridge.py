@@ -89,6 +89,34 @@ def test_gradients_match_finite_differences_on_a_cyclic_sparse_model(monkeypatch
     check_gradients_by_finite_differences(module, u)
 
 
+def test_gradients_through_acyclic_and_cyclic_components_and_a_square_block(rng):
+    """block0 (acyclic) -> a cyclic component (block1 <-> block2, with a 'square' block) ->
+    block3 (acyclic): forward substitution, sweeps forward and in reverse for the adjoint."""
+    sizes = (3, 3, 2, 2)
+    starts = np.cumsum((0, *sizes))
+    n = starts[-1]
+    A = np.zeros((n, n))
+
+    def part(i, j, scale):
+        A[starts[i] : starts[i + 1], starts[j] : starts[j + 1]] = scale * rng.normal(size=(sizes[i], sizes[j]))
+
+    part(1, 0, 0.3), part(1, 2, 0.2), part(2, 1, 0.15), part(2, 2, 0.1), part(3, 2, 0.4), part(3, 1, 0.3)
+    blocks = [
+        ("block0", 3, "tanh"),
+        ("block1", 3, "leaky_relu(0.1)"),
+        ("block2", 2, "square"),
+        ("block3", 2, "sigmoid"),
+    ]
+    model = model_with_blocks(A, blocks, p=3, q=2, seed=1)
+    components = execution_order(model)
+    assert [c.cyclic for c in components] == [False, True, False]
+    module = model.to_torch(tol=1e-14)
+    u = torch.tensor(0.3 * rng.normal(size=(3, 3)))
+    np.testing.assert_allclose(module(u).detach().numpy(), model.predict(u.numpy()), atol=1e-12)
+    check_gradients_by_finite_differences(module, u)
+    assert module.last_solve.backward_iterations > 0
+
+
 def test_gradients_match_the_closed_form_jacobian(rng):
     """dy/du = C (I - Gamma A)^{-1} Gamma B + D with Gamma = diag(phi'(z*)), from numpy."""
     model = dense_model(rng, "tanh")
@@ -112,15 +140,17 @@ def test_only_trainable_weights_are_parameters(rng):
 
 
 # --------------------------------------------------------------------------------- forward
-def test_forward_matches_a_numpy_mlp_and_converges_in_depth_plus_one_steps(mlp, rng):
+def test_forward_matches_a_numpy_mlp_by_forward_substitution(mlp, rng):
     model = mlp.implicit()
     module = model.to_torch()
     u = rng.normal(size=(5, mlp.sizes[0]))
     y = module(torch.tensor(u)).detach().numpy()
     np.testing.assert_allclose(y, mlp.forward(u), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(y, model.predict(u), rtol=1e-12, atol=1e-12)
-    # depth 2: x is exact after 2 Picard steps, and the 3rd sees a zero residual
-    assert module.last_solve.forward_iterations == 3 and module.last_solve.forward_residual == 0.0
+    # acyclic blocks: each computed once, exactly, with no iteration (forward and adjoint alike)
+    assert module.last_solve.forward_iterations == 0 and module.last_solve.forward_residual == 0.0
+    module(torch.tensor(u, requires_grad=True)).sum().backward()
+    assert module.last_solve.backward_iterations == 0
 
 
 def test_forward_matches_the_runtime_on_a_cyclic_model():
@@ -141,11 +171,15 @@ def test_float32_module_matches_the_runtime(rng):
     np.testing.assert_allclose(module(torch.tensor(u)).detach().numpy(), model.predict(u), atol=1e-4)
 
 
-def test_a_non_contractive_model_raises_convergence_error():
-    # x = relu(1 - x) from x = 0 alternates 1, 0, 1, ...: ||A||_inf = 1 gives no contraction
-    model = ImplicitModel.from_matrices(-np.eye(1), np.ones((1, 1)), np.ones((1, 1)), np.zeros((1, 1)), "relu")
+def test_a_model_without_an_equilibrium_raises_convergence_error():
+    # x = relu(2 x + 1) has no fixed point (x >= 0 would need x = -1): the iterates grow without end
+    model = ImplicitModel.from_matrices(2 * np.eye(1), np.ones((1, 1)), np.ones((1, 1)), np.zeros((1, 1)), "relu")
     module = model.to_torch(max_iter=50)
     with pytest.raises(ConvergenceError, match=r"project_\(kappa\)") as error:
+        module(torch.ones(2, 1))
+    assert 1 <= error.value.iterations <= 50  # Anderson: stopped at max_iter, or diverged sooner
+    module.anderson_memory = 0  # plain sweeps: no extrapolation, the iterates double until max_iter
+    with pytest.raises(ConvergenceError, match=r"did not converge in 50 of max_iter=50") as error:
         module(torch.ones(2, 1))
     assert error.value.iterations == 50
 

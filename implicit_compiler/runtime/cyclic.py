@@ -143,6 +143,9 @@ class _Sweeps:
         self.running = self.samples  # the samples of the last call
         self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # (samples, their component states)
         self.swept = False
+        torn = sweep.torn  # a slice when contiguous: the whole batch's torn states without a gather
+        contiguous = torn.size > 0 and torn[-1] - torn[0] == torn.size - 1
+        self.torn_rows = slice(int(torn[0]), int(torn[-1]) + 1) if contiguous else torn
 
     def __call__(self, t: np.ndarray, columns: np.ndarray) -> np.ndarray:
         if columns.size != self.running.size:
@@ -154,14 +157,14 @@ class _Sweeps:
         self.running = columns
         W, torn = self.W, self.sweep.torn
         if columns.size == self.samples.size:
-            W[torn] = t
+            W[self.torn_rows] = t
             zero_rows = self._zero_rows(t)
             for step in self.sweep.steps:
                 if zero_rows is not None and isinstance(step, StructuredBlock):
                     step.run(W, zero_rows)
                 else:
                     self.run_step(step, W)
-            return W[torn]
+            return W[self.torn_rows].copy()
         positions = np.searchsorted(self.samples, columns)
         W[np.ix_(torn, positions)] = t
         for step in self.sweep.steps:

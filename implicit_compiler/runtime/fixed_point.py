@@ -21,7 +21,10 @@ dG = [g(x_{i+1}) - g(x_i)] of the last m steps: per sample gamma = argmin ||f_k 
 x_{k+1} = g(x_k) - dG gamma. It is turned on for a sample once its rate exceeds
 ``ACCELERATE_FROM`` (a fast contraction gains little from it). Safeguard: when a sample's
 residual grows past twice its best, its history is dropped and its next step is a Picard step
-(a restart).
+(a restart). The same happens when the mixed step would move x_k by more than ``TRUST`` times
+||f_k|| / (1 - L_k), the bound on the distance to the fixed point of a map contracting with
+L_k: an ill-conditioned least-squares problem (nearly collinear dF) can give huge coefficients,
+and one such step from a converging iterate once overflowed a well-posed training solve.
 
 A residual that stops improving near the dtype's rounding (``STALL_ITERATIONS`` steps without a
 new best, below ``FLOOR_EPS`` machine epsilons) ends the iteration with a ConvergenceError that
@@ -30,13 +33,13 @@ says so, instead of spinning to max_iter.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import ConvergenceError, ToleranceError
+from . import fixed_point_kernels as kernels
 
 # g(x, columns): the map at x (m, k) for the samples ``columns`` (indices into the batch).
 BatchMap = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -50,6 +53,10 @@ FLOOR_EPS = 1000
 SECANT_FLOOR = 16
 # A residual of at most this many epsilons counts as converged (below the least tolerance).
 EXACT_FLOOR = 2
+# An Anderson step may move x_k by at most this many times ||f_k|| / (1 - L_k) (rates clipped to
+# TRUST_RATE), else it is replaced by the Picard step and the sample's history dropped.
+TRUST = 4
+TRUST_RATE = 0.999
 # The smallest tolerance a dtype can be asked for, in machine epsilons.
 LEAST_TOLERANCE_EPS = 4
 
@@ -101,151 +108,112 @@ def iterate(
     eps = float(np.finfo(x0.dtype).eps)
     if regularization is None:
         regularization = 100 * eps
-    tiny = float(np.finfo(x0.dtype).tiny)
+    constants = np.array(
+        [np.finfo(x0.dtype).tiny, SECANT_FLOOR * eps, EXACT_FLOOR * eps, tol, FLOOR_EPS * eps, STALL_ITERATIONS,
+         ACCELERATE_FROM],
+    )  # fmt: skip
     out = np.empty_like(x0)
     columns = np.arange(x0.shape[1])
     x = x0
     history: list[float] = []
     worst_error = 0.0
-    state = _SampleState(x0.shape[1], memory)
-    error = np.full(1, np.inf)
+    state = _SampleState(x0, memory)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(max_iter):
             gx = g(x, columns)
-            step, size, dx, dg = column_maxima(x, gx, state.previous)
-            scale = np.maximum(size, tiny)
-            residual = step / scale
-            history.append(float(residual.max(initial=0.0)))
-            if not np.isfinite(residual).all():
+            worst, finite, any_done, any_stuck = state.assess(x, gx, constants)
+            history.append(worst)
+            if not finite:
                 raise ConvergenceError(_diverged_message(what, len(history)), history)
-            rate = state.rate(x, gx, dx, dg, scale, SECANT_FLOOR * eps)
-            error = np.where(rate < 1, residual / (1 - np.minimum(rate, 1)), np.inf)
-            error[residual <= EXACT_FLOOR * eps] = 0.0  # at the rounding floor: as exact as it gets
-            done = error <= tol
-            if done.any():
+            if any_done:
+                done = state.flags[0, : columns.size]
                 out[:, columns[done]] = gx[:, done]
-                worst_error = max(worst_error, float(error[done].max()))
+                worst_error = max(worst_error, float(state.error[: columns.size][done].max()))
                 keep = np.flatnonzero(~done)
                 if keep.size == 0:
                     return FixedPoint(out, history, worst_error)
-                columns, x, gx, residual, rate = columns[keep], x[:, keep], gx[:, keep], residual[keep], rate[keep]
+                columns, x, gx = columns[keep], np.ascontiguousarray(x[:, keep]), np.ascontiguousarray(gx[:, keep])
                 state.keep(keep)
-            stuck = state.stalled(residual, eps)
-            if stuck.any():
-                raise ConvergenceError(
-                    _floor_message(what, len(history), residual[stuck], rate[stuck], tol, x0.dtype), history
-                )
-            x = state.step(x, gx, gx - x, residual, rate, regularization) if memory else gx
-    raise ConvergenceError(_stalled_message(what, max_iter, history[-1], float(error.max()), tol), history)
+            if any_stuck:
+                k = columns.size
+                stuck = state.flags[1, :k]
+                residual, rate = state.residual[:k][stuck], state.rate[:k][stuck]
+                raise ConvergenceError(_floor_message(what, len(history), residual, rate, tol, x0.dtype), history)
+            x = state.step(x, gx, regularization)
+    error = float(state.error[: columns.size].max())
+    raise ConvergenceError(_stalled_message(what, max_iter, history[-1], error, tol), history)
 
 
 class _SampleState:
-    """Per-sample bookkeeping of ``iterate``: rates, best residuals, the Anderson history."""
+    """Per-sample bookkeeping of ``iterate`` (``fixed_point_kernels``): the column maxima, the
+    rate window, best residuals and stopping flags, the Anderson history (a ring of slots).
+    Per-sample vectors are allocated for the whole batch; the first k entries belong to the k
+    samples still running."""
 
-    def __init__(self, batch: int, memory: int):
+    def __init__(self, x0: np.ndarray, memory: int):
+        rows, batch = x0.shape
         self.memory = memory
-        self.rates: deque[np.ndarray] = deque(maxlen=RATE_WINDOW)
         self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (x, g(x)) of the last step
+        self.rates = np.full((RATE_WINDOW, batch), np.inf)  # secant ratios, a ring
+        self.rate_slot, self.rate_filled = 0, 0
         self.best = np.full(batch, np.inf)
         self.since_best = np.zeros(batch, dtype=np.int64)
         self.accelerating = np.zeros(batch, dtype=bool)
-        self.dF: deque[np.ndarray] = deque(maxlen=memory)  # f_{i+1} - f_i, newest last
-        self.dG: deque[np.ndarray] = deque(maxlen=memory)  # g_{i+1} - g_i
-        self.gram = np.zeros((batch, memory, memory))  # <dF_i, dF_j> per sample
-        self.last_f: np.ndarray | None = None  # f and g(x) of the last step
-        self.previous_g: np.ndarray | None = None
+        self.residual, self.rate, self.error = np.empty(batch), np.empty(batch), np.empty(batch)
+        self.flags = np.zeros((3, batch), dtype=bool)  # done, stuck, restart
+        self.maxima_out = np.empty((4, batch))
+        self.ring_f = np.zeros((memory, rows, batch), dtype=x0.dtype)  # f_{i+1} - f_i per slot
+        self.ring_g = np.zeros((memory, rows, batch), dtype=x0.dtype)  # g_{i+1} - g_i
+        self.gram = np.zeros((batch, memory, memory))  # <dF_i, dF_j> per sample, slot by slot
+        self.filled, self.slot = 0, 0
 
-    def rate(self, x, gx, dx, dg, scale: np.ndarray, floor: float) -> np.ndarray:
-        """The rate estimate L_k per sample (inf until a secant ratio is known) from the steps'
-        sizes dx = ||x_k - x_{k-1}||, dg = ||g(x_k) - g(x_{k-1})||. Steps at the rounding
-        floor (relative size below ``floor``) repeat the last ratio."""
+    def assess(self, x: np.ndarray, gx: np.ndarray, constants: np.ndarray) -> tuple[float, bool, bool, bool]:
+        """The stopping test of the running samples (``fixed_point_kernels.assess``)."""
+        k = x.shape[1]
+        px, pg = (x, gx) if self.previous is None else self.previous
+        worst, finite, any_done, any_stuck = kernels.assess(
+            x, gx, px, pg, self.maxima_out[:, :k], self.previous is not None, self.rates[:, :k], self.rate_slot,
+            self.rate_filled, self.best[:k], self.since_best[:k], self.accelerating[:k], constants, self.residual[:k],
+            self.rate[:k], self.error[:k], self.flags[:, :k],
+        )  # fmt: skip
         if self.previous is not None:
-            measurable = dx > floor * scale
-            ratio = dg / np.where(measurable, dx, 1.0)
-            last = self.rates[-1] if self.rates else np.full(x.shape[1], np.inf)
-            self.rates.append(np.where(measurable, ratio, last))
-        self.previous = (x, gx)
-        if not self.rates:
-            return np.full(x.shape[1], np.inf)
-        return np.max(np.stack(self.rates), axis=0)
+            self.rate_slot = (self.rate_slot + 1) % RATE_WINDOW
+            self.rate_filled = min(self.rate_filled + 1, RATE_WINDOW)
+        if not finite:
+            return float("inf"), False, False, False
+        return float(worst), True, bool(any_done), bool(any_stuck)
 
     def keep(self, keep: np.ndarray) -> None:
-        """Drop the samples that stopped (keep: positions of those still running)."""
-        self.rates = deque((r[keep] for r in self.rates), maxlen=RATE_WINDOW)
+        """Keep the samples at positions ``keep`` of the running ones (ascending), in front."""
+        k = keep.size
         if self.previous is not None:
-            self.previous = (self.previous[0][:, keep], self.previous[1][:, keep])
-        self.best, self.since_best, self.accelerating = self.best[keep], self.since_best[keep], self.accelerating[keep]
-        self.dF = deque((d[:, keep] for d in self.dF), maxlen=self.memory)
-        self.dG = deque((d[:, keep] for d in self.dG), maxlen=self.memory)
-        self.gram = self.gram[keep]
-        if self.last_f is not None:
-            self.last_f, self.previous_g = self.last_f[:, keep], self.previous_g[:, keep]
+            self.previous = tuple(np.ascontiguousarray(a[:, keep]) for a in self.previous)
+        for vector in (self.best, self.since_best, self.accelerating, self.residual, self.rate, self.error):
+            vector[:k] = vector[keep]
+        self.rates[:, :k] = self.rates[:, keep]
+        self.flags[:, :k] = self.flags[:, keep]
+        self.maxima_out[:, :k] = self.maxima_out[:, keep]
+        if self.memory:
+            for ring in (self.ring_f, self.ring_g):
+                kernels.compact(ring, keep)
+            self.ring_f, self.ring_g = self.ring_f[:, :, :k], self.ring_g[:, :, :k]
+            self.gram[:k] = self.gram[keep]
 
-    def stalled(self, residual: np.ndarray, eps: float) -> np.ndarray:
-        """The samples whose residual has not improved for ``STALL_ITERATIONS`` steps at the
-        rounding floor."""
-        improved = residual < self.best
-        self.best = np.where(improved, residual, self.best)
-        self.since_best = np.where(improved, 0, self.since_best + 1)
-        return (self.since_best >= STALL_ITERATIONS) & (self.best <= FLOOR_EPS * eps)
-
-    def step(
-        self, x: np.ndarray, gx: np.ndarray, f: np.ndarray, residual: np.ndarray, rate: np.ndarray, regularization
-    ) -> np.ndarray:
-        """The next iterate: Anderson's for the samples it is on for, Picard's for the others."""
-        self.accelerating |= np.isfinite(rate) & (rate > ACCELERATE_FROM)
-        if self.last_f is not None:
-            self._push(f - self.last_f, gx - self.previous_g)
-        self.last_f, self.previous_g = f, gx
-        restart = residual > 2 * self.best
-        if restart.any():  # the mixed step made things worse: forget these samples' history
-            for d in (*self.dF, *self.dG):
-                d[:, restart] = 0
-            self.gram[restart] = 0
-        use = self.accelerating & ~restart
-        if not self.dF or not use.any():
+    def step(self, x: np.ndarray, gx: np.ndarray, regularization: float) -> np.ndarray:
+        """The next iterate: Anderson's for the samples it is on for, Picard's for the others.
+        Remembers (x, g(x)) as the last step."""
+        previous, self.previous = self.previous, (x, gx)
+        if not self.memory or previous is None:
             return gx
-        k = len(self.dF)
-        gram = self.gram[:, self.memory - k :, self.memory - k :].copy()
-        rhs = _dots(self.dF, f)
-        trace = np.einsum("bii->b", gram)
-        gram += (regularization * np.where(trace > 0, trace, 1.0))[:, None, None] * np.eye(k)
-        try:
-            gamma = np.linalg.solve(gram, rhs[..., None])[..., 0]  # (batch, k)
-        except np.linalg.LinAlgError:
-            return gx  # a degenerate history: take the Picard step
-        gamma[~use] = 0
-        gamma = gamma.astype(gx.dtype)
-        step = gx.copy()
-        for j, difference in enumerate(self.dG):
-            step -= gamma[:, j] * difference
-        return step
-
-    def _push(self, dF: np.ndarray, dG: np.ndarray) -> None:
-        """Append a difference pair, shifting the Gram matrix (newest in the last row/column)."""
-        self.dF.append(dF)
-        self.dG.append(dG)
-        m = self.memory
-        self.gram[:, :-1, :-1] = self.gram[:, 1:, 1:]
-        k = len(self.dF)
-        dots = _dots(self.dF, dF)  # the newest last
-        self.gram[:, m - k :, m - 1] = dots
-        self.gram[:, m - 1, m - k :] = dots
-
-
-def column_maxima(x: np.ndarray, gx: np.ndarray, previous: tuple[np.ndarray, np.ndarray] | None):
-    """Per column: max |g(x) - x|, max |g(x)|, max |x - x_prev|, max |g(x) - g_prev| (the last
-    two zero without a previous step; NaN where a value is). (A numba pass computing the four
-    at once was slower here: its NaN-keeping maxima do not vectorize.)"""
-    px, pg = (x, gx) if previous is None else previous
-    biggest = lambda a: np.max(np.abs(a), axis=0, initial=0.0).astype(np.float64)
-    return biggest(gx - x), biggest(gx), biggest(x - px), biggest(gx - pg)
-
-
-def _dots(vectors, v: np.ndarray) -> np.ndarray:
-    """(batch, len(vectors)): per sample (column), the dot product of each of vectors with v
-    (no stacked copy of the history)."""
-    return np.stack([np.einsum("mb,mb->b", w, v) for w in vectors], axis=1)
+        k = x.shape[1]
+        slot, self.filled = self.slot, min(self.filled + 1, self.memory)
+        self.slot = (slot + 1) % self.memory
+        mixed = np.empty_like(gx)
+        kernels.anderson(
+            self.ring_f, self.ring_g, self.gram, slot, self.filled, x, gx, *previous, self.accelerating[:k],
+            self.flags[2, :k], self.maxima_out[0, :k], self.rate[:k], TRUST, TRUST_RATE, regularization, mixed,
+        )  # fmt: skip
+        return mixed
 
 
 def picard(

@@ -1,7 +1,7 @@
 """Training implicit models x = phi(A x + B u + b_x), y = C x + D u + b_y with torch.
 
 - ``ImplicitModule``: a torch module over sparse A, B, C, D (fixed patterns, trainable values);
-  forward solves the equilibrium by fixed-point iteration, backward by implicit differentiation.
+  forward solves the equilibrium by the runtime's block sweeps, backward by implicit differentiation.
   ``ImplicitModel.to_torch()`` and ``ImplicitModel.from_torch(module)`` convert.
 - ``project_rows_l1`` / ``project_inf_norm``: the exact projection onto ||A||_inf <= kappa, which
   keeps a model well-posed during training (``ImplicitModule.project_``).

