@@ -21,6 +21,10 @@ the same equilibrium to the same relative tolerance (``TOL``, float32 unless the
   torch LeNet-5 holding the same weights. Ours is ``predict`` (y only, as the peers return);
   one open-loop ``predict`` is timed beside it.
 
+- **trained classifier**: an ``ImplicitClassifier`` (200 states, A dense and cyclic, ||A||_inf <=
+  0.95 kept by projection) fitted on scikit-learn's 8 x 8 digits (needs torch), its equilibrium
+  x = relu(A x + B u + b) for held-out digits solved by the same contenders as the dense rows.
+
 Each contender's answer is checked the same way, in float64: for the dense rows the true
 residual ||x - relu(A x + B u + b)||_inf / ||x||_inf (the largest over the samples), for the
 loop the residual of the fed-back values ||y - LeNet(v + K y)||_inf / ||y||_inf with our
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,7 +108,7 @@ def _dense_contenders(A, B, b, u, dtype, peers, scale) -> dict[str, Callable[[],
     from .model import ImplicitModel
 
     n = A.shape[0]
-    model = ImplicitModel.from_matrices(A, B, np.zeros((1, n)), np.zeros((1, P)), bias_x=b).astype(dtype)
+    model = ImplicitModel.from_matrices(A, B, np.zeros((1, n)), np.zeros((1, B.shape[1])), bias_x=b).astype(dtype)
     U = u.astype(dtype)
     contenders: dict[str, Callable[[], np.ndarray]] = {"ours": lambda: model.solve(U, tol=TOL).x}
     torch = peers.get("torch")
@@ -223,6 +228,16 @@ def run_implicit_benchmark(quick: bool = False, progress: Callable[[str], None] 
                 timed = time_side_by_side(contenders, batch=batch, **timing)
                 residuals = {name: dense_residual(A, B, b, u, x) for name, (_, x) in timed.items()}
                 rows += _rows(case, batch, np.dtype(dtype).name, timed, residuals)
+    if "torch" in peers:
+        say("implicit bench: a trained implicit classifier (fitting it)")
+        A, B, b, digits = trained_classifier(quick)
+        for batch in batches:
+            u = digits[:batch]
+            scale = float(np.abs(_reference(A, B, b, u)).max())
+            contenders = _dense_contenders(A, B, b, u, np.float32, peers, scale)
+            timed = time_side_by_side(contenders, batch=batch, **timing)
+            residuals = {name: dense_residual(A, B, b, u, x) for name, (_, x) in timed.items()}
+            rows += _rows(f"trained classifier n={A.shape[0]}", batch, "float32", timed, residuals)
     say("implicit bench: LeNet-5 feedback loop")
     closed, lenet, K, net = _lenet_loop(peers)
     digits = np.random.default_rng(2).uniform(0, 1, size=(256, 1, 32, 32))
@@ -237,6 +252,22 @@ def run_implicit_benchmark(quick: bool = False, progress: Callable[[str], None] 
         rows += _rows("lenet5 feedback loop", batch, "float32", timed, residuals, note)
     machine = asdict(machine_info(0, peers.get("torch")))
     return {"tol": TOL, "peers": sorted(peers), "machine": machine, "rows": [asdict(row) for row in rows]}
+
+
+def trained_classifier(quick: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(A, B, b) of an ImplicitClassifier fitted on the first 1,000 8 x 8 digits (dense, float64)
+    and the 797 held-out digits, (797, 64), whose equilibria are solved."""
+    from sklearn.datasets import load_digits
+
+    from .training import ImplicitClassifier
+
+    X, labels = load_digits(return_X_y=True)
+    states, epochs = (50, 3) if quick else (200, 40)
+    with warnings.catch_warnings():  # (quick: stopped at max_epochs, still improving)
+        warnings.simplefilter("ignore")
+        classifier = ImplicitClassifier(n_states=states, max_epochs=epochs, random_state=0).fit(X[:1000], labels[:1000])
+    model = classifier.model_
+    return model.A.toarray(), model.B.toarray(), model.bias_x.copy(), X[1000:]
 
 
 def _reference(A, B, b, u) -> np.ndarray:

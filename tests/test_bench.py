@@ -150,3 +150,16 @@ def test_implicit_bench_contenders_solve_the_same_equilibrium():
     assert ours.ratio == pytest.approx(min(others) / ours.median_ms)
     table = bench_implicit.format_table({"tol": 1e-6, "peers": ["torch"], "rows": [vars(r) for r in rows]})
     assert "| dense | 5 | float64 | ours |" in table
+
+
+def test_implicit_bench_trained_classifier_is_a_cyclic_dense_model_its_contenders_solve():
+    from implicit_compiler import bench_implicit
+
+    A, B, b, digits = bench_implicit.trained_classifier(quick=True)
+    assert A.shape == (50, 50) and B.shape == (50, 64) and digits.shape == (797, 64)
+    assert np.abs(A).sum(axis=1).max() <= 0.95 + 1e-9 and np.count_nonzero(np.triu(A)) > 0  # cyclic
+    u = digits[:7]
+    x_star = bench_implicit._reference(A, B, b, u)
+    contenders = bench_implicit._dense_contenders(A, B, b, u, np.float32, bench_implicit._peers(), np.abs(x_star).max())
+    for name, solve in contenders.items():
+        assert bench_implicit.dense_residual(A, B, b, u, solve()) <= 5 * bench_implicit.TOL, name

@@ -260,3 +260,49 @@ def test_readme_feedback_example_runs_as_written(monkeypatch):
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["report"].well_posed
     assert namespace["y"].shape == (1, 10) and np.isfinite(namespace["y"]).all()
+
+
+@pytest.mark.parametrize("method", ["auto", "picard", "anderson"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+def test_the_tolerance_bounds_the_output_error_whatever_the_scaling_of_the_states(method, dtype):
+    """A loop of 5 blocks (each reads the one before it, the first the last), the input into the
+    first, the output read from the last; and the same model with the states of blocks 2-5
+    scaled down by 1e8 (x' = V^-1 x: identical y, for relu). Measured on all states at once, the
+    first block hides the others' steps: a whole-model Picard iteration would stop before the
+    input has reached the output. The relative error of y at tol stays within 2 tol on both,
+    against the float64 reference."""
+    rng = np.random.default_rng(11)
+    size, count, p = 8, 5, 4
+    n = size * count
+    A = np.zeros((n, n))
+    for k in range(1, count):
+        A[k * size : (k + 1) * size, (k - 1) * size : k * size] = rng.uniform(size=(size, size))
+    A[:size, -size:] = 0.2 * rng.uniform(size=(size, size))  # the loop back
+    A *= 0.9 / np.abs(A).sum(axis=1).max()
+    B = np.zeros((n, p))
+    B[:size] = rng.uniform(size=(size, p))
+    C = np.zeros((3, n))
+    C[:, -size:] = rng.normal(size=(3, size))
+    blocks = tuple(StateBlock(f"b{k}", k * size, (k + 1) * size, "relu", (size,)) for k in range(count))
+    specs = ((TensorSpec("u", (p,)),), (TensorSpec("y", (3,)),))
+    v = np.concatenate([np.ones(size), np.full(n - size, 1e-8)])
+    models = [
+        ImplicitModel(
+            sp.csr_array(A * v[None, :] / v[:, None]),
+            sp.csr_array(B / v[:, None]),
+            sp.csr_array(C * v),
+            sp.csr_array((3, p)),
+            None,
+            None,
+            blocks,
+            *specs,
+        )  # fmt: skip
+        for v in (np.ones(n), v)
+    ]
+    u = rng.uniform(size=(6, p))
+    reference = numpy_fixed_point(models[0], u, iterations=2000) @ C.T
+    tol = 1e-6 if dtype == np.float64 else 1e-5
+    for model in models:
+        y = model.astype(dtype).solve(u.astype(dtype), method=method, tol=tol).y
+        error = np.abs(y - reference).max(axis=1) / np.abs(reference).max(axis=1)
+        assert error.max() <= 2 * tol, (method, error.max() / tol)

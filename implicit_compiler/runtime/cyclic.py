@@ -53,6 +53,8 @@ class Sweep:
         torn: the torn states' rows of V, ascending.
         steps: the blocks' steps in sweep order (as ``solve`` runs acyclic blocks).
         program: the sweep for one sample as one compiled call; None when a step has none.
+        torn_groups: offsets [0, ..., len(torn)] of the torn blocks within the torn states: the
+            stopping test weighs each block by its own scale (``fixed_point.iterate``'s groups).
     """
 
     names: tuple[str, ...]
@@ -61,6 +63,7 @@ class Sweep:
     torn: np.ndarray
     steps: tuple[Any, ...]
     program: Program | None
+    torn_groups: np.ndarray | None = None
     cyclic: bool = True
 
 
@@ -72,6 +75,13 @@ def torn_blocks(order: list[int], reads: Callable[[int], set[int]]) -> list[int]
     for i in order:
         torn.update(j for j in reads(i) if j in position and position[j] >= position[i])
     return sorted(torn, key=position.__getitem__)
+
+
+def torn_groups(blocks) -> np.ndarray:
+    """Offsets of the torn blocks (anything with ``start`` and ``stop``) in the torn states,
+    which list their rows in ascending order."""
+    sizes = [block.stop - block.start for block in sorted(blocks, key=lambda block: block.start)]
+    return np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
 
 
 def solve_sweep(
@@ -86,7 +96,7 @@ def solve_sweep(
         V[:, 0] = values[: V.shape[0]]
         return result
     run = _Sweeps(sweep, V, run_step)
-    result = iterate(run, V[sweep.torn], tol, max_iter, memory=memory, what=sweep.description)
+    result = iterate(run, V[sweep.torn], tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups)
     run.finish()
     return result
 
@@ -104,7 +114,7 @@ def solve_sweep_in_values(
         return values[torn][:, None]
 
     start = np.zeros((torn.size, 1), dtype=values.dtype)
-    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description)
+    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups)
 
 
 def solve_sweep_on_tiles(
@@ -126,7 +136,7 @@ def solve_sweep_on_tiles(
         return slabs[place]
 
     start = np.zeros((torn.size, samples), dtype=slabs.dtype)
-    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description)
+    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups)
 
 
 class _Sweeps:

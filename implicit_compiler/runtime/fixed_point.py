@@ -97,11 +97,20 @@ def iterate(
     memory: int = 5,
     what: str = "model",
     regularization: float | None = None,
+    watch: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    groups: np.ndarray | None = None,
 ) -> FixedPoint:
     """Iterate g from x0 (m, batch), each sample until its estimated error is below tol.
 
-    ``memory`` = 0 is plain Picard. ``regularization`` is relative to the trace of the
-    least-squares normal matrix (default: 100 machine epsilons of x0's dtype). Raises
+    ``watch(gx, columns)``: quantities computed from the iterate, (w, k), e.g. the outputs y = C x
+    + ...; their estimated error, from their own steps and rate, is tested beside the states' (so
+    the outputs are as accurate as tol asks, whatever the scaling of the states). ``groups``:
+    row offsets [0, ..., m] of the blocks of x; residuals, steps and rates are then measured in
+    the block-normalized norm (``fixed_point_kernels.block_maxima``: each block relative to its
+    own scale, down to sqrt(eps) of the largest it had: states decaying to zero do not keep
+    the iteration going), so that a block of small states (after ``rescale``) is solved as
+    accurately as the others. ``memory`` = 0 is plain Picard. ``regularization`` is relative to
+    the trace of the least-squares normal matrix (default: 100 machine epsilons of x0's dtype). Raises
     ConvergenceError, carrying the history, when max_iter iterations do not reach tol, when the
     residual stalls at the rounding floor, or when the iterates stop being finite.
     """
@@ -110,8 +119,10 @@ def iterate(
         regularization = 100 * eps
     constants = np.array(
         [np.finfo(x0.dtype).tiny, SECANT_FLOOR * eps, EXACT_FLOOR * eps, tol, FLOOR_EPS * eps, STALL_ITERATIONS,
-         ACCELERATE_FROM],
+         ACCELERATE_FROM, np.sqrt(eps)],
     )  # fmt: skip
+    whole = np.array([0, x0.shape[0]], dtype=np.int64)
+    groups = whole if groups is None else np.asarray(groups, dtype=np.int64)
     out = np.empty_like(x0)
     columns = np.arange(x0.shape[1])
     x = x0
@@ -121,7 +132,7 @@ def iterate(
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(max_iter):
             gx = g(x, columns)
-            worst, finite, any_done, any_stuck = state.assess(x, gx, constants)
+            worst, finite, any_done, any_stuck = state.assess(x, gx, constants, watch, columns, groups)
             history.append(worst)
             if not finite:
                 raise ConvergenceError(_diverged_message(what, len(history)), history)
@@ -161,20 +172,30 @@ class _SampleState:
         self.accelerating = np.zeros(batch, dtype=bool)
         self.residual, self.rate, self.error = np.empty(batch), np.empty(batch), np.empty(batch)
         self.flags = np.zeros((3, batch), dtype=bool)  # done, stuck, restart
-        self.maxima_out = np.empty((4, batch))
+        self.maxima_out = np.empty((5, batch))
+        self.watched = np.zeros(batch)  # the watched quantities' relative step (0: none watched)
+        self.last_watched: np.ndarray | None = None
+        self.watched_steps: list[np.ndarray] = []  # their last relative steps, oldest first
+        self.seen: np.ndarray | None = None  # with groups: each block's largest |x| or |g(x)| so far
         self.ring_f = np.zeros((memory, rows, batch), dtype=x0.dtype)  # f_{i+1} - f_i per slot
         self.ring_g = np.zeros((memory, rows, batch), dtype=x0.dtype)  # g_{i+1} - g_i
         self.gram = np.zeros((batch, memory, memory))  # <dF_i, dF_j> per sample, slot by slot
         self.filled, self.slot = 0, 0
 
-    def assess(self, x: np.ndarray, gx: np.ndarray, constants: np.ndarray) -> tuple[float, bool, bool, bool]:
+    def assess(
+        self, x: np.ndarray, gx: np.ndarray, constants: np.ndarray, watch, columns, groups
+    ) -> tuple[float, bool, bool, bool]:
         """The stopping test of the running samples (``fixed_point_kernels.assess``)."""
         k = x.shape[1]
         px, pg = (x, gx) if self.previous is None else self.previous
+        watched = self.watched[:k]
+        if watch is not None:
+            watched[:] = self._watched_error(watch(gx, columns), constants[0])
         worst, finite, any_done, any_stuck = kernels.assess(
-            x, gx, px, pg, self.maxima_out[:, :k], self.previous is not None, self.rates[:, :k], self.rate_slot,
-            self.rate_filled, self.best[:k], self.since_best[:k], self.accelerating[:k], constants, self.residual[:k],
-            self.rate[:k], self.error[:k], self.flags[:, :k],
+            x, gx, px, pg, groups, self._seen(groups)[:, :k], self.maxima_out[:, :k], self.previous is not None,
+            self.rates[:, :k], self.rate_slot, self.rate_filled, self.best[:k], self.since_best[:k],
+            self.accelerating[:k], constants, watched, self.residual[:k], self.rate[:k], self.error[:k],
+            self.flags[:, :k],
         )  # fmt: skip
         if self.previous is not None:
             self.rate_slot = (self.rate_slot + 1) % RATE_WINDOW
@@ -183,6 +204,31 @@ class _SampleState:
             return float("inf"), False, False, False
         return float(worst), True, bool(any_done), bool(any_stuck)
 
+    def _seen(self, groups: np.ndarray) -> np.ndarray:
+        """The largest |x| or |g(x)| of each block so far, (blocks, batch) (``block_maxima``)."""
+        if self.seen is None:
+            self.seen = np.zeros((max(groups.size - 1, 1), self.best.size))
+        return self.seen
+
+    def _watched_error(self, w: np.ndarray, tiny: float) -> np.ndarray:
+        """The estimated relative error of watched quantities w (q, k): their relative step over
+        (1 - their own rate), the largest ratio of successive steps over the last
+        ``RATE_WINDOW`` (inf until two steps are known, or when the steps do not shrink)."""
+        size = np.maximum(np.max(np.abs(w), axis=0, initial=0.0), tiny)
+        error = np.full(w.shape[1], np.inf)
+        if self.last_watched is not None:
+            step = np.max(np.abs(w - self.last_watched), axis=0, initial=0.0) / size
+            if self.watched_steps:
+                ratios = [
+                    new / np.maximum(old, tiny) for old, new in zip(self.watched_steps, [*self.watched_steps[1:], step])
+                ]
+                rate = np.max(ratios[-RATE_WINDOW:], axis=0)
+                error = np.where(rate < 1, step / (1 - np.minimum(rate, 1)), np.inf)
+                error[step == 0] = 0.0
+            self.watched_steps = [*self.watched_steps[-RATE_WINDOW:], step]
+        self.last_watched = w
+        return error
+
     def keep(self, keep: np.ndarray) -> None:
         """Keep the samples at positions ``keep`` of the running ones (ascending), in front."""
         k = keep.size
@@ -190,9 +236,14 @@ class _SampleState:
             self.previous = tuple(np.ascontiguousarray(a[:, keep]) for a in self.previous)
         for vector in (self.best, self.since_best, self.accelerating, self.residual, self.rate, self.error):
             vector[:k] = vector[keep]
+        if self.last_watched is not None:
+            self.last_watched = self.last_watched[:, keep]
+            self.watched_steps = [step[keep] for step in self.watched_steps]
         self.rates[:, :k] = self.rates[:, keep]
         self.flags[:, :k] = self.flags[:, keep]
         self.maxima_out[:, :k] = self.maxima_out[:, keep]
+        if self.seen is not None:
+            self.seen[:, :k] = self.seen[:, keep]
         if self.memory:
             for ring in (self.ring_f, self.ring_g):
                 kernels.compact(ring, keep)
@@ -211,7 +262,7 @@ class _SampleState:
         mixed = np.empty_like(gx)
         kernels.anderson(
             self.ring_f, self.ring_g, self.gram, slot, self.filled, x, gx, *previous, self.accelerating[:k],
-            self.flags[2, :k], self.maxima_out[0, :k], self.rate[:k], TRUST, TRUST_RATE, regularization, mixed,
+            self.flags[2, :k], self.maxima_out[4, :k], self.rate[:k], TRUST, TRUST_RATE, regularization, mixed,
         )  # fmt: skip
         return mixed
 

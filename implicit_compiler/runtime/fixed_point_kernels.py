@@ -58,6 +58,49 @@ def maxima(x, gx, px, pg, out):  # pragma: no cover - jitted
 
 
 @_compiled
+def block_maxima(x, gx, px, pg, groups, floor, seen, out):  # pragma: no cover - jitted
+    """``maxima`` in the block-normalized norm ||v||_B = max_b ||v_b||_inf / s_b, the blocks
+    being rows groups[b] to groups[b + 1], with s_b = max(||g(x)_b||_inf, floor seen_b) and
+    seen_b the largest |x| or |g(x)| of the block so far (updated here, (blocks, samples)):
+    out[0] = ||g - x||_B, out[1] = 1 (the size of g in that norm; 0 when all is zero),
+    out[2] = ||x - px||_B, out[3] = ||g - pg||_B, and out[4] = max|g - x| unscaled (for the
+    Anderson step's trust test). A block of small states then counts by its own scale (after
+    ``rescale`` scales can differ by orders of magnitude), and a block decaying to zero stops
+    counting once it is ``floor`` of what it was."""
+    rows, columns = x.shape
+    blocks = groups.size - 1
+    weight = np.zeros((blocks, columns))
+    poison = 0.0
+    out[:] = 0.0
+    for b in range(blocks):
+        for i in range(groups[b], groups[b + 1]):
+            for j in range(columns):
+                g = gx[i, j]
+                poison += g - g
+                v = abs(g)
+                weight[b, j] = v if v > weight[b, j] else weight[b, j]
+                v = abs(x[i, j]) if abs(x[i, j]) > v else v
+                seen[b, j] = v if v > seen[b, j] else seen[b, j]
+        for j in range(columns):
+            least = floor * seen[b, j]
+            scale = weight[b, j] if weight[b, j] > least else least
+            weight[b, j] = 1.0 / scale if scale > 0 else 0.0
+            out[1, j] = 1.0 if scale > 0 else out[1, j]
+        for i in range(groups[b], groups[b + 1]):
+            for j in range(columns):
+                g, a, w = gx[i, j], x[i, j], weight[b, j]
+                v = abs(g - a)
+                out[4, j] = v if v > out[4, j] else out[4, j]
+                v *= w
+                out[0, j] = v if v > out[0, j] else out[0, j]
+                v = abs(a - px[i, j]) * w
+                out[2, j] = v if v > out[2, j] else out[2, j]
+                v = abs(g - pg[i, j]) * w
+                out[3, j] = v if v > out[3, j] else out[3, j]
+    return poison == 0.0
+
+
+@_compiled
 def push(ring_f, ring_g, slot, filled, x, gx, px, pg, dots, rhs):  # pragma: no cover - jitted
     """Store the new pair dF = (g - x) - (pg - px), dG = g - pg in ring slot ``slot`` and
     accumulate, per column j, dots[i, j] = <dF_i, dF> and rhs[i, j] = <dF_i, g - x> for the
@@ -154,21 +197,26 @@ def compact(ring, keep):  # pragma: no cover - jitted
 
 @_compiled
 def assess(
-    x, gx, px, pg, out, has_previous, rates, slot, filled, best, since_best, accelerating, constants, residual, rate,
-    error, flags,
+    x, gx, px, pg, groups, seen, out, has_previous, rates, slot, filled, best, since_best, accelerating, constants,
+    watched, residual, rate, error, flags,
 ):  # pragma: no cover - jitted  # fmt: skip
-    """The stopping test of every sample: its column maxima (``maxima`` into ``out``), then
-    from them, in one pass over the samples:
+    """The stopping test of every sample: its column maxima into ``out`` (``maxima``, or with
+    more than one group ``block_maxima``), then from them, in one pass over the samples:
 
     constants = (tiny, secant floor, exact floor, tol, stall floor, stall iterations,
-    accelerate-from) as float64. Per column j: residual = max|g - x| / max(max|g|, tiny); the
-    secant ratio max|g - pg| / max|x - px| enters the rate window ``rates`` at ``slot`` (the
-    last ratio repeated for a step at the rounding floor); rate = the window's max over its
-    ``filled`` slots after that; error = residual / (1 - rate) (inf for rate >= 1, 0 at the
-    exact floor); best / since_best and the Anderson switch are updated. flags[0] done
-    (error <= tol), flags[1] stuck at the rounding floor, flags[2] restart (residual > twice
-    the best). Returns (largest residual, all finite, any done, any stuck)."""
-    finite = maxima(x, gx, px, pg, out)
+    accelerate-from, block floor) as float64. Per column j: residual = max|g - x| /
+    max(max|g|, tiny); the secant ratio max|g - pg| / max|x - px| enters the rate window
+    ``rates`` at ``slot`` (the last ratio repeated for a step at the rounding floor); rate = the
+    window's max over its ``filled`` slots after that; error = residual / (1 - rate) (inf for
+    rate >= 1), or the ``watched`` quantities' estimated error when larger, and 0 at the exact
+    floor; best / since_best and the Anderson switch are updated. flags[0] done (error <= tol),
+    flags[1] stuck at the rounding floor, flags[2] restart (residual > twice the best).
+    Returns (largest residual, all finite, any done, any stuck)."""
+    if groups.size > 2:
+        finite = block_maxima(x, gx, px, pg, groups, constants[7], seen, out)
+    else:
+        finite = maxima(x, gx, px, pg, out)
+        out[4] = out[0]
     tiny, secant_floor, exact_floor, tol = constants[0], constants[1], constants[2], constants[3]
     stall_floor, stall_iterations, accelerate_from = constants[4], constants[5], constants[6]
     window = rates.shape[0]
@@ -195,6 +243,7 @@ def assess(
                 L = rates[i, j] if rates[i, j] > L else L
         rate[j] = L
         e = r / (1.0 - L) if L < 1.0 else np.inf
+        e = watched[j] if watched[j] > e else e
         if r <= exact_floor:
             e = 0.0
         error[j] = e

@@ -37,7 +37,7 @@ from ..errors import ShapeError
 from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
-from .cyclic import Sweep, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks
+from .cyclic import Sweep, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks, torn_groups
 from .fixed_point import FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
@@ -60,6 +60,7 @@ ONE_SAMPLE_WORK = 128_000_000
 # column sharing of row groups) are at most this share of the program's multiply-adds.
 TILES_SPARSE_SHARE = 0.25
 DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
+WHOLE_MODEL = "the whole model"
 
 
 @dataclass(frozen=True)
@@ -425,7 +426,16 @@ def _solve_step(
         part = constant if columns.size == constant.shape[1] else constant[:, columns]
         return _activate(step.segments, step.A_self @ x + part)
 
-    result = iterate(g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description)
+    watch = None
+    if step.description == WHOLE_MODEL:  # the outputs too: scaled states can hide their errors
+        outputs = model.D @ U + model.bias_y[:, None]
+        watch = lambda x, columns: model.C @ x + (outputs if columns.size == outputs.shape[1] else outputs[:, columns])
+    groups = None
+    if step.description == WHOLE_MODEL:
+        groups = np.array([0, *(block.stop for block in model.blocks)])
+    result = iterate(
+        g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description, watch=watch, groups=groups
+    )
     X[step.rows] = result.x
     return result
 
@@ -519,6 +529,7 @@ def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -
         torn=p + np.sort(np.concatenate([np.arange(model.blocks[i].start, model.blocks[i].stop) for i in torn])),
         steps=tuple(steps),
         program=build_program(model, steps, outputs=False) if in_place else None,
+        torn_groups=torn_groups([model.blocks[i] for i in torn]),
     )
 
 
@@ -556,7 +567,7 @@ def _row_order(block) -> np.ndarray:
 
 
 def _whole_model_step(model: ImplicitModel) -> _Step:
-    return _make_step(model, list(model.blocks), cyclic=True, description="the whole model")
+    return _make_step(model, list(model.blocks), cyclic=True, description=WHOLE_MODEL)
 
 
 def _state_rows(blocks: list, offset: int = 0) -> slice | np.ndarray:

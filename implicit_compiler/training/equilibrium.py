@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..activations import Activation
-from ..runtime.cyclic import Sweep, solve_sweep, torn_blocks
+from ..runtime.cyclic import Sweep, solve_sweep, torn_blocks, torn_groups
 from ..runtime.fixed_point import FixedPoint
 from ..runtime.plan import block_dependency_graph, execution_order
 
@@ -89,6 +89,7 @@ def _sweep(blocks: tuple[BlockRows, ...], order: list[int], reads: Callable[[int
         torn=rows(torn),
         steps=tuple(order),
         program=None,
+        torn_groups=torn_groups([blocks[i] for i in torn]),
     )
 
 
@@ -111,7 +112,7 @@ def solve_blocks(
             continue
         rows = step.rows
         rows = slice(offset + rows.start, offset + rows.stop) if isinstance(rows, slice) else offset + rows
-        shifted = Sweep(step.names, step.description, rows, offset + step.torn, step.steps, None)
+        shifted = Sweep(step.names, step.description, rows, offset + step.torn, step.steps, None, step.torn_groups)
         results.append(solve_sweep(shifted, W, run_block, tol, max_iter, memory))
     return results
 
