@@ -258,11 +258,15 @@ class ImplicitModel:
         tol: float | None = None,
         max_iter: int = 1000,
         anderson_memory: int = 5,
+        acceleration: str = "anderson",
     ) -> Solution:
         """Solve the equilibrium for input(s) u; see ``implicit_compiler.runtime.solve``."""
         from .runtime.solve import solve
 
-        return solve(self, u, method=method, tol=tol, max_iter=max_iter, anderson_memory=anderson_memory)
+        return solve(
+            self, u, method=method, tol=tol, max_iter=max_iter, anderson_memory=anderson_memory,
+            acceleration=acceleration,
+        )  # fmt: skip
 
     def predict(self, u: Any, **solve_options: Any) -> np.ndarray | dict[str, np.ndarray]:
         """y shaped like the source network's output(s): one array, or a dict for several.

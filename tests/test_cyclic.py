@@ -101,7 +101,7 @@ def test_torn_blocks_are_the_sources_of_back_edges():
 
 
 @pytest.mark.parametrize("batch", [1, 5, 70])
-@pytest.mark.parametrize("method", ["auto", "picard", "anderson"])
+@pytest.mark.parametrize("method", ["auto", "auto broyden", "picard", "anderson"])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_dense_loop_matches_root_finding(rng, batch, method, activation):
     """A dense cyclic A (one block reading itself: a structured BLAS product, out of place)."""
@@ -111,15 +111,17 @@ def test_dense_loop_matches_root_finding(rng, batch, method, activation):
     u = rng.normal(size=(batch, model.p))
     A, B = model.A.toarray(), model.B.toarray()
     expected = root_fixed_point(A, B, model.bias_x, u, NUMPY_PHI[activation])
-    solution = model.solve(u, method=method)
+    method, _, acceleration = method.partition(" ")
+    solution = model.solve(u, method=method, acceleration=acceleration or "anderson")
     np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(solution.y, expected @ model.C.toarray().T, rtol=1e-9, atol=1e-9)
     assert solution.iterations > 0 and 0 <= solution.error <= 1e-10
 
 
+@pytest.mark.parametrize("acceleration", ["anderson", "broyden"])
 @pytest.mark.parametrize("compact_share", [0.0, 0.5, 1.0], ids=["never", "half", "always"])
 @pytest.mark.parametrize("batch", [1, 3, 40])
-def test_ring_sweeps_match_root_finding_whatever_the_compaction(rng, monkeypatch, compact_share, batch):
+def test_ring_sweeps_match_root_finding_whatever_the_compaction(rng, monkeypatch, compact_share, batch, acceleration):
     """Inputs of very different sizes: samples stop at different iterations; the stopped ones
     are kept aside, and the rest compacted never, from half, or at every stop."""
     monkeypatch.setattr(cyclic, "COMPACT_SHARE", compact_share)
@@ -129,17 +131,18 @@ def test_ring_sweeps_match_root_finding_whatever_the_compaction(rng, monkeypatch
     u = rng.normal(size=(batch, model.p)) * np.geomspace(1e-3, 10, batch)[:, None]
     phi = lambda z: np.concatenate([np.tanh(z[:5]), NUMPY_PHI["leaky_relu"](z[5:11]), np.tanh(z[11:])])
     expected = root_fixed_point(model.A.toarray(), model.B.toarray(), model.bias_x, u, phi)
-    solution = model.solve(u)
+    solution = model.solve(u, acceleration=acceleration)
     np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)
     assert [names for names, _ in solution.component_histories] == [("a", "b", "c")]
 
 
-def test_two_components_in_sequence(rng):
+@pytest.mark.parametrize("acceleration", ["anderson", "broyden"])
+def test_two_components_in_sequence(rng, acceleration):
     """ring -> dense loop: two cyclic components, each solved by its own sweeps."""
     first, second = ring_model(rng), dense_model(rng, n=20, p=2)
     model = ic.cascade(first, second)
     u = rng.normal(size=(9, first.p))
-    solution = model.solve(u)
+    solution = model.solve(u, acceleration=acceleration)
     assert len(solution.component_histories) == 2
     np.testing.assert_allclose(solution.x, numpy_fixed_point(model, u), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(solution.y, second.predict(first.predict(u)), rtol=1e-9, atol=1e-9)
@@ -160,9 +163,9 @@ def test_lenet_feedback_loop_by_the_plan(dtype):
     assert sample_tiles.least_batch(dtype) <= 70
     tol, close = (1e-12, 1e-9) if dtype == np.float64 else (1e-6, 2e-5)
     scale = np.abs(expected_y).max()
-    for batch in (1, 3, 70):
+    for batch, acceleration in ((1, "anderson"), (3, "anderson"), (70, "anderson"), (1, "broyden"), (70, "broyden")):
         u = digits[:batch].astype(dtype)
-        solution = model.solve(u, tol=tol)
+        solution = model.solve(u, tol=tol, acceleration=acceleration)
         assert solution.iterations >= 2 and solution.x.dtype == dtype
         np.testing.assert_allclose(solution.y, expected_y[:batch], rtol=0, atol=close * scale)
         np.testing.assert_allclose(solution.x, expected_x[:batch], rtol=0, atol=close * np.abs(expected_x).max())
@@ -170,11 +173,12 @@ def test_lenet_feedback_loop_by_the_plan(dtype):
         np.testing.assert_allclose(predicted.reshape(batch, -1), expected_y[:batch], rtol=0, atol=close * scale)
 
 
-def test_diverging_loop_raises_without_hanging():
+@pytest.mark.parametrize("acceleration", ["anderson", "broyden"])
+def test_diverging_loop_raises_without_hanging(acceleration):
     model = ImplicitModel.from_matrices(1.5 * np.eye(4), np.ones((4, 1)), np.eye(4), np.zeros((4, 1)))
     for batch in (1, 50):
         with pytest.raises(ic.ConvergenceError) as caught:
-            model.solve(np.ones((batch, 1)), max_iter=100)
+            model.solve(np.ones((batch, 1)), max_iter=100, acceleration=acceleration)
         assert 0 < caught.value.iterations <= 100
         assert len(caught.value.residual_history) == caught.value.iterations
 
@@ -262,7 +266,7 @@ def test_readme_feedback_example_runs_as_written(monkeypatch):
     assert namespace["y"].shape == (1, 10) and np.isfinite(namespace["y"]).all()
 
 
-@pytest.mark.parametrize("method", ["auto", "picard", "anderson"])
+@pytest.mark.parametrize("method", ["auto", "auto broyden", "picard", "anderson"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
 def test_the_tolerance_bounds_the_output_error_whatever_the_scaling_of_the_states(method, dtype):
     """A loop of 5 blocks (each reads the one before it, the first the last), the input into the
@@ -302,7 +306,17 @@ def test_the_tolerance_bounds_the_output_error_whatever_the_scaling_of_the_state
     u = rng.uniform(size=(6, p))
     reference = numpy_fixed_point(models[0], u, iterations=2000) @ C.T
     tol = 1e-6 if dtype == np.float64 else 1e-5
+    method, _, acceleration = method.partition(" ")
     for model in models:
-        y = model.astype(dtype).solve(u.astype(dtype), method=method, tol=tol).y
+        y = (
+            model.astype(dtype)
+            .solve(u.astype(dtype), method=method, tol=tol, acceleration=acceleration or "anderson")
+            .y
+        )
         error = np.abs(y - reference).max(axis=1) / np.abs(reference).max(axis=1)
         assert error.max() <= 2 * tol, (method, error.max() / tol)
+
+
+def test_an_unknown_acceleration_is_a_shape_error(rng):
+    with pytest.raises(ic.ShapeError, match="unknown acceleration 'newton'"):
+        dense_model(rng).solve(np.zeros((2, 7)), acceleration="newton")

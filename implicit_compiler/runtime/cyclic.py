@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .fixed_point import FixedPoint, iterate
+from .fixed_point import Acceleration, FixedPoint, iterate
 from .one_sample import Program
 from .structured import StructuredBlock
 
@@ -85,7 +85,12 @@ def torn_groups(blocks) -> np.ndarray:
 
 
 def solve_sweep(
-    sweep: Sweep, V: np.ndarray, run_step: Callable[[Any, np.ndarray], None], tol: float, max_iter: int, memory: int
+    sweep: Sweep,
+    V: np.ndarray,
+    run_step: Callable[[Any, np.ndarray], None],
+    tol: float,
+    max_iter: int,
+    memory: int | Acceleration,
 ) -> FixedPoint:
     """Solve the component in place in V (rows = values, columns = samples); its torn states
     start from what V holds. ``run_step(step, W)`` computes one block's step in W."""
@@ -102,7 +107,7 @@ def solve_sweep(
 
 
 def solve_sweep_in_values(
-    sweep: Sweep, values: np.ndarray, scratch: np.ndarray, tol: float, max_iter: int, memory: int
+    sweep: Sweep, values: np.ndarray, scratch: np.ndarray, tol: float, max_iter: int, memory: int | Acceleration
 ) -> FixedPoint:
     """One sample in values = [u; x; y] (``one_sample``): every sweep is one call of the
     component's program. The torn states start from zero."""
@@ -118,7 +123,7 @@ def solve_sweep_in_values(
 
 
 def solve_sweep_on_tiles(
-    sweep: Sweep, slabs: np.ndarray, samples: int, tol: float, max_iter: int, memory: int
+    sweep: Sweep, slabs: np.ndarray, samples: int, tol: float, max_iter: int, memory: int | Acceleration
 ) -> FixedPoint:
     """A batch in the slabs of ``sample_tiles`` (tiles, p + n + q, lanes): every sweep is one
     parallel call of the component's program on the tiles that hold running samples. (A

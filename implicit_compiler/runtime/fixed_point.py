@@ -26,6 +26,13 @@ residual grows past twice its best, its history is dropped and its next step is 
 L_k: an ill-conditioned least-squares problem (nearly collinear dF) can give huge coefficients,
 and one such step from a converging iterate once overflowed a well-posed training solve.
 
+Broyden (``Acceleration("broyden")``): the "good" Broyden method on F(x) = g(x) - x per sample,
+its inverse Jacobian kept as ``memory`` rank-one terms from H_0 = -I (the first step is Picard's),
+under the same restarts and trust test. It is an option, not the default: on a dense nonnegative
+A (n = 500, ||A||_inf = 0.99, float32) it takes fewer steps than Anderson (11 against 14 at batch
+1, 15 against 17 at batch 256) but longer (1.14 against 0.85 ms, 36 against 26 ms; the LeNet-5
+loop at batch 256: 15.4 against 7.8 ms), its products with the history being numpy passes.
+
 A residual that stops improving near the dtype's rounding (``STALL_ITERATIONS`` steps without a
 new best, below ``FLOOR_EPS`` machine epsilons) ends the iteration with a ConvergenceError that
 says so, instead of spinning to max_iter.
@@ -38,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConvergenceError, ToleranceError
+from ..errors import ConvergenceError, ShapeError, ToleranceError
 from . import fixed_point_kernels as kernels
 
 # g(x, columns): the map at x (m, k) for the samples ``columns`` (indices into the batch).
@@ -46,6 +53,7 @@ BatchMap = Callable[[np.ndarray, np.ndarray], np.ndarray]
 FixedPointMap = Callable[[np.ndarray], np.ndarray]
 
 RATE_WINDOW = 3
+ACCELERATIONS = ("anderson", "broyden")
 ACCELERATE_FROM = 0.1
 STALL_ITERATIONS = 20
 FLOOR_EPS = 1000
@@ -59,6 +67,21 @@ TRUST = 4
 TRUST_RATE = 0.999
 # The smallest tolerance a dtype can be asked for, in machine epsilons.
 LEAST_TOLERANCE_EPS = 4
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How ``iterate`` accelerates: "anderson" (the default) or "broyden", with ``memory``
+    difference pairs (Anderson) or rank-one updates (Broyden) kept; memory 0 is plain Picard."""
+
+    method: str = "anderson"
+    memory: int = 5
+
+    def __post_init__(self) -> None:
+        if self.method not in ACCELERATIONS:
+            raise ShapeError(f"unknown acceleration {self.method!r}: expected one of {', '.join(ACCELERATIONS)}")
+        if self.memory < 0:
+            raise ShapeError(f"the acceleration's memory must be >= 0, got {self.memory}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +117,7 @@ def iterate(
     x0: np.ndarray,
     tol: float,
     max_iter: int,
-    memory: int = 5,
+    memory: int | Acceleration = 5,
     what: str = "model",
     regularization: float | None = None,
     watch: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
@@ -109,7 +132,8 @@ def iterate(
     the block-normalized norm (``fixed_point_kernels.block_maxima``: each block relative to its
     own scale, down to sqrt(eps) of the largest it had: states decaying to zero do not keep
     the iteration going), so that a block of small states (after ``rescale``) is solved as
-    accurately as the others. ``memory`` = 0 is plain Picard. ``regularization`` is relative to
+    accurately as the others. ``memory``: Anderson's history length (0: plain Picard), or an
+    ``Acceleration`` (Anderson or Broyden, and its memory). ``regularization`` is relative to
     the trace of the least-squares normal matrix (default: 100 machine epsilons of x0's dtype). Raises
     ConvergenceError, carrying the history, when max_iter iterations do not reach tol, when the
     residual stalls at the rounding floor, or when the iterates stop being finite.
@@ -128,7 +152,8 @@ def iterate(
     x = x0
     history: list[float] = []
     worst_error = 0.0
-    state = _SampleState(x0, memory)
+    acceleration = memory if isinstance(memory, Acceleration) else Acceleration("anderson", int(memory))
+    state = _SampleState(x0, acceleration.memory, acceleration.method)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         for _ in range(max_iter):
             gx = g(x, columns)
@@ -161,9 +186,9 @@ class _SampleState:
     Per-sample vectors are allocated for the whole batch; the first k entries belong to the k
     samples still running."""
 
-    def __init__(self, x0: np.ndarray, memory: int):
+    def __init__(self, x0: np.ndarray, memory: int, method: str = "anderson"):
         rows, batch = x0.shape
-        self.memory = memory
+        self.memory, self.method = memory, method
         self.previous: tuple[np.ndarray, np.ndarray] | None = None  # (x, g(x)) of the last step
         self.rates = np.full((RATE_WINDOW, batch), np.inf)  # secant ratios, a ring
         self.rate_slot, self.rate_filled = 0, 0
@@ -259,11 +284,53 @@ class _SampleState:
         k = x.shape[1]
         slot, self.filled = self.slot, min(self.filled + 1, self.memory)
         self.slot = (slot + 1) % self.memory
+        if self.method == "broyden":
+            return self._broyden_step(x, gx, *previous, slot)
         mixed = np.empty_like(gx)
         kernels.anderson(
             self.ring_f, self.ring_g, self.gram, slot, self.filled, x, gx, *previous, self.accelerating[:k],
             self.flags[2, :k], self.maxima_out[4, :k], self.rate[:k], TRUST, TRUST_RATE, regularization, mixed,
         )  # fmt: skip
+        return mixed
+
+    def _broyden_step(self, x, gx, px, pg, slot: int) -> np.ndarray:
+        """Broyden's ("good") method on F(x) = g(x) - x per sample, its inverse Jacobian
+        H = -I + sum_i u_i v_i^T kept as rank-one terms in the rings (u in ring_f, v in ring_g;
+        the oldest overwritten once ``memory`` are kept). With s = x - px and y = F - F_prev:
+
+            H y = -y + sum_i u_i (v_i . y),  u = (s - H y) / (s . H y),  v = H^T s = -s + sum_i v_i (u_i . s)
+
+        and the step x - H F = g(x) - sum_i u_i (v_i . F). Samples not accelerating, or
+        restarting, take g(x); the same trust test as Anderson's drops an overshooting step."""
+        k = x.shape[1]
+        U, V = self.ring_f[:, :, :k], self.ring_g[:, :, :k]
+        f, s, y = gx - x, x - px, (gx - x) - (pg - px)
+        others = [i for i in range(self.filled) if i != slot]
+        U[slot] = 0
+        V[slot] = 0
+        Hy, Hs = -y, -s
+        for i in others:
+            Hy = Hy + U[i] * np.einsum("rb,rb->b", V[i], y)
+            Hs = Hs + V[i] * np.einsum("rb,rb->b", U[i], s)
+        denominator = np.einsum("rb,rb->b", s, Hy)
+        usable = np.abs(denominator) > 1e-12 * np.sqrt(np.einsum("rb,rb->b", s, s) * np.einsum("rb,rb->b", Hy, Hy))
+        U[slot] = np.where(usable, (s - Hy) / np.where(usable, denominator, 1.0), 0)
+        V[slot] = np.where(usable, Hs, 0)
+        restart = self.flags[2, :k]
+        U[:, :, restart] = 0
+        V[:, :, restart] = 0
+        mixed = gx.copy()
+        for i in range(self.filled):
+            mixed -= U[i] * np.einsum("rb,rb->b", V[i], f)
+        use = self.accelerating[:k] & ~restart
+        mixed[:, ~use] = gx[:, ~use]
+        move = np.max(np.abs(mixed - x), axis=0, initial=0.0)
+        reach = self.maxima_out[4, :k] / (1 - np.minimum(self.rate[:k], TRUST_RATE))
+        untrusted = ~(move <= TRUST * reach)
+        if untrusted.any():
+            mixed[:, untrusted] = gx[:, untrusted]
+            U[:, :, untrusted] = 0
+            V[:, :, untrusted] = 0
         return mixed
 
 

@@ -38,7 +38,7 @@ from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
 from .cyclic import Sweep, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks, torn_groups
-from .fixed_point import FixedPoint, check_tolerance, iterate
+from .fixed_point import Acceleration, FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
 from .structured import StructuredBlock, structured_block, tensor_sources
@@ -111,6 +111,7 @@ def solve(
     max_iter: int = 1000,
     anderson_memory: int = 5,
     reuse_state: bool = False,
+    acceleration: str = "anderson",
 ) -> Solution:
     """Solve the model for one sample or a batch.
 
@@ -124,7 +125,10 @@ def solve(
             float64, 1e-5 in float32; ``fixed_point``); ToleranceError below what the dtype
             can reach.
         max_iter: iteration cap per fixed-point solve.
-        anderson_memory: Anderson history length for "auto" and "anderson" (0: plain Picard).
+        anderson_memory: the acceleration's history length for "auto" and "anderson" (0: plain
+            Picard).
+        acceleration: how "auto" accelerates the torn states: "anderson" (safeguarded type-II
+            Anderson) or "broyden" (Broyden's good method, limited memory); ``fixed_point``.
         reuse_state: work in a state array kept on the model for this thread and batch size
             instead of a new one (``predict`` does: a fresh array of ResNet20's size at batch
             256 is 197 MB of new pages each call, 40-60 ms). The returned x is then a view of
@@ -136,7 +140,7 @@ def solve(
     """
     _check_method(method)
     U, single = flatten_inputs(model.inputs, u, check_finite=False)
-    return _solve_flat(model, U, single, u, method, tol, max_iter, anderson_memory, reuse_state)
+    return _solve_flat(model, U, single, u, method, tol, max_iter, anderson_memory, reuse_state, True, acceleration)
 
 
 def _check_method(method: str) -> None:
@@ -147,6 +151,7 @@ def _check_method(method: str) -> None:
 def _solve_flat(
     model: ImplicitModel, U: np.ndarray, single: bool, u: Any, method: str = "auto", tol: float | None = None,
     max_iter: int = 1000, anderson_memory: int = 5, reuse_state: bool = False, want_x: bool = True,
+    acceleration: str = "anderson",
 ) -> Solution:  # fmt: skip
     """``solve`` on U = the flat inputs (batch, p), not yet checked for NaN and inf (u: the
     inputs as given, for the error). Without ``want_x``, a batch solved by tiles leaves the
@@ -158,22 +163,24 @@ def _solve_flat(
     model = model.astype(U.dtype)
     tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
     check_tolerance(tol, model.dtype)
+    memory = Acceleration(
+        acceleration if method == "auto" else "anderson", 0 if method == "picard" else anderson_memory
+    )
     if method == "auto" and U.shape[0] == 1:
         program = _one_sample_program(model)
         if program is not None and _one_call_pays(program):  # an acyclic model: one compiled call
             return _run_program(model, program, U, single, reuse_state)
         plan = _plan(model)
         if plan is not None and len(plan) > 1 and _one_call_pays(_plan_work(plan)):  # cyclic, by the plan
-            return _run_plan_one_sample(model, plan, U, single, tol, max_iter, anderson_memory)
+            return _run_plan_one_sample(model, plan, U, single, tol, max_iter, memory)
     if method == "auto" and loads_checked and U.shape[0] >= sample_tiles.least_batch(model.dtype):
         plan = _plan(model)
         if plan is not None and len(plan) > 1 and _tiles_pay(_plan_work(plan)):
-            return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, anderson_memory, want_x)
+            return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, memory, want_x)
     if method == "auto":
         steps = _execution_steps(model, structured=U.shape[0] <= STRUCTURED_BATCH_LIMIT)
     else:
         steps = (_whole_model_step(model),)
-        anderson_memory = 0 if method == "picard" else anderson_memory
     # V = [u; x] as one (p + n, batch) array: the fused kernel reads both through one index.
     V = _state_array(model, U.shape[0], zeroed=any(step.cyclic for step in steps), reuse=reuse_state)
     if loads_checked:
@@ -185,7 +192,7 @@ def _solve_flat(
     histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
     error = 0.0
     for step in steps:
-        result = _solve_step(model, step, V, tol, max_iter, anderson_memory)
+        result = _solve_step(model, step, V, tol, max_iter, memory)
         if result is not None:
             histories.append((step.names, tuple(result.history)))
             error = max(error, result.error)
@@ -261,7 +268,7 @@ def _plan_work(plan: tuple[Program | Sweep, ...]) -> _Work:
 
 
 def _run_plan_one_sample(
-    model: ImplicitModel, plan, U: np.ndarray, single: bool, tol: float, max_iter: int, memory: int
+    model: ImplicitModel, plan, U: np.ndarray, single: bool, tol: float, max_iter: int, memory: int | Acceleration
 ) -> Solution:
     """One sample of a cyclic model by its plan, in one values = [u; x; y] array: each program
     in one call, each sweep of a cyclic component in one call."""
@@ -286,7 +293,14 @@ def _run_plan_one_sample(
 
 
 def _solve_plan_by_tiles(
-    model: ImplicitModel, plan, U: np.ndarray, u: Any, tol: float, max_iter: int, memory: int, want_x: bool
+    model: ImplicitModel,
+    plan,
+    U: np.ndarray,
+    u: Any,
+    tol: float,
+    max_iter: int,
+    memory: int | Acceleration,
+    want_x: bool,
 ) -> Solution:
     """A batch of a cyclic model by its plan on tiles of samples (``sample_tiles``), each tile
     in its own slab kept on the model for this thread: programs on every tile, sweeps on the
@@ -387,7 +401,7 @@ def _state_array(model: ImplicitModel, batch: int, zeroed: bool, reuse: bool) ->
 
 
 def _solve_step(
-    model: ImplicitModel, step: _Step, V: np.ndarray, tol: float, max_iter: int, memory: int
+    model: ImplicitModel, step: _Step, V: np.ndarray, tol: float, max_iter: int, memory: int | Acceleration
 ) -> FixedPoint | None:
     """Fill the step's states of V = [u; x] in place; return the fixed point's result (None
     for acyclic steps)."""
