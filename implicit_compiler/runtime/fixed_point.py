@@ -271,7 +271,7 @@ class _SampleState:
             self.seen[:, :k] = self.seen[:, keep]
         if self.memory:
             for ring in (self.ring_f, self.ring_g):
-                kernels.compact(ring, keep)
+                kernels.compact(ring[: self.filled], keep)
             self.ring_f, self.ring_g = self.ring_f[:, :, :k], self.ring_g[:, :, :k]
             self.gram[:k] = self.gram[keep]
 
@@ -279,9 +279,11 @@ class _SampleState:
         """The next iterate: Anderson's for the samples it is on for, Picard's for the others.
         Remembers (x, g(x)) as the last step."""
         previous, self.previous = self.previous, (x, gx)
-        if not self.memory or previous is None:
-            return gx
         k = x.shape[1]
+        # (no history is kept until a sample turns acceleration on: a fast contraction never
+        # pays for the ring's passes; 4 of 5 steps on a signed dense A, n = 2000, batch 256)
+        if not self.memory or previous is None or not self.accelerating[:k].any():
+            return gx
         slot, self.filled = self.slot, min(self.filled + 1, self.memory)
         self.slot = (slot + 1) % self.memory
         if self.method == "broyden":
