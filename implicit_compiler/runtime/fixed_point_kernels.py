@@ -198,7 +198,7 @@ def compact(ring, keep):  # pragma: no cover - jitted
 @_compiled
 def assess(
     x, gx, px, pg, groups, seen, out, has_previous, rates, slot, filled, best, since_best, accelerating, constants,
-    watched, residual, rate, error, flags,
+    watched, finished, residual, rate, error, flags,
 ):  # pragma: no cover - jitted  # fmt: skip
     """The stopping test of every sample: its column maxima into ``out`` (``maxima``, or with
     more than one group ``block_maxima``), then from them, in one pass over the samples:
@@ -211,7 +211,8 @@ def assess(
     rate >= 1), or the ``watched`` quantities' estimated error when larger, and 0 at the exact
     floor; best / since_best and the Anderson switch are updated. flags[0] done (error <= tol),
     flags[1] stuck at the rounding floor, flags[2] restart (residual > twice the best).
-    Returns (largest residual, all finite, any done, any stuck)."""
+    Samples ``finished`` (stopped, still swept until the rest are compacted) are left out: no
+    flag, no acceleration. Returns (largest residual, all finite, any done, any stuck)."""
     if groups.size > 2:
         finite = block_maxima(x, gx, px, pg, groups, constants[7], seen, out)
     else:
@@ -224,6 +225,11 @@ def assess(
     count = min(filled + 1, window) if has_previous else filled
     worst, any_done, any_stuck = 0.0, False, False
     for j in range(out.shape[1]):
+        if finished[j]:
+            flags[0, j] = flags[1, j] = flags[2, j] = False
+            accelerating[j] = False
+            residual[j] = error[j] = 0.0
+            continue
         scale = out[1, j] if out[1, j] > tiny else tiny
         r = out[0, j] / scale
         residual[j] = r
