@@ -320,3 +320,18 @@ def test_the_tolerance_bounds_the_output_error_whatever_the_scaling_of_the_state
 def test_an_unknown_acceleration_is_a_shape_error(rng):
     with pytest.raises(ic.ShapeError, match="unknown acceleration 'newton'"):
         dense_model(rng).solve(np.zeros((2, 7)), acceleration="newton")
+
+
+@pytest.mark.parametrize("compact_share", [0.0, 0.5, 1.0], ids=["never", "half", "always"])
+def test_dense_loop_with_samples_stopping_apart_matches_root_finding(rng, monkeypatch, compact_share):
+    """A dense loop reading the inputs through B (a term folded, once per solve, into a bias per
+    sample): inputs of very different sizes stop at different sweeps, and the columns left are
+    compacted never, from half, or at every stop, the folded bias with them."""
+    monkeypatch.setattr(cyclic, "COMPACT_SHARE", compact_share)
+    model = dense_model(rng, n=60, p=64, activation="tanh", nonnegative=True)
+    (sweep,) = _execution_steps(model, structured=False)
+    assert any(len(step.terms) == 2 for step in sweep.steps)  # B u and A x
+    u = rng.normal(size=(30, model.p)) * np.geomspace(1e-3, 1e3, 30)[:, None]  # (tanh saturates: fast)
+    expected = root_fixed_point(model.A.toarray(), model.B.toarray(), model.bias_x, u, np.tanh)
+    solution = model.solve(u)
+    np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)

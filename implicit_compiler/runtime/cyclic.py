@@ -28,6 +28,7 @@ sweeps, against 1.2 ms for torchdeq's Broyden on the 10 fed-back values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -161,20 +162,28 @@ class _Sweeps:
         torn = sweep.torn  # a slice when contiguous: the whole batch's torn states without a gather
         contiguous = torn.size > 0 and torn[-1] - torn[0] == torn.size - 1
         self.torn_rows = slice(int(torn[0]), int(torn[-1]) + 1) if contiguous else torn
+        inside = np.zeros(V.shape[0], dtype=bool)
+        inside[sweep.rows] = True
+        self.steps = tuple(_frozen(step, V, inside) for step in sweep.steps)
 
     def __call__(self, t: np.ndarray, columns: np.ndarray) -> np.ndarray:
         if columns.size != self.running.size:
             self._retire(np.setdiff1d(self.running, columns, assume_unique=True))
             if columns.size <= COMPACT_SHARE * self.W.shape[1]:
                 # (a fancy-indexed copy comes out Fortran-ordered; the kernels read rows)
-                self.W = np.ascontiguousarray(self.W[:, np.searchsorted(self.samples, columns)])
+                positions = np.searchsorted(self.samples, columns)
+                self.W = np.ascontiguousarray(self.W[:, positions])
                 self.samples = columns
+                self.steps = tuple(
+                    dataclasses.replace(step, bias=step.bias[:, positions]) if _per_sample(step) else step
+                    for step in self.steps
+                )
         self.running = columns
         W, torn = self.W, self.sweep.torn
         if columns.size == self.samples.size:
             W[self.torn_rows] = t
             zero_rows = self._zero_rows(t)
-            for step in self.sweep.steps:
+            for step in self.steps:
                 if zero_rows is not None and isinstance(step, StructuredBlock):
                     step.run(W, zero_rows)
                 else:
@@ -182,7 +191,7 @@ class _Sweeps:
             return W[self.torn_rows].copy()
         positions = np.searchsorted(self.samples, columns)
         W[np.ix_(torn, positions)] = t
-        for step in self.sweep.steps:
+        for step in self.steps:
             self.run_step(step, W)
         return W[np.ix_(torn, positions)]
 
@@ -208,6 +217,28 @@ class _Sweeps:
             self._retire(self.running)
         for samples, states in self.kept:
             _put(self.V, self.sweep.rows, samples, states)
+
+
+def _frozen(step: Any, V: np.ndarray, inside: np.ndarray) -> Any:
+    """A structured block with its terms that read nothing of the component (the inputs, the
+    components solved before) folded into a per-sample bias (rows, batch), computed once per
+    solve instead of once per sweep: a dense implicit layer's B u. Measured (dense nonnegative A,
+    n = 500, ||A||_inf = 0.9, p = 64, 12 sweeps): batch 256 float32 15.0 ms against 17.9, float64
+    28.2 against 32.9; batch 1 float32 0.69 against 0.81 ms."""
+    if not isinstance(step, StructuredBlock):
+        return step
+    constant = [term for term in step.terms if not inside[term.source].any()]
+    if not constant:
+        return step
+    bias = np.repeat(step.bias, V.shape[1], axis=1)
+    for term in constant:
+        bias += term.apply(V[term.source])
+    varying = tuple(term for term in step.terms if all(term is not c for c in constant))
+    return dataclasses.replace(step, bias=bias, terms=varying)
+
+
+def _per_sample(step: Any) -> bool:
+    return isinstance(step, StructuredBlock) and step.bias.shape[1] > 1
 
 
 def _take(W: np.ndarray, rows: slice | np.ndarray, columns: np.ndarray) -> np.ndarray:

@@ -209,7 +209,7 @@ class StructuredBlock:
 
     name: str
     rows: slice  # the block's rows of V
-    bias: np.ndarray  # (rows, 1)
+    bias: np.ndarray  # (rows, 1), or (rows, batch) with terms folded in (``cyclic``)
     terms: tuple[Convolution | Dense, ...]
     remainder: sp.csr_array | None  # (rows, len(remainder_columns))
     remainder_columns: np.ndarray  # rows of V the remainder reads
@@ -229,11 +229,12 @@ class StructuredBlock:
         chunk = batch if batch == 1 else max(1, min(batch, CHUNK_BYTES // per_sample))
         for start in range(0, batch, chunk):
             samples = slice(start, min(batch, start + chunk))
+            bias = self.bias if self.bias.shape[1] == 1 else self.bias[:, samples]  # (or per sample)
             if terms:
                 Z = terms[0].apply(V[terms[0].source, samples])
-                Z += self.bias
+                Z += bias
             else:
-                Z = np.repeat(self.bias, samples.stop - samples.start, axis=1)
+                Z = np.repeat(bias, samples.stop - samples.start, axis=1) if bias.shape[1] == 1 else bias.copy()
             for term in terms[1:]:
                 Z += term.apply(V[term.source, samples])
             if self.remainder is not None:
