@@ -22,7 +22,7 @@ the same equilibrium to the same relative tolerance (``TOL``, float32 unless the
   one open-loop ``predict`` is timed beside it.
 
 - **trained classifier**: an ``ImplicitClassifier`` (200 states, A dense and cyclic, ||A||_inf <=
-  0.95 kept by projection) fitted on scikit-learn's 8 x 8 digits (needs torch), its equilibrium
+  0.95 kept by projection) fitted on scikit-learn's 8 x 8 digits (needs torch and scikit-learn), its equilibrium
   x = relu(A x + B u + b) for held-out digits solved by the same contenders as the dense rows.
 
 Each contender's answer is checked the same way, in float64: for the dense rows the true
@@ -33,6 +33,7 @@ float64 open-loop LeNet-5. It is printed beside the time.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 import warnings
@@ -228,7 +229,7 @@ def run_implicit_benchmark(quick: bool = False, progress: Callable[[str], None] 
                 timed = time_side_by_side(contenders, batch=batch, **timing)
                 residuals = {name: dense_residual(A, B, b, u, x) for name, (_, x) in timed.items()}
                 rows += _rows(case, batch, np.dtype(dtype).name, timed, residuals)
-    if "torch" in peers:
+    if "torch" in peers and importlib.util.find_spec("sklearn") is not None:  # (the estimators need both)
         say("implicit bench: a trained implicit classifier (fitting it)")
         A, B, b, digits = trained_classifier(quick)
         for batch in batches:

@@ -71,7 +71,7 @@ def check_gradients_by_finite_differences(module: ImplicitModule, u: torch.Tenso
 
 
 # --------------------------------------------------------------------------------- gradients
-@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("activation", ["tanh", "relu", "leaky_relu(-0.5)"])
 def test_gradients_match_finite_differences_on_a_dense_contractive_model(rng, activation):
     module = dense_model(rng, activation).to_torch(tol=1e-14)
     u = torch.tensor(rng.normal(size=(4, 3)))

@@ -425,14 +425,17 @@ class ImplicitModule(torch.nn.Module):
         return _Equilibrium.apply(self.A_values, self.B_values, self.bias_x, U, self)
 
     def _slopes(self, X: torch.Tensor, Z: torch.Tensor | None) -> torch.Tensor:
-        """phi'(z) at the equilibrium, read off x = phi(z) (Z is needed only for 'square')."""
+        """phi'(z) at the equilibrium, read off x = phi(z) where it can be (Z otherwise:
+        ``_read_off_output``)."""
         slopes = torch.empty_like(X)
         for start, stop, activation in self.segments:
             rows = slice(start, stop)
-            if activation.name == "square":  # phi'(z) = 2 z
-                slopes[rows] = 2 * Z[rows]
-            else:
+            if _read_off_output(activation):
                 slopes[rows] = _phi_derivative_at_output(activation, X[rows])
+            elif activation.name == "square":  # phi'(z) = 2 z
+                slopes[rows] = 2 * Z[rows]
+            else:  # leaky_relu with alpha <= 0 (relu' = 0, leaky_relu' = 1 at z = 0)
+                slopes[rows] = torch.where(Z[rows] < 0, torch.full_like(X[rows], activation.alpha), 1.0)
         return slopes
 
     def _solve_forward(
@@ -440,7 +443,7 @@ class ImplicitModule(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The equilibrium by block sweeps (``equilibrium``) in W = [c; x], c = B u + b_x;
         returns (X, Z), both (n, batch): Z = A X + c only when a block's activation is
-        'square' (the other derivatives are read off x), else None."""
+        'square' or a leaky_relu with alpha <= 0 (the other derivatives are read off x), else None."""
         constant = self.B_pattern.matmul(B_values, U) + bias_x[:, None]
         n = self.n
         W = np.zeros((2 * n, constant.shape[1]), dtype=_numpy_dtype(self.dtype))
@@ -451,7 +454,7 @@ class ImplicitModule(torch.nn.Module):
         )
         self.last_solve = SolveRecord(*iterations(results))
         X = torch.from_numpy(W[n:]).to(constant.device)
-        if any(activation.name == "square" for _, _, activation in self.segments):
+        if not all(_read_off_output(activation) for _, _, activation in self.segments):
             return X, self.A_pattern.matmul(A_values, X) + constant
         return X, None
 
@@ -536,19 +539,23 @@ class _SparseProduct(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------- helpers
+def _read_off_output(activation: Activation) -> bool:
+    """Whether phi'(z) follows from x = phi(z): not for 'square' (z = +-sqrt(x)), nor for a
+    leaky_relu with alpha <= 0 (x no longer tells z's sign)."""
+    return activation.name != "square" and not (activation.name == "leaky_relu" and activation.alpha <= 0)
+
+
 def _phi_derivative_at_output(activation: Activation, x: torch.Tensor) -> torch.Tensor:
-    """phi'(z) from x = phi(z) for every activation but 'square', with the conventions of
+    """phi'(z) from x = phi(z) (where ``_read_off_output``), with the conventions of
     ``analysis.attack.activation_derivative`` (relu' = 0 and leaky_relu' = 1 at z = 0): x > 0 iff
-    z > 0 (relu), x < 0 iff z < 0 (leaky_relu with alpha > 0; with alpha = 0, x = 0 stands for
-    z <= 0), tanh' = 1 - x^2, sigmoid' = x (1 - x)."""
+    z > 0 (relu), x < 0 iff z < 0 (leaky_relu, alpha > 0), tanh' = 1 - x^2, sigmoid' = x (1 - x)."""
     name = activation.name
     if name == "identity":
         return torch.ones_like(x)
     if name == "relu":
         return (x > 0).to(x.dtype)
     if name == "leaky_relu":
-        below = x < 0 if activation.alpha > 0 else x <= 0
-        return torch.where(below, torch.full_like(x, activation.alpha), torch.ones_like(x))
+        return torch.where(x < 0, torch.full_like(x, activation.alpha), torch.ones_like(x))
     if name == "tanh":
         return 1 - x * x
     if name == "sigmoid":
