@@ -78,11 +78,19 @@ def torn_blocks(order: list[int], reads: Callable[[int], set[int]]) -> list[int]
     return sorted(torn, key=position.__getitem__)
 
 
-def torn_groups(blocks) -> np.ndarray:
-    """Offsets of the torn blocks (anything with ``start`` and ``stop``) in the torn states,
-    which list their rows in ascending order."""
-    sizes = [block.stop - block.start for block in sorted(blocks, key=lambda block: block.start)]
-    return np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+def block_layout(blocks) -> tuple[np.ndarray, np.ndarray]:
+    """The states of some blocks (anything with ``start`` and ``stop``), ascending, and the
+    offsets [0, ..., len] of each block among them (for the torn blocks: ``Sweep.torn_groups``)."""
+    blocks = sorted(blocks, key=lambda block: block.start)
+    rows = np.concatenate([np.arange(block.start, block.stop) for block in blocks]) if blocks else np.zeros(0, int)
+    return rows, np.concatenate(([0], np.cumsum([block.stop - block.start for block in blocks]))).astype(np.int64)
+
+
+def as_slice(rows: np.ndarray) -> slice | np.ndarray:
+    """Ascending rows as a slice when they are contiguous (views, not gathers), else as they are."""
+    if rows.size and rows[-1] - rows[0] == rows.size - 1:
+        return slice(int(rows[0]), int(rows[-1]) + 1)
+    return rows
 
 
 def solve_sweep(
@@ -159,9 +167,7 @@ class _Sweeps:
         self.running = self.samples  # the samples of the last call
         self.kept: list[tuple[np.ndarray, np.ndarray]] = []  # (samples, their component states)
         self.swept = False
-        torn = sweep.torn  # a slice when contiguous: the whole batch's torn states without a gather
-        contiguous = torn.size > 0 and torn[-1] - torn[0] == torn.size - 1
-        self.torn_rows = slice(int(torn[0]), int(torn[-1]) + 1) if contiguous else torn
+        self.torn_rows = as_slice(sweep.torn)  # the whole batch's torn states without a gather
         inside = np.zeros(V.shape[0], dtype=bool)
         inside[sweep.rows] = True
         self.steps = tuple(_frozen(step, V, inside) for step in sweep.steps)

@@ -37,7 +37,7 @@ from ..errors import ShapeError
 from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
-from .cyclic import Sweep, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks, torn_groups
+from .cyclic import Sweep, block_layout, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks
 from .fixed_point import Acceleration, FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
@@ -440,12 +440,10 @@ def _solve_step(
         part = constant if columns.size == constant.shape[1] else constant[:, columns]
         return _activate(step.segments, step.A_self @ x + part)
 
-    watch = None
-    if step.description == WHOLE_MODEL:  # the outputs too: scaled states can hide their errors
+    watch = groups = None
+    if step.description == WHOLE_MODEL:  # block by block, and the outputs too: scaled states can hide errors
         outputs = model.D @ U + model.bias_y[:, None]
         watch = lambda x, columns: model.C @ x + (outputs if columns.size == outputs.shape[1] else outputs[:, columns])
-    groups = None
-    if step.description == WHOLE_MODEL:
         groups = np.array([0, *(block.stop for block in model.blocks)])
     result = iterate(
         g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description, watch=watch, groups=groups
@@ -522,6 +520,7 @@ def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -
     an acyclic block would run, except that a block reading itself runs out of place (as a
     structured BLAS product when it is one, else by scipy)."""
     torn = torn_blocks(list(order), lambda i: set(graph.predecessors(i)))
+    torn_rows, groups = block_layout([model.blocks[i] for i in torn])
     pairs = []
     for index in order:
         block = model.blocks[index]
@@ -540,10 +539,10 @@ def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -
         names=names,
         description=f"the cyclic component [{', '.join(names)}]",
         rows=rows,
-        torn=p + np.sort(np.concatenate([np.arange(model.blocks[i].start, model.blocks[i].stop) for i in torn])),
+        torn=p + torn_rows,
         steps=tuple(steps),
         program=build_program(model, steps, outputs=False) if in_place else None,
-        torn_groups=torn_groups([model.blocks[i] for i in torn]),
+        torn_groups=groups,
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..activations import Activation
-from ..runtime.cyclic import Sweep, solve_sweep, torn_blocks, torn_groups
+from ..runtime.cyclic import Sweep, as_slice, block_layout, solve_sweep, torn_blocks
 from ..runtime.fixed_point import FixedPoint
 from ..runtime.plan import block_dependency_graph, execution_order
 
@@ -78,18 +78,16 @@ def schedules(module: ImplicitModule) -> tuple[tuple[BlockRows, ...], Schedule, 
 
 def _sweep(blocks: tuple[BlockRows, ...], order: list[int], reads: Callable[[int], set[int]], what: str) -> Sweep:
     """A cyclic component as a sweep, rows in state coordinates (``solve_blocks`` shifts them)."""
-    torn = torn_blocks(order, reads)
-    rows = lambda members: np.sort(np.concatenate([np.arange(blocks[i].start, blocks[i].stop) for i in members]))
-    component = rows(order)
-    contiguous = component[-1] - component[0] == component.size - 1
+    torn_rows, groups = block_layout([blocks[i] for i in torn_blocks(order, reads)])
+    component, _ = block_layout([blocks[i] for i in order])
     return Sweep(
         names=tuple(blocks[i].name for i in order),
         description=f"the {what} solve's cyclic component [{', '.join(blocks[i].name for i in order)}]",
-        rows=slice(int(component[0]), int(component[-1]) + 1) if contiguous else component,
-        torn=rows(torn),
+        rows=as_slice(component),
+        torn=torn_rows,
         steps=tuple(order),
         program=None,
-        torn_groups=torn_groups([blocks[i] for i in torn]),
+        torn_groups=groups,
     )
 
 
