@@ -282,10 +282,16 @@ class _SampleState:
         if self.seen is not None:
             self.seen[:, :k] = self.seen[:, keep]
         if self.memory:
-            for ring in (self.ring_f, self.ring_g):
-                kernels.compact(ring[: self.filled], keep)
-            self.ring_f, self.ring_g = self.ring_f[:, :, :k], self.ring_g[:, :, :k]
+            self.ring_f, self.ring_g = (self._packed(ring, keep) for ring in (self.ring_f, self.ring_g))
             self.gram[:k] = self.gram[keep]
+
+    def _packed(self, ring: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """The ring's columns ``keep`` packed in place into a C-ordered (memory, rows, k) ring."""
+        memory, rows, batch = ring.shape
+        flat = ring.view()
+        flat.shape = (ring.size,)  # (raises rather than copies: the rings are always C-ordered)
+        kernels.compact(flat, self.filled, rows, batch, keep)
+        return flat[: memory * rows * keep.size].reshape(memory, rows, keep.size)
 
     def step(self, x: np.ndarray, gx: np.ndarray, regularization: float) -> np.ndarray:
         """The next iterate: Anderson's for the samples it is on for, Picard's for the others.

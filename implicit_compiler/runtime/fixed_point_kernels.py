@@ -187,14 +187,19 @@ def mix(gx, x, ring_g, filled, gamma, step, move):  # pragma: no cover - jitted
 
 
 @_compiled
-def compact(ring, keep):  # pragma: no cover - jitted
-    """ring[:, :, j] = ring[:, :, keep[j]] in place (keep ascending: column j is read before any
-    write reaches it); the caller then views ring[:, :, : len(keep)]. One pass at memory speed,
-    where numpy's fancy-indexed copy of the columns took 1.6 ms for a ring of 5 x 500 x 64."""
-    for s in range(ring.shape[0]):
-        for r in range(ring.shape[1]):
-            for j in range(keep.size):
-                ring[s, r, j] = ring[s, r, keep[j]]
+def compact(flat, slots, rows, batch, keep):  # pragma: no cover - jitted
+    """Pack the columns ``keep`` (ascending) of a C-ordered ring (slots, rows, batch) held in
+    ``flat`` into the front of ``flat`` as a C-ordered (slots, rows, len(keep)) ring, in place:
+    in increasing order every write lands at or before the position it reads, so no value is
+    overwritten before it is read. The packed ring stays contiguous, so the kernels reading it
+    keep their vectorized specialization: an Anderson step on 32 of 64 columns (500 states,
+    memory 5) took 0.14 ms on a strided view of the ring against 0.065 ms packed."""
+    k = keep.size
+    for s in range(slots):
+        for r in range(rows):
+            source, target = (s * rows + r) * batch, (s * rows + r) * k
+            for j in range(k):
+                flat[target + j] = flat[source + keep[j]]
 
 
 @_compiled
