@@ -14,7 +14,7 @@ from conftest import contractive_matrix
 
 import implicit_compiler as ic
 from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
-from implicit_compiler.runtime import cyclic, sample_tiles
+from implicit_compiler.runtime import cyclic, fixed_point, sample_tiles
 from implicit_compiler.runtime.cyclic import Sweep, torn_blocks
 from implicit_compiler.runtime.solve import _execution_steps, _plan
 
@@ -335,3 +335,80 @@ def test_dense_loop_with_samples_stopping_apart_matches_root_finding(rng, monkey
     expected = root_fixed_point(model.A.toarray(), model.B.toarray(), model.bias_x, u, np.tanh)
     solution = model.solve(u)
     np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("batch", [1, 4, 40])
+def test_dense_layer_after_an_encoder_is_iterated_as_one_map(rng, monkeypatch, batch, dtype):
+    """encoder (relu) -> a dense implicit layer reading itself and the encoder (relu) -> output:
+    the encoder's term and the inputs' are folded into a bias once per solve and the layer is
+    iterated as t -> relu(M t + c) (``cyclic._self_loop``); the states match scipy's root
+    finder on the layer's equation with the encoder's states computed directly."""
+    taken = []
+    original = cyclic._self_loop
+    monkeypatch.setattr(cyclic, "_self_loop", lambda sweep, V: taken.append(original(sweep, V)) or taken[-1])
+    p, encoder, layer = 6, 30, 50
+    W_enc, W_in = rng.normal(size=(encoder, p)), rng.normal(size=(layer, p))
+    W_cross, M = rng.normal(size=(layer, encoder)) / encoder, contractive_matrix(rng, layer, 0.9)
+    A = np.block([[np.zeros((encoder, encoder)), np.zeros((encoder, layer))], [W_cross, M]])
+    B = np.vstack([W_enc, W_in])
+    blocks = (
+        StateBlock("encoder", 0, encoder, "relu", (encoder,)),
+        StateBlock("layer", encoder, encoder + layer, "relu", (layer,)),
+    )
+    bias = rng.normal(size=encoder + layer)
+    C = rng.normal(size=(2, encoder + layer))
+    model = ImplicitModel(
+        sp.csr_array(A), sp.csr_array(B), sp.csr_array(C), sp.csr_array((2, p)), bias, np.zeros(2), blocks,
+        (TensorSpec("u", (p,)),), (TensorSpec("y", (2,)),),
+    ).astype(dtype)  # fmt: skip
+    u = rng.normal(size=(batch, p))
+    hidden = np.maximum(u @ W_enc.T + bias[:encoder], 0)
+    constant = hidden @ W_cross.T + u @ W_in.T + bias[encoder:]
+    expected_layer = root_fixed_point(M, np.eye(layer), np.zeros(layer), constant, NUMPY_PHI["relu"])
+    solution = model.solve(u.astype(dtype), tol=1e-10 if dtype == np.float64 else 1e-5)
+    assert taken and all(loop is not None for loop in taken)
+    tolerance = 1e-9 if dtype == np.float64 else 2e-4
+    np.testing.assert_allclose(solution.x[:, :encoder], hidden, rtol=tolerance, atol=tolerance)
+    np.testing.assert_allclose(solution.x[:, encoder:], expected_layer, rtol=tolerance, atol=tolerance)
+    expected_y = np.hstack([hidden, expected_layer]) @ C.T
+    np.testing.assert_allclose(solution.y, expected_y, rtol=tolerance, atol=tolerance * np.abs(expected_y).max())
+
+
+def test_acceleration_pays_from_a_rate_that_grows_with_its_cost():
+    """``accelerate_from``: the floor for a free acceleration, increasing with its cost, never
+    reaching 1 (a slow enough contraction is always accelerated); no cost model without the
+    map's work or without memory."""
+    rates = [fixed_point.accelerate_from(cost) for cost in (0.0, 0.3, 1.0, 3.0, 30.0)]
+    assert rates[0] == fixed_point.ACCELERATE_FROM
+    assert all(a < b for a, b in zip(rates[1:], rates[2:])) and rates[1] > rates[0] and rates[-1] < 1
+    assert fixed_point.acceleration_cost(500, 64, None, 5, np.float64) == 0.0
+    assert fixed_point.acceleration_cost(500, 64, 250_000, 0, np.float64) == 0.0
+    # cheaper relative to a larger map, dearer at one sample (its passes do not vectorize)
+    small, large = (fixed_point.acceleration_cost(200, 256, work, 5, np.float32) for work in (40_000, 4_000_000))
+    assert large < small
+    assert fixed_point.acceleration_cost(500, 1, 250_000, 5, np.float64) > fixed_point.acceleration_cost(
+        500, 64, 250_000, 5, np.float64
+    )
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.99])
+def test_a_cheap_map_is_accelerated_only_when_its_contraction_is_slow(rng, rate):
+    """x = rate S x + c with S row-stochastic (the slowest mode contracts by exactly ``rate``) on
+    512 samples, the map declared as cheap as one pass over its states (map_work = rows): the
+    acceleration costs several steps of it, so a fast contraction takes Picard's steps exactly
+    and a slow one still far fewer; both reach the linear solution."""
+    n, batch = 40, 512
+    S = rng.uniform(size=(n, n))
+    P = rate * S / S.sum(axis=1, keepdims=True)
+    c = rng.normal(size=(n, batch))
+    expected = np.linalg.solve(np.eye(n) - P, c)
+    g = lambda x, columns: P @ x + c[:, columns]
+    assert fixed_point.accelerate_from(round(fixed_point.acceleration_cost(n, batch, n, 5, np.float64), 2)) > 0.5
+    picard = fixed_point.iterate(g, np.zeros((n, batch)), 1e-10, 5000, memory=0)
+    gated = fixed_point.iterate(g, np.zeros((n, batch)), 1e-10, 5000, memory=5, map_work=n)
+    np.testing.assert_allclose(gated.x, expected, rtol=1e-8, atol=1e-8)
+    if rate < 0.5:
+        assert len(gated.history) == len(picard.history)
+    else:
+        assert len(gated.history) < len(picard.history) / 2

@@ -82,7 +82,9 @@ def test_cyclic_relu_picard_and_auto_agree(rng):
     np.testing.assert_allclose(auto.x, picard.x, rtol=1e-9, atol=1e-9)
     x = auto.x
     np.testing.assert_allclose(x, np.maximum(x @ A.T + u @ model.B.toarray().T + model.bias_x, 0), atol=1e-9)
-    assert auto.iterations < picard.iterations, "Anderson should need fewer iterations than Picard"
+    # a cheap map contracting fast: acceleration does not pay (fixed_point.accelerate_from), and
+    # it may only ever save steps
+    assert auto.iterations <= picard.iterations
 
 
 def test_auto_iterates_only_on_the_cyclic_component(rng):

@@ -56,6 +56,7 @@ class Sweep:
         program: the sweep for one sample as one compiled call; None when a step has none.
         torn_groups: offsets [0, ..., len(torn)] of the torn blocks within the torn states: the
             stopping test weighs each block by its own scale (``fixed_point.iterate``'s groups).
+        work: multiply-adds of one sweep per sample (whether acceleration pays, ``fixed_point``).
     """
 
     names: tuple[str, ...]
@@ -65,6 +66,7 @@ class Sweep:
     steps: tuple[Any, ...]
     program: Program | None
     torn_groups: np.ndarray | None = None
+    work: int | None = None
     cyclic: bool = True
 
 
@@ -109,10 +111,47 @@ def solve_sweep(
         result = solve_sweep_in_values(sweep, values, scratch, tol, max_iter, memory)
         V[:, 0] = values[: V.shape[0]]
         return result
+    loop = _self_loop(sweep, V)
+    if loop is not None:
+        g, work = loop
+        result = iterate(g, V[sweep.torn], tol, max_iter, memory=memory, what=sweep.description, map_work=work)
+        V[sweep.rows] = result.x
+        return result
     run = _Sweeps(sweep, V, run_step)
-    result = iterate(run, V[sweep.torn], tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups)
+    result = _iterate_torn(run, V[sweep.torn], sweep, tol, max_iter, memory)
     run.finish()
     return result
+
+
+def _iterate_torn(g, start: np.ndarray, sweep: Sweep, tol: float, max_iter: int, memory) -> FixedPoint:
+    """``iterate`` on the sweep's torn states, each torn block on its own scale."""
+    return iterate(
+        g, start, tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups, map_work=sweep.work
+    )
+
+
+def _self_loop(sweep: Sweep, V: np.ndarray) -> tuple[Callable[[np.ndarray, np.ndarray], np.ndarray], int] | None:
+    """For a component that is one dense block reading only itself besides what is fixed (a dense
+    implicit layer x = phi(M x + N u + b)), the map t -> phi(M t + c) with c = N u + b folded once
+    per solve, and its multiply-adds per sample: no sweep through V, whose copies in and out cost
+    as much as the product of a small layer. None for any other component."""
+    if len(sweep.steps) != 1 or not isinstance(sweep.steps[0], StructuredBlock):
+        return None
+    inside = np.zeros(V.shape[0], dtype=bool)
+    inside[sweep.rows] = True
+    step = _frozen(sweep.steps[0], V, inside)
+    if step.remainder is not None or len(step.terms) != 1 or step.terms[0].source != step.rows:
+        return None
+    weight, bias, activation = step.terms[0].weight, step.bias, step.activation
+    if bias.shape[1] == 1:
+        bias = np.repeat(bias, V.shape[1], axis=1)
+
+    def g(t: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        Z = weight @ t
+        Z += bias if columns.size == bias.shape[1] else bias[:, columns]
+        return activation.apply_inplace(Z)
+
+    return g, weight.size
 
 
 def solve_sweep_in_values(
@@ -128,7 +167,7 @@ def solve_sweep_in_values(
         return values[torn][:, None]
 
     start = np.zeros((torn.size, 1), dtype=values.dtype)
-    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups)
+    return _iterate_torn(g, start, sweep, tol, max_iter, memory)
 
 
 def solve_sweep_on_tiles(
@@ -150,7 +189,7 @@ def solve_sweep_on_tiles(
         return slabs[place]
 
     start = np.zeros((torn.size, samples), dtype=slabs.dtype)
-    return iterate(g, start, tol, max_iter, memory=memory, what=sweep.description, groups=sweep.torn_groups)
+    return _iterate_torn(g, start, sweep, tol, max_iter, memory)
 
 
 class _Sweeps:
@@ -227,20 +266,28 @@ class _Sweeps:
 
 def _frozen(step: Any, V: np.ndarray, inside: np.ndarray) -> Any:
     """A structured block with its terms that read nothing of the component (the inputs, the
-    components solved before) folded into a per-sample bias (rows, batch), computed once per
-    solve instead of once per sweep: a dense implicit layer's B u. Measured (dense nonnegative A,
-    n = 500, ||A||_inf = 0.9, p = 64, 12 sweeps): batch 256 float32 15.0 ms against 17.9, float64
-    28.2 against 32.9; batch 1 float32 0.69 against 0.81 ms."""
+    components solved before), and a sparse remainder reading nothing of it, folded into a
+    per-sample bias (rows, batch), computed once per solve instead of once per sweep: a dense
+    implicit layer's B u. Measured (dense nonnegative A, n = 500, ||A||_inf = 0.9, p = 64, 12
+    sweeps): batch 256 float32 15.0 ms against 17.9, float64 28.2 against 32.9; batch 1 float32
+    0.69 against 0.81 ms."""
     if not isinstance(step, StructuredBlock):
         return step
     constant = [term for term in step.terms if not inside[term.source].any()]
-    if not constant:
+    fixed_remainder = step.remainder is not None and not inside[step.remainder_columns].any()
+    if not constant and not fixed_remainder:
         return step
     bias = np.repeat(step.bias, V.shape[1], axis=1)
     for term in constant:
         bias += term.apply(V[term.source])
+    if fixed_remainder:
+        bias += step.remainder @ V[step.remainder_columns]
     varying = tuple(term for term in step.terms if all(term is not c for c in constant))
-    return dataclasses.replace(step, bias=bias, terms=varying)
+    if not fixed_remainder:
+        return dataclasses.replace(step, bias=bias, terms=varying)
+    return dataclasses.replace(
+        step, bias=bias, terms=varying, remainder=None, remainder_columns=step.remainder_columns[:0]
+    )
 
 
 def _per_sample(step: Any) -> bool:

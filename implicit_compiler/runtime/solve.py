@@ -446,8 +446,9 @@ def _solve_step(
         watch = lambda x, columns: model.C @ x + (outputs if columns.size == outputs.shape[1] else outputs[:, columns])
         groups = np.array([0, *(block.stop for block in model.blocks)])
     result = iterate(
-        g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description, watch=watch, groups=groups
-    )
+        g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description, watch=watch, groups=groups,
+        map_work=step.A_self.nnz,
+    )  # fmt: skip
     X[step.rows] = result.x
     return result
 
@@ -543,6 +544,7 @@ def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -
         steps=tuple(steps),
         program=build_program(model, steps, outputs=False) if in_place else None,
         torn_groups=groups,
+        work=sum(int(M.indptr[b.stop] - M.indptr[b.start]) for b in blocks for M in (model.A, model.B)),
     )
 
 

@@ -27,6 +27,7 @@ Measured (``python scripts/train_regression.py``, 2 cores): see docs/training.md
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,6 +69,8 @@ def schedules(module: ImplicitModule) -> tuple[tuple[BlockRows, ...], Schedule, 
     model = module.to_model()
     graph = block_dependency_graph(model)
     blocks = tuple(BlockRows(b.name, b.start, b.stop, resolve(b.activation)) for b in model.blocks)
+    # the multiply-adds of a block's product per sample: its rows of A (forward), of A^T (adjoint)
+    row_work, column_work = np.diff(model.A.indptr), np.diff(model.A.tocsc().indptr)
     forward, adjoint = [], []
     for component in execution_order(model):
         members = list(component.blocks)
@@ -75,13 +78,16 @@ def schedules(module: ImplicitModule) -> tuple[tuple[BlockRows, ...], Schedule, 
             forward.append(members[0])
             adjoint.append(members[0])
             continue
-        forward.append(_sweep(blocks, members, lambda i: set(graph.predecessors(i)), "equilibrium"))
-        adjoint.append(_sweep(blocks, members[::-1], lambda i: set(graph.successors(i)), "adjoint"))
+        forward.append(_sweep(blocks, members, lambda i: set(graph.predecessors(i)), "equilibrium", row_work))
+        adjoint.append(_sweep(blocks, members[::-1], lambda i: set(graph.successors(i)), "adjoint", column_work))
     return blocks, Schedule(tuple(forward)), Schedule(tuple(adjoint[::-1]))
 
 
-def _sweep(blocks: tuple[BlockRows, ...], order: list[int], reads: Callable[[int], set[int]], what: str) -> Sweep:
-    """A cyclic component as a sweep, rows in state coordinates (``solve_blocks`` shifts them)."""
+def _sweep(
+    blocks: tuple[BlockRows, ...], order: list[int], reads: Callable[[int], set[int]], what: str, work: np.ndarray
+) -> Sweep:
+    """A cyclic component as a sweep, rows in state coordinates (``solve_blocks`` shifts them);
+    ``work``: the multiply-adds of each state's product."""
     torn_rows, groups = block_layout([blocks[i] for i in torn_blocks(order, reads)])
     component, _ = block_layout([blocks[i] for i in order])
     return Sweep(
@@ -92,6 +98,7 @@ def _sweep(blocks: tuple[BlockRows, ...], order: list[int], reads: Callable[[int
         steps=tuple(order),
         program=None,
         torn_groups=groups,
+        work=int(work[component].sum()),
     )
 
 
@@ -114,7 +121,7 @@ def solve_blocks(
             continue
         rows = step.rows
         rows = slice(offset + rows.start, offset + rows.stop) if isinstance(rows, slice) else offset + rows
-        shifted = Sweep(step.names, step.description, rows, offset + step.torn, step.steps, None, step.torn_groups)
+        shifted = dataclasses.replace(step, rows=rows, torn=offset + step.torn)
         results.append(solve_sweep(shifted, W, run_block, tol, max_iter, memory))
     return results
 
