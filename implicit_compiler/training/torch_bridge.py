@@ -47,7 +47,7 @@ from ..activations import activation as resolve_activation
 from ..errors import ConvergenceError, ShapeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
 from ..runtime.fixed_point import check_tolerance
-from .equilibrium import BlockProducts, adjoint_runner, forward_runner, iterations, schedules, solve_blocks
+from .equilibrium import AdjointBlocks, BlockProducts, ForwardBlocks, iterations, schedules, solve_blocks
 from .projection import project_rows_l1, row_l1_norms, structure_mask
 
 MATRIX_NAMES = ("A", "B", "C", "D")
@@ -450,7 +450,7 @@ class ImplicitModule(torch.nn.Module):
         W[:n] = constant.cpu().numpy()
         products = BlockProducts(self.A_pattern, A_values.cpu(), self._blocks, transpose=False)
         results = self._solve_blocks(
-            "equilibrium (forward) solve", self._forward_schedule, W, n, forward_runner(products, n)
+            "equilibrium (forward) solve", self._forward_schedule, W, n, ForwardBlocks(products, n)
         )
         self.last_solve = SolveRecord(*iterations(results))
         X = torch.from_numpy(W[n:]).to(constant.device)
@@ -465,7 +465,7 @@ class ImplicitModule(torch.nn.Module):
         W[:n], W[n : 2 * n] = slopes.cpu().numpy(), grad_X.detach().cpu().numpy()
         products = BlockProducts(self.A_pattern, A_values.cpu(), self._blocks, transpose=True)
         results = self._solve_blocks(
-            "adjoint (backward) solve", self._adjoint_schedule, W, 2 * n, adjoint_runner(products, n)
+            "adjoint (backward) solve", self._adjoint_schedule, W, 2 * n, AdjointBlocks(products, n)
         )
         if self.last_solve is not None:
             count, residual = iterations(results)
