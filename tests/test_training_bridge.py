@@ -89,6 +89,25 @@ def test_gradients_match_finite_differences_on_a_cyclic_sparse_model(monkeypatch
     check_gradients_by_finite_differences(module, u)
 
 
+@pytest.mark.parametrize("kernel", ["gather", "csr"])
+def test_gradients_of_one_sparse_cyclic_block(rng, monkeypatch, kernel):
+    """One block with a sparse A (not a full pattern): its forward and adjoint solves iterate
+    the block as one map (``equilibrium.solve_blocks``) through the sparse products."""
+    if kernel == "csr":
+        monkeypatch.setattr(torch_bridge, "SMALL_PRODUCT", 0)
+    n = 9
+    A = np.where(rng.random((n, n)) < 0.35, rng.normal(size=(n, n)), 0.0)
+    A *= 0.7 / np.abs(A).sum(axis=1).max()
+    model = ImplicitModel.from_matrices(sp.csr_array(A), rng.normal(size=(n, 3)), rng.normal(size=(2, n)),
+                                        rng.normal(size=(2, 3)), activation="tanh", bias_x=rng.normal(size=n))  # fmt: skip
+    module = model.to_torch(tol=1e-14)
+    assert len(model.blocks) == 1 and not module.A_pattern.full
+    u = torch.tensor(rng.normal(size=(3, 3)))
+    np.testing.assert_allclose(module(u).detach().numpy(), model.predict(u.numpy()), atol=1e-12)
+    check_gradients_by_finite_differences(module, u)
+    assert module.last_solve.forward_iterations > 0 and module.last_solve.backward_iterations > 0
+
+
 def test_gradients_through_acyclic_and_cyclic_components_and_a_square_block(rng):
     """block0 (acyclic) -> a cyclic component (block1 <-> block2, with a 'square' block) ->
     block3 (acyclic): forward substitution, sweeps forward and in reverse for the adjoint."""
