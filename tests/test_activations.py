@@ -74,3 +74,20 @@ def test_spec_strings_round_trip():
 def test_bad_specs_raise_graph_error(spec, message):
     with pytest.raises(ic.GraphError, match=message.replace("(", r"\(")):
         activation(spec)
+
+
+@pytest.mark.parametrize("spec", ["relu", "leaky_relu(0.1)", "leaky_relu(-0.5)"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_rectifiers_in_place_match_numpy_on_special_values(spec, dtype, layout):
+    """The compiled in-place relu / leaky_relu (contiguous arrays) and the numpy fallback
+    (strided views) against numpy's formula: NaN stays NaN, +-inf and -0.0 as numpy gives them."""
+    phi = activation(spec)
+    special = np.array([np.nan, -1.5, 2.0, -0.0, 0.0, np.inf, -np.inf, 1e-30, -1e-30])
+    z = np.concatenate([special, np.random.default_rng(0).normal(size=55)]).astype(dtype).reshape(8, 8)
+    view = z if layout == "contiguous" else np.asfortranarray(z)[:, ::2]
+    expected = np.maximum(view, 0) if phi.name == "relu" else np.where(view < 0, dtype(phi.alpha) * view, view)
+    result = phi.apply_inplace(view)
+    assert result is view and result.dtype == dtype
+    np.testing.assert_array_equal(result, expected)
+    assert not np.signbit(result[expected == 0]).any() or phi.name != "relu"
