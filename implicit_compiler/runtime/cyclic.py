@@ -18,7 +18,10 @@ layer) is torn, and computed out of place (as a structured BLAS product when it 
 The sweep runs the component's blocks by the same compiled steps as acyclic blocks (row groups,
 structured BLAS products; one sample: the blocks' program in one call, ``one_sample``). Samples
 that have converged are copied out of the way (``Sweeps``), and once they are at least half of
-the columns swept, the rest is compacted, so they stop costing work.
+the columns swept, the rest is compacted, so they stop costing work. A component that is one
+dense block reading only itself besides fixed terms (a dense implicit layer) is no sweep: it is
+iterated as the map t -> phi(M t + c), c folded once per solve (``_self_loop``: the trained
+200-state digits classifier at batch 256, 2.1 ms against 4.3 by sweeps through V).
 
 Measured (``implicit-compiler bench --implicit``, float32, tol 1e-6, 2 cores): a dense
 nonnegative A, n = 2000, ||A||_inf = 0.9, batch 256: 184 ms in 12 sweeps against 416 ms for a
@@ -147,8 +150,11 @@ def _self_loop(sweep: Sweep, V: np.ndarray) -> tuple[Callable[[np.ndarray, np.nd
         bias = np.repeat(bias, V.shape[1], axis=1)
 
     def g(t: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        part = bias if columns.size == bias.shape[1] else bias[:, columns]
+        if not t.any():  # (the first step, from zero states: no product)
+            return activation.apply_inplace(part.copy())
         Z = weight @ t
-        Z += bias if columns.size == bias.shape[1] else bias[:, columns]
+        Z += part
         return activation.apply_inplace(Z)
 
     return g, weight.size
