@@ -228,15 +228,16 @@ def iterate(
             if any_done:
                 k = columns.size
                 done, finished = state.flags[0, :k], state.finished[:k]
-                out[:, columns[done]] = gx[:, done]
                 worst_error = max(worst_error, float(state.error[:k][done].max()))
+                if k == out.shape[1] and gx.dtype == out.dtype and done.all():  # all at once: g(x) is the answer
+                    return FixedPoint(gx, history, worst_error)
+                kernels.store_columns(out, columns, done, gx)
                 finished |= done
                 keep = np.flatnonzero(~finished)
                 if keep.size == 0:
                     return FixedPoint(out, history, worst_error)
                 if keep.size <= COMPACT_SHARE * k:  # else the stopped samples are swept on, untested
-                    columns, x = columns[keep], np.ascontiguousarray(x[:, keep])
-                    gx = np.ascontiguousarray(gx[:, keep])
+                    columns, x, gx = columns[keep], kernels.take_columns(x, keep), kernels.take_columns(gx, keep)
                     state.keep(keep)
             if any_stuck:
                 k = columns.size
@@ -278,6 +279,7 @@ class _SampleState:
         self.ring_g: np.ndarray | None = None  # g_{i+1} - g_i
         self.gram: np.ndarray | None = None  # <dF_i, dF_j> per sample, slot by slot
         self.filled, self.slot = 0, 0
+        self.views: tuple | None = None  # the per-sample arrays' first k entries, for k running samples
 
     def assess(
         self, x: np.ndarray, gx: np.ndarray, constants: np.ndarray, watch, columns, groups
@@ -288,11 +290,14 @@ class _SampleState:
         watched = self.watched[:k]
         if watch is not None:
             watched[:] = self._watched_error(watch(gx, columns), constants[0])
+        if self.views is None or self.views[0] != k:  # (slicing 13 arrays every step cost 5 us)
+            self.views = (k, self._seen(groups)[:, :k], self.maxima_out[:, :k], self.rates[:, :k])
+            self.views += (self.best[:k], self.since_best[:k], self.accelerating[:k], self.finished[:k])
+            self.views += (self.residual[:k], self.rate[:k], self.error[:k], self.flags[:, :k])
+        _, seen, maxima, rates, best, since_best, accelerating, finished, residual, rate, error, flags = self.views
         worst, finite, any_done, any_stuck = kernels.assess(
-            x, gx, px, pg, groups, self._seen(groups)[:, :k], self.maxima_out[:, :k], self.previous is not None,
-            self.rates[:, :k], self.rate_slot, self.rate_filled, self.best[:k], self.since_best[:k],
-            self.accelerating[:k], constants, watched, self.finished[:k], self.residual[:k], self.rate[:k],
-            self.error[:k], self.flags[:, :k],
+            x, gx, px, pg, groups, seen, maxima, self.previous is not None, rates, self.rate_slot, self.rate_filled,
+            best, since_best, accelerating, constants, watched, finished, residual, rate, error, flags,
         )  # fmt: skip
         if self.previous is not None:
             self.rate_slot = (self.rate_slot + 1) % RATE_WINDOW
@@ -330,7 +335,7 @@ class _SampleState:
         """Keep the samples at positions ``keep`` of the running ones (ascending), in front."""
         k = keep.size
         if self.previous is not None:
-            self.previous = tuple(np.ascontiguousarray(a[:, keep]) for a in self.previous)
+            self.previous = tuple(kernels.take_columns(a, keep) for a in self.previous)
         for vector in (self.best, self.since_best, self.accelerating, self.residual, self.rate, self.error):
             vector[:k] = vector[keep]
         self.finished[:k] = False

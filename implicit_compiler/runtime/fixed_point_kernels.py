@@ -203,6 +203,27 @@ def compact(flat, slots, rows, batch, keep):  # pragma: no cover - jitted
 
 
 @_compiled
+def store_columns(out, columns, done, gx):  # pragma: no cover - jitted
+    """out[:, columns[j]] = gx[:, j] for the samples j ``done``, row by row (numpy's masked
+    column copy of 200 x 256 float32 values took 87 us)."""
+    for i in range(gx.shape[0]):
+        for j in range(gx.shape[1]):
+            if done[j]:
+                out[i, columns[j]] = gx[i, j]
+
+
+@_compiled
+def take_columns(a, keep):  # pragma: no cover - jitted
+    """a[:, keep] as a new C-ordered array, row by row (numpy's fancy-indexed copy comes out
+    Fortran-ordered and needs a second copy: 30 us for 200 x 256 float32 values)."""
+    out = np.empty((a.shape[0], keep.size), dtype=a.dtype)
+    for i in range(a.shape[0]):
+        for j in range(keep.size):
+            out[i, j] = a[i, keep[j]]
+    return out
+
+
+@_compiled
 def assess(
     x, gx, px, pg, groups, seen, out, has_previous, rates, slot, filled, best, since_best, accelerating, constants,
     watched, finished, residual, rate, error, flags,

@@ -196,7 +196,7 @@ def _solve_flat(
         if result is not None:
             histories.append((step.names, tuple(result.history)))
             error = max(error, result.error)
-    if V.shape[1] > 1 and kernels.available():
+    if kernels.available():  # (one sample too: 3 us against scipy's 7 for the classifier's 10 outputs)
         Y = np.empty((model.q, V.shape[1]), dtype=model.dtype)
         C, D = model.C, model.D
         kernels.output_into(C.indptr, C.indices, C.data, D.indptr, D.indices, D.data, model.bias_y, V, model.p, Y)
