@@ -412,3 +412,32 @@ def test_a_cheap_map_is_accelerated_only_when_its_contraction_is_slow(rng, rate)
         assert len(gated.history) == len(picard.history)
     else:
         assert len(gated.history) < len(picard.history) / 2
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_dense_layer_reading_no_input_is_iterated_as_one_map(rng, monkeypatch, batch):
+    """A dense layer that reads only itself (its rows of B are zero: nothing to fold, the bias is
+    the block's own) next to a block that reads the inputs and the layer: the layer is the map
+    t -> tanh(M t + b), its states the root of that equation whatever the inputs."""
+    taken = []
+    original = cyclic._self_loop
+    monkeypatch.setattr(cyclic, "_self_loop", lambda sweep, V: taken.append(original(sweep, V)) or taken[-1])
+    layer, head, p = 60, 3, 4  # (60 x 60: above structured.MIN_STRUCTURED_NONZEROS, a dense term)
+    M = contractive_matrix(rng, layer, 0.9)
+    A = np.zeros((layer + head, layer + head))
+    A[:layer, :layer] = M
+    A[layer:, :layer] = rng.normal(size=(head, layer))
+    B = np.vstack([np.zeros((layer, p)), rng.normal(size=(head, p))])
+    bias = rng.normal(size=layer + head)
+    blocks = (StateBlock("layer", 0, layer, "tanh", (layer,)), StateBlock("head", layer, layer + head, "relu", (head,)))
+    model = ImplicitModel(
+        sp.csr_array(A), sp.csr_array(B), sp.csr_array(np.eye(layer + head)), sp.csr_array((layer + head, p)),
+        bias, np.zeros(layer + head), blocks, (TensorSpec("u", (p,)),), (TensorSpec("y", (layer + head,)),),
+    )  # fmt: skip
+    u = rng.normal(size=(batch, p))
+    expected = root_fixed_point(M, np.zeros((layer, p)), bias[:layer], u, np.tanh)
+    solution = model.solve(u)
+    assert taken and all(loop is not None for loop in taken)
+    np.testing.assert_allclose(solution.x[:, :layer], expected, rtol=1e-9, atol=1e-9)
+    head_states = np.maximum(expected @ A[layer:, :layer].T + u @ B[layer:].T + bias[layer:], 0)
+    np.testing.assert_allclose(solution.x[:, layer:], head_states, rtol=1e-9, atol=1e-9)
