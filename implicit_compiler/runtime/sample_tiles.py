@@ -22,6 +22,9 @@ The weights are the compact kernels ``structured`` found (LeNet-5: 2,550 + 58,92
 the rows of A (433,856 entries with their indices), so reading them again per tile is cheap.
 A tile is loaded with ``kernels.transpose_into``, which also checks it for NaN and inf. Only y
 comes out: ``predict`` takes this path, ``solve`` (which returns x) does not.
+
+What keeps it (float32 predict, 2 cores, AMD EPYC, 2026-12-07, medians of two rounds): at batch
+256 LeNet-5 0.77 ms by tiles against 0.97 by row groups, ResNet20 64-75 ms against 102-124.
 """
 
 from __future__ import annotations

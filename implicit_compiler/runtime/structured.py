@@ -22,6 +22,11 @@ With the state held as (values, batch) rows, the source tensor is (C, H, W, batc
 is one GEMM whose result is already in the block's (Co, Ho, Wo, batch) row order. A sub-matrix
 that is at least half full runs as a dense GEMM. Whatever is left (residual identities,
 pooling trees, shortcuts) stays a sparse product.
+
+What keeps it (float32 predict, 2 cores, AMD EPYC, 2026-12-07): up to ``solve.STRUCTURED_BATCH_LIMIT``
+samples, ResNet20 at batch 2 / 4 / 6 took 3.3 / 4.5 / 6.0 ms against 6.4 / 6.4 / 6.7 by row
+groups; LeNet-5 0.19 / 0.22 / 0.25 ms against 0.15 ms or, when the row groups' threads had to
+wake, 1.2-1.7 ms (a steady time beats a bimodal one).
 """
 
 from __future__ import annotations
