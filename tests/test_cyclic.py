@@ -93,6 +93,14 @@ def lenet_loop(dtype=np.float64) -> ImplicitModel:
     return ic.feedback(lenet, 2e-4 * pattern).astype(dtype)
 
 
+def record_self_loops(monkeypatch) -> list:
+    """The results of ``cyclic._self_loop`` in the solves that follow (None: not a dense layer)."""
+    taken = []
+    original = cyclic._self_loop
+    monkeypatch.setattr(cyclic, "_self_loop", lambda sweep, V: taken.append(original(sweep, V)) or taken[-1])
+    return taken
+
+
 def test_torn_blocks_are_the_sources_of_back_edges():
     edges = {0: {2}, 1: {0}, 2: {1}}  # a ring: block 0 reads block 2
     assert torn_blocks([0, 1, 2], edges.__getitem__) == [2]
@@ -344,9 +352,7 @@ def test_dense_layer_after_an_encoder_is_iterated_as_one_map(rng, monkeypatch, b
     the encoder's term and the inputs' are folded into a bias once per solve and the layer is
     iterated as t -> relu(M t + c) (``cyclic._self_loop``); the states match scipy's root
     finder on the layer's equation with the encoder's states computed directly."""
-    taken = []
-    original = cyclic._self_loop
-    monkeypatch.setattr(cyclic, "_self_loop", lambda sweep, V: taken.append(original(sweep, V)) or taken[-1])
+    taken = record_self_loops(monkeypatch)
     p, encoder, layer = 6, 30, 50
     W_enc, W_in = rng.normal(size=(encoder, p)), rng.normal(size=(layer, p))
     W_cross, M = rng.normal(size=(layer, encoder)) / encoder, contractive_matrix(rng, layer, 0.9)
@@ -419,9 +425,7 @@ def test_dense_layer_reading_no_input_is_iterated_as_one_map(rng, monkeypatch, b
     """A dense layer that reads only itself (its rows of B are zero: nothing to fold, the bias is
     the block's own) next to a block that reads the inputs and the layer: the layer is the map
     t -> tanh(M t + b), its states the root of that equation whatever the inputs."""
-    taken = []
-    original = cyclic._self_loop
-    monkeypatch.setattr(cyclic, "_self_loop", lambda sweep, V: taken.append(original(sweep, V)) or taken[-1])
+    taken = record_self_loops(monkeypatch)
     layer, head, p = 60, 3, 4  # (60 x 60: above structured.MIN_STRUCTURED_NONZEROS, a dense term)
     M = contractive_matrix(rng, layer, 0.9)
     A = np.zeros((layer + head, layer + head))

@@ -150,10 +150,14 @@ def _self_loop(sweep: Sweep, V: np.ndarray) -> tuple[Callable[[np.ndarray, np.nd
     if bias.shape[1] != V.shape[1]:  # (nothing folded: the block's own bias, one column)
         bias = np.repeat(bias, V.shape[1], axis=1)
 
+    first = [True]  # (iterate starts from V's zeroed states: the first step needs no product)
+
     def g(t: np.ndarray, columns: np.ndarray) -> np.ndarray:
         part = bias if columns.size == bias.shape[1] else bias[:, columns]
-        if not t.any():  # (the first step, from zero states: no product)
-            return activation.apply_inplace(part.copy())
+        if first[0]:
+            first[0] = False
+            if not t.any():
+                return activation.apply_inplace(part.copy())
         Z = weight @ t
         Z += part
         return activation.apply_inplace(Z)
