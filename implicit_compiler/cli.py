@@ -12,8 +12,10 @@
     implicit-compiler bench                                throughput vs onnxruntime and torch
 
 A model argument is a saved model (.npz) or an ONNX file (compiled on the fly). Exit codes: 0
-success, 1 a check did not pass (verify failed, well-posedness not shown), 2 bad input (a
-one-line message on stderr). Nothing is overwritten unless --overwrite is given.
+success, 1 a check did not pass (verify failed, well-posedness not shown), 2 bad input or a
+usage error (a one-line message on stderr). Nothing is overwritten unless --overwrite is given:
+the check is on the file actually written (``run -o y`` writes y.npy, as numpy names it) and a
+symbolic link counts as an existing file.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -82,9 +85,30 @@ def _load_model(path: str, args: argparse.Namespace) -> ImplicitModel:
     return load(path)
 
 
-def _check_writable(path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
+def _check_writable(path: Path, overwrite: bool, folder_needed: bool = True) -> None:
+    """Refuse, before the slow work, a file that exists (a dangling symbolic link counts) unless
+    --overwrite, a folder, and (when the writer does not create it) a missing folder."""
+    from .serialization import writable_target
+
+    if os.path.lexists(path) and not overwrite:
         raise OverwriteError(f"{path} exists; pass --overwrite to replace it")
+    if folder_needed:
+        writable_target(path, overwrite=True)
+
+
+def _numpy_path(path: str | Path, suffix: str) -> Path:
+    """The file numpy writes for ``path``: np.save adds .npy, np.savez .npz, when it is missing."""
+    path = os.fspath(path)
+    return Path(path if path.endswith(suffix) else path + suffix)
+
+
+def _save_arrays(path: Path, arrays: np.ndarray | dict[str, np.ndarray], overwrite: bool) -> Path:
+    """Write one array (.npy) or several (.npz) to exactly ``path``, checked like a model file."""
+    from .serialization import write_file
+
+    if isinstance(arrays, dict):
+        return write_file(path, lambda stream: np.savez(stream, **arrays), overwrite)
+    return write_file(path, lambda stream: np.save(stream, arrays), overwrite)
 
 
 # --------------------------------------------------------------------------------- commands
@@ -156,10 +180,10 @@ def command_spy(args: argparse.Namespace) -> int:
     from . import viz
 
     output = Path(args.output)
-    _check_writable(output, args.overwrite)
+    _check_writable(output, args.overwrite, folder_needed=False)  # viz creates folders
     model = _load_model(args.model, args)
     start = time.perf_counter()
-    viz.spy(model, output, whole=args.whole, order=args.order, resolution=args.resolution)
+    viz.spy(model, output, whole=args.whole, order=args.order, resolution=args.resolution, overwrite=args.overwrite)
     print(f"wrote {output} ({time.perf_counter() - start:.2f} s)")
     return EXIT_OK
 
@@ -183,9 +207,11 @@ def command_sensitivity(args: argparse.Namespace) -> int:
     from . import viz
     from .analysis import sensitivity
 
-    outputs = [Path(p) for p in (args.output, args.save_matrix) if p]
-    for path in outputs:
-        _check_writable(path, args.overwrite)
+    matrix_path = _numpy_path(args.save_matrix, ".npy") if args.save_matrix else None
+    if matrix_path:
+        _check_writable(matrix_path, args.overwrite)
+    if args.output:
+        _check_writable(Path(args.output), args.overwrite, folder_needed=False)  # viz creates folders
     model = _load_model(args.model, args)
     start = time.perf_counter()
     report = sensitivity(model)
@@ -196,11 +222,11 @@ def command_sensitivity(args: argparse.Namespace) -> int:
             f"  largest entry {report.matrix.max():.4g}; per output: "
             + ", ".join(f"{v:.3g}" for v in report.matrix.max(axis=1)[:10])
         )
-    if args.save_matrix:
-        np.save(args.save_matrix, report.matrix)
-        print(f"wrote {args.save_matrix}")
+    if matrix_path:
+        _save_arrays(matrix_path, report.matrix, args.overwrite)
+        print(f"wrote {matrix_path}")
     if args.output:
-        viz.sensitivity_image(report, args.output, model=model)
+        viz.sensitivity_image(report, args.output, model=model, overwrite=args.overwrite)
         print(f"wrote {args.output}")
     return EXIT_OK if report.valid else EXIT_CHECK_FAILED
 
@@ -237,19 +263,18 @@ def _read_gain(gain: str | None):
 
 def command_run(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args)
+    output = None
+    if args.output:  # checked before predicting; one output is saved as .npy, several as .npz
+        output = _numpy_path(args.output, ".npz" if len(model.outputs) > 1 else ".npy")
+        _check_writable(output, args.overwrite)
     u = np.load(args.input, allow_pickle=False)
     if isinstance(u, np.lib.npyio.NpzFile):
         u = {name: u[name] for name in u.files}
     start = time.perf_counter()
     y = model.predict(u, method=args.method)
     seconds = time.perf_counter() - start
-    if args.output:
-        output = Path(args.output)
-        _check_writable(output, args.overwrite)
-        if isinstance(y, dict):
-            np.savez(output, **y)
-        else:
-            np.save(output, y)
+    if output:
+        _save_arrays(output, y, args.overwrite)
         print(f"wrote {output} in {seconds:.2f} s")
     else:
         np.set_printoptions(precision=5, suppress=True, threshold=200)
@@ -304,8 +329,16 @@ def _command_bench_implicit(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr, exit 2 (argparse prints the usage
+    first, several lines for most commands); the subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="implicit-compiler",
         description="Compile neural networks into implicit models x = phi(Ax + Bu + b), y = Cx + Du + c.",
         epilog="Exit codes: 0 success, 1 a check did not pass, 2 bad input.",
@@ -397,7 +430,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, a usage error: the code, also for main(argv)
+        return EXIT_OK if stop.code is None else stop.code if isinstance(stop.code, int) else EXIT_BAD_INPUT
     try:
         return args.function(args)
     except BrokenPipeError:  # e.g. `implicit-compiler info m.npz | head`: stop quietly

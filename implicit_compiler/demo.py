@@ -116,9 +116,11 @@ def zoo_section(samples: int, figures: Path | None) -> bool:
         if figures is not None:
             start = time.perf_counter()
             stem = name.removesuffix(".onnx")
-            viz.spy(model, figures / f"{stem}_spy.png", title=f"{stem}: A in the paper's order")
+            # The figures folder is the demo's own output (default out/demo): redrawn on every run.
+            viz.spy(model, figures / f"{stem}_spy.png", title=f"{stem}: A in the paper's order", overwrite=True)
             if model.n < 50_000:
-                viz.spy(model, figures / f"{stem}_spy_whole.png", whole=True, title=f"{stem}: [[A, B], [C, D]]")
+                title = f"{stem}: [[A, B], [C, D]]"
+                viz.spy(model, figures / f"{stem}_spy_whole.png", whole=True, title=title, overwrite=True)
             print(f"{'':<20} spy plot(s) in {figures}/ ({time.perf_counter() - start:.2f} s)")
     passed &= held_out_accuracy(compiled)
     print()
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=10, help="verification samples per zoo model (default 10)")
     parser.add_argument("--skip-zoo", action="store_true", help="only run the hand-made models")
     parser.add_argument(
-        "--figures", type=Path, default=Path("out/demo"), help="folder for the spy plots (default out/demo)"
+        "--figures", type=Path, default=Path("out/demo"), help="folder for the spy plots (default out/demo; redrawn)"
     )
     parser.add_argument("--no-figures", action="store_true", help="do not draw the spy plots")
     args = parser.parse_args(argv)

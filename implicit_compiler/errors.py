@@ -70,3 +70,11 @@ class ToleranceError(ImplicitCompilerError, ValueError):
 
 class AnalysisError(ImplicitCompilerError, ValueError):
     """An analysis does not apply to the model (or input) it was given, or its result is not valid."""
+
+
+class PathNotFoundError(ImplicitCompilerError, FileNotFoundError):
+    """A file to read, or the folder to write a file into, does not exist."""
+
+
+class PathIsDirectoryError(ImplicitCompilerError, IsADirectoryError):
+    """A path names a folder where a file was expected."""

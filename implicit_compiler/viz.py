@@ -1,7 +1,9 @@
 """Pictures of implicit models: sparsity patterns, sensitivity maps, residual curves (PNG files).
 
 Each function writes one PNG and returns its path; figures are rendered off screen with
-matplotlib's Agg canvas (no display, no pyplot state) at ``DPI`` = 150.
+matplotlib's Agg canvas (no display, no pyplot state) at ``DPI`` = 150. An existing file is only
+replaced when asked with ``overwrite=True`` (like ``ImplicitModel.save``); otherwise
+``OverwriteError`` names it.
 
 - ``spy``: the sparsity pattern of A, or with ``whole=True`` of [[A, B], [C, D]], with the state
   blocks marked by thin lines and named on the axes (rows: the block computed, columns: the
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +101,7 @@ def spy(
     resolution: int = 1000,
     labels: bool = True,
     title: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Draw the sparsity pattern of A (or of [[A, B], [C, D]]) with its blocks marked.
 
@@ -112,7 +115,8 @@ def spy(
             drawn exactly, a bigger one as a density image.
         labels: name the blocks on the axes (a legible subset when they are too many).
         title: the figure title; by default the matrix, its size, non-zeros and order.
-        overwrite: replace an existing file (otherwise raise ``OverwriteError``).
+        overwrite: replace an existing file; by default an existing file (or symbolic link) is
+            left as it is and ``OverwriteError`` raised.
 
     Returns:
         The path written, 1200 x 1200 pixels.
@@ -380,7 +384,7 @@ def sensitivity_image(
     columns: int = 5,
     title: str | None = None,
     model: ImplicitModel | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Draw each output's row of a sensitivity matrix as an image of the input.
 
@@ -396,7 +400,8 @@ def sensitivity_image(
         columns: panels per row.
         title: the figure title.
         model: the model S belongs to, for its input shape.
-        overwrite: replace an existing file (otherwise raise ``OverwriteError``).
+        overwrite: replace an existing file; by default an existing file (or symbolic link) is
+            left as it is and ``OverwriteError`` raised.
 
     Returns:
         The path written: 1200 pixels wide, SENSITIVITY_TITLE_PX + rows * (1200 // columns)
@@ -478,7 +483,7 @@ def residual_plot(
     labels: Sequence[str] | None = None,
     tolerance: float | None = None,
     title: str | None = None,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> Path:
     """Draw fixed-point residuals against iteration on a log scale.
 
@@ -491,7 +496,8 @@ def residual_plot(
         labels: curve names replacing the default ones, one per curve.
         tolerance: draw this tolerance as a dashed line.
         title: the figure title.
-        overwrite: replace an existing file (otherwise raise ``OverwriteError``).
+        overwrite: replace an existing file; by default an existing file (or symbolic link) is
+            left as it is and ``OverwriteError`` raised.
 
     Returns:
         The path written, 1200 x 750 pixels.
@@ -562,8 +568,9 @@ def _figure(size_px: tuple[int, int]) -> Figure:
 
 
 def _check_target(path: str | Path, overwrite: bool) -> Path:
+    """Refuse an existing path before drawing; a dangling symbolic link counts as existing."""
     path = Path(path)
-    if not overwrite and path.exists():
+    if not overwrite and os.path.lexists(path):
         raise OverwriteError(f"expected a new file, but {path} exists; pass overwrite=True to replace it")
     return path
 
