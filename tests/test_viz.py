@@ -339,7 +339,10 @@ def test_overwrite_false_refuses_an_existing_file_and_leaves_it(tmp_path, plot):
         plot(path, overwrite=False)
     assert path.read_bytes() == b"keep me"
     assert plot(tmp_path / "sub" / "new.png", overwrite=False).exists()  # a new file is fine
-    plot(path)  # the default replaces
+    with pytest.raises(OverwriteError, match="pass overwrite=True"):
+        plot(path)  # the default refuses too
+    assert path.read_bytes() == b"keep me"
+    plot(path, overwrite=True)
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
