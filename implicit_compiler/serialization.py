@@ -60,7 +60,8 @@ def write_file(path: str | os.PathLike, write: Callable[[IO[bytes]], None], over
     """Write a file through ``write(stream)`` without ever leaving half of it, or losing one.
 
     The bytes go to a temporary file in the destination folder, renamed into place once
-    complete. Permissions are those ``open(path, "w")`` gives: 0666 less the umask for a new file
+    complete (without ``overwrite``, linked into place, so that a file that appeared meanwhile is
+    kept). Permissions are those ``open(path, "w")`` gives: 0666 less the umask for a new file
     (the kernel applies it), the old mode for a replaced one. Returns the file written: ``path``,
     or where ``path`` links to.
 
@@ -78,11 +79,29 @@ def write_file(path: str | os.PathLike, write: Callable[[IO[bytes]], None], over
             write(stream)
         if old_mode is not None:
             os.chmod(temporary, old_mode)
-        os.replace(temporary, target)
+        if overwrite:
+            os.replace(temporary, target)
+        else:
+            _move_to_new(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
     return target
+
+
+def _move_to_new(temporary: Path, target: Path) -> None:
+    """Rename ``temporary`` to ``target`` unless that exists now: os.link refuses an existing
+    name, where os.replace would drop a file created since the check."""
+    try:
+        os.link(temporary, target)
+    except FileExistsError:
+        raise OverwriteError(
+            f"{target} already exists (it appeared while writing); pass overwrite=True to replace it"
+        ) from None
+    except OSError:  # a file system without hard links: the check before writing is all there is
+        os.replace(temporary, target)
+        return
+    temporary.unlink()
 
 
 def writable_target(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -21,6 +21,7 @@ import pytest
 import implicit_compiler as ic
 from implicit_compiler import TensorSpec, viz
 from implicit_compiler.cli import main
+from implicit_compiler.serialization import write_file
 
 PRECIOUS = b"precious user data"
 
@@ -97,7 +98,7 @@ def test_cli_outputs_treat_a_dangling_link_as_existing(model_file, inputs_file, 
 
 @pytest.mark.parametrize("command", ["spy", "sensitivity"])
 def test_cli_plots_are_not_replaced_without_overwrite(model_file, tmp_path, capsys, command):
-    """The CLI checks first, and passes --overwrite on: a file appearing during the work stays."""
+    """The CLI checks before the work, and passes --overwrite on to the plot."""
     picture = tmp_path / "picture.png"
     picture.write_bytes(PRECIOUS)
     assert main([command, str(model_file), "-o", str(picture)]) == 2
@@ -165,6 +166,19 @@ def test_save_with_overwrite_keeps_the_mode_of_the_file_it_replaces(mlp, tmp_pat
     mlp.implicit().save(path, overwrite=True)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert ic.load(path).n == mlp.implicit().n
+
+
+def test_write_keeps_a_file_that_appeared_while_writing(tmp_path):
+    path = tmp_path / "late.npz"
+
+    def write(stream):
+        path.write_bytes(PRECIOUS)  # someone else creates the file after the check
+        stream.write(b"ours")
+
+    with pytest.raises(ic.OverwriteError, match="appeared while writing"):
+        write_file(path, write)
+    assert path.read_bytes() == PRECIOUS
+    assert [p.name for p in tmp_path.iterdir()] == ["late.npz"], "no temporary file left"
 
 
 def test_save_into_a_missing_folder_names_the_folder(mlp, tmp_path):
