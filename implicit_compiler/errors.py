@@ -70,3 +70,11 @@ class ToleranceError(ImplicitCompilerError, ValueError):
 
 class AnalysisError(ImplicitCompilerError, ValueError):
     """An analysis does not apply to the model (or input) it was given, or its result is not valid."""
+
+
+class ArgumentTypeError(ImplicitCompilerError, TypeError):
+    """An argument is not of a type the function takes (a string for a number, a number for a model)."""
+
+
+class ArgumentValueError(ImplicitCompilerError, ValueError):
+    """An argument has the right type but a value the function cannot take (max_iter=0, samples=-1)."""

@@ -302,20 +302,31 @@ def _as_shape(shape: Any, what: str) -> tuple[int, ...]:
 
 
 def _as_csr(matrix: Any, name: str) -> sp.csr_array:
-    """A CSR array from any sparse matrix or 2-D array-like of real numbers."""
+    """A CSR array from any sparse matrix or 2-D array-like of real numbers.
+
+    Always a copy: the caller's matrix is neither changed (summing its duplicates in place) nor
+    shared (their later edits would change ``model.A`` but not the compiled programs). float16
+    becomes float32, exactly (scipy.sparse has no float16)."""
     if sp.issparse(matrix):
-        csr = matrix if isinstance(matrix, sp.csr_array) else sp.csr_array(matrix)
+        _check_real(matrix.dtype, f"matrix {name}")
+        csr = sp.csr_array(matrix, copy=True)
     else:
         dense = np.asarray(matrix)
         if dense.ndim != 2:
             raise ShapeError(f"matrix {name}: expected 2 dimensions, got shape {dense.shape}")
-        if not np.issubdtype(dense.dtype, np.number) or np.iscomplexobj(dense):
-            raise ShapeError(f"matrix {name}: expected real numbers, got dtype {dense.dtype}")
-        csr = sp.csr_array(dense)
+        _check_real(dense.dtype, f"matrix {name}")
+        csr = sp.csr_array(dense.astype(np.float32) if dense.dtype == np.float16 else dense)
     if csr.ndim != 2:
         raise ShapeError(f"matrix {name}: expected 2 dimensions, got shape {csr.shape}")
     csr.sum_duplicates()
     return _with_int32_indices(csr)
+
+
+def _check_real(dtype: np.dtype, what: str) -> None:
+    """Refuse complex (and non-numeric) weights: casting would drop the imaginary part with
+    only numpy's ComplexWarning, and the model would silently compute something else."""
+    if dtype.kind != "b" and (not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating)):
+        raise ShapeError(f"{what}: expected real numbers, got dtype {dtype}; take the real part first if that is meant")
 
 
 def _with_int32_indices(csr: sp.csr_array) -> sp.csr_array:
@@ -349,6 +360,7 @@ def _as_bias(bias: Any, size: int, dtype: np.dtype, name: str) -> np.ndarray:
     if bias is None:
         return np.zeros(size, dtype=dtype)
     vector = np.asarray(bias)
+    _check_real(vector.dtype, name)
     if vector.shape not in ((size,), (size, 1), (1, size)):
         raise ShapeError(f"{name}: expected a vector of length {size}, got shape {vector.shape}")
     vector = vector.reshape(size).astype(dtype, copy=False)
