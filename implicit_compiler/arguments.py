@@ -13,12 +13,15 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 from .errors import ArgumentTypeError, ArgumentValueError
 
 
 def integer(value: Any, name: str, minimum: int) -> int:
     """``value`` as an int >= minimum. Integers only (numpy's too): a float such as 1.5 or 10.0
     is refused rather than rounded, and so is a bool."""
+    value = _unwrapped(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(f"{name}: expected an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
@@ -30,6 +33,7 @@ def real(value: Any, name: str, expected: str = "a finite number", finite: bool 
     """``value`` as a float, finite unless ``finite`` is False (the caller checks the range).
     Real numbers only (numpy's too): a string such as "0.9" is refused, not parsed
     (``expected`` says what the argument means, for the message)."""
+    value = _unwrapped(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ArgumentTypeError(f"{name}: expected {expected}, got {value!r} ({type(value).__name__})")
     number = float(value)
@@ -38,11 +42,23 @@ def real(value: Any, name: str, expected: str = "a finite number", finite: bool 
     return number
 
 
-def numeric_array(value: Any, name: str) -> Any:
-    """Refuse strings, None and other non-numeric values before numpy parses them ("1.5" would
-    become 1.5, "abc" a bare ValueError); numbers, arrays and nested sequences pass as given."""
+def _unwrapped(value: Any) -> Any:
+    """A 0-d numpy array as its scalar (np.array(0.5) is a number to the user)."""
+    return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value
+
+
+def real_values(value: Any, name: str) -> Any:
+    """``value`` as given when it is a real number or an array (or nested sequence) of them.
+    Strings, None and arrays of strings, objects or complex numbers are refused before numpy
+    parses them ("1.5" would silently become 1.5, "abc" a bare ValueError naming nothing)."""
     if value is None or isinstance(value, (str, bytes)):
-        raise ArgumentTypeError(f"{name}: expected a number or an array of numbers, got {value!r}")
+        raise ArgumentTypeError(f"{name}: expected a number or an array of real numbers, got {value!r}")
+    try:
+        dtype = np.asarray(value).dtype
+    except (TypeError, ValueError):  # ragged nesting
+        dtype = np.dtype(object)
+    if dtype.kind not in "biuf":
+        raise ArgumentTypeError(f"{name}: expected a number or an array of real numbers, got {value!r} (dtype {dtype})")
     return value
 
 
