@@ -73,7 +73,7 @@ class AnalysisError(ImplicitCompilerError, ValueError):
 
 
 class ArgumentTypeError(ImplicitCompilerError, TypeError):
-    """An argument is not of a type the function takes (a string for a number, a number for a model)."""
+    """An argument is of a type (or names a dtype) the function does not take."""
 
 
 class ArgumentValueError(ImplicitCompilerError, ValueError):

@@ -215,7 +215,10 @@ class ImplicitModel:
         if dtype == self.dtype:
             return self
         if dtype not in FLOAT_DTYPES:
-            raise ShapeError(f"expected dtype float32 or float64, got {dtype}")
+            raise ShapeError(
+                f"expected dtype float32 or float64, got {dtype}: implicit models compute in float32 or float64 "
+                "only (float16 weights and inputs are widened to float32, exactly)"
+            )
         if dtype not in self._cache:
             self._cache[dtype] = ImplicitModel(
                 *(getattr(self, name).astype(dtype) for name in "ABCD"),

@@ -165,6 +165,14 @@ def _check_options(method: Any, tol: Any, max_iter: Any, anderson_memory: Any, a
     Acceleration(acceleration, arguments.integer(anderson_memory, "anderson_memory", 0))
 
 
+def _tolerance(tol: float | None, dtype: np.dtype) -> float:
+    """The solver tolerance for ``dtype`` (its default for None), checked: ToleranceError when
+    it is not positive or below what the dtype can reach."""
+    tol = DEFAULT_TOLERANCE[np.dtype(dtype)] if tol is None else float(tol)
+    check_tolerance(tol, dtype)
+    return tol
+
+
 @contextlib.contextmanager
 def _out_of_memory_as_too_large(model: ImplicitModel, U: np.ndarray):
     """A MemoryError while solving (the work arrays of a batch under a process memory limit) as
@@ -206,8 +214,7 @@ def _solve_flat(
     if not loads_checked and not np.isfinite(U).all():
         flatten_inputs(model.inputs, u)  # raises NonFiniteError, naming the input
     model = model.astype(U.dtype)
-    tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
-    check_tolerance(tol, model.dtype)
+    tol = _tolerance(tol, model.dtype)
     if U.shape[0] == 0 or model.n == 0:
         return _without_states(model, U, single, method)
     memory = Acceleration(
@@ -273,6 +280,7 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
     with _out_of_memory_as_too_large(model, U):
         if options["method"] == "auto" and U.shape[0] > 1 and model.n > 0 and kernels.available():
             typed = model.astype(U.dtype)
+            _tolerance(options["tol"], typed.dtype)  # checked as on the other paths, though unused
             if U.shape[0] >= sample_tiles.least_batch(typed.dtype):
                 plan = _plan(typed)
                 if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
