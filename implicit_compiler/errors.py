@@ -43,7 +43,8 @@ class OverwriteError(ImplicitCompilerError, FileExistsError):
 
 
 class ModelTooLargeError(ImplicitCompilerError, MemoryError):
-    """The lowered model would not fit in memory; raised from an estimate, before allocating."""
+    """The lowered model (or a batch's work arrays) would not fit in memory; raised from an
+    estimate before allocating, or when predicting a batch runs out of memory."""
 
 
 class NotWellPosedError(ImplicitCompilerError, ValueError):
