@@ -21,7 +21,8 @@ from .errors import ArgumentTypeError, ArgumentValueError
 def integer(value: Any, name: str, minimum: int) -> int:
     """``value`` as an int >= minimum. Integers only (numpy's too): a float such as 1.5 or 10.0
     is refused rather than rounded, and so is a bool."""
-    value = _unwrapped(value)
+    if type(value) is not int:  # (the common case skips the slower checks: predict calls this)
+        value = _unwrapped(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ArgumentTypeError(f"{name}: expected an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:

@@ -25,9 +25,9 @@ the LeNet-5 loop at batch 256, 7.7 ms by tiles against 10.6 ms by row groups (3 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -40,7 +40,7 @@ from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
 from .cyclic import Sweep, block_layout, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks
-from .fixed_point import Acceleration, FixedPoint, check_tolerance, iterate
+from .fixed_point import ACCELERATIONS, Acceleration, FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
 from .structured import StructuredBlock, structured_block, tensor_sources
@@ -64,7 +64,9 @@ TILES_SPARSE_SHARE = 0.25
 DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 WHOLE_MODEL = "the whole model"
 # The keyword arguments ``predict`` takes, with their defaults (those of ``solve``).
-PREDICT_OPTIONS = {"method": "auto", "tol": None, "max_iter": 1000, "anderson_memory": 5, "acceleration": "anderson"}
+PREDICT_OPTIONS = MappingProxyType(
+    {"method": "auto", "tol": None, "max_iter": 1000, "anderson_memory": 5, "acceleration": "anderson"}
+)
 
 
 @dataclass(frozen=True)
@@ -144,10 +146,12 @@ def solve(
     """
     _check_options(method, tol, max_iter, anderson_memory, acceleration)
     U, single = flatten_inputs(model.inputs, u, check_finite=False)
-    with _out_of_memory_as_too_large(model, U):
+    try:
         return _solve_flat(
             model, U, single, u, method, tol, max_iter, anderson_memory, reuse_state, True, acceleration
         )  # fmt: skip
+    except MemoryError as error:
+        raise _too_large(model, U, error) from error
 
 
 def _check_method(method: str) -> None:
@@ -162,7 +166,9 @@ def _check_options(method: Any, tol: Any, max_iter: Any, anderson_memory: Any, a
     if tol is not None:
         arguments.real(tol, "tol", "a positive number or None (the dtype's default)", finite=False)
     arguments.integer(max_iter, "max_iter", 1)
-    Acceleration(acceleration, arguments.integer(anderson_memory, "anderson_memory", 0))
+    memory = arguments.integer(anderson_memory, "anderson_memory", 0)
+    if acceleration not in ACCELERATIONS:
+        Acceleration(acceleration, memory)  # raises, naming the accelerations
 
 
 def _tolerance(tol: float | None, dtype: np.dtype) -> float:
@@ -173,22 +179,19 @@ def _tolerance(tol: float | None, dtype: np.dtype) -> float:
     return tol
 
 
-@contextlib.contextmanager
-def _out_of_memory_as_too_large(model: ImplicitModel, U: np.ndarray):
+def _too_large(model: ImplicitModel, U: np.ndarray, error: MemoryError) -> MemoryError:
     """A MemoryError while solving (the work arrays of a batch under a process memory limit) as
-    ModelTooLargeError saying how much the batch needs and what to do, not a bare traceback."""
-    try:
-        yield
-    except ModelTooLargeError:
-        raise
-    except MemoryError as error:
-        batch, itemsize = U.shape[0], max(U.dtype.itemsize, 4)
-        need = (model.p + model.n + model.q) * batch * itemsize
-        raise ModelTooLargeError(
-            f"ran out of memory solving a batch of {batch} samples: its work arrays take about "
-            f"{need / 2**20:.1f} MiB ((p + n + q) = {model.p + model.n + model.q} values a sample) on top of the "
-            "model; predict in smaller batches, or allow the process more memory"
-        ) from error
+    ModelTooLargeError saying how much the batch needs and what to do, not a bare traceback
+    (one that already is a ModelTooLargeError as it is)."""
+    if isinstance(error, ModelTooLargeError):
+        return error
+    batch, itemsize = U.shape[0], max(U.dtype.itemsize, 4)
+    need = (model.p + model.n + model.q) * batch * itemsize
+    return ModelTooLargeError(
+        f"ran out of memory solving a batch of {batch} samples: its work arrays take about "
+        f"{need / 2**20:.1f} MiB ((p + n + q) = {model.p + model.n + model.q} values a sample) on top of the "
+        "model; predict in smaller batches, or allow the process more memory"
+    )
 
 
 def _without_states(model: ImplicitModel, U: np.ndarray, single: bool, method: str) -> Solution:
@@ -268,16 +271,18 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
     a tile of samples for every thread, goes by tiles of samples instead (``sample_tiles``:
     faster, and the states are not kept). Options are checked first, whatever path the batch
     takes (the tiles use none of them, and once ignored unknown ones)."""
-    unknown = sorted(set(solve_options) - set(PREDICT_OPTIONS))
-    if unknown:
-        raise ArgumentTypeError(
-            f"predict: unknown keyword argument(s) {', '.join(map(repr, unknown))}; it takes "
-            f"{', '.join(PREDICT_OPTIONS)}"
-        )
-    options = {**PREDICT_OPTIONS, **solve_options}
-    _check_options(**options)
+    options = PREDICT_OPTIONS
+    if solve_options:  # (the defaults need no check: a batch of one stays as fast as it was)
+        unknown = sorted(set(solve_options) - set(PREDICT_OPTIONS))
+        if unknown:
+            raise ArgumentTypeError(
+                f"predict: unknown keyword argument(s) {', '.join(map(repr, unknown))}; it takes "
+                f"{', '.join(PREDICT_OPTIONS)}"
+            )
+        options = {**PREDICT_OPTIONS, **solve_options}
+        _check_options(**options)
     U, single = flatten_inputs(model.inputs, u, check_finite=False)
-    with _out_of_memory_as_too_large(model, U):
+    try:
         if options["method"] == "auto" and U.shape[0] > 1 and model.n > 0 and kernels.available():
             typed = model.astype(U.dtype)
             _tolerance(options["tol"], typed.dtype)  # checked as on the other paths, though unused
@@ -286,6 +291,8 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
                 if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
                     return _predict_by_tiles(typed, plan[0], U, u)
         return _solve_flat(model, U, single, u, reuse_state=True, want_x=False, **options).y
+    except MemoryError as error:
+        raise _too_large(model, U, error) from error
 
 
 def _tiles_pay(program: Program | _Work) -> bool:
