@@ -90,7 +90,9 @@ class ImplicitModel:
 
     Construct it from its parts (validated here), with ``from_matrices`` for a one-block model,
     or with ``implicit_compiler.from_onnx``. All matrices and biases share one floating dtype
-    (float32 or float64); sparse inputs of any format are stored as CSR.
+    (float32 or float64); sparse inputs of any format are stored as CSR. The constructor takes
+    canonical CSR arrays over without copying them (do not edit them afterwards);
+    ``from_matrices`` copies.
     """
 
     A: sp.csr_array
@@ -139,7 +141,7 @@ class ImplicitModel:
         bias_y: Any = None,
     ) -> ImplicitModel:
         """A one-block model from array-like or sparse matrices (input 'u', output 'y')."""
-        A, B, C, D = (_as_csr(m, name) for m, name in zip((A, B, C, D), "ABCD"))
+        A, B, C, D = (_as_csr(m, name, copy=True) for m, name in zip((A, B, C, D), "ABCD"))
         n, p, q = A.shape[0], B.shape[1], C.shape[0]
         block = StateBlock("x", 0, n, activation, (n,))
         return cls(A, B, C, D, bias_x, bias_y, (block,), (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),))
@@ -304,15 +306,22 @@ def _as_shape(shape: Any, what: str) -> tuple[int, ...]:
     return dims
 
 
-def _as_csr(matrix: Any, name: str) -> sp.csr_array:
+def _as_csr(matrix: Any, name: str, copy: bool = False) -> sp.csr_array:
     """A CSR array from any sparse matrix or 2-D array-like of real numbers.
 
-    Always a copy: the caller's matrix is neither changed (summing its duplicates in place) nor
-    shared (their later edits would change ``model.A`` but not the compiled programs). float16
-    becomes float32, exactly (scipy.sparse has no float16)."""
+    The caller's matrix is never changed: one with duplicate entries is copied before they are
+    summed. With ``copy`` it is not shared either (``from_matrices``: the caller's later edits
+    would change ``model.A`` but not the compiled programs); without, a canonical CSR array is
+    taken over as it is (the lowering's matrices: a copy would add half to its peak memory).
+    float16 becomes float32, exactly (scipy.sparse has no float16)."""
     if sp.issparse(matrix):
         _check_real(matrix.dtype, f"matrix {name}")
-        csr = sp.csr_array(matrix, copy=True)
+        if copy or not isinstance(matrix, sp.csr_array):
+            csr = sp.csr_array(matrix, copy=copy)
+        else:
+            csr = matrix if matrix.has_canonical_format else matrix.copy()
+        if not csr.has_canonical_format and np.shares_memory(csr.data, matrix.data):
+            csr = csr.copy()  # (a csr_matrix converts sharing its arrays)
     else:
         dense = np.asarray(matrix)
         if dense.ndim != 2:

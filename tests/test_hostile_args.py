@@ -431,3 +431,16 @@ def test_out_of_memory_in_predict_is_model_too_large():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "smaller batches" in result.stdout and "200000 samples" in result.stdout
+
+
+def test_the_constructor_does_not_sum_the_callers_duplicates_in_place(rng):
+    """ImplicitModel(...) takes canonical CSR arrays over as they are (the lowering's: no copy
+    of gigabytes), but one with duplicates is summed in a copy, never in the caller's array."""
+    A = sp.csr_array((np.array([0.2, 0.3]), np.array([0, 0]), np.array([0, 0, 2, 2])), shape=(3, 3))
+    block = (StateBlock("x", 0, 3, "relu", (3,)),)
+    model = ImplicitModel(
+        A, rng.normal(size=(3, P)), rng.normal(size=(Q, 3)), np.zeros((Q, P)), None, None, block,
+        (TensorSpec("u", (P,)),), (TensorSpec("y", (Q,)),),
+    )  # fmt: skip
+    assert A.nnz == 2 and A.data.tolist() == [0.2, 0.3]
+    assert model.A.nnz == 1 and model.A.toarray()[1, 0] == pytest.approx(0.5)
