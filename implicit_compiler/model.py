@@ -282,6 +282,11 @@ class ImplicitModel:
         (one per thread, released with the model), as only y is returned: the program's values
         (p + n + q), the tiles' slabs ((p + n + q) x tile per thread), or for other models and
         smaller batches the solver's (p + n) x batch state.
+
+        ``solve_options`` are ``solve``'s: method, tol, max_iter, anderson_memory, acceleration,
+        checked on every path (another name is an ArgumentTypeError). An empty batch gives an
+        empty (0, ...) result; float16 inputs compute in float32 and wider floats (longdouble,
+        big-endian '>f8') in float64.
         """
         from .runtime.batching import shape_outputs
         from .runtime.solve import predict_outputs
