@@ -12,6 +12,8 @@ from .activations import Activation, activation
 from .compose import add, cascade, feedback, multiply, parallel
 from .errors import (
     AnalysisError,
+    ArgumentTypeError,
+    ArgumentValueError,
     ConvergenceError,
     GraphError,
     ImplicitCompilerError,
@@ -44,6 +46,8 @@ def __getattr__(name: str):
 __all__ = [
     "Activation",
     "AnalysisError",
+    "ArgumentTypeError",
+    "ArgumentValueError",
     "ConvergenceError",
     "GraphError",
     "ImplicitCompilerError",

@@ -29,7 +29,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from .errors import NotWellPosedError, ShapeError
+from . import arguments
+from .errors import ArgumentTypeError, NotWellPosedError, ShapeError
 from .model import ImplicitModel, StateBlock, TensorSpec
 
 # Fold B_2 C_1 into A when it holds at most this many times the non-zeros of B_2 and C_1.
@@ -54,7 +55,15 @@ def _common(first: ImplicitModel, second: ImplicitModel) -> tuple[ImplicitModel,
     return first.astype(dtype), second.astype(dtype)
 
 
+def _models(first: Any, second: Any) -> None:
+    """Both operands are ImplicitModels (a string or an array would fail deep inside otherwise)."""
+    arguments.model(first, "first")
+    arguments.model(second, "second")
+
+
 def _same_input(first: ImplicitModel, second: ImplicitModel, operation: str) -> None:
+    """Both operands are models taking the same input."""
+    _models(first, second)
     if first.p != second.p:
         raise ShapeError(
             f"cannot {operation}: both models must take the same input, but the first takes p = {first.p} "
@@ -82,6 +91,7 @@ def _side_by_side(
 
 def cascade(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
     """The second model applied to the first's output: y = m2(m1(u))."""
+    _models(first, second)
     if first.q != second.p:
         raise ShapeError(
             f"cannot cascade: the first model gives q = {first.q} outputs but the second takes p = {second.p} inputs"
@@ -176,12 +186,9 @@ def feedback(model: ImplicitModel, K: Any) -> ImplicitModel:
         ShapeError: K is not p x q.
         NotWellPosedError: I - D K is singular (the algebraic loop through D has no unique solution).
     """
+    arguments.model(model, "model")
     p, q = model.p, model.q
-    if np.isscalar(K):
-        if p != q:
-            raise ShapeError(f"a scalar loop gain needs p = q, but the model has p = {p} inputs and q = {q} outputs")
-        K = float(K) * sp.identity(p, format="csr")
-    K = sp.csr_array(K) if sp.issparse(K) else sp.csr_array(np.asarray(K, dtype=np.float64))
+    K = _loop_gain(K, p, q)
     if K.shape != (p, q):
         raise ShapeError(f"the loop gain K must be p x q = {p} x {q} (u = v + K y), got {K.shape}")
     if not np.isfinite(K.data).all():
@@ -197,6 +204,20 @@ def feedback(model: ImplicitModel, K: Any) -> ImplicitModel:
     return ImplicitModel(
         A, B, sp.csr_array(NC), sp.csr_array(ND), bias_x, Nc, model.blocks, model.inputs, model.outputs
     )
+
+
+def _loop_gain(K: Any, p: int, q: int) -> sp.csr_array:
+    """K as a p x q float64 CSR array: a real number k as k I (p = q), an array-like or sparse
+    matrix of real numbers as given. Strings, None and complex gains are refused by name."""
+    if np.ndim(K) == 0 and not sp.issparse(K):
+        k = arguments.real(K, "K", "a real number, or a p x q matrix of them")
+        if p != q:
+            raise ShapeError(f"a scalar loop gain needs p = q, but the model has p = {p} inputs and q = {q} outputs")
+        return k * sp.identity(p, format="csr")
+    dtype = K.dtype if sp.issparse(K) else np.asarray(K).dtype
+    if dtype.kind not in "biuf":
+        raise ArgumentTypeError(f"K: expected a p x q = {p} x {q} matrix of real numbers, got dtype {dtype}")
+    return sp.csr_array(K, dtype=np.float64) if sp.issparse(K) else sp.csr_array(np.asarray(K, dtype=np.float64))
 
 
 def _loop_solve(DK: sp.csr_array, C: sp.csr_array, D: sp.csr_array, bias: np.ndarray):

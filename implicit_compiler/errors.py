@@ -43,7 +43,8 @@ class OverwriteError(ImplicitCompilerError, FileExistsError):
 
 
 class ModelTooLargeError(ImplicitCompilerError, MemoryError):
-    """The lowered model would not fit in memory; raised from an estimate, before allocating."""
+    """The lowered model (or a batch's work arrays) would not fit in memory; raised from an
+    estimate before allocating, or when predicting a batch runs out of memory."""
 
 
 class NotWellPosedError(ImplicitCompilerError, ValueError):
@@ -78,3 +79,11 @@ class PathNotFoundError(ImplicitCompilerError, FileNotFoundError):
 
 class PathIsDirectoryError(ImplicitCompilerError, IsADirectoryError):
     """A path names a folder where a file was expected."""
+
+
+class ArgumentTypeError(ImplicitCompilerError, TypeError):
+    """An argument is of a type (or names a dtype) the function does not take."""
+
+
+class ArgumentValueError(ImplicitCompilerError, ValueError):
+    """An argument has the right type but a value the function cannot take (max_iter=0, samples=-1)."""

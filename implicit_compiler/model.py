@@ -90,7 +90,9 @@ class ImplicitModel:
 
     Construct it from its parts (validated here), with ``from_matrices`` for a one-block model,
     or with ``implicit_compiler.from_onnx``. All matrices and biases share one floating dtype
-    (float32 or float64); sparse inputs of any format are stored as CSR.
+    (float32 or float64); sparse inputs of any format are stored as CSR. The constructor takes
+    canonical CSR arrays over without copying them (do not edit them afterwards);
+    ``from_matrices`` copies.
     """
 
     A: sp.csr_array
@@ -139,7 +141,7 @@ class ImplicitModel:
         bias_y: Any = None,
     ) -> ImplicitModel:
         """A one-block model from array-like or sparse matrices (input 'u', output 'y')."""
-        A, B, C, D = (_as_csr(m, name) for m, name in zip((A, B, C, D), "ABCD"))
+        A, B, C, D = (_as_csr(m, name, copy=True) for m, name in zip((A, B, C, D), "ABCD"))
         n, p, q = A.shape[0], B.shape[1], C.shape[0]
         block = StateBlock("x", 0, n, activation, (n,))
         return cls(A, B, C, D, bias_x, bias_y, (block,), (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),))
@@ -215,7 +217,10 @@ class ImplicitModel:
         if dtype == self.dtype:
             return self
         if dtype not in FLOAT_DTYPES:
-            raise ShapeError(f"expected dtype float32 or float64, got {dtype}")
+            raise ShapeError(
+                f"expected dtype float32 or float64, got {dtype}: implicit models compute in float32 or float64 "
+                "only (float16 weights and inputs are widened to float32, exactly)"
+            )
         if dtype not in self._cache:
             self._cache[dtype] = ImplicitModel(
                 *(getattr(self, name).astype(dtype) for name in "ABCD"),
@@ -277,6 +282,11 @@ class ImplicitModel:
         (one per thread, released with the model), as only y is returned: the program's values
         (p + n + q), the tiles' slabs ((p + n + q) x tile per thread), or for other models and
         smaller batches the solver's (p + n) x batch state.
+
+        ``solve_options`` are ``solve``'s: method, tol, max_iter, anderson_memory, acceleration,
+        checked on every path (another name is an ArgumentTypeError). An empty batch gives an
+        empty (0, ...) result; float16 inputs compute in float32 and wider floats (longdouble,
+        big-endian '>f8') in float64.
         """
         from .runtime.batching import shape_outputs
         from .runtime.solve import predict_outputs
@@ -301,21 +311,39 @@ def _as_shape(shape: Any, what: str) -> tuple[int, ...]:
     return dims
 
 
-def _as_csr(matrix: Any, name: str) -> sp.csr_array:
-    """A CSR array from any sparse matrix or 2-D array-like of real numbers."""
+def _as_csr(matrix: Any, name: str, copy: bool = False) -> sp.csr_array:
+    """A CSR array from any sparse matrix or 2-D array-like of real numbers.
+
+    The caller's matrix is never changed: one with duplicate entries is copied before they are
+    summed. With ``copy`` it is not shared either (``from_matrices``: the caller's later edits
+    would change ``model.A`` but not the compiled programs); without, a canonical CSR array is
+    taken over as it is (the lowering's matrices: a copy would add half to its peak memory).
+    float16 becomes float32, exactly (scipy.sparse has no float16)."""
     if sp.issparse(matrix):
-        csr = matrix if isinstance(matrix, sp.csr_array) else sp.csr_array(matrix)
+        _check_real(matrix.dtype, f"matrix {name}")
+        if copy or not isinstance(matrix, sp.csr_array):
+            csr = sp.csr_array(matrix, copy=copy)
+        else:
+            csr = matrix if matrix.has_canonical_format else matrix.copy()
+        if not csr.has_canonical_format and np.shares_memory(csr.data, matrix.data):
+            csr = csr.copy()  # (a csr_matrix converts sharing its arrays)
     else:
         dense = np.asarray(matrix)
         if dense.ndim != 2:
             raise ShapeError(f"matrix {name}: expected 2 dimensions, got shape {dense.shape}")
-        if not np.issubdtype(dense.dtype, np.number) or np.iscomplexobj(dense):
-            raise ShapeError(f"matrix {name}: expected real numbers, got dtype {dense.dtype}")
-        csr = sp.csr_array(dense)
+        _check_real(dense.dtype, f"matrix {name}")
+        csr = sp.csr_array(dense.astype(np.float32) if dense.dtype == np.float16 else dense)
     if csr.ndim != 2:
         raise ShapeError(f"matrix {name}: expected 2 dimensions, got shape {csr.shape}")
     csr.sum_duplicates()
     return _with_int32_indices(csr)
+
+
+def _check_real(dtype: np.dtype, what: str) -> None:
+    """Refuse complex (and non-numeric) weights: casting would drop the imaginary part with
+    only numpy's ComplexWarning, and the model would silently compute something else."""
+    if dtype.kind != "b" and (not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating)):
+        raise ShapeError(f"{what}: expected real numbers, got dtype {dtype}; take the real part first if that is meant")
 
 
 def _with_int32_indices(csr: sp.csr_array) -> sp.csr_array:
@@ -349,6 +377,7 @@ def _as_bias(bias: Any, size: int, dtype: np.dtype, name: str) -> np.ndarray:
     if bias is None:
         return np.zeros(size, dtype=dtype)
     vector = np.asarray(bias)
+    _check_real(vector.dtype, name)
     if vector.shape not in ((size,), (size, 1), (1, size)):
         raise ShapeError(f"{name}: expected a vector of length {size}, got shape {vector.shape}")
     vector = vector.reshape(size).astype(dtype, copy=False)

@@ -95,7 +95,7 @@ def solve_identity_minus(
     """
     rhs = np.asarray(rhs, dtype=np.float64)
     vector = rhs.ndim == 1
-    W = rhs.reshape(model.n, -1).copy()
+    W = rhs.reshape(model.n, 1 if vector else rhs.shape[1]).copy()  # (not -1: n = 0 has no states)
     scale = np.ones(model.n) if row_scale is None else np.asarray(row_scale, dtype=np.float64)
     components = execution_order(model) if components is None else components
     X = np.zeros_like(W)

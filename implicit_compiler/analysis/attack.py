@@ -20,12 +20,14 @@ the runner-up class and r the true class), i.e. f = c^T y with c = e_t - e_r. Fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linprog
 
+from .. import arguments
 from ..activations import Activation
 from ..errors import AnalysisError
 from ..model import ImplicitModel
@@ -95,9 +97,10 @@ def sparse_attack(
         raise AnalysisError(f"sparse_attack takes one sample, got a batch of shape {shape}")
     u = U[0]
     c = _objective(model, target, reference)
-    if int(k) != k or k < 1:
+    k = arguments.real(k, "k", "a positive integer", finite=False)
+    if not math.isfinite(k) or int(k) != k or k < 1:
         raise AnalysisError(f"k: expected a positive integer, got {k!r}")
-    radius = per_input(model, sigma, "sigma")
+    radius = per_input(model, arguments.real_values(sigma, "sigma"), "sigma")
     if (radius < 0).any():
         raise AnalysisError(f"sigma: expected nonnegative radii, got minimum {radius.min():.6g}")
     lower, upper = -radius, radius

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import arguments
 from ..errors import AnalysisError
 from ..model import ImplicitModel
 from ..runtime.plan import Component, execution_order
@@ -148,6 +149,7 @@ def output_bounds(
     Raises:
         AnalysisError: the sensitivity is not valid, or sigma is negative or misshaped.
     """
+    arguments.real_values(sigma, "sigma")
     report = sensitivity(model) if sensitivity_report is None else sensitivity_report
     check_report_shape(model, report)
     if not report.valid:

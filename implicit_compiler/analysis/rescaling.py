@@ -23,10 +23,12 @@ in execution order (forward substitution, a sparse LU on cyclic components only)
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from .. import arguments
 from ..errors import AnalysisError, NotWellPosedError
 from ..model import ImplicitModel
 from ._block_solve import solve_identity_minus
@@ -54,7 +56,7 @@ def rescaling_diagonal(model: ImplicitModel, rho: float | None = None) -> np.nda
         )
     if rho is None:
         rho = 0.5 * (radius + 1.0)
-    elif not radius < rho < 1:
+    elif not radius < _checked_rho(rho) < 1:
         raise AnalysisError(f"expected rho in (lambda_pf(|A|), 1) = ({radius:.6g}, 1), got {rho!r}")
     v = solve_identity_minus(model, absolute, np.ones(model.n), row_scale=np.full(model.n, 1.0 / rho))
     if not np.isfinite(v).all():
@@ -80,6 +82,8 @@ def rescale(model: ImplicitModel, rho: float | None = None) -> ImplicitModel:
             rescaling overflows.
         NotWellPosedError: lambda_pf(|A|) >= 1.
     """
+    if rho is not None:
+        _checked_rho(rho)
     offending = [b for b in model.blocks if not b.activation.positively_homogeneous]
     if offending:
         listed = ", ".join(f"{b.name!r} ({b.activation})" for b in offending[:5])
@@ -122,3 +126,8 @@ def _scaled(matrix: sp.csr_array, rows: np.ndarray | None = None, columns: np.nd
     if columns is not None:
         data *= columns[matrix.indices]
     return sp.csr_array((data, matrix.indices.copy(), matrix.indptr.copy()), shape=matrix.shape)
+
+
+def _checked_rho(rho: Any) -> float:
+    """rho as a float; a string such as "0.9" is refused by name rather than compared."""
+    return arguments.real(rho, "rho", "a number in (lambda_pf(|A|), 1), or None", finite=False)

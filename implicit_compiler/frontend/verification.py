@@ -27,6 +27,7 @@ import onnxruntime
 from onnx import version_converter
 from onnx.reference import ReferenceEvaluator
 
+from .. import arguments
 from ..model import ImplicitModel
 from .graph import GraphInput, PreparedModel, load_onnx, prepare, with_sorted_nodes
 from .lower import from_onnx
@@ -166,6 +167,7 @@ def verify(
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
 ) -> VerifyReport:
     """Compile ``model`` and compare it with onnxruntime (float32) and the reference (float64)."""
+    samples = arguments.integer(samples, "samples", 1)  # (0 compared nothing, and crashed)
     proto = load_onnx(model)
     start = time.perf_counter()
     compiled = from_onnx(proto, input_shapes=input_shapes)

@@ -60,6 +60,8 @@ def _concatenate(parts: list[np.ndarray], specs: Sequence[TensorSpec]) -> tuple[
         flat.append(array.reshape(batch, spec.size))
     if len(singles) > 1 or len(batches) > 1:
         raise ShapeError(f"inputs disagree on batching: shapes {[a.shape for a in parts]}")
+    if not flat:  # a model with no inputs (a graph of constants): one sample of nothing
+        return np.zeros((1, 0)), True
     if len(flat) == 1:
         return flat[0], singles.pop()
     dtype = np.result_type(*(a.dtype for a in flat))
@@ -88,11 +90,15 @@ def _sample_rank(array: np.ndarray, shape: tuple[int, ...]) -> int | None:
 
 
 def _as_float_array(value: Any, name: str, check_finite: bool = True) -> np.ndarray:
+    """The input as native float32 or float64: floats of at most 4 bytes (float16, big-endian
+    '>f4') as float32, exactly; wider floats (big-endian '>f8', longdouble) as float64, the
+    most precise the runtime has, never below it; integers and bools as float64."""
     array = np.asarray(value)
     if array.dtype not in FLOAT_DTYPES:
         if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
             raise ShapeError(f"input {name!r}: expected real numbers, got dtype {array.dtype}")
-        array = array.astype(np.float32 if np.issubdtype(array.dtype, np.floating) else np.float64)
+        narrow = np.issubdtype(array.dtype, np.floating) and array.dtype.itemsize <= 4
+        array = array.astype(np.float32 if narrow else np.float64)
     if check_finite and not np.isfinite(array).all():
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise NonFiniteError(f"input {name!r} holds {bad} NaN or inf value(s); expected finite inputs")

@@ -27,18 +27,20 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from .. import arguments
 from ..activations import Activation
-from ..errors import ShapeError
+from ..errors import ArgumentTypeError, ModelTooLargeError, ShapeError
 from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
 from .cyclic import Sweep, block_layout, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks
-from .fixed_point import Acceleration, FixedPoint, check_tolerance, iterate
+from .fixed_point import ACCELERATIONS, Acceleration, FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
 from .structured import StructuredBlock, structured_block, tensor_sources
@@ -61,6 +63,10 @@ ONE_SAMPLE_WORK = 128_000_000
 TILES_SPARSE_SHARE = 0.25
 DEFAULT_TOLERANCE = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-5}
 WHOLE_MODEL = "the whole model"
+# The keyword arguments ``predict`` takes, with their defaults (those of ``solve``).
+PREDICT_OPTIONS = MappingProxyType(
+    {"method": "auto", "tol": None, "max_iter": 1000, "anderson_memory": 5, "acceleration": "anderson"}
+)
 
 
 @dataclass(frozen=True)
@@ -138,14 +144,64 @@ def solve(
         ConvergenceError: a fixed-point solve did not converge; it carries the history.
         NonFiniteError, ShapeError: bad inputs.
     """
-    _check_method(method)
+    _check_options(method, tol, max_iter, anderson_memory, acceleration)
     U, single = flatten_inputs(model.inputs, u, check_finite=False)
-    return _solve_flat(model, U, single, u, method, tol, max_iter, anderson_memory, reuse_state, True, acceleration)
+    try:
+        return _solve_flat(
+            model, U, single, u, method, tol, max_iter, anderson_memory, reuse_state, True, acceleration
+        )  # fmt: skip
+    except MemoryError as error:
+        raise _too_large(model, U, error) from error
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ShapeError(f"unknown solve method {method!r}: expected one of {', '.join(METHODS)}")
+
+
+def _check_options(method: Any, tol: Any, max_iter: Any, anderson_memory: Any, acceleration: Any) -> None:
+    """Refuse bad solver options up front, on every path: an acyclic model never iterates, so
+    without this a max_iter=None or tol="a" would pass there and fail only on a cyclic model."""
+    _check_method(method)
+    if tol is not None:
+        arguments.real(tol, "tol", "a positive number or None (the dtype's default)", finite=False)
+    arguments.integer(max_iter, "max_iter", 1)
+    memory = arguments.integer(anderson_memory, "anderson_memory", 0)
+    if acceleration not in ACCELERATIONS:
+        Acceleration(acceleration, memory)  # raises, naming the accelerations
+
+
+def _tolerance(tol: float | None, dtype: np.dtype) -> float:
+    """The solver tolerance for ``dtype`` (its default for None), checked: ToleranceError when
+    it is not positive or below what the dtype can reach."""
+    tol = DEFAULT_TOLERANCE[np.dtype(dtype)] if tol is None else float(tol)
+    check_tolerance(tol, dtype)
+    return tol
+
+
+def _too_large(model: ImplicitModel, U: np.ndarray, error: MemoryError) -> MemoryError:
+    """A MemoryError while solving (the work arrays of a batch under a process memory limit) as
+    ModelTooLargeError saying how much the batch needs and what to do, not a bare traceback
+    (one that already is a ModelTooLargeError as it is)."""
+    if isinstance(error, ModelTooLargeError):
+        return error
+    batch, itemsize = U.shape[0], max(U.dtype.itemsize, 4)
+    need = (model.p + model.n + model.q) * batch * itemsize
+    return ModelTooLargeError(
+        f"ran out of memory solving a batch of {batch} samples: its work arrays take about "
+        f"{need / 2**20:.1f} MiB ((p + n + q) = {model.p + model.n + model.q} values a sample) on top of the "
+        "model; predict in smaller batches, or allow the process more memory"
+    )
+
+
+def _without_states(model: ImplicitModel, U: np.ndarray, single: bool, method: str) -> Solution:
+    """An empty batch, or a model with no states (y = D u + b_y): nothing to solve, and the
+    compiled paths index a first sample or state that is not there. An empty batch gives
+    empty (0, n) and (0, q) results, as numpy does."""
+    X = np.zeros((U.shape[0], model.n), dtype=model.dtype)
+    Y = np.asarray(model.D @ U.T).T + model.bias_y
+    Y = np.ascontiguousarray(Y, dtype=model.dtype)
+    return Solution(X[0], Y[0], 0, (), method) if single else Solution(X, Y, 0, (), method)
 
 
 def _solve_flat(
@@ -161,8 +217,9 @@ def _solve_flat(
     if not loads_checked and not np.isfinite(U).all():
         flatten_inputs(model.inputs, u)  # raises NonFiniteError, naming the input
     model = model.astype(U.dtype)
-    tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else float(tol)
-    check_tolerance(tol, model.dtype)
+    tol = _tolerance(tol, model.dtype)
+    if U.shape[0] == 0 or model.n == 0:
+        return _without_states(model, U, single, method)
     memory = Acceleration(
         acceleration if method == "auto" else "anderson", 0 if method == "picard" else anderson_memory
     )
@@ -212,17 +269,30 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
     """The flat prediction, ``solve(model, u, reuse_state=True, **solve_options).y``. A batch
     of an acyclic model whose work is mostly convolutions, dense products and short rows, with
     a tile of samples for every thread, goes by tiles of samples instead (``sample_tiles``:
-    faster, and the states are not kept)."""
-    method = solve_options.pop("method", "auto")
-    _check_method(method)
+    faster, and the states are not kept). Options are checked first, whatever path the batch
+    takes (the tiles use none of them, and once ignored unknown ones)."""
+    options = PREDICT_OPTIONS
+    if solve_options:  # (the defaults need no check: a batch of one stays as fast as it was)
+        unknown = sorted(set(solve_options) - set(PREDICT_OPTIONS))
+        if unknown:
+            raise ArgumentTypeError(
+                f"predict: unknown keyword argument(s) {', '.join(map(repr, unknown))}; it takes "
+                f"{', '.join(PREDICT_OPTIONS)}"
+            )
+        options = {**PREDICT_OPTIONS, **solve_options}
+        _check_options(**options)
     U, single = flatten_inputs(model.inputs, u, check_finite=False)
-    if method == "auto" and U.shape[0] > 1 and kernels.available():
-        typed = model.astype(U.dtype)
-        if U.shape[0] >= sample_tiles.least_batch(typed.dtype):
-            plan = _plan(typed)
-            if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
-                return _predict_by_tiles(typed, plan[0], U, u)
-    return _solve_flat(model, U, single, u, method, reuse_state=True, want_x=False, **solve_options).y
+    try:
+        if options["method"] == "auto" and U.shape[0] > 1 and model.n > 0 and kernels.available():
+            typed = model.astype(U.dtype)
+            _tolerance(options["tol"], typed.dtype)  # checked as on the other paths, though unused
+            if U.shape[0] >= sample_tiles.least_batch(typed.dtype):
+                plan = _plan(typed)
+                if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
+                    return _predict_by_tiles(typed, plan[0], U, u)
+        return _solve_flat(model, U, single, u, reuse_state=True, want_x=False, **options).y
+    except MemoryError as error:
+        raise _too_large(model, U, error) from error
 
 
 def _tiles_pay(program: Program | _Work) -> bool:
