@@ -12,10 +12,12 @@ from .activations import Activation, activation
 from .compose import add, cascade, feedback, multiply, parallel
 from .errors import (
     AnalysisError,
+    ArgumentTypeError,
     ConvergenceError,
     GraphError,
     ImplicitCompilerError,
     ModelFileError,
+    ModelFileNotFoundError,
     ModelTooLargeError,
     NonFiniteError,
     NotWellPosedError,
@@ -42,11 +44,13 @@ def __getattr__(name: str):
 __all__ = [
     "Activation",
     "AnalysisError",
+    "ArgumentTypeError",
     "ConvergenceError",
     "GraphError",
     "ImplicitCompilerError",
     "ImplicitModel",
     "ModelFileError",
+    "ModelFileNotFoundError",
     "ModelTooLargeError",
     "NonFiniteError",
     "NotWellPosedError",

@@ -70,3 +70,11 @@ class ToleranceError(ImplicitCompilerError, ValueError):
 
 class AnalysisError(ImplicitCompilerError, ValueError):
     """An analysis does not apply to the model (or input) it was given, or its result is not valid."""
+
+
+class ArgumentTypeError(ImplicitCompilerError, TypeError):
+    """An argument is of a type (or names a dtype) the function does not take."""
+
+
+class ModelFileNotFoundError(ModelFileError, FileNotFoundError):
+    """A model path names no file (or a directory); also a FileNotFoundError, as before."""
