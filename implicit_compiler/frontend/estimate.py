@@ -6,9 +6,12 @@ The non-zeros of A, B, C, D are dominated by the linear layers; per sample (batc
     ConvTranspose  prod(input shape) * C_out / groups * prod(kernel)
     Gemm / MatMul  rows of the output * the contracted dimension
 
-Shapes come from ONNX shape inference (with data propagation, so exporter shape subgraphs
-resolve). The estimate is an upper bound (padding taps are counted), checked against the memory
-limit before any matrix is allocated; the lowering also checks its running count as it goes.
+Shapes come from ONNX shape inference on the prepared graph (with data propagation, so exporter
+shape subgraphs resolve, and every initializer listed as an input, so that weights made by
+nodes from their shapes, as in onnx's "light" models, resolve at any IR version). The estimate
+is an upper bound (padding taps are counted), checked against the memory limit (the least of
+MemAvailable, the process's rlimits and its cgroup's limit) before any matrix is allocated; the
+lowering also checks its running count as it goes.
 """
 
 from __future__ import annotations
@@ -18,14 +21,29 @@ import os
 
 import onnx
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 from ..errors import ModelTooLargeError
 from .context import BYTES_PER_NONZERO_WHILE_LOWERING
-from .graph import PreparedModel
+from .graph import FLOAT_TYPES, PreparedModel
 
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
+# Where the process's cgroups are listed and mounted (tests point them elsewhere).
+PROC_CGROUP = "/proc/self/cgroup"
+CGROUP_ROOT = "/sys/fs/cgroup"
 
 
 def available_memory_bytes() -> float:
+    """The memory this process may still use: the least of MemAvailable (else the physical
+    memory), the room left under its rlimits (RLIMIT_AS, RLIMIT_DATA) and under its cgroup's
+    memory limit. A limit the machine has but the process cannot see is not counted."""
+    return min(_system_memory(), _rlimit_room(), _cgroup_room())
+
+
+def _system_memory() -> float:
     """MemAvailable from /proc/meminfo, else the physical memory, else unlimited."""
     try:
         with open("/proc/meminfo") as meminfo:
@@ -40,23 +58,136 @@ def available_memory_bytes() -> float:
         return math.inf
 
 
+def _rlimit_room() -> float:
+    """The soft RLIMIT_AS / RLIMIT_DATA less what the process already maps (VmSize / VmData)."""
+    if resource is None:
+        return math.inf
+    room = math.inf
+    for limit, used_key in ((resource.RLIMIT_AS, "VmSize"), (resource.RLIMIT_DATA, "VmData")):
+        soft, _ = resource.getrlimit(limit)
+        if soft != resource.RLIM_INFINITY and soft >= 0:
+            room = min(room, max(float(soft) - _process_status_bytes(used_key), 0.0))
+    return room
+
+
+def _process_status_bytes(key: str) -> float:
+    """A "kB" field of /proc/self/status in bytes (0 where unknown)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(f"{key}:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _cgroup_room() -> float:
+    """Memory left under the tightest limit of this process's cgroup and its ancestors: cgroup v2
+    memory.max less memory.current, v1 memory.limit_in_bytes less memory.usage_in_bytes, the
+    usage without the inactive file cache (reclaimable, as ``docker stats`` counts it)."""
+    room = math.inf
+    for folder, limit_file, usage_file, cache_key in _cgroup_folders():
+        limit = _read_number(os.path.join(folder, limit_file))
+        if limit is None:
+            continue
+        usage = _read_number(os.path.join(folder, usage_file)) or 0.0
+        cache = _memory_stat(os.path.join(folder, "memory.stat")).get(cache_key, 0.0)
+        room = min(room, max(limit - max(usage - cache, 0.0), 0.0))
+    return room
+
+
+def _cgroup_folders() -> list[tuple[str, str, str, str]]:
+    """(folder, limit file, usage file, stat key of the inactive file cache) for the process's
+    memory cgroup and each ancestor, read from /proc/self/cgroup (v2 and v1 layouts)."""
+    try:
+        with open(PROC_CGROUP) as cgroups:
+            lines = cgroups.read().splitlines()
+    except OSError:
+        return []
+    folders = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and not controllers:
+            root, files = CGROUP_ROOT, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            root, files = (
+                os.path.join(CGROUP_ROOT, "memory"),
+                ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+            )
+        else:
+            continue
+        parts = [part for part in path.split("/") if part]
+        for depth in range(len(parts), -1, -1):
+            folders.append((os.path.join(root, *parts[:depth]), *files))
+    return folders
+
+
+def _read_number(path: str) -> float | None:
+    """A cgroup file's number; None when absent or "max" (no limit)."""
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _memory_stat(path: str) -> dict[str, float]:
+    try:
+        with open(path) as file:
+            return {key: float(value) for key, value in (line.split()[:2] for line in file if len(line.split()) >= 2)}
+    except (OSError, ValueError):
+        return {}
+
+
 def estimate_nonzeros(prepared: PreparedModel) -> int:
     """Upper bound on the non-zeros of the lowered model's linear layers (0 where unknown)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(prepared.model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_shapes_model(prepared), data_prop=True)
     except Exception:  # inference is best effort; the running check in the lowering still holds
         return 0
     shapes = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            shapes[value.name] = [d.dim_value for d in dims]
-    for tensor in inferred.graph.initializer:
-        shapes[tensor.name] = list(tensor.dims)
+        tensor_type = value.type.tensor_type
+        if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
+            shapes[value.name] = [d.dim_value for d in tensor_type.shape.dim]
     total = 0
     for node in inferred.graph.node:
         total += _node_nonzeros(node, shapes)
     return total
+
+
+def _shapes_model(prepared: PreparedModel) -> onnx.ModelProto:
+    """The prepared model as shape inference should see it: every initializer also a graph input.
+
+    Below IR version 4 shape inference ignores initializers that are not graph inputs, and
+    ``prepare`` removed them from the inputs: every weight's shape, and all that follows, went
+    unknown (onnx's light DenseNet-121, IR 3, was estimated at 4% of its size). Floating weights
+    are given by their shape alone (inference reads only their dims, and copying them is costly);
+    integer initializers keep their values, which data propagation reads (shapes, axes).
+    """
+    graph = prepared.graph
+    listed = {value.name for value in graph.input}
+    inputs = list(graph.input)
+    initializers = []
+    for tensor in graph.initializer:
+        if tensor.name not in listed:
+            inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        if tensor.data_type not in FLOAT_TYPES:
+            initializers.append(tensor)
+    shapes_graph = onnx.helper.make_graph(
+        graph.node, graph.name, inputs, graph.output, initializers, value_info=graph.value_info
+    )
+    model = onnx.helper.make_model(
+        shapes_graph, opset_imports=prepared.model.opset_import, functions=prepared.model.functions
+    )
+    model.ir_version = prepared.model.ir_version
+    return model
 
 
 def _node_nonzeros(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:

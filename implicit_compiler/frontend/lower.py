@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import ArgumentTypeError, GraphError, ImplicitCompilerError, NonFiniteError, UnsupportedOpError
+from ..errors import (
+    ArgumentTypeError,
+    GraphError,
+    ImplicitCompilerError,
+    ModelTooLargeError,
+    NonFiniteError,
+    UnsupportedOpError,
+)
 from ..model import ImplicitModel, TensorSpec
 from .context import LoweringContext, NodeView, Value
 from .estimate import available_memory_bytes, check_model_fits
@@ -126,6 +133,11 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
         if node.where not in message:
             message = f"while lowering {node.where}: {message}"
         raise type(error)(message) from error
+    except MemoryError as error:  # past a process or cgroup limit the estimate did not foresee
+        raise ModelTooLargeError(
+            f"while lowering {node.where}: out of memory ({error}); the model is larger than its estimate. "
+            "Use a smaller input resolution, a machine with more memory, or raise the process's memory limit"
+        ) from error
     except Exception as error:  # a bug or an unforeseen input: never a bare crash
         raise GraphError(
             f"while lowering {node.where}: internal error {type(error).__name__}: {error}. "
