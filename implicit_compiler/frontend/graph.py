@@ -126,7 +126,7 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]] | None = None) -> PreparedModel:
     """A topologically sorted float64 copy with fixed input shapes (see the module docstring)."""
-    _check_input_shapes(input_shapes)
+    input_shapes = _checked_input_shapes(input_shapes)
     model = to_float64(model)
     graph = model.graph
     constants = {tensor.name: tensor_array(tensor) for tensor in graph.initializer}
@@ -143,18 +143,20 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | No
     return PreparedModel(with_sorted_nodes(model, copy_model=False), default_opset(model), inputs, constants)
 
 
-def _check_input_shapes(input_shapes: object) -> None:
+def _checked_input_shapes(input_shapes: object) -> dict[str, tuple[int | None, ...] | None] | None:
     """A mapping of input name to a shape whose entries are positive ints or None (the batch
-    axis): anything else is refused here, naming the input, the axis and the value (it would
-    otherwise read as a dynamic dimension, or a mismatch with the model)."""
+    axis), as a dict of tuples of Python ints: anything else is refused here, naming the input,
+    the axis and the value (it would otherwise read as a dynamic dimension, or a mismatch)."""
     if input_shapes is None:
-        return
+        return None
     example = "{'x': (None, 3, 32, 32)}"
     if not isinstance(input_shapes, Mapping):
         raise ArgumentTypeError(
             f"input_shapes must be a dict of input name to shape, e.g. {example}; got {type(input_shapes).__name__}"
         )
+    checked: dict[str, tuple[int | None, ...] | None] = {}
     for name, shape in input_shapes.items():
+        checked[name] = None
         if shape is None:  # no shape given for this input: the model's own
             continue
         if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence | np.ndarray):
@@ -170,6 +172,8 @@ def _check_input_shapes(input_shapes: object) -> None:
                     f"input_shapes[{name!r}] gives axis {axis} the size {size!r} ({type(size).__name__}); "
                     "expected a positive int, or None for the batch axis"
                 )
+        checked[name] = tuple(None if size is None else int(size) for size in shape)
+    return checked
 
 
 def with_sorted_nodes(model: onnx.ModelProto, copy_model: bool = True) -> onnx.ModelProto:
