@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 
 import onnx
 
@@ -27,10 +28,16 @@ except ImportError:  # not on Windows
     resource = None
 
 from ..errors import ModelTooLargeError
-from .context import BYTES_PER_NONZERO_WHILE_LOWERING
+from .context import BYTES_PER_NONZERO_WHILE_LOWERING, FOLD_GROWTH_LIMIT
 from .graph import FLOAT_TYPES, PreparedModel
 
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
+# How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
+# store their input as state blocks (how many), linear maps, maxima (relu trees), products.
+BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2}
+LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
+PRODUCTS = frozenset({"Mul", "Div"})
 # Where the process's cgroups are listed and mounted (tests point them elsewhere).
 PROC_CGROUP = "/proc/self/cgroup"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -146,7 +153,7 @@ def _memory_stat(path: str) -> dict[str, float]:
 
 
 def estimate_nonzeros(prepared: PreparedModel) -> int:
-    """Upper bound on the non-zeros of the lowered model's linear layers (0 where unknown)."""
+    """About the non-zeros of the lowered model (an upper bound for the linear layers' share)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_shapes_model(prepared), data_prop=True)
     except Exception:  # inference is best effort; the running check in the lowering still holds
@@ -156,10 +163,80 @@ def estimate_nonzeros(prepared: PreparedModel) -> int:
         tensor_type = value.type.tensor_type
         if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
             shapes[value.name] = [d.dim_value for d in tensor_type.shape.dim]
-    total = 0
-    for node in inferred.graph.node:
-        total += _node_nonzeros(node, shapes)
-    return total
+    return int(_follow_expressions(prepared, inferred.graph, shapes))
+
+
+def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> float:
+    """The non-zeros the lowering stores, following each value's expression through the graph.
+
+    A value that depends on the inputs is an affine expression with some non-zeros (a selection
+    of states has one per element). Linear layers, concatenations and elementwise maps make a
+    new expression (a layer's non-zeros are its multiply-accumulates when it reads a selection);
+    an activation stores its input's expression as the rows of a state block and gives a
+    selection. An expression read by several activations is stored once by each: DenseNet's
+    concatenated convolutions are stored again by every later layer of their block, several
+    times their multiply-accumulates. The graph outputs' expressions are the rows of C and D.
+    """
+    nonzeros = {graph_input.name: float(math.prod(graph_input.shape)) for graph_input in prepared.inputs}
+    total = 0.0
+    for node in graph.node:
+        read = [name for name in node.input if name in nonzeros]
+        if not read:
+            continue  # constant: folded
+        stored, made = _node_expressions(node, read, nonzeros, shapes)
+        total += stored
+        for name in node.output:
+            if name:
+                nonzeros[name] = made(name)
+    return total + sum(nonzeros.get(value.name, 0.0) for value in graph.output)
+
+
+def _node_expressions(
+    node: onnx.NodeProto, read: list[str], nonzeros: dict[str, float], shapes: dict[str, list[int]]
+) -> tuple[float, Callable[[str], float]]:
+    """(non-zeros the node stores in state blocks, its outputs' non-zeros by name)."""
+
+    def size(name: str) -> float | None:
+        return float(math.prod(shapes[name])) if name in shapes else None
+
+    first = nonzeros[read[0]]
+    density = first / max(size(read[0]) or first, 1.0)
+    op = node.op_type
+    if op in BLOCKS:  # the input's expression as state rows; out: a selection (two with two blocks)
+        return BLOCKS[op] * first, lambda name: BLOCKS[op] * (size(name) or first)
+    if op in LINEAR_MAPS and _node_nonzeros(node, shapes):
+        mapped = float(_node_nonzeros(node, shapes))
+        if density <= 1:
+            return 0.0, lambda name: mapped
+        if mapped * density > FOLD_GROWTH_LIMIT * (mapped + first):  # the operand is kept as a block
+            return first, lambda name: mapped
+        return 0.0, lambda name: mapped * density
+    if op in MAXIMA and node.output[0] in shapes:
+        window = max(size(read[0]) / size(node.output[0]), 1.0) if op != "MaxPool" else _kernel(node)
+        levels = max(math.ceil(math.log2(window)), 1) if window > 1 else 0
+        kept = first if density > 1 and 2 * density > FOLD_GROWTH_LIMIT * 3 else 0.0
+        density = 1.0 if kept else density
+        # each level's relu rows: pairs of values, (level) + density non-zeros each; out: b + relus
+        stored = sum(size(node.output[0]) * window / 2**k * 2 * (density + k - 1) for k in range(1, levels + 1))
+        return kept + stored, lambda name: (size(name) or first) * (density + levels)
+    if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
+        both = sum(nonzeros[name] for name in read)
+        return 2 * both, lambda name: 2 * (size(name) or both)
+    if op in ("Max", "Min") and len(read) > 1:  # b + relu(a - b)
+        both = sum(nonzeros[name] for name in read)
+        return both, lambda name: nonzeros[read[-1]] + (size(name) or 0.0)
+    if op == "Concat":
+        joined = sum(nonzeros[name] for name in read)
+        return 0.0, lambda name: joined
+    densities = sum(nonzeros[name] / max(size(name) or nonzeros[name], 1.0) for name in read)
+    return 0.0, lambda name: densities * size(name) if size(name) is not None else first
+
+
+def _kernel(node: onnx.NodeProto) -> float:
+    for attribute in node.attribute:
+        if attribute.name == "kernel_shape":
+            return float(math.prod(attribute.ints))
+    return 1.0
 
 
 def _shapes_model(prepared: PreparedModel) -> onnx.ModelProto:
