@@ -273,29 +273,50 @@ def _light(name: str) -> Path:
 
 
 @pytest.mark.parametrize(
-    "name,low,high", [("densenet121", 2.5e9, 3.3e9), ("inception_v2", 1.7e9, 2.4e9), ("resnet50", 3.6e9, 4.4e9)]
+    "name,low,high", [("densenet121", 2.87e9, 12e9), ("inception_v2", 1.7e9, 2.4e9), ("resnet50", 3.6e9, 4.4e9)]
 )
 def test_estimate_sees_weights_made_from_their_shapes(name, low, high):
-    """Published multiply-accumulate counts at 224 x 224 (what the estimate counts for convolutions):
-    DenseNet-121 2.87G, BN-Inception 2.0G, ResNet-50 4.1G. The weights are ConstantOfShape nodes
-    in an IR-3 model: shape inference saw none of them (DenseNet-121 was estimated at 0.12G)."""
+    """The weights are ConstantOfShape nodes in an IR-3 model: shape inference saw none of them
+    (DenseNet-121 and Inception-v2 were estimated at 0.12G). Published multiply-accumulate counts
+    at 224 x 224: BN-Inception 2.0G, ResNet-50 4.1G, what they store once lowered; DenseNet-121
+    does 2.87G but stores each concatenated convolution again in every later layer of its block,
+    more (its first block is measured against a real lowering below)."""
     prepared = prepare(onnx.load(_light(name)))
     assert low <= estimate.estimate_nonzeros(prepared) <= high
 
 
-def test_estimate_is_within_2x_of_a_real_lowering():
-    """SqueezeNet at 64 x 64 (without its final Softmax) fits: its real non-zeros are counted."""
-    model = onnx.load(_light("squeezenet"))
-    softmax = next(node for node in model.graph.node if node.op_type == "Softmax")
-    model.graph.node.remove(softmax)
-    model.graph.output[0].name = softmax.input[0]
-    model.graph.output[0].type.tensor_type.ClearField("shape")
+def _light_part(name: str, last: int | None, size: int) -> onnx.ModelProto:
+    """A light model at ``size`` x ``size``, ending at the output of its ``last``-th node that is
+    not a ConstantOfShape (None: before its final Softmax)."""
+    model = onnx.load(_light(name))
+    computing = [node for node in model.graph.node if node.op_type != "ConstantOfShape"]
+    end = computing[last].output[0] if last is not None else computing[-1].input[0]
+    needed, kept = {end}, []
+    for node in reversed(model.graph.node):
+        if any(name in needed for name in node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info(end, TensorProto.FLOAT, None))
     dims = next(i for i in model.graph.input if i.name == "data_0").type.tensor_type.shape.dim
-    dims[2].dim_value = dims[3].dim_value = 64
+    dims[2].dim_value = dims[3].dim_value = size
+    return model
+
+
+@pytest.mark.parametrize(
+    "name,last,size", [("squeezenet", None, 64), ("densenet121", 105, 32)], ids=["squeezenet", "densenet-block1"]
+)
+def test_estimate_is_near_a_real_lowering(name, last, size):
+    """SqueezeNet at 64 x 64 without its Softmax (20M non-zeros) and DenseNet-121's first dense
+    block and transition at 32 x 32 (53M: twice its multiply-accumulates, which is all the
+    estimate counted before) fit: their real non-zeros are counted."""
+    model = _light_part(name, last, size)
     estimated = estimate.estimate_nonzeros(prepare(model))
-    compiled = ic.from_onnx(model, memory_limit_bytes=3e9)
+    compiled = ic.from_onnx(model, memory_limit_bytes=4e9)
     real = sum(matrix.nnz for matrix in (compiled.A, compiled.B, compiled.C, compiled.D))
-    assert real / 2 <= estimated <= 2 * real, (estimated, real)
+    assert real / 1.5 <= estimated <= 1.5 * real, (estimated, real)
 
 
 LIGHT_SCRIPT = """
@@ -352,7 +373,7 @@ def test_light_models_are_refused_in_seconds(light_outcomes, name, expected):
         assert "Softmax" in message or "LRN" in message, message
     else:
         estimate_g = float(message.split("about ")[1].split("G non-zeros")[0])
-        assert 2.5 <= estimate_g <= 3.3, message  # DenseNet-121: 2.87G multiply-accumulates
+        assert 2.87 <= estimate_g <= 12, message  # DenseNet-121: 2.87G multiply-accumulates, and more
 
 
 def test_available_memory_respects_the_address_space_rlimit():

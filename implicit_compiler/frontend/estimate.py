@@ -38,6 +38,9 @@ BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip"
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
 PRODUCTS = frozenset({"Mul", "Div"})
+# Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
+# (the gates' products in LSTM and GRU): measured on tests/recurrent-models.
+RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
 # Where the process's cgroups are listed and mounted (tests point them elsewhere).
 PROC_CGROUP = "/proc/self/cgroup"
 CGROUP_ROOT = "/sys/fs/cgroup"
@@ -211,6 +214,11 @@ def _node_expressions(
         if mapped * density > FOLD_GROWTH_LIMIT * (mapped + first):  # the operand is kept as a block
             return first, lambda name: mapped
         return 0.0, lambda name: mapped * density
+    if op in RECURRENT and all(name in shapes for name in node.input[:3]):
+        x, w, r = (shapes[name] for name in node.input[:3])
+        steps = x[1] if _attribute(node, "layout") else x[0]
+        stored = RECURRENT[op] * steps * (math.prod(w) * density + math.prod(r))
+        return stored, lambda name: size(name) or first
     if op in MAXIMA and node.output[0] in shapes:
         window = max(size(read[0]) / size(node.output[0]), 1.0) if op != "MaxPool" else _kernel(node)
         levels = max(math.ceil(math.log2(window)), 1) if window > 1 else 0
