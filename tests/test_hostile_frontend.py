@@ -258,6 +258,29 @@ def test_training_mode_node_at_the_end_is_refused_before_lowering():
     assert lowered == []
 
 
+@pytest.mark.parametrize(
+    "tail,refused",
+    [
+        (
+            'y = MaxPool <kernel_shape = [1, 1], auto_pad = "BOGUS"> (r)',
+            r"\(MaxPool, opset 17\): attribute auto_pad='BOGUS'",
+        ),
+        (
+            'y = AveragePool <kernel_shape = [1, 1], auto_pad = "X"> (r)',
+            r"\(AveragePool, opset 17\): attribute auto_pad='X'",
+        ),
+        ('y = Conv <auto_pad = "BOGUS"> (r, W)', r"\(Conv, opset 17\): attribute auto_pad='BOGUS'"),
+        ("y = Conv <group = 0> (r, W)", r"\(Conv, opset 17\): attribute group=0"),
+    ],
+    ids=["maxpool-auto_pad", "averagepool-auto_pad", "conv-auto_pad", "conv-group"],
+)
+def test_refused_attribute_values_are_found_before_lowering(tail, refused):
+    lowered = []
+    with pytest.raises(ic.UnsupportedAttributeError, match=refused):
+        ic.from_onnx(_conv_then(tail), progress=lambda done, total, name: lowered.append(name))
+    assert lowered == []
+
+
 def test_unsupported_op_and_attribute_together_give_unsupported_op_error():
     model = _conv_then("s = Softmax <axis = 1> (r)\n y = Relu <bogus = 1> (s)")
     with pytest.raises(ic.UnsupportedOpError, match=r"(?s)2 nodes.*Softmax.*attribute bogus=1 is not supported"):
