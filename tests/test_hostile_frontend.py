@@ -78,6 +78,12 @@ def test_dtype_other_than_float32_or_float64_is_refused(dtype):
         ic.from_onnx(parse(MLP_TEXT), dtype=dtype)
 
 
+@pytest.mark.parametrize("limit", ["abc", float("nan"), -1, 0, [1]])
+def test_memory_limit_that_is_not_a_positive_number_is_refused(limit):
+    with pytest.raises(ic.ArgumentTypeError, match=r"memory_limit_bytes=.* (is not a number|must be a positive)"):
+        ic.from_onnx(parse(MLP_TEXT), memory_limit_bytes=limit)
+
+
 def test_big_endian_float_dtypes_compile_in_native_order():
     assert ic.from_onnx(parse(MLP_TEXT), dtype=">f8").dtype == np.float64
     assert ic.from_onnx(parse(MLP_TEXT), dtype=">f4").dtype == np.float32

@@ -62,14 +62,19 @@ def from_onnx(
         UnsupportedOpError, UnsupportedAttributeError: an op or attribute without lowering.
         GraphError, ShapeError: a malformed graph, dynamic shapes, runtime weights.
         NonFiniteError: NaN or inf weights. ModelTooLargeError: the estimate does not fit.
-        ModelFileError: the file is not readable ONNX.
+        ModelFileError: the file is not readable ONNX (ModelFileNotFoundError: there is none).
+        ArgumentTypeError: ``model``, ``dtype``, ``input_shapes`` or ``memory_limit_bytes`` of a
+            type (or a dtype) not taken.
+
+    Every node is checked for a lowering (op, opset, attributes) before any is lowered, and the
+    size of the result estimated, so that a model that cannot compile is refused in seconds.
     """
     dtype = _compile_dtype(dtype)
     proto = load_onnx(model)
     prepared = prepare(proto, input_shapes)
     _check_single_assignment(prepared)
     _check_lowerable(prepared)
-    limit = available_memory_bytes() if memory_limit_bytes is None else float(memory_limit_bytes)
+    limit = _memory_limit(memory_limit_bytes)
     expected_nonzeros = check_model_fits(prepared, limit)
     _check_finite_constants(prepared)
 
@@ -222,6 +227,19 @@ def _compile_dtype(dtype: Any) -> np.dtype:
             "or np.float32"
         )
     return np.dtype(f"f{parsed.itemsize}")
+
+
+def _memory_limit(memory_limit_bytes: Any) -> float:
+    """The limit given (a positive number of bytes), else the memory this process may use."""
+    if memory_limit_bytes is None:
+        return available_memory_bytes()
+    try:
+        limit = float(memory_limit_bytes)
+    except (TypeError, ValueError) as error:
+        raise ArgumentTypeError(f"memory_limit_bytes={memory_limit_bytes!r} is not a number of bytes") from error
+    if not limit > 0:
+        raise ArgumentTypeError(f"memory_limit_bytes={memory_limit_bytes!r} must be a positive number of bytes")
+    return limit
 
 
 def _last_uses(graph: onnx.GraphProto) -> dict[str, int]:
