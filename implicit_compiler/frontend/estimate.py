@@ -1,18 +1,25 @@
 """Estimating the size of a lowered model before building it.
 
-The non-zeros of A, B, C, D are dominated by the linear layers; per sample (batch 1):
+The estimate follows each value's affine expression through the graph, as the lowering builds
+it (``_follow_expressions``): the non-zeros a linear layer makes reading a selection of states
+are its multiply-accumulates, per sample (batch 1):
 
-    Conv           prod(output shape) * C_in / groups * prod(kernel)   (its MAC count)
+    Conv           prod(output shape) * C_in / groups * prod(kernel)
     ConvTranspose  prod(input shape) * C_out / groups * prod(kernel)
     Gemm / MatMul  rows of the output * the contracted dimension
+
+and an activation stores its input's expression as state rows (once per activation reading
+it), max pools store relu trees, recurrent layers their weights per step. Measured against
+real lowerings (onnx's light SqueezeNet, DenseNet-121's first block, ResNet-50's and
+Inception-v2's first stages, the CNNs of the test corpus) it is within 1.4x, within 2x on
+single-op models; a recurrent layer whose input shape inference cannot see is missed.
 
 Shapes come from ONNX shape inference on the prepared graph (with data propagation, so exporter
 shape subgraphs resolve, and every initializer listed as an input, so that weights made by
 nodes from their shapes, as in onnx's "light" models, resolve at any IR version). The estimate
-is an upper bound (padding taps are counted), checked against the memory limit (the least of
-MemAvailable, the process's rlimits and its cgroup's limit) before any matrix is allocated; the
-lowering also checks its running count as it goes.
-"""
+is checked against the memory limit (the least of MemAvailable, the process's rlimits and its
+cgroup's limit) before any matrix is allocated; the lowering also checks its running count as
+it goes."""
 
 from __future__ import annotations
 
@@ -214,18 +221,20 @@ def _node_expressions(
         if mapped * density > FOLD_GROWTH_LIMIT * (mapped + first):  # the operand is kept as a block
             return first, lambda name: mapped
         return 0.0, lambda name: mapped * density
-    if op in RECURRENT and all(name in shapes for name in node.input[:3]):
+    if op in RECURRENT and all(name in shapes for name in node.input[:3]) and len(shapes[node.input[0]]) == 3:
         x, w, r = (shapes[name] for name in node.input[:3])
         steps = x[1] if _attribute(node, "layout") else x[0]
         stored = RECURRENT[op] * steps * (math.prod(w) * density + math.prod(r))
         return stored, lambda name: size(name) or first
-    if op in MAXIMA and node.output[0] in shapes:
-        window = max(size(read[0]) / size(node.output[0]), 1.0) if op != "MaxPool" else _kernel(node)
-        levels = max(math.ceil(math.log2(window)), 1) if window > 1 else 0
-        kept = first if density > 1 and 2 * density > FOLD_GROWTH_LIMIT * 3 else 0.0
+    if op in MAXIMA and size(node.output[0]) and size(read[0]):
+        window = _kernel(node) if op == "MaxPool" else max(size(read[0]) / size(node.output[0]), 1.0)
+        levels = math.ceil(math.log2(window)) if window > 1 else 0
+        uses = size(node.output[0]) * window  # the window elements the tree reads
+        kept = first if 2 * uses * density > FOLD_GROWTH_LIMIT * (first + 2 * uses) else 0.0  # see tree_max
         density = 1.0 if kept else density
-        # each level's relu rows: pairs of values, (level) + density non-zeros each; out: b + relus
-        stored = sum(size(node.output[0]) * window / 2**k * 2 * (density + k - 1) for k in range(1, levels + 1))
+        # level k: a relu row per pair of values, each value the input's plus k - 1 relus; out: b + relus
+        pairs = [uses / 2**k for k in range(1, levels + 1)]
+        stored = sum(count * 2 * (density + k) for k, count in enumerate(pairs))
         return kept + stored, lambda name: (size(name) or first) * (density + levels)
     if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
         both = sum(nonzeros[name] for name in read)
