@@ -108,7 +108,10 @@ def _model_path(model: object) -> str:
             )
         path = os.fsdecode(path)
     if os.path.isdir(path):
-        found = sorted(name for name in os.listdir(path) if name.endswith(".onnx"))[:5]
+        try:
+            found = sorted(name for name in os.listdir(path) if name.endswith(".onnx"))[:5]
+        except OSError:  # unreadable: say only that it is a directory
+            found = []
         hint = f" (it holds {', '.join(found)})" if found else ""
         raise ModelFileNotFoundError(f"{path} is a directory, not an ONNX file; pass the .onnx file itself{hint}")
     if not os.path.isfile(path):

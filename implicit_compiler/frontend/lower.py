@@ -219,7 +219,7 @@ def _compile_dtype(dtype: Any) -> np.dtype:
     """float32 or float64 (native byte order); any other dtype is refused rather than ignored."""
     try:
         parsed = np.dtype(dtype)
-    except TypeError as error:
+    except (TypeError, ValueError) as error:
         raise ArgumentTypeError(f"dtype={dtype!r} is not a numpy dtype; use np.float64 or np.float32") from error
     if parsed.kind != "f" or parsed.itemsize not in (4, 8):
         raise ArgumentTypeError(
