@@ -248,6 +248,7 @@ def test_unsupported_ops_are_all_listed_before_any_node_is_lowered():
     assert "2 nodes cannot be lowered" in message, message
     assert "node 'Softmax_2' (Softmax, opset 17)" in message and "node 'LRN_4' (LRN, opset 17)" in message
     assert message.count("Supported ops:") == 1 and "Conv" in message.split("Supported ops:")[1]
+    assert "\n" not in message  # the CLI prints the first line only
 
 
 def test_training_mode_node_at_the_end_is_refused_before_lowering():

@@ -183,18 +183,19 @@ def _check_lowerable(prepared: PreparedModel) -> None:
 
 
 def _all_refused(problems: list[ImplicitCompilerError]) -> ImplicitCompilerError:
-    """One error listing every refused node (the list of supported ops given once, at the end)."""
+    """One error listing every refused node, on one line (the CLI prints the first line only),
+    the list of supported ops given once, at the end."""
     hint = "; supported ops: "
-    lines = [str(problem).split(hint)[0] for problem in problems]
+    lines = [f"({number}) {str(problem).split(hint)[0]}" for number, problem in enumerate(problems, 1)]
     if len(lines) > MAX_LISTED:
         lines = [*lines[:MAX_LISTED], f"... and {len(lines) - MAX_LISTED} more"]
     supported = next((str(p).split(hint)[1] for p in problems if hint in str(p)), None)
     ops = [problem for problem in problems if isinstance(problem, UnsupportedOpError)]
     kind = type(ops[0] if ops else problems[0])
     return kind(
-        f"{len(problems)} nodes cannot be lowered (all nodes were checked before lowering any):\n  "
-        + "\n  ".join(lines)
-        + (f"\nSupported ops: {supported}" if supported else "")
+        f"{len(problems)} nodes cannot be lowered (all nodes were checked before lowering any): "
+        + " ".join(lines)
+        + (f". Supported ops: {supported}" if supported else "")
     )
 
 
