@@ -441,3 +441,15 @@ def test_available_memory_respects_the_cgroup_limit(tmp_path, monkeypatch, versi
     monkeypatch.setattr(estimate, "PROC_CGROUP", str(tmp_path / "proc"))
     monkeypatch.setattr(estimate, "CGROUP_ROOT", str(tmp_path))
     assert estimate.available_memory_bytes() == pytest.approx(gib)  # MemAvailable here is far above 1 GiB
+
+
+def test_memory_error_while_lowering_is_model_too_large(monkeypatch):
+    """Past a process limit the estimate did not foresee, numpy's MemoryError becomes a typed
+    ModelTooLargeError naming the node (it was reported as an "internal error")."""
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 906. MiB")
+
+    monkeypatch.setattr("implicit_compiler.frontend.context.LoweringContext.create_block", out_of_memory)
+    with pytest.raises(ic.ModelTooLargeError, match=r"while lowering node 'Relu_1' \(Relu, opset 17\): out of memory"):
+        ic.from_onnx(parse(MLP_TEXT))
