@@ -26,7 +26,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
 
-from ..errors import GraphError, ModelFileError, ShapeError
+from ..errors import ArgumentTypeError, GraphError, ModelFileError, PathIsDirectoryError, PathNotFoundError, ShapeError
 
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
 
@@ -70,11 +70,14 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     """The ModelProto itself, or the file read; unreadable files raise ModelFileError."""
     if isinstance(model, onnx.ModelProto):
         return model
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no ONNX file at {path}")
+    path = _model_path(model)
     try:
         proto = onnx.load(path)
+    except onnx.checker.ValidationError as error:  # what onnx raises for a missing external-data file
+        raise ModelFileError(
+            f"cannot read the external data of {path}: {str(error).rstrip('.')}. Keep the data files where "
+            "the model names them (next to it, as saved), or re-save the model as one file with onnx.save(model, path)"
+        ) from error
     except (DecodeError, ValueError, OSError, RuntimeError) as error:
         raise ModelFileError(
             f"cannot read {path} as ONNX: the file is truncated, corrupted or not an ONNX model ({error}). "
@@ -83,6 +86,37 @@ def load_onnx(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.output:
         raise ModelFileError(f"{path} parsed as ONNX but holds no graph: is it really an ONNX model?")
     return proto
+
+
+def _model_path(model: object) -> str:
+    """The file ``from_onnx`` should read, or a typed error saying what to pass instead.
+
+    Bytes are taken as a path (as ``open`` does); bytes holding a NUL cannot be one and are
+    most likely a serialized model.
+    """
+    if not isinstance(model, (str, bytes, os.PathLike)):
+        raise ArgumentTypeError(
+            f"model must be a path to an .onnx file (str or os.PathLike) or an onnx.ModelProto, "
+            f"not {type(model).__name__}"
+        )
+    path = os.fspath(model)
+    if isinstance(path, bytes):
+        if b"\0" in path:
+            raise ArgumentTypeError(
+                f"model is {len(path)} bytes that cannot be a path (they hold a NUL byte); to compile a "
+                "serialized model pass onnx.load_model_from_string(data)"
+            )
+        path = os.fsdecode(path)
+    if os.path.isdir(path):
+        try:
+            found = sorted(name for name in os.listdir(path) if name.endswith(".onnx"))[:5]
+        except OSError:  # unreadable: say only that it is a directory
+            found = []
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        raise PathIsDirectoryError(f"{path} is a directory, not an ONNX file; pass the .onnx file itself{hint}")
+    if not os.path.isfile(path):
+        raise PathNotFoundError(f"no ONNX file at {path}: check the path (relative to {os.getcwd()})")
+    return path
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -95,9 +129,10 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]] | None = None) -> PreparedModel:
     """A topologically sorted float64 copy with fixed input shapes (see the module docstring)."""
+    input_shapes = _checked_input_shapes(input_shapes)
     model = to_float64(model)
     graph = model.graph
-    constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    constants = {tensor.name: tensor_array(tensor) for tensor in graph.initializer}
     runtime_inputs = [value for value in graph.input if value.name not in constants]
     unknown = set(input_shapes or {}) - {value.name for value in runtime_inputs}
     if unknown:
@@ -109,6 +144,39 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | No
     del graph.input[:]
     graph.input.extend(onnx.helper.make_tensor_value_info(i.name, TensorProto.DOUBLE, list(i.shape)) for i in inputs)
     return PreparedModel(with_sorted_nodes(model, copy_model=False), default_opset(model), inputs, constants)
+
+
+def _checked_input_shapes(input_shapes: object) -> dict[str, tuple[int | None, ...] | None] | None:
+    """A mapping of input name to a shape whose entries are positive ints or None (the batch
+    axis), as a dict of tuples of Python ints: anything else is refused here, naming the input,
+    the axis and the value (it would otherwise read as a dynamic dimension, or a mismatch)."""
+    if input_shapes is None:
+        return None
+    example = "{'x': (None, 3, 32, 32)}"
+    if not isinstance(input_shapes, Mapping):
+        raise ArgumentTypeError(
+            f"input_shapes must be a dict of input name to shape, e.g. {example}; got {type(input_shapes).__name__}"
+        )
+    checked: dict[str, tuple[int | None, ...] | None] = {}
+    for name, shape in input_shapes.items():
+        checked[name] = None
+        if shape is None:  # no shape given for this input: the model's own
+            continue
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence | np.ndarray):
+            raise ArgumentTypeError(
+                f"input_shapes[{name!r}] is {shape!r}, not a shape: expected a tuple of ints with None for the "
+                f"batch axis, e.g. {example}"
+            )
+        for axis, size in enumerate(shape):
+            if size is None:
+                continue
+            if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+                raise ShapeError(
+                    f"input_shapes[{name!r}] gives axis {axis} the size {size!r} ({type(size).__name__}); "
+                    "expected a positive int, or None for the batch axis"
+                )
+        checked[name] = tuple(None if size is None else int(size) for size in shape)
+    return checked
 
 
 def with_sorted_nodes(model: onnx.ModelProto, copy_model: bool = True) -> onnx.ModelProto:
@@ -243,6 +311,26 @@ def _graph_to_float64(graph: onnx.GraphProto) -> None:
 
 
 def _tensor_to_float64(tensor: onnx.TensorProto) -> onnx.TensorProto:
-    array = numpy_helper.to_array(tensor).astype(np.float64)
+    array = tensor_array(tensor).astype(np.float64)
     converted = numpy_helper.from_array(array, tensor.name)
     return converted
+
+
+def tensor_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """The tensor's values; data that was not loaded, or is shorter than its dims, raises
+    ModelFileError naming the tensor (numpy's reshape error names none)."""
+    name = tensor.name or "(a Constant node's value)"
+    if tensor.data_location == TensorProto.EXTERNAL:
+        location = {entry.key: entry.value for entry in tensor.external_data}.get("location", "?")
+        raise ModelFileError(
+            f"tensor {name!r} keeps its data in the external file {location!r}, which was not loaded: pass "
+            "the model's path to from_onnx, or load it with onnx.load(path), which reads the external data"
+        )
+    try:
+        return numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as error:
+        kind = TensorProto.DataType.Name(tensor.data_type) if tensor.data_type in TensorProto.DataType.values() else "?"
+        raise ModelFileError(
+            f"tensor {name!r} ({kind}, dims {list(tensor.dims)}) cannot be read ({error}): its data is truncated "
+            "or corrupted; re-export the model"
+        ) from error

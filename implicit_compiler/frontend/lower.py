@@ -17,17 +17,26 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ..errors import GraphError, ImplicitCompilerError, NonFiniteError
+from ..errors import (
+    ArgumentTypeError,
+    GraphError,
+    ImplicitCompilerError,
+    ModelTooLargeError,
+    NonFiniteError,
+    UnsupportedOpError,
+)
 from ..model import ImplicitModel, TensorSpec
 from .context import LoweringContext, NodeView, Value
 from .estimate import available_memory_bytes, check_model_fits
 from .expression import Affine
 from .fold import evaluate_constant_node
 from .graph import PreparedModel, load_onnx, prepare
-from .registry import find_lowering
+from .registry import Lowering, find_lowering
 
 # Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
 NEVER_FOLD: frozenset[str] = frozenset()
+# Nodes listed in the error refusing a model before lowering; the rest are counted.
+MAX_LISTED = 20
 
 
 def from_onnx(
@@ -54,10 +63,19 @@ def from_onnx(
         GraphError, ShapeError: a malformed graph, dynamic shapes, runtime weights.
         NonFiniteError: NaN or inf weights. ModelTooLargeError: the estimate does not fit.
         ModelFileError: the file is not readable ONNX.
+        PathNotFoundError / PathIsDirectoryError: there is no file at the path / it is a folder.
+        ArgumentTypeError: ``model``, ``dtype``, ``input_shapes`` or ``memory_limit_bytes`` of a
+            type (or a dtype) not taken.
+
+    Every node is checked for a lowering (op, opset, attributes) before any is lowered, and the
+    size of the result estimated, so that a model that cannot compile is refused in seconds.
     """
+    dtype = _compile_dtype(dtype)
     proto = load_onnx(model)
     prepared = prepare(proto, input_shapes)
-    limit = available_memory_bytes() if memory_limit_bytes is None else float(memory_limit_bytes)
+    _check_single_assignment(prepared)
+    _check_lowerable(prepared)
+    limit = _memory_limit(memory_limit_bytes)
     expected_nonzeros = check_model_fits(prepared, limit)
     _check_finite_constants(prepared)
 
@@ -111,12 +129,7 @@ def from_onnx(
 
 def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]) -> list[Value | None]:
     try:
-        lowering = find_lowering(node.op_type, node.proto.domain, node.opset, node.where)
-        unknown = sorted(set(node.attributes) - lowering.attributes) if lowering.attributes is not None else []
-        if unknown:
-            raise node.unsupported(
-                unknown[0], node.attr(unknown[0]), f"{node.op_type} is lowered without it; remove or fold it first"
-            )
+        lowering = _lowering_for(node)
         all_constant = all(value is None or not isinstance(value, Affine) for value in inputs)
         if all_constant and node.op_type not in NEVER_FOLD:
             return evaluate_constant_node(node, inputs)
@@ -126,6 +139,11 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
         if node.where not in message:
             message = f"while lowering {node.where}: {message}"
         raise type(error)(message) from error
+    except MemoryError as error:  # past a process or cgroup limit the estimate did not foresee
+        raise ModelTooLargeError(
+            f"while lowering {node.where}: out of memory ({error}); the model is larger than its estimate. "
+            "Use a smaller input resolution, a machine with more memory, or raise the process's memory limit"
+        ) from error
     except Exception as error:  # a bug or an unforeseen input: never a bare crash
         raise GraphError(
             f"while lowering {node.where}: internal error {type(error).__name__}: {error}. "
@@ -134,6 +152,96 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
     if len(outputs) < len([o for o in node.proto.output if o]):
         raise GraphError(f"{node.where}: produced {len(outputs)} outputs, the node names {len(node.proto.output)}")
     return outputs
+
+
+def _lowering_for(node: NodeView) -> Lowering:
+    """The node's lowering, or the typed error saying why it has none (op, attribute name or value)."""
+    lowering = find_lowering(node.op_type, node.proto.domain, node.opset, node.where)
+    unknown = sorted(set(node.attributes) - lowering.attributes) if lowering.attributes is not None else []
+    if unknown:
+        raise node.unsupported(
+            unknown[0], node.attr(unknown[0]), f"{node.op_type} is lowered without it; remove or fold it first"
+        )
+    if lowering.check is not None:
+        lowering.check(node)
+    return lowering
+
+
+def _check_lowerable(prepared: PreparedModel) -> None:
+    """Every node has a lowering that takes its attributes, checked before lowering any: a model
+    refused at its last node would otherwise be refused after minutes and gigabytes of work. All
+    the nodes refused are listed; the error is UnsupportedOpError when an op is among them."""
+    problems = []
+    for index, proto_node in enumerate(prepared.graph.node):
+        try:
+            _lowering_for(NodeView(proto_node, prepared.opset, index))
+        except ImplicitCompilerError as error:
+            problems.append(error)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        raise _all_refused(problems)
+
+
+def _all_refused(problems: list[ImplicitCompilerError]) -> ImplicitCompilerError:
+    """One error listing every refused node, on one line (the CLI prints the first line only),
+    the list of supported ops given once, at the end."""
+    hint = "; supported ops: "
+    lines = [f"({number}) {str(problem).split(hint)[0]}" for number, problem in enumerate(problems, 1)]
+    if len(lines) > MAX_LISTED:
+        lines = [*lines[:MAX_LISTED], f"... and {len(lines) - MAX_LISTED} more"]
+    supported = next((str(p).split(hint)[1] for p in problems if hint in str(p)), None)
+    ops = [problem for problem in problems if isinstance(problem, UnsupportedOpError)]
+    kind = type(ops[0] if ops else problems[0])
+    return kind(
+        f"{len(problems)} nodes cannot be lowered (all nodes were checked before lowering any): "
+        + " ".join(lines)
+        + (f". Supported ops: {supported}" if supported else "")
+    )
+
+
+def _check_single_assignment(prepared: PreparedModel) -> None:
+    """Each value is produced once (onnx.checker's single static assignment): a second node writing
+    the same output, or an output named like an input or initializer, would be silently overwritten."""
+    producers = {value.name: f"graph input {value.name!r}" for value in prepared.graph.input}
+    producers.update({name: f"initializer {name!r}" for name in prepared.constants})
+    for index, proto_node in enumerate(prepared.graph.node):
+        node = NodeView(proto_node, prepared.opset, index)
+        for name in proto_node.output:
+            if name in producers:
+                raise GraphError(
+                    f"{node.where} writes {name!r}, which {producers[name]} already produces; ONNX values are "
+                    "assigned once (onnx.checker refuses this model): rename one of the outputs"
+                )
+            if name:
+                producers[name] = node.where
+
+
+def _compile_dtype(dtype: Any) -> np.dtype:
+    """float32 or float64 (native byte order); any other dtype is refused rather than ignored."""
+    try:
+        parsed = np.dtype(dtype)
+    except (TypeError, ValueError) as error:
+        raise ArgumentTypeError(f"dtype={dtype!r} is not a numpy dtype; use np.float64 or np.float32") from error
+    if parsed.kind != "f" or parsed.itemsize not in (4, 8):
+        raise ArgumentTypeError(
+            f"dtype={dtype!r} ({parsed}) is not supported: an implicit model computes in np.float64 (the default) "
+            "or np.float32"
+        )
+    return np.dtype(f"f{parsed.itemsize}")
+
+
+def _memory_limit(memory_limit_bytes: Any) -> float:
+    """The limit given (a positive number of bytes), else the memory this process may use."""
+    if memory_limit_bytes is None:
+        return available_memory_bytes()
+    try:
+        limit = float(memory_limit_bytes)
+    except (TypeError, ValueError) as error:
+        raise ArgumentTypeError(f"memory_limit_bytes={memory_limit_bytes!r} is not a number of bytes") from error
+    if not limit > 0:
+        raise ArgumentTypeError(f"memory_limit_bytes={memory_limit_bytes!r} must be a positive number of bytes")
+    return limit
 
 
 def _last_uses(graph: onnx.GraphProto) -> dict[str, int]:

@@ -29,6 +29,7 @@ class Lowering:
     function: Callable
     attributes: frozenset[str] | None  # None: any attribute (ops that are only ever folded)
     module: str
+    check: Callable | None = None  # check(node) raises for attribute values refused; run before lowering
 
     @property
     def summary(self) -> str:
@@ -51,11 +52,18 @@ def since_versions(op_type: str) -> list[int]:
     return sorted(versions)
 
 
-def lowers(op_type: str, attributes: Iterable[str] | None = (), since: Iterable[int] | None = None) -> Callable:
+def lowers(
+    op_type: str,
+    attributes: Iterable[str] | None = (),
+    since: Iterable[int] | None = None,
+    check: Callable | None = None,
+) -> Callable:
     """Register the decorated function as the lowering of ``op_type`` (all versions by default).
 
     ``attributes`` lists the attributes the lowering understands (None: any, for ops that are
-    only evaluated on constants by the reference evaluator).
+    only evaluated on constants by the reference evaluator). ``check(node)``, if given, raises
+    for the attribute values (or outputs) the lowering refuses; from_onnx runs it on every node
+    before lowering any, so that a refusal at the last node does not come after minutes of work.
     """
 
     def register(function: Callable) -> Callable:
@@ -64,7 +72,7 @@ def lowers(op_type: str, attributes: Iterable[str] | None = (), since: Iterable[
             if key in REGISTRY:
                 raise ValueError(f"{op_type} version {version} is registered twice")
             accepted = None if attributes is None else frozenset(attributes)
-            REGISTRY[key] = Lowering(op_type, version, function, accepted, function.__module__)
+            REGISTRY[key] = Lowering(op_type, version, function, accepted, function.__module__, check)
         return function
 
     return register

@@ -48,7 +48,18 @@ AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 CHUNK_ELEMENTS = 1 << 22
 
 
-@lowers("Conv", attributes=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"))
+def check_conv_attributes(node: NodeView) -> None:
+    """The attribute values refused whatever the shapes (run on every node before lowering any)."""
+    _auto_pad(node)
+    if int(node.attr("group", 1)) < 1:
+        raise node.unsupported("group", node.attr("group"), "the ONNX spec requires group >= 1")
+
+
+@lowers(
+    "Conv",
+    attributes=("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"),
+    check=check_conv_attributes,
+)
 def lower_conv(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """A sparse Toeplitz map (zero padding dropped) plus the bias per channel.
 
@@ -106,6 +117,7 @@ def lower_conv(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 @lowers(
     "ConvTranspose",
     attributes=("auto_pad", "dilations", "group", "kernel_shape", "output_padding", "output_shape", "pads", "strides"),
+    check=check_conv_attributes,
 )
 def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """The transposed (scatter) Toeplitz map plus the bias per channel.

@@ -256,7 +256,14 @@ def tree_max(ctx: LoweringContext, data: Affine, table: np.ndarray, name: str) -
 
 
 # ------------------------------------------------------------------------------------- pools
-@lowers("AveragePool", attributes=(*POOL_ATTRIBUTES, "count_include_pad"))
+def check_pool_attributes(node: NodeView) -> None:
+    """The attribute values refused whatever the shapes (run on every node before lowering any)."""
+    auto_pad = node.attr("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        raise node.unsupported("auto_pad", auto_pad, "use NOTSET, VALID, SAME_UPPER or SAME_LOWER")
+
+
+@lowers("AveragePool", attributes=(*POOL_ATTRIBUTES, "count_include_pad"), check=check_pool_attributes)
 def lower_average_pool(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """Window averages: one sparse linear map.
 
@@ -294,7 +301,7 @@ def lower_global_average_pool(ctx: LoweringContext, node: NodeView, inputs: list
     return [_average(ctx, data, table, np.full(table.shape[0], table.shape[1]), out_shape)]
 
 
-@lowers("MaxPool", attributes=(*POOL_ATTRIBUTES, "storage_order"))
+@lowers("MaxPool", attributes=(*POOL_ATTRIBUTES, "storage_order"), check=check_pool_attributes)
 def lower_max_pool(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """Window maxima, exact: a balanced tree of b + relu(a - b), one relu block per level.
 

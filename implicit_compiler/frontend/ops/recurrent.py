@@ -335,19 +335,27 @@ def _initial_state(
     return [[state.take(ids[d, b]) for b in range(batch)] for d in range(directions)]
 
 
-@lowers("RNN", attributes=COMMON_ATTRIBUTES)
+def check_recurrent_attributes(node: NodeView) -> None:
+    """The attribute values refused whatever the shapes (run on every node before lowering any)."""
+    if node.attr("layout", 0) not in (0, 1):
+        raise node.unsupported("layout", node.attr("layout"), "layout must be 0 or 1")
+    if node.attr("direction", "forward") not in ("forward", "reverse", "bidirectional"):
+        raise node.unsupported("direction", node.attr("direction"), "use forward, reverse or bidirectional")
+
+
+@lowers("RNN", attributes=COMMON_ATTRIBUTES, check=check_recurrent_attributes)
 def lower_rnn(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """Unrolled: H_t = f(X_t W^T + H_{t-1} R^T + b), one block per step."""
     return _lower_recurrent(ctx, node, inputs, "RNN")
 
 
-@lowers("GRU", attributes=(*COMMON_ATTRIBUTES, "linear_before_reset"))
+@lowers("GRU", attributes=(*COMMON_ATTRIBUTES, "linear_before_reset"), check=check_recurrent_attributes)
 def lower_gru(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """Unrolled: gate blocks, products as square blocks, both linear_before_reset modes."""
     return _lower_recurrent(ctx, node, inputs, "GRU")
 
 
-@lowers("LSTM", attributes=(*COMMON_ATTRIBUTES, "input_forget"))
+@lowers("LSTM", attributes=(*COMMON_ATTRIBUTES, "input_forget"), check=check_recurrent_attributes)
 def lower_lstm(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """Unrolled: gate blocks, peepholes, products as square blocks; Y, Y_h and Y_c."""
     return _lower_recurrent(ctx, node, inputs, "LSTM")
