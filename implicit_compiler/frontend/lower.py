@@ -19,6 +19,7 @@ import onnx
 
 from ..errors import GraphError, ImplicitCompilerError, NonFiniteError
 from ..model import ImplicitModel, TensorSpec
+from .batch_axis import check_batch_independence
 from .context import LoweringContext, NodeView, Value
 from .estimate import available_memory_bytes, check_model_fits
 from .expression import Affine
@@ -57,6 +58,7 @@ def from_onnx(
     """
     proto = load_onnx(model)
     prepared = prepare(proto, input_shapes)
+    check_batch_independence(prepared)
     limit = available_memory_bytes() if memory_limit_bytes is None else float(memory_limit_bytes)
     expected_nonzeros = check_model_fits(prepared, limit)
     _check_finite_constants(prepared)

@@ -1,0 +1,376 @@
+"""Refusing graphs that mix samples along the batch axis.
+
+The model is lowered at batch size 1 and applied to each sample (``graph``'s batch convention).
+That is exact only when the graph keeps samples apart: an op that reduces, reshapes, slices or
+contracts across the batch axis, or reads the batch size itself (``x / Shape(x)[0]``), computes
+something else at batch 3 than three runs at batch 1, and at batch 1 it cannot be seen. So before
+lowering, ``check_batch_independence`` looks at the graph at two batch sizes.
+
+Why this way (generic, from the ONNX graph) rather than a batch-axis rule in every op lowering:
+the lowerings only ever see batch 1, where the batch axis is a size-1 axis like any other, and
+a rule per lowering would have to be written (and kept right) for every op. Instead:
+
+1. onnx shape inference (with data propagation) runs on the prepared graph with each dynamic
+   batch axis set to 2, then to 3. A value computed from a batched input keeps the samples
+   apart only if exactly one of its axes is 2, then 3, all others equal: that axis is its batch
+   axis (it may move, e.g. through a Transpose). An output whose shape is the same at both sizes
+   lost the batch axis (a reduction over it, Gather of one sample, Flatten(axis=0) of a rank-1
+   result); one that changes otherwise merged it with other axes (Flatten(axis=0), a Reshape to
+   (-1,), a Concat or Pad along it).
+2. Ops that keep the batch axis's size but still combine along it are named: a reduction over
+   it, a contraction over it (MatMul, Gemm), convolution, pooling and the per-sample ops with a
+   fixed sample axis (Conv reads axis 0 as N, RNNs axis 1 or 0), a reversing Slice.
+3. Shape and Size of a batched value are evaluated (with the reference, like constant folding)
+   at both batch sizes; a constant that differs is batch-size dependent. It may only feed the
+   shape operand of a shape op (Reshape's shape, Expand, Tile, Slice, Pad...), whose effect is
+   on the output's shape and so checked by 1.; anywhere else (``x / Shape(x)[0]``) the batch
+   size would be read as a number, which the lowering fixes at 1.
+
+Only inputs whose batch axis the model leaves dynamic are checked: a model declaring a static
+batch of 1 is defined for one sample only and applying it per sample is its meaning. Where shape
+inference cannot give a shape, that value is not checked here; ``verify`` runs a real batch
+through onnxruntime and catches what slips past.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+
+from ..errors import GraphError, UnsupportedAttributeError
+from .context import NodeView
+from .fold import evaluate_constant_node
+from .graph import PreparedModel
+
+BATCH_SIZES = (2, 3)
+# Initializers above this many values are given to shape inference by shape only (their values
+# can only matter to shapes when they are small, e.g. a Reshape target).
+SMALL_INITIALIZER = 4096
+# Operand positions that only set the output's shape (checked through the shapes).
+SHAPE_OPERANDS: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}),
+    "Expand": frozenset({1}),
+    "Tile": frozenset({1}),
+    "Slice": frozenset({1, 2, 3, 4}),
+    "Pad": frozenset({1, 3}),
+    "Squeeze": frozenset({1}),
+    "Unsqueeze": frozenset({1}),
+    "Split": frozenset({1}),
+}
+# Ops that read axis 0 as the sample axis N (N, C, spatial...).
+SAMPLE_AXIS_ZERO = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "BatchNormalization",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
+)
+REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
+RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
+SIZE_READERS = frozenset({"Shape", "Size"})
+
+Shapes = dict[str, tuple[int, ...] | None]
+
+
+def check_batch_independence(prepared: PreparedModel) -> None:
+    """Raise GraphError or UnsupportedAttributeError at the first node that mixes samples."""
+    batched_inputs = [i for i in prepared.inputs if i.batch_dynamic]
+    if not batched_inputs:
+        return
+    shapes = [_inferred_shapes(prepared, size) for size in BATCH_SIZES]
+    _Walk(prepared, shapes, {i.name for i in batched_inputs}).run()
+
+
+class _Walk:
+    """One pass over the sorted nodes, tracking batched values and batch-size dependent constants."""
+
+    def __init__(self, prepared: PreparedModel, shapes: list[Shapes], batched: set[str]) -> None:
+        self.prepared = prepared
+        self.shapes = shapes
+        self.batched = set(batched)
+        self.sized: dict[str, list[np.ndarray]] = {}  # constants that depend on the batch size
+        self.producers = {out: index for index, node in enumerate(prepared.graph.node) for out in node.output if out}
+        self.constants: dict[str, np.ndarray | None] = dict(prepared.constants)
+
+    def run(self) -> None:
+        for index, proto in enumerate(self.prepared.graph.node):
+            node = NodeView(proto, self.prepared.opset, index)
+            if any(name in self.batched for name in proto.input):
+                if proto.op_type in SIZE_READERS:
+                    self._read_sizes(node)
+                else:
+                    self._check_batched_node(node)
+            elif any(name in self.sized for name in proto.input):
+                self._propagate_sizes(node)
+        for output in self.prepared.graph.output:
+            if output.name in self.sized:
+                raise GraphError(
+                    f"graph output {output.name!r} is computed from the batch size (through Shape or Size of "
+                    "the input), which the compiled model fixes at 1; output only values computed per sample"
+                )
+
+    # ------------------------------------------------------------------ batched values
+    def _check_batched_node(self, node: NodeView) -> None:
+        for position, name in enumerate(node.proto.input):
+            if name in self.sized and position not in SHAPE_OPERANDS.get(node.op_type, ()):
+                raise GraphError(
+                    f"{node.where}: operand {position} ({name!r}) is computed from the batch size (Shape or "
+                    "Size of a batched value, e.g. Shape(x)[0]), which differs per batch but is fixed at 1 "
+                    "when compiling; compute it from feature dimensions only (the batch axis is the sample axis)"
+                )
+        axes = {name: self.batch_axis(name) for name in node.proto.input if name in self.batched}
+        _check_op_axes(node, axes, self._constant, self.rank)
+        for name in node.proto.output:
+            if name:
+                self.batched.add(name)
+                self._check_output(node, name, axes)
+
+    def _check_output(self, node: NodeView, name: str, input_axes: dict[str, int | None]) -> None:
+        before, after = (shapes.get(name) for shapes in self.shapes)
+        if before is None or after is None or self._batch_axis_of(before, after) is not None:
+            return
+        where = ", ".join(f"{n!r} at axis {a}" for n, a in input_axes.items() if a is not None) or "its input"
+        if before == after:
+            what = "removes the batch axis (reduces over it or keeps one sample of it)"
+        else:
+            what = "merges the batch axis with other axes or changes its length"
+        raise GraphError(
+            f"{node.where}: output {name!r} has shape {before} at batch size {BATCH_SIZES[0]} and {after} at "
+            f"batch size {BATCH_SIZES[1]}: the node {what}, so samples would mix (batch axis of {where}). "
+            "Operate on the feature axes only and keep the batch axis (the sample axis) as it is"
+        )
+
+    def batch_axis(self, name: str) -> int | None:
+        """The value's batch axis, None when shape inference does not know its shapes."""
+        before, after = (shapes.get(name) for shapes in self.shapes)
+        if before is None or after is None:
+            return None
+        return self._batch_axis_of(before, after)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes[0].get(name)
+        return None if shape is None else len(shape)
+
+    @staticmethod
+    def _batch_axis_of(before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
+        if len(before) != len(after):
+            return None
+        changed = [axis for axis, (b, a) in enumerate(zip(before, after)) if b != a]
+        if len(changed) == 1 and (before[changed[0]], after[changed[0]]) == BATCH_SIZES:
+            return changed[0]
+        return None
+
+    # ------------------------------------------------------------------ batch-size dependent constants
+    def _read_sizes(self, node: NodeView) -> None:
+        """Shape or Size of a batched value: its result at each batch size."""
+        results = []
+        for shapes in self.shapes:
+            shape = shapes.get(node.proto.input[0])
+            if shape is None:
+                return  # unknown shape: nothing to track (verify still runs a batch)
+            results.append(evaluate_constant_node(node, [np.zeros(shape, dtype=np.float64)])[0])
+        self._record(node.proto.output[0], results)
+
+    def _propagate_sizes(self, node: NodeView) -> None:
+        """A constant node reading a batch-size dependent constant: evaluate it at each size."""
+        per_size: list[list[np.ndarray]] = []
+        for index in range(len(BATCH_SIZES)):
+            inputs = [
+                self.sized[name][index] if name in self.sized else (self._constant(name) if name else None)
+                for name in node.proto.input
+            ]
+            if any(value is None for name, value in zip(node.proto.input, inputs) if name):
+                return
+            per_size.append(evaluate_constant_node(node, inputs))
+        for position, name in enumerate(node.proto.output):
+            if name:
+                self._record(name, [values[position] for values in per_size])
+
+    def _record(self, name: str, values: list[np.ndarray]) -> None:
+        first, second = values
+        if first.shape != second.shape or not np.array_equal(first, second):
+            self.sized[name] = values
+        else:
+            self.constants[name] = first
+
+    def _constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant not depending on the batch size (folded on demand), or None."""
+        if name in self.constants:
+            return self.constants[name]
+        self.constants[name] = None  # a guard against cycles and values that are not constants
+        index = self.producers.get(name)
+        if index is None:
+            return None
+        proto = self.prepared.graph.node[index]
+        if any(n in self.batched or n in self.sized for n in proto.input):
+            return None
+        inputs = [self._constant(n) if n else None for n in proto.input]
+        if any(value is None for n, value in zip(proto.input, inputs) if n):
+            return None
+        try:
+            values = evaluate_constant_node(NodeView(proto, self.prepared.opset, index), inputs)
+        except GraphError:
+            return None
+        for out, value in zip(proto.output, values):
+            if out:
+                self.constants[out] = value
+        return self.constants[name]
+
+
+# ---------------------------------------------------------------------- ops that combine along an axis
+def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) -> None:
+    """Ops that keep the batch axis's length but combine values along it. ``constant(name)``: a
+    constant operand's value or None; ``rank(name)``: a value's rank or None."""
+    inputs = list(node.proto.input)
+    op = node.op_type
+    first = axes.get(inputs[0]) if inputs else None
+    if op in SAMPLE_AXIS_ZERO and first not in (None, 0):
+        _refuse(node, first, f"{op} reads axis 0 as the sample axis N", "keep the batch axis first (axis 0)")
+    if op in RECURRENT and first is not None:
+        sample_axis = 0 if node.attr("layout", 0) else 1
+        if first != sample_axis:
+            _refuse(
+                node,
+                first,
+                f"{op} with layout={node.attr('layout', 0)} reads axis {sample_axis} as the batch",
+                f"put the batch axis at axis {sample_axis} of X",
+            )
+    if op == "MatMul":
+        _check_matmul(node, inputs, axes, rank)
+    if op == "Gemm":
+        for position, transposed in ((0, "transA"), (1, "transB")):
+            axis = axes.get(inputs[position]) if len(inputs) > position else None
+            contracted = (1 - position) if not node.attr(transposed, 0) else position
+            if axis is not None and axis == contracted:
+                _refuse(node, axis, f"Gemm sums over axis {axis} of operand {position}", "contract feature axes only")
+    if op in REDUCTIONS and first is not None:
+        reduced = _reduced_axes(node, constant, rank(inputs[0]))
+        if reduced is None or first in reduced:
+            _refuse(
+                node, first, f"{op} reduces over it", f"reduce over feature axes only; axis {first} is the sample axis"
+            )
+    if op == "Slice" and first is not None:
+        _check_slice(node, first, constant, rank(inputs[0]))
+
+
+def _check_matmul(node: NodeView, inputs: list[str], axes: dict[str, int | None], rank) -> None:
+    """numpy.matmul sums over the last axis of A and the second-to-last of B (the only axis of a
+    vector operand)."""
+    for position in (0, 1):
+        axis = axes.get(inputs[position]) if len(inputs) > position else None
+        operand_rank = rank(inputs[position]) if len(inputs) > position else None
+        if axis is None or operand_rank is None:
+            continue
+        contracted = operand_rank - 1 if position == 0 or operand_rank == 1 else operand_rank - 2
+        if axis == contracted:
+            _refuse(node, axis, f"MatMul sums over axis {axis} of operand {position}", "contract feature axes only")
+
+
+def _reduced_axes(node: NodeView, constant, rank: int | None) -> set[int] | None:
+    """The axes a reduction reduces, made non-negative; None: all of them (or not known)."""
+    axes = node.attr("axes")
+    if axes is None and len(node.proto.input) > 1 and node.proto.input[1]:
+        value = constant(node.proto.input[1])
+        if value is None:
+            return None
+        axes = [int(a) for a in np.ravel(value)]
+    if not axes:
+        return set() if node.attr("noop_with_empty_axes", 0) else None
+    return {a + rank if a < 0 and rank is not None else a for a in axes}
+
+
+def _check_slice(node: NodeView, axis: int, constant, rank: int | None) -> None:
+    """A slice of the batch axis that starts at 0 with step 1 keeps the samples in order (its
+    length is checked through the shapes); any other start or step moves or drops samples."""
+    if node.opset < 10:
+        sliced, starts, steps = node.attr("axes"), node.attr("starts") or [], None
+    else:
+        names = list(node.proto.input) + [""] * 5
+        starts_value = constant(names[1]) if names[1] else None
+        axes_value = constant(names[3]) if names[3] else None
+        steps_value = constant(names[4]) if names[4] else None
+        starts = [] if starts_value is None else [int(s) for s in np.ravel(starts_value)]
+        sliced = None if axes_value is None else [int(a) for a in np.ravel(axes_value)]
+        steps = None if steps_value is None else [int(s) for s in np.ravel(steps_value)]
+    sliced = list(range(len(starts))) if sliced is None else list(sliced)
+    for index, sliced_axis in enumerate(sliced):
+        if (sliced_axis + rank if sliced_axis < 0 and rank is not None else sliced_axis) != axis:
+            continue
+        start = starts[index] if index < len(starts) else 0
+        step = steps[index] if steps and index < len(steps) else 1
+        if start != 0 or step != 1:
+            _refuse(node, axis, f"Slice takes start {start}, step {step} along it", "slice feature axes only")
+
+
+def _refuse(node: NodeView, axis: int, what: str, remedy: str) -> None:
+    raise UnsupportedAttributeError(
+        f"{node.where}: the batch axis of its input is axis {axis} and {what}, so samples would mix; "
+        f"{remedy} (the batch axis is the sample axis)"
+    )
+
+
+# ---------------------------------------------------------------------- shape inference
+def _inferred_shapes(prepared: PreparedModel, batch_size: int) -> Shapes:
+    """Every value's static shape with each dynamic batch axis set to ``batch_size`` (None where
+    shape inference cannot tell)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(prepared.model)
+    graph = model.graph
+    del graph.initializer[:]
+    large = []
+    for tensor in prepared.model.graph.initializer:
+        if _element_count(tensor) <= SMALL_INITIALIZER:
+            graph.initializer.append(tensor)
+        else:
+            large.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del graph.input[:]
+    for graph_input in prepared.inputs:
+        shape = list(graph_input.shape)
+        if graph_input.batch_dynamic:
+            shape[graph_input.batch_axis] = batch_size
+        graph.input.append(onnx.helper.make_tensor_value_info(graph_input.name, onnx.TensorProto.DOUBLE, shape))
+    graph.input.extend(large)
+    del graph.value_info[:]
+    for output in graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # inference gaps are not the user's error: those values are just not checked
+        return {}
+    shapes: Shapes = {}
+    for value in _value_infos(inferred.graph):
+        shapes[value.name] = _static_shape(value)
+    return shapes
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count
+
+
+def _value_infos(graph: onnx.GraphProto) -> Iterable[onnx.ValueInfoProto]:
+    yield from graph.input
+    yield from graph.value_info
+    yield from graph.output
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if not dim.HasField("dim_value"):
+            return None
+        dims.append(int(dim.dim_value))
+    return tuple(dims)
