@@ -167,6 +167,19 @@ SAMPLE_PRESERVING = {
         ],
         initializers=[_constant("one", 1)],
     ),
+    "a constant shaped like the batch: x + ConstantOfShape(Shape(x))": _model(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape_of_x"),
+            helper.make_node(
+                "ConstantOfShape",
+                ["shape"],
+                ["halves"],
+                name="halves",
+                value=numpy_helper.from_array(np.array([0.5], dtype=np.float32)),
+            ),
+            helper.make_node("Add", ["x", "halves"], ["y"], name="add_halves"),
+        ]
+    ),
     "Conv and pooling on (N, C, H, W)": _model(
         [
             helper.make_node("Reshape", ["x", "image"], ["i"], name="to_image"),
@@ -201,9 +214,9 @@ def test_verify_fails_a_batch_mixing_graph_that_slips_past_detection(monkeypatch
     monkeypatch.setattr(batch_axis, "check_batch_independence", lambda prepared: None)
     monkeypatch.setattr("implicit_compiler.frontend.lower.check_batch_independence", lambda prepared: None)
     report = ic.verify(reduce_mean_over_batch(), samples=3)
-    assert report.batch_checked
     assert not report.passed
     assert not report.outputs[0].passed_float32
+    assert report.batch_checked
 
 
 # ---------------------------------------------------------------------- zero-size dimensions

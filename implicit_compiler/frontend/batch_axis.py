@@ -97,6 +97,7 @@ class _Walk:
         self.shapes = shapes
         self.batched = set(batched)
         self.sized: dict[str, list[np.ndarray]] = {}  # constants that depend on the batch size
+        self.per_sample: set[str] = set()  # of those, the ones only repeated along a batch axis
         self.producers = {out: index for index, node in enumerate(prepared.graph.node) for out in node.output if out}
         self.constants: dict[str, np.ndarray | None] = dict(prepared.constants)
 
@@ -111,7 +112,7 @@ class _Walk:
             elif any(name in self.sized for name in proto.input):
                 self._propagate_sizes(node)
         for output in self.prepared.graph.output:
-            if output.name in self.sized:
+            if self.reads_batch_size(output.name):
                 raise GraphError(
                     f"graph output {output.name!r} is computed from the batch size (through Shape or Size of "
                     "the input), which the compiled model fixes at 1; output only values computed per sample"
@@ -120,18 +121,30 @@ class _Walk:
     # ------------------------------------------------------------------ batched values
     def _check_batched_node(self, node: NodeView) -> None:
         for position, name in enumerate(node.proto.input):
-            if name in self.sized and position not in SHAPE_OPERANDS.get(node.op_type, ()):
+            if self.reads_batch_size(name) and position not in SHAPE_OPERANDS.get(node.op_type, ()):
                 raise GraphError(
                     f"{node.where}: operand {position} ({name!r}) is computed from the batch size (Shape or "
                     "Size of a batched value, e.g. Shape(x)[0]), which differs per batch but is fixed at 1 "
                     "when compiling; compute it from feature dimensions only (the batch axis is the sample axis)"
                 )
         axes = {name: self.batch_axis(name) for name in node.proto.input if name in self.batched}
+        if node.op_type == "Reshape" and self._only_at_batch_one(node):
+            return
         _check_op_axes(node, axes, self._constant, self.rank)
         for name in node.proto.output:
             if name:
                 self.batched.add(name)
                 self._check_output(node, name, axes)
+
+    def _only_at_batch_one(self, node: NodeView) -> bool:
+        """A Reshape to a fixed target holding one sample's values (``[1, 6, 2, 2]``, as some
+        exporters write): the graph does not run at any other batch size (onnxruntime refuses it),
+        so it is defined per sample and nothing after it is tracked."""
+        for shapes in self.shapes:
+            source, target = shapes.get(node.proto.input[0]), shapes.get(node.proto.output[0])
+            if source is not None and target is not None and np.prod(source) != np.prod(target):
+                return True
+        return False
 
     def _check_output(self, node: NodeView, name: str, input_axes: dict[str, int | None]) -> None:
         before, after = (shapes.get(name) for shapes in self.shapes)
@@ -145,7 +158,9 @@ class _Walk:
         raise GraphError(
             f"{node.where}: output {name!r} has shape {before} at batch size {BATCH_SIZES[0]} and {after} at "
             f"batch size {BATCH_SIZES[1]}: the node {what}, so samples would mix (batch axis of {where}). "
-            "Operate on the feature axes only and keep the batch axis (the sample axis) as it is"
+            "Operate on the feature axes only and keep the batch axis (the sample axis) as its own axis (e.g. "
+            "Flatten with axis=1, a Reshape target starting with 0); or, for a model meant for one sample, "
+            "declare a static batch of 1"
         )
 
     def batch_axis(self, name: str) -> int | None:
@@ -195,11 +210,25 @@ class _Walk:
                 self._record(name, [values[position] for values in per_size])
 
     def _record(self, name: str, values: list[np.ndarray]) -> None:
+        """Keep a constant that differs between the batch sizes; one that only repeats the same
+        slice along a batch axis (``ConstantOfShape(Shape(x))``, an RNN's zero initial state) is
+        the same for every sample, so it may be read anywhere (its shape is checked as a value's)."""
         first, second = values
-        if first.shape != second.shape or not np.array_equal(first, second):
-            self.sized[name] = values
-        else:
+        if first.shape == second.shape and np.array_equal(first, second):
             self.constants[name] = first
+            return
+        self.sized[name] = values
+        axis = self._batch_axis_of(first.shape, second.shape)
+        if (
+            axis is not None
+            and all(_repeats_along(value, axis) for value in values)
+            and np.array_equal(np.take(first, [0], axis), np.take(second, [0], axis))
+        ):
+            self.per_sample.add(name)
+
+    def reads_batch_size(self, name: str) -> bool:
+        """A constant computed from the batch size that is not the same for every sample."""
+        return name in self.sized and name not in self.per_sample
 
     def _constant(self, name: str) -> np.ndarray | None:
         """The value of a constant not depending on the batch size (folded on demand), or None."""
@@ -223,6 +252,11 @@ class _Walk:
             if out:
                 self.constants[out] = value
         return self.constants[name]
+
+
+def _repeats_along(value: np.ndarray, axis: int) -> bool:
+    """Every slice along ``axis`` equals the first."""
+    return bool(np.all(value == np.take(value, [0], axis)))
 
 
 # ---------------------------------------------------------------------- ops that combine along an axis
@@ -254,9 +288,7 @@ def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) 
     if op in REDUCTIONS and first is not None:
         reduced = _reduced_axes(node, constant, rank(inputs[0]))
         if reduced is None or first in reduced:
-            _refuse(
-                node, first, f"{op} reduces over it", f"reduce over feature axes only; axis {first} is the sample axis"
-            )
+            _refuse(node, first, f"{op} reduces over it", "reduce over feature axes only")
     if op == "Slice" and first is not None:
         _check_slice(node, first, constant, rank(inputs[0]))
 
@@ -313,7 +345,7 @@ def _check_slice(node: NodeView, axis: int, constant, rank: int | None) -> None:
 def _refuse(node: NodeView, axis: int, what: str, remedy: str) -> None:
     raise UnsupportedAttributeError(
         f"{node.where}: the batch axis of its input is axis {axis} and {what}, so samples would mix; "
-        f"{remedy} (the batch axis is the sample axis)"
+        f"{remedy} (axis {axis} is the batch axis: the sample axis)"
     )
 
 

@@ -10,7 +10,9 @@ Batch convention: the model is lowered at batch size 1 and applied to each sampl
 batch axis is, in order: the axis ``input_shapes`` marks None; the first dynamic dimension
 (the leading one, or e.g. the batch of a sequence-first RNN's (seq, batch, features)); a static
 leading dimension 1. An input with none of these (a static leading dimension N > 1) has no batch axis:
-the whole tensor is one sample. Any other dynamic dimension needs ``input_shapes``.
+the whole tensor is one sample. Any other dynamic dimension needs ``input_shapes``. Graphs that
+would mix samples along a dynamic batch axis are refused before lowering (``batch_axis``); a
+static 0-size input dimension is a ShapeError (there is nothing to compile).
 """
 
 from __future__ import annotations
