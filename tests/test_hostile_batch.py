@@ -209,6 +209,26 @@ def test_sample_preserving_graphs_compile_and_match_onnxruntime_at_batch_3(name)
     assert ic.verify(model, samples=3).passed
 
 
+def test_a_graph_that_runs_at_batch_one_only_still_compiles_per_sample():
+    """Reshape to [1, -1] then a Gemm one sample wide (as some exporters write, with a dynamic N):
+    onnxruntime cannot run it at batch 3, so it is defined per sample and is not refused; verify
+    falls back to one sample at a time and says why."""
+    model = _model(
+        [
+            helper.make_node("Reshape", ["x", "one_row"], ["r"], name="one_row"),
+            helper.make_node("Gemm", ["r", "V"], ["y"], name="gemm", transB=1),
+        ],
+        initializers=[_constant("one_row", [1, -1]), _weight(2, FEATURES, "V")],
+    )
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="(?i)gemm|dimension"):
+        session.run(None, {"x": np.zeros((3, FEATURES), np.float32)})
+    assert_matches_onnxruntime(model, batch=3)
+    report = ic.verify(model, samples=3)
+    assert report.passed and not report.batch_checked
+    assert "onnxruntime cannot run a batch of 3" in report.batch_error
+
+
 def test_verify_fails_a_batch_mixing_graph_that_slips_past_detection(monkeypatch):
     """With the detection switched off the graph compiles; verify's real batch must catch it."""
     monkeypatch.setattr(batch_axis, "check_batch_independence", lambda prepared: None)

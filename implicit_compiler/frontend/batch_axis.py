@@ -120,6 +120,21 @@ class _Walk:
 
     # ------------------------------------------------------------------ batched values
     def _check_batched_node(self, node: NodeView) -> None:
+        """Refuse the node if it mixes samples, unless the graph after it does not run at other
+        batch sizes at all (then it is defined for one sample, and nothing after it is tracked)."""
+        if node.op_type == "Reshape" and self._only_at_batch_one(node):
+            return
+        try:
+            self._check_mixing(node)
+        except (GraphError, UnsupportedAttributeError):
+            if self._runs_at_other_batch_sizes(node):
+                raise
+            return
+        for name in node.proto.output:
+            if name:
+                self.batched.add(name)
+
+    def _check_mixing(self, node: NodeView) -> None:
         for position, name in enumerate(node.proto.input):
             if self.reads_batch_size(name) and position not in SHAPE_OPERANDS.get(node.op_type, ()):
                 raise GraphError(
@@ -128,13 +143,53 @@ class _Walk:
                     "when compiling; compute it from feature dimensions only (the batch axis is the sample axis)"
                 )
         axes = {name: self.batch_axis(name) for name in node.proto.input if name in self.batched}
-        if node.op_type == "Reshape" and self._only_at_batch_one(node):
-            return
         _check_op_axes(node, axes, self._constant, self.rank)
         for name in node.proto.output:
             if name:
-                self.batched.add(name)
                 self._check_output(node, name, axes)
+
+    def _runs_at_other_batch_sizes(self, node: NodeView) -> bool:
+        """Whether shape inference finds a shape at both batch sizes for every graph output that
+        depends on the node. Where it does not, the graph does not run at those sizes (e.g. a
+        Reshape to ``[1, -1]`` then a Gemm with one sample's width, whose inner dimensions onnx's
+        inference does not compare, so they are compared here): it is defined per sample."""
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for proto in self.prepared.graph.node:
+            for name in proto.input:
+                consumers.setdefault(name, []).append(proto)
+        outputs = {output.name for output in self.prepared.graph.output}
+        pending, seen = [name for name in node.proto.output if name], set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in outputs and any(shapes.get(name) is None for shapes in self.shapes):
+                return False
+            for proto in consumers.get(name, ()):
+                if not self._inner_dimensions_agree(proto):
+                    return False
+                pending.extend(out for out in proto.output if out)
+        return True
+
+    def _inner_dimensions_agree(self, proto: onnx.NodeProto) -> bool:
+        """For Gemm and MatMul, whether the summed dimensions of the operands match at both batch
+        sizes (True where not known or for other ops)."""
+        if proto.op_type not in ("Gemm", "MatMul") or len(proto.input) < 2:
+            return True
+        attributes = {a.name: a.i for a in proto.attribute}
+        for shapes in self.shapes:
+            a, b = shapes.get(proto.input[0]), shapes.get(proto.input[1])
+            if a is None or b is None or not a or not b:
+                continue
+            if proto.op_type == "Gemm":
+                inner_a = a[0] if attributes.get("transA", 0) else a[-1]
+                inner_b = b[-1] if attributes.get("transB", 0) else b[0]
+            else:
+                inner_a, inner_b = a[-1], (b[0] if len(b) == 1 else b[-2])
+            if inner_a != inner_b:
+                return False
+        return True
 
     def _only_at_batch_one(self, node: NodeView) -> bool:
         """A Reshape to a fixed target holding one sample's values (``[1, 6, 2, 2]``, as some
@@ -353,12 +408,16 @@ def _refuse(node: NodeView, axis: int, what: str, remedy: str) -> None:
 def _inferred_shapes(prepared: PreparedModel, batch_size: int) -> Shapes:
     """Every value's static shape with each dynamic batch axis set to ``batch_size`` (None where
     shape inference cannot tell)."""
-    model = onnx.ModelProto()
-    model.CopyFrom(prepared.model)
-    graph = model.graph
-    del graph.initializer[:]
+    source = prepared.model
+    model = onnx.ModelProto(
+        ir_version=source.ir_version,
+        opset_import=source.opset_import,
+        functions=source.functions,
+        graph=onnx.GraphProto(name=source.graph.name, node=source.graph.node, output=source.graph.output),
+    )
+    graph = model.graph  # (the constructor copied the graph given)
     large = []
-    for tensor in prepared.model.graph.initializer:
+    for tensor in source.graph.initializer:  # large weights by shape only: no copy of them
         if _element_count(tensor) <= SMALL_INITIALIZER:
             graph.initializer.append(tensor)
         else:
@@ -370,7 +429,6 @@ def _inferred_shapes(prepared: PreparedModel, batch_size: int) -> Shapes:
             shape[graph_input.batch_axis] = batch_size
         graph.input.append(onnx.helper.make_tensor_value_info(graph_input.name, onnx.TensorProto.DOUBLE, shape))
     graph.input.extend(large)
-    del graph.value_info[:]
     for output in graph.output:
         output.type.tensor_type.ClearField("shape")
     try:
