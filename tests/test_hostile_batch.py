@@ -96,6 +96,54 @@ def flatten_batch_away() -> onnx.ModelProto:
     return _model([helper.make_node("Flatten", ["x"], ["y"], name="flatten_all", axis=0)])
 
 
+def gather_first_sample() -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Gather", ["x", "first"], ["y"], name="first_sample", axis=0)],
+        initializers=[_constant("first", [0])],
+    )
+
+
+def reverse_the_samples() -> onnx.ModelProto:
+    return _model(
+        [helper.make_node("Slice", ["x", "start", "end", "axis", "step"], ["y"], name="reverse")],
+        initializers=[
+            _constant("start", [-1]),
+            _constant("end", [-1000]),
+            _constant("axis", [0]),
+            _constant("step", [-1]),
+        ],
+    )
+
+
+def concat_along_batch() -> onnx.ModelProto:
+    return _model([helper.make_node("Concat", ["x", "x"], ["y"], name="twice", axis=0)])
+
+
+def divide_by_size() -> onnx.ModelProto:
+    return _model(
+        [
+            helper.make_node("Size", ["x"], ["size"], name="size_of_x"),
+            helper.make_node("Cast", ["size"], ["size_float"], name="to_float", to=TensorProto.FLOAT),
+            helper.make_node("Div", ["x", "size_float"], ["y"], name="divide_by_size"),
+        ]
+    )
+
+
+def pool_over_the_batch() -> onnx.ModelProto:
+    """(N, C, H, W) -> (C, N, H, W): MaxPool then takes windows across samples."""
+    return _model(
+        [
+            helper.make_node("Transpose", ["x"], ["t"], name="swap_batch", perm=[1, 0, 2, 3]),
+            helper.make_node("MaxPool", ["t"], ["y"], name="pool", kernel_shape=[2, 2]),
+        ],
+        inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 3, 3])],
+    )
+
+
+def reduce_sum_of_everything() -> onnx.ModelProto:
+    return _model([helper.make_node("ReduceSum", ["x"], ["y"], name="total", keepdims=1)])
+
+
 PATTERNS = {
     "ReduceMean axis 0": (reduce_mean_over_batch, "batch_mean", UnsupportedAttributeError),
     "ReduceSum axis 0": (reduce_sum_over_batch, "batch_sum", UnsupportedAttributeError),
@@ -107,6 +155,12 @@ PATTERNS = {
     ),
     "Transpose batch/feature, MatMul": (transpose_batch_then_matmul, "gram", UnsupportedAttributeError),
     "Flatten axis 0": (flatten_batch_away, "flatten_all", GraphError),
+    "Gather of sample 0": (gather_first_sample, "first_sample", GraphError),
+    "Slice reversing the batch": (reverse_the_samples, "reverse", UnsupportedAttributeError),
+    "Concat along the batch": (concat_along_batch, "twice", GraphError),
+    "x / Size(x)": (divide_by_size, "divide_by_size", GraphError),
+    "MaxPool with the batch as channels": (pool_over_the_batch, "pool", UnsupportedAttributeError),
+    "ReduceSum over all axes": (reduce_sum_of_everything, "total", UnsupportedAttributeError),
 }
 
 
@@ -120,7 +174,8 @@ def test_batch_mixing_graphs_are_refused(pattern):
     assert f"'{node_name}'" in message and "opset 17" in message and "batch" in message
     # the refusal is right: onnxruntime on a batch differs from the same graph run sample by sample
     session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((3, FEATURES)).astype(np.float32)
+    shape = [d.dim_value or 3 for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     batch = session.run(None, {"x": x})[0]
     one_by_one = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(3)])
     assert batch.shape != one_by_one.shape or not np.allclose(batch, one_by_one)

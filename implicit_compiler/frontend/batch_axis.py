@@ -157,6 +157,8 @@ class _Walk:
         for proto in self.prepared.graph.node:
             for name in proto.input:
                 consumers.setdefault(name, []).append(proto)
+        if not self._inner_dimensions_agree(node.proto):
+            return False
         outputs = {output.name for output in self.prepared.graph.output}
         pending, seen = [name for name in node.proto.output if name], set()
         while pending:
