@@ -284,11 +284,15 @@ def test_a_graph_that_runs_at_batch_one_only_still_compiles_per_sample():
     assert "onnxruntime cannot run a batch of 3" in report.batch_error
 
 
-def test_verify_fails_a_batch_mixing_graph_that_slips_past_detection(monkeypatch):
-    """With the detection switched off the graph compiles; verify's real batch must catch it."""
+@pytest.mark.parametrize(
+    "build", [reduce_mean_over_batch, divide_by_batch_size, flatten_batch_away, gather_first_sample]
+)
+def test_verify_fails_a_batch_mixing_graph_that_slips_past_detection(monkeypatch, build):
+    """With the detection switched off the graph compiles; verify's real batch must catch it
+    (whether the values differ or the batch no longer lines up with ours)."""
     monkeypatch.setattr(batch_axis, "check_batch_independence", lambda prepared: None)
     monkeypatch.setattr("implicit_compiler.frontend.lower.check_batch_independence", lambda prepared: None)
-    report = ic.verify(reduce_mean_over_batch(), samples=3)
+    report = ic.verify(build(), samples=3)
     assert not report.passed
     assert not report.outputs[0].passed_float32
     assert report.batch_checked
