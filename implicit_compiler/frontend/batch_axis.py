@@ -14,9 +14,9 @@ a rule per lowering would have to be written (and kept right) for every op. Inst
    batch axis set to 2, then to 3. A value computed from a batched input keeps the samples
    apart only if exactly one of its axes is 2, then 3, all others equal: that axis is its batch
    axis (it may move, e.g. through a Transpose). An output whose shape is the same at both sizes
-   lost the batch axis (a reduction over it, Gather of one sample, Flatten(axis=0) of a rank-1
-   result); one that changes otherwise merged it with other axes (Flatten(axis=0), a Reshape to
-   (-1,), a Concat or Pad along it).
+   lost the batch axis (a reduction over it, Gather of one sample); one that changes otherwise
+   merged it with other axes or changed its length (Flatten(axis=0), a Reshape to (-1,), a
+   Concat, Pad or Tile along it).
 2. Ops that keep the batch axis's size but still combine along it are named: a reduction over
    it, a contraction over it (MatMul, Gemm), convolution, pooling and the per-sample ops with a
    fixed sample axis (Conv reads axis 0 as N, RNNs axis 1 or 0), a reversing Slice.
@@ -24,12 +24,17 @@ a rule per lowering would have to be written (and kept right) for every op. Inst
    at both batch sizes; a constant that differs is batch-size dependent. It may only feed the
    shape operand of a shape op (Reshape's shape, Expand, Tile, Slice, Pad...), whose effect is
    on the output's shape and so checked by 1.; anywhere else (``x / Shape(x)[0]``) the batch
-   size would be read as a number, which the lowering fixes at 1.
+   size would be read as a number, which the lowering fixes at 1. A constant that only repeats
+   one slice along a batch axis (``ConstantOfShape(Shape(x))``, an RNN's zero initial state) is
+   the same for every sample and may be read anywhere.
 
 Only inputs whose batch axis the model leaves dynamic are checked: a model declaring a static
-batch of 1 is defined for one sample only and applying it per sample is its meaning. Where shape
-inference cannot give a shape, that value is not checked here; ``verify`` runs a real batch
-through onnxruntime and catches what slips past.
+batch of 1 is defined for one sample only and applying it per sample is its meaning. So is a
+graph that does not run at other batch sizes after the offending node (a Reshape to one
+sample's size, or to ``[1, -1]`` then a Gemm one sample wide, as some exporters write even with
+a dynamic N): onnxruntime refuses a batch there, so nothing is silently wrong, and it is not
+refused. Where shape inference cannot give a shape, that value is not checked here; ``verify``
+runs a real batch through onnxruntime and catches what slips past.
 """
 
 from __future__ import annotations
