@@ -118,9 +118,12 @@ class _Walk:
                 self._propagate_sizes(node)
         for output in self.prepared.graph.output:
             if self.reads_batch_size(output.name):
+                index = self.producers[output.name]
+                where = NodeView(self.prepared.graph.node[index], self.prepared.opset, index).where
                 raise GraphError(
-                    f"graph output {output.name!r} is computed from the batch size (through Shape or Size of "
-                    "the input), which the compiled model fixes at 1; output only values computed per sample"
+                    f"{where}: graph output {output.name!r} is computed from the batch size (through Shape or "
+                    "Size of a batched value), which the compiled model fixes at 1; output only values computed "
+                    "per sample"
                 )
 
     # ------------------------------------------------------------------ batched values
