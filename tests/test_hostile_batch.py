@@ -157,6 +157,27 @@ def output_the_batch_size() -> onnx.ModelProto:
     return model
 
 
+def _reshape_by_batch_arithmetic(arithmetic: list[onnx.NodeProto], name: str) -> onnx.ModelProto:
+    """Reshape(x, [f(Shape(x)[0]), -1]) with f made of ``arithmetic`` (reading n, writing f):
+    shape arithmetic that onnx's data propagation does not follow."""
+    return _model(
+        [
+            helper.make_node("Shape", ["x"], ["shape"], name="shape_of_x"),
+            helper.make_node("Gather", ["shape", "zero"], ["n"], name="batch_size", axis=0),
+            *arithmetic,
+            helper.make_node("Unsqueeze", ["f", "zero1"], ["f1"], name="f1"),
+            helper.make_node("Concat", ["f1", "minus_one"], ["target"], name="target", axis=0),
+            helper.make_node("Reshape", ["x", "target"], ["y"], name=name),
+        ],
+        initializers=[_constant("zero", 0), _constant("two", 2), _constant("zero1", [0]), _constant("minus_one", [-1])],
+    )
+
+
+def reshape_to_half_the_batch() -> onnx.ModelProto:
+    """x.view(x.size(0) // 2, -1): pairs of samples become one row."""
+    return _reshape_by_batch_arithmetic([helper.make_node("Div", ["n", "two"], ["f"], name="half")], "pair_up")
+
+
 PATTERNS = {
     "ReduceMean axis 0": (reduce_mean_over_batch, "batch_mean", UnsupportedAttributeError),
     "ReduceSum axis 0": (reduce_sum_over_batch, "batch_sum", UnsupportedAttributeError),
@@ -175,6 +196,7 @@ PATTERNS = {
     "MaxPool with the batch as channels": (pool_over_the_batch, "pool", UnsupportedAttributeError),
     "ReduceSum over all axes": (reduce_sum_of_everything, "total", UnsupportedAttributeError),
     "the batch size as an output": (output_the_batch_size, "shape_as_float", GraphError),
+    "Reshape to (Shape(x)[0] // 2, -1)": (reshape_to_half_the_batch, "pair_up", GraphError),
 }
 
 
@@ -227,6 +249,9 @@ SAMPLE_PRESERVING = {
             helper.make_node("Flatten", ["t"], ["y"], name="flatten", axis=1),
         ],
         initializers=[_constant("zero", 0), _constant("zero1", [0]), _constant("two_two", [2, 2])],
+    ),
+    "Reshape to (Identity(Shape(x)[0]), -1)": _reshape_by_batch_arithmetic(
+        [helper.make_node("Identity", ["n"], ["f"], name="same")], "keep_rows"
     ),
     "divide by a feature size Shape(x)[1]": _model(
         [

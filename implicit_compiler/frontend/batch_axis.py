@@ -43,6 +43,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from ..errors import GraphError, UnsupportedAttributeError
 from .context import NodeView
@@ -81,6 +82,10 @@ SAMPLE_AXIS_ZERO = frozenset(
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
 RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
 SIZE_READERS = frozenset({"Shape", "Size"})
+# onnx's data propagation gives up on much shape arithmetic (even an Identity): the shape
+# operands it could not follow are evaluated here and handed back to shape inference as
+# constants, at most this many times.
+MAX_INFERENCE_ROUNDS = 3
 
 Shapes = dict[str, tuple[int, ...] | None]
 
@@ -90,8 +95,16 @@ def check_batch_independence(prepared: PreparedModel) -> None:
     batched_inputs = [i for i in prepared.inputs if i.batch_dynamic]
     if not batched_inputs:
         return
-    shapes = [_inferred_shapes(prepared, size) for size in BATCH_SIZES]
-    _Walk(prepared, shapes, {i.name for i in batched_inputs}).run()
+    names = {i.name for i in batched_inputs}
+    known: list[dict[str, np.ndarray]] = [{} for _ in BATCH_SIZES]
+    for _ in range(MAX_INFERENCE_ROUNDS):
+        shapes = [_inferred_shapes(prepared, size, values) for size, values in zip(BATCH_SIZES, known)]
+        walk = _Walk(prepared, shapes, names)
+        walk.run()
+        found = walk.shape_operand_values()
+        if all(set(new) <= set(old) for new, old in zip(found, known)):
+            return
+        known = found
 
 
 class _Walk:
@@ -200,6 +213,24 @@ class _Walk:
             if inner_a != inner_b:
                 return False
         return True
+
+    def shape_operand_values(self) -> list[dict[str, np.ndarray]]:
+        """Per batch size, the values of shape operands (Reshape's target...) of nodes whose output
+        shape inference did not find, where this walk knows them: to hand back to the inference."""
+        per_size: list[dict[str, np.ndarray]] = [{} for _ in BATCH_SIZES]
+        for proto in self.prepared.graph.node:
+            outputs = [name for name in proto.output if name]
+            if all(shapes.get(name) is not None for shapes in self.shapes for name in outputs):
+                continue
+            for position in SHAPE_OPERANDS.get(proto.op_type, ()):
+                name = proto.input[position] if position < len(proto.input) else ""
+                if not name or name in self.prepared.constants:
+                    continue
+                values = self.sized.get(name) or [self._constant(name)] * len(BATCH_SIZES)
+                if values[0] is not None:
+                    for index, value in enumerate(values):
+                        per_size[index][name] = value
+        return per_size
 
     def _only_at_batch_one(self, node: NodeView) -> bool:
         """A Reshape to a fixed target holding one sample's values (``[1, 6, 2, 2]``, as some
@@ -415,9 +446,10 @@ def _refuse(node: NodeView, axis: int, what: str, remedy: str) -> None:
 
 
 # ---------------------------------------------------------------------- shape inference
-def _inferred_shapes(prepared: PreparedModel, batch_size: int) -> Shapes:
+def _inferred_shapes(prepared: PreparedModel, batch_size: int, values: dict[str, np.ndarray]) -> Shapes:
     """Every value's static shape with each dynamic batch axis set to ``batch_size`` (None where
-    shape inference cannot tell)."""
+    shape inference cannot tell); ``values``: constants (at this batch size) to read in place of
+    the values of those names."""
     source = prepared.model
     model = onnx.ModelProto(
         ir_version=source.ir_version,
@@ -439,6 +471,14 @@ def _inferred_shapes(prepared: PreparedModel, batch_size: int) -> Shapes:
             shape[graph_input.batch_axis] = batch_size
         graph.input.append(onnx.helper.make_tensor_value_info(graph_input.name, onnx.TensorProto.DOUBLE, shape))
     graph.input.extend(large)
+    for name, value in values.items():
+        given = f"{name}::at_batch_{batch_size}"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), given))
+        for node in graph.node:
+            if name in node.input:
+                renamed = [given if n == name else n for n in node.input]
+                del node.input[:]
+                node.input.extend(renamed)
     for output in graph.output:
         output.type.tensor_type.ClearField("shape")
     try:
