@@ -10,13 +10,14 @@ Why this way (generic, from the ONNX graph) rather than a batch-axis rule in eve
 the lowerings only ever see batch 1, where the batch axis is a size-1 axis like any other, and
 a rule per lowering would have to be written (and kept right) for every op. Instead:
 
-1. onnx shape inference (with data propagation) runs on the prepared graph with each dynamic
-   batch axis set to 2, then to 3. A value computed from a batched input keeps the samples
-   apart only if exactly one of its axes is 2, then 3, all others equal: that axis is its batch
-   axis (it may move, e.g. through a Transpose). An output whose shape is the same at both sizes
-   lost the batch axis (a reduction over it, Gather of one sample); one that changes otherwise
-   merged it with other axes or changed its length (Flatten(axis=0), a Reshape to (-1,), a
-   Concat, Pad or Tile along it).
+1. onnx shape inference (with data propagation; shape operands it cannot follow, such as
+   ``Shape(x)[0] // 2``, are evaluated here and given back to it as constants) runs on the
+   prepared graph with each dynamic batch axis set to 2, then to 3. A value computed from a
+   batched input keeps the samples apart only if exactly one of its axes is 2, then 3, all
+   others equal: that axis is its batch axis (it may move, e.g. through a Transpose). An
+   output whose shape is the same at both sizes lost the batch axis (a reduction over it,
+   Gather of one sample); one that changes otherwise merged it with other axes or changed its
+   length (Flatten(axis=0), a Reshape to (-1,), a Concat, Pad or Tile along it).
 2. Ops that keep the batch axis's size but still combine along it are named: a reduction over
    it, a contraction over it (MatMul, Gemm), convolution, pooling and the per-sample ops with a
    fixed sample axis (Conv reads axis 0 as N, RNNs axis 1 or 0), a reversing Slice.
@@ -104,7 +105,7 @@ def check_batch_independence(prepared: PreparedModel) -> None:
         found = walk.shape_operand_values()
         if all(set(new) <= set(old) for new, old in zip(found, known)):
             return
-        known = found
+        known = [{**old, **new} for old, new in zip(known, found)]
 
 
 class _Walk:
