@@ -10,7 +10,9 @@ Batch convention: the model is lowered at batch size 1 and applied to each sampl
 batch axis is, in order: the axis ``input_shapes`` marks None; the first dynamic dimension
 (the leading one, or e.g. the batch of a sequence-first RNN's (seq, batch, features)); a static
 leading dimension 1. An input with none of these (a static leading dimension N > 1) has no batch axis:
-the whole tensor is one sample. Any other dynamic dimension needs ``input_shapes``.
+the whole tensor is one sample. Any other dynamic dimension needs ``input_shapes``. Graphs that
+would mix samples along a dynamic batch axis are refused before lowering (``batch_axis``); a
+static 0-size input dimension is a ShapeError (there is nothing to compile).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class GraphInput:
     shape: tuple[int, ...]  # the shape lowered, batch axis (if any) set to 1
     batch_axis: int | None  # None: the whole tensor is one sample
     batch_name: str | None = None  # the model's name for a dynamic batch dimension
+    batch_dynamic: bool = False  # the model leaves the batch axis dynamic (it runs at any batch size)
 
     @property
     def batched(self) -> bool:
@@ -204,6 +207,8 @@ def _fixed_input(value: onnx.ValueInfoProto, override: Sequence[int | None] | No
         declared: list[int | str | None] = [None] * len(override)
     else:
         declared = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+        _check_no_zero_size(value.name, declared)
+    model_declared = list(declared)
     marked = None
     if override is not None:
         override = list(override)
@@ -253,7 +258,22 @@ def _fixed_input(value: onnx.ValueInfoProto, override: Sequence[int | None] | No
             )
     shape = tuple(1 if axis == batch_axis else int(dim) for axis, dim in enumerate(declared))
     batch_name = declared[batch_axis] if batch_axis is not None and isinstance(declared[batch_axis], str) else None
-    return GraphInput(value.name, shape, batch_axis, batch_name)
+    batch_dynamic = batch_axis is not None and not (
+        isinstance(model_declared[batch_axis], int) and model_declared[batch_axis] > 0
+    )
+    return GraphInput(value.name, shape, batch_axis, batch_name, batch_dynamic)
+
+
+def _check_no_zero_size(name: str, declared: list[int | str | None]) -> None:
+    """A static 0 in the declared shape: the tensor holds no values, so there is nothing to compile
+    (and reading that axis as a dynamic batch axis would compile a model of some other shape)."""
+    zeros = [axis for axis, dim in enumerate(declared) if isinstance(dim, int) and dim == 0]
+    if zeros:
+        raise ShapeError(
+            f"input {name!r} has a zero-size dimension at axis {zeros[0]} (declared shape {declared}): it holds "
+            "no values, so there is nothing to compile. Give that dimension a positive size in the model, or "
+            "leave it dynamic (a dim_param) and pass input_shapes"
+        )
 
 
 def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:

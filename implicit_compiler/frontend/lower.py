@@ -26,6 +26,7 @@ from ..errors import (
     UnsupportedOpError,
 )
 from ..model import ImplicitModel, TensorSpec
+from .batch_axis import check_batch_independence
 from .context import LoweringContext, NodeView, Value
 from .estimate import available_memory_bytes, check_model_fits
 from .expression import Affine
@@ -75,6 +76,7 @@ def from_onnx(
     prepared = prepare(proto, input_shapes)
     _check_single_assignment(prepared)
     _check_lowerable(prepared)
+    check_batch_independence(prepared)
     limit = _memory_limit(memory_limit_bytes)
     expected_nonzeros = check_model_fits(prepared, limit)
     _check_finite_constants(prepared)

@@ -1,0 +1,517 @@
+"""Refusing graphs that mix samples along the batch axis.
+
+The model is lowered at batch size 1 and applied to each sample (``graph``'s batch convention).
+That is exact only when the graph keeps samples apart: an op that reduces, reshapes, slices or
+contracts across the batch axis, or reads the batch size itself (``x / Shape(x)[0]``), computes
+something else at batch 3 than three runs at batch 1, and at batch 1 it cannot be seen. So before
+lowering, ``check_batch_independence`` looks at the graph at two batch sizes.
+
+Why this way (generic, from the ONNX graph) rather than a batch-axis rule in every op lowering:
+the lowerings only ever see batch 1, where the batch axis is a size-1 axis like any other, and
+a rule per lowering would have to be written (and kept right) for every op. Instead:
+
+1. onnx shape inference (with data propagation; shape operands it cannot follow, such as
+   ``Shape(x)[0] // 2``, are evaluated here and given back to it as constants) runs on the
+   prepared graph with each dynamic batch axis set to 2, then to 3. A value computed from a
+   batched input keeps the samples apart only if exactly one of its axes is 2, then 3, all
+   others equal: that axis is its batch axis (it may move, e.g. through a Transpose). An
+   output whose shape is the same at both sizes lost the batch axis (a reduction over it,
+   Gather of one sample); one that changes otherwise merged it with other axes or changed its
+   length (Flatten(axis=0), a Reshape to (-1,), a Concat, Pad or Tile along it).
+2. Ops that keep the batch axis's size but still combine along it are named: a reduction over
+   it, a contraction over it (MatMul, Gemm), convolution, pooling and the per-sample ops with a
+   fixed sample axis (Conv reads axis 0 as N, RNNs axis 1 or 0), a reversing Slice.
+3. Shape and Size of a batched value are evaluated (with the reference, like constant folding)
+   at both batch sizes; a constant that differs is batch-size dependent. It may only feed the
+   shape operand of a shape op (Reshape's shape, Expand, Tile, Slice, Pad...), whose effect is
+   on the output's shape and so checked by 1.; anywhere else (``x / Shape(x)[0]``) the batch
+   size would be read as a number, which the lowering fixes at 1. A constant that only repeats
+   one slice along a batch axis (``ConstantOfShape(Shape(x))``, an RNN's zero initial state) is
+   the same for every sample and may be read anywhere.
+
+Only inputs whose batch axis the model leaves dynamic are checked: a model declaring a static
+batch of 1 is defined for one sample only and applying it per sample is its meaning. So is a
+graph that does not run at other batch sizes after the offending node (a Reshape to one
+sample's size, or to ``[1, -1]`` then a Gemm one sample wide, as some exporters write even with
+a dynamic N): onnxruntime refuses a batch there, so nothing is silently wrong, and it is not
+refused. Where shape inference cannot give a shape, that value is not checked here; ``verify``
+runs a real batch through onnxruntime and catches what slips past.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..errors import GraphError, UnsupportedAttributeError
+from .context import NodeView
+from .fold import evaluate_constant_node
+from .graph import PreparedModel
+
+BATCH_SIZES = (2, 3)
+# Initializers above this many values are given to shape inference by shape only (their values
+# can only matter to shapes when they are small, e.g. a Reshape target).
+SMALL_INITIALIZER = 4096
+# Operand positions that only set the output's shape (checked through the shapes).
+SHAPE_OPERANDS: dict[str, frozenset[int]] = {
+    "Reshape": frozenset({1}),
+    "Expand": frozenset({1}),
+    "Tile": frozenset({1}),
+    "Slice": frozenset({1, 2, 3, 4}),
+    "Pad": frozenset({1, 3}),
+    "Squeeze": frozenset({1}),
+    "Unsqueeze": frozenset({1}),
+    "Split": frozenset({1}),
+}
+# Ops that read axis 0 as the sample axis N (N, C, spatial...).
+SAMPLE_AXIS_ZERO = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MaxPool",
+        "AveragePool",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "BatchNormalization",
+        "DepthToSpace",
+        "SpaceToDepth",
+    }
+)
+REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
+RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
+SIZE_READERS = frozenset({"Shape", "Size"})
+# onnx's data propagation gives up on much shape arithmetic (even an Identity): the shape
+# operands it could not follow are evaluated here and handed back to shape inference as
+# constants, at most this many times.
+MAX_INFERENCE_ROUNDS = 3
+
+Shapes = dict[str, tuple[int, ...] | None]
+
+
+def check_batch_independence(prepared: PreparedModel) -> None:
+    """Raise GraphError or UnsupportedAttributeError at the first node that mixes samples."""
+    batched_inputs = [i for i in prepared.inputs if i.batch_dynamic]
+    if not batched_inputs:
+        return
+    names = {i.name for i in batched_inputs}
+    known: list[dict[str, np.ndarray]] = [{} for _ in BATCH_SIZES]
+    for _ in range(MAX_INFERENCE_ROUNDS):
+        shapes = [_inferred_shapes(prepared, size, values) for size, values in zip(BATCH_SIZES, known)]
+        walk = _Walk(prepared, shapes, names)
+        walk.run()
+        found = walk.shape_operand_values()
+        if all(set(new) <= set(old) for new, old in zip(found, known)):
+            return
+        known = [{**old, **new} for old, new in zip(known, found)]
+
+
+class _Walk:
+    """One pass over the sorted nodes, tracking batched values and batch-size dependent constants."""
+
+    def __init__(self, prepared: PreparedModel, shapes: list[Shapes], batched: set[str]) -> None:
+        self.prepared = prepared
+        self.shapes = shapes
+        self.batched = set(batched)
+        self.sized: dict[str, list[np.ndarray]] = {}  # constants that depend on the batch size
+        self.per_sample: set[str] = set()  # of those, the ones only repeated along a batch axis
+        self.producers = {out: index for index, node in enumerate(prepared.graph.node) for out in node.output if out}
+        self.constants: dict[str, np.ndarray | None] = dict(prepared.constants)
+
+    def run(self) -> None:
+        for index, proto in enumerate(self.prepared.graph.node):
+            node = NodeView(proto, self.prepared.opset, index)
+            if any(name in self.batched for name in proto.input):
+                if proto.op_type in SIZE_READERS:
+                    self._read_sizes(node)
+                else:
+                    self._check_batched_node(node)
+            elif any(name in self.sized for name in proto.input):
+                self._propagate_sizes(node)
+        for output in self.prepared.graph.output:
+            if self.reads_batch_size(output.name):
+                index = self.producers[output.name]
+                where = NodeView(self.prepared.graph.node[index], self.prepared.opset, index).where
+                raise GraphError(
+                    f"{where}: graph output {output.name!r} is computed from the batch size (through Shape or "
+                    "Size of a batched value), which the compiled model fixes at 1; output only values computed "
+                    "per sample"
+                )
+
+    # ------------------------------------------------------------------ batched values
+    def _check_batched_node(self, node: NodeView) -> None:
+        """Refuse the node if it mixes samples, unless the graph after it does not run at other
+        batch sizes at all (then it is defined for one sample, and nothing after it is tracked)."""
+        if node.op_type == "Reshape" and self._only_at_batch_one(node):
+            return
+        try:
+            self._check_mixing(node)
+        except (GraphError, UnsupportedAttributeError):
+            if self._runs_at_other_batch_sizes(node):
+                raise
+            return
+        for name in node.proto.output:
+            if name:
+                self.batched.add(name)
+
+    def _check_mixing(self, node: NodeView) -> None:
+        for position, name in enumerate(node.proto.input):
+            if self.reads_batch_size(name) and position not in SHAPE_OPERANDS.get(node.op_type, ()):
+                raise GraphError(
+                    f"{node.where}: operand {position} ({name!r}) is computed from the batch size (Shape or "
+                    "Size of a batched value, e.g. Shape(x)[0]), which differs per batch but is fixed at 1 "
+                    "when compiling; compute it from feature dimensions only (the batch axis is the sample axis)"
+                )
+        axes = {name: self.batch_axis(name) for name in node.proto.input if name in self.batched}
+        _check_op_axes(node, axes, self._constant, self.rank)
+        for name in node.proto.output:
+            if name:
+                self._check_output(node, name, axes)
+
+    def _runs_at_other_batch_sizes(self, node: NodeView) -> bool:
+        """Whether shape inference finds a shape at both batch sizes for every graph output that
+        depends on the node. Where it does not, the graph does not run at those sizes (e.g. a
+        Reshape to ``[1, -1]`` then a Gemm with one sample's width, whose inner dimensions onnx's
+        inference does not compare, so they are compared here): it is defined per sample."""
+        consumers: dict[str, list[onnx.NodeProto]] = {}
+        for proto in self.prepared.graph.node:
+            for name in proto.input:
+                consumers.setdefault(name, []).append(proto)
+        if not self._inner_dimensions_agree(node.proto):
+            return False
+        outputs = {output.name for output in self.prepared.graph.output}
+        pending, seen = [name for name in node.proto.output if name], set()
+        while pending:
+            name = pending.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in outputs and any(shapes.get(name) is None for shapes in self.shapes):
+                return False
+            for proto in consumers.get(name, ()):
+                if not self._inner_dimensions_agree(proto):
+                    return False
+                pending.extend(out for out in proto.output if out)
+        return True
+
+    def _inner_dimensions_agree(self, proto: onnx.NodeProto) -> bool:
+        """For Gemm and MatMul, whether the summed dimensions of the operands match at both batch
+        sizes (True where not known or for other ops)."""
+        if proto.op_type not in ("Gemm", "MatMul") or len(proto.input) < 2:
+            return True
+        attributes = {a.name: a.i for a in proto.attribute}
+        for shapes in self.shapes:
+            a, b = shapes.get(proto.input[0]), shapes.get(proto.input[1])
+            if a is None or b is None or not a or not b:
+                continue
+            if proto.op_type == "Gemm":
+                inner_a = a[0] if attributes.get("transA", 0) else a[-1]
+                inner_b = b[-1] if attributes.get("transB", 0) else b[0]
+            else:
+                inner_a, inner_b = a[-1], (b[0] if len(b) == 1 else b[-2])
+            if inner_a != inner_b:
+                return False
+        return True
+
+    def shape_operand_values(self) -> list[dict[str, np.ndarray]]:
+        """Per batch size, the values of shape operands (Reshape's target...) of nodes whose output
+        shape inference did not find, where this walk knows them: to hand back to the inference."""
+        per_size: list[dict[str, np.ndarray]] = [{} for _ in BATCH_SIZES]
+        for proto in self.prepared.graph.node:
+            outputs = [name for name in proto.output if name]
+            if all(shapes.get(name) is not None for shapes in self.shapes for name in outputs):
+                continue
+            for position in SHAPE_OPERANDS.get(proto.op_type, ()):
+                name = proto.input[position] if position < len(proto.input) else ""
+                if not name or name in self.prepared.constants:
+                    continue
+                values = self.sized.get(name) or [self._constant(name)] * len(BATCH_SIZES)
+                if values[0] is not None:
+                    for index, value in enumerate(values):
+                        per_size[index][name] = value
+        return per_size
+
+    def _only_at_batch_one(self, node: NodeView) -> bool:
+        """A Reshape to a fixed target holding one sample's values (``[1, 6, 2, 2]``, as some
+        exporters write): the graph does not run at any other batch size (onnxruntime refuses it),
+        so it is defined per sample and nothing after it is tracked."""
+        for shapes in self.shapes:
+            source, target = shapes.get(node.proto.input[0]), shapes.get(node.proto.output[0])
+            if source is not None and target is not None and np.prod(source) != np.prod(target):
+                return True
+        return False
+
+    def _check_output(self, node: NodeView, name: str, input_axes: dict[str, int | None]) -> None:
+        before, after = (shapes.get(name) for shapes in self.shapes)
+        if before is None or after is None or self._batch_axis_of(before, after) is not None:
+            return
+        where = ", ".join(f"{n!r} at axis {a}" for n, a in input_axes.items() if a is not None) or "its input"
+        if before == after:
+            what = "removes the batch axis (reduces over it or keeps one sample of it)"
+        else:
+            what = "merges the batch axis with other axes or changes its length"
+        raise GraphError(
+            f"{node.where}: output {name!r} has shape {before} at batch size {BATCH_SIZES[0]} and {after} at "
+            f"batch size {BATCH_SIZES[1]}: the node {what}, so samples would mix (batch axis of {where}). "
+            "Operate on the feature axes only and keep the batch axis (the sample axis) as its own axis (e.g. "
+            "Flatten with axis=1, a Reshape target starting with 0); or, for a model meant for one sample, "
+            "declare a static batch of 1"
+        )
+
+    def batch_axis(self, name: str) -> int | None:
+        """The value's batch axis, None when shape inference does not know its shapes."""
+        before, after = (shapes.get(name) for shapes in self.shapes)
+        if before is None or after is None:
+            return None
+        return self._batch_axis_of(before, after)
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes[0].get(name)
+        return None if shape is None else len(shape)
+
+    @staticmethod
+    def _batch_axis_of(before: tuple[int, ...], after: tuple[int, ...]) -> int | None:
+        if len(before) != len(after):
+            return None
+        changed = [axis for axis, (b, a) in enumerate(zip(before, after)) if b != a]
+        if len(changed) == 1 and (before[changed[0]], after[changed[0]]) == BATCH_SIZES:
+            return changed[0]
+        return None
+
+    # ------------------------------------------------------------------ batch-size dependent constants
+    def _read_sizes(self, node: NodeView) -> None:
+        """Shape or Size of a batched value: its result at each batch size."""
+        results = []
+        for shapes in self.shapes:
+            shape = shapes.get(node.proto.input[0])
+            if shape is None:
+                return  # unknown shape: nothing to track (verify still runs a batch)
+            results.append(evaluate_constant_node(node, [np.zeros(shape, dtype=np.float64)])[0])
+        self._record(node.proto.output[0], results)
+
+    def _propagate_sizes(self, node: NodeView) -> None:
+        """A constant node reading a batch-size dependent constant: evaluate it at each size."""
+        per_size: list[list[np.ndarray]] = []
+        for index in range(len(BATCH_SIZES)):
+            inputs = [
+                self.sized[name][index] if name in self.sized else (self._constant(name) if name else None)
+                for name in node.proto.input
+            ]
+            if any(value is None for name, value in zip(node.proto.input, inputs) if name):
+                return
+            per_size.append(evaluate_constant_node(node, inputs))
+        for position, name in enumerate(node.proto.output):
+            if name:
+                self._record(name, [values[position] for values in per_size])
+
+    def _record(self, name: str, values: list[np.ndarray]) -> None:
+        """Keep a constant that differs between the batch sizes; one that only repeats the same
+        slice along a batch axis (``ConstantOfShape(Shape(x))``, an RNN's zero initial state) is
+        the same for every sample, so it may be read anywhere (its shape is checked as a value's)."""
+        first, second = values
+        if first.shape == second.shape and np.array_equal(first, second):
+            self.constants[name] = first
+            return
+        self.sized[name] = values
+        axis = self._batch_axis_of(first.shape, second.shape)
+        if (
+            axis is not None
+            and all(_repeats_along(value, axis) for value in values)
+            and np.array_equal(np.take(first, [0], axis), np.take(second, [0], axis))
+        ):
+            self.per_sample.add(name)
+
+    def reads_batch_size(self, name: str) -> bool:
+        """A constant computed from the batch size that is not the same for every sample."""
+        return name in self.sized and name not in self.per_sample
+
+    def _constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant not depending on the batch size (folded on demand), or None."""
+        if name in self.constants:
+            return self.constants[name]
+        self.constants[name] = None  # a guard against cycles and values that are not constants
+        index = self.producers.get(name)
+        if index is None:
+            return None
+        proto = self.prepared.graph.node[index]
+        if any(n in self.batched or n in self.sized for n in proto.input):
+            return None
+        inputs = [self._constant(n) if n else None for n in proto.input]
+        if any(value is None for n, value in zip(proto.input, inputs) if n):
+            return None
+        try:
+            values = evaluate_constant_node(NodeView(proto, self.prepared.opset, index), inputs)
+        except GraphError:
+            return None
+        for out, value in zip(proto.output, values):
+            if out:
+                self.constants[out] = value
+        return self.constants[name]
+
+
+def _repeats_along(value: np.ndarray, axis: int) -> bool:
+    """Every slice along ``axis`` equals the first."""
+    return bool(np.all(value == np.take(value, [0], axis)))
+
+
+# ---------------------------------------------------------------------- ops that combine along an axis
+def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) -> None:
+    """Ops that keep the batch axis's length but combine values along it. ``constant(name)``: a
+    constant operand's value or None; ``rank(name)``: a value's rank or None."""
+    inputs = list(node.proto.input)
+    op = node.op_type
+    first = axes.get(inputs[0]) if inputs else None
+    if op in SAMPLE_AXIS_ZERO and first not in (None, 0):
+        _refuse(node, first, f"{op} reads axis 0 as the sample axis N", "keep the batch axis first (axis 0)")
+    if op in RECURRENT and first is not None:
+        sample_axis = 0 if node.attr("layout", 0) else 1
+        if first != sample_axis:
+            _refuse(
+                node,
+                first,
+                f"{op} with layout={node.attr('layout', 0)} reads axis {sample_axis} as the batch",
+                f"put the batch axis at axis {sample_axis} of X",
+            )
+    if op == "MatMul":
+        _check_matmul(node, inputs, axes, rank)
+    if op == "Gemm":
+        for position, transposed in ((0, "transA"), (1, "transB")):
+            axis = axes.get(inputs[position]) if len(inputs) > position else None
+            contracted = (1 - position) if not node.attr(transposed, 0) else position
+            if axis is not None and axis == contracted:
+                _refuse(node, axis, f"Gemm sums over axis {axis} of operand {position}", "contract feature axes only")
+    if op in REDUCTIONS and first is not None:
+        reduced = _reduced_axes(node, constant, rank(inputs[0]))
+        if reduced is None or first in reduced:
+            _refuse(node, first, f"{op} reduces over it", "reduce over feature axes only")
+    if op == "Slice" and first is not None:
+        _check_slice(node, first, constant, rank(inputs[0]))
+
+
+def _check_matmul(node: NodeView, inputs: list[str], axes: dict[str, int | None], rank) -> None:
+    """numpy.matmul sums over the last axis of A and the second-to-last of B (the only axis of a
+    vector operand)."""
+    for position in (0, 1):
+        axis = axes.get(inputs[position]) if len(inputs) > position else None
+        operand_rank = rank(inputs[position]) if len(inputs) > position else None
+        if axis is None or operand_rank is None:
+            continue
+        contracted = operand_rank - 1 if position == 0 or operand_rank == 1 else operand_rank - 2
+        if axis == contracted:
+            _refuse(node, axis, f"MatMul sums over axis {axis} of operand {position}", "contract feature axes only")
+
+
+def _reduced_axes(node: NodeView, constant, rank: int | None) -> set[int] | None:
+    """The axes a reduction reduces, made non-negative; None: all of them (or not known)."""
+    axes = node.attr("axes")
+    if axes is None and len(node.proto.input) > 1 and node.proto.input[1]:
+        value = constant(node.proto.input[1])
+        if value is None:
+            return None
+        axes = [int(a) for a in np.ravel(value)]
+    if not axes:
+        return set() if node.attr("noop_with_empty_axes", 0) else None
+    return {a + rank if a < 0 and rank is not None else a for a in axes}
+
+
+def _check_slice(node: NodeView, axis: int, constant, rank: int | None) -> None:
+    """A slice of the batch axis that starts at 0 with step 1 keeps the samples in order (its
+    length is checked through the shapes); any other start or step moves or drops samples."""
+    if node.opset < 10:
+        sliced, starts, steps = node.attr("axes"), node.attr("starts") or [], None
+    else:
+        names = list(node.proto.input) + [""] * 5
+        starts_value = constant(names[1]) if names[1] else None
+        axes_value = constant(names[3]) if names[3] else None
+        steps_value = constant(names[4]) if names[4] else None
+        starts = [] if starts_value is None else [int(s) for s in np.ravel(starts_value)]
+        sliced = None if axes_value is None else [int(a) for a in np.ravel(axes_value)]
+        steps = None if steps_value is None else [int(s) for s in np.ravel(steps_value)]
+    sliced = list(range(len(starts))) if sliced is None else list(sliced)
+    for index, sliced_axis in enumerate(sliced):
+        if (sliced_axis + rank if sliced_axis < 0 and rank is not None else sliced_axis) != axis:
+            continue
+        start = starts[index] if index < len(starts) else 0
+        step = steps[index] if steps and index < len(steps) else 1
+        if start != 0 or step != 1:
+            _refuse(node, axis, f"Slice takes start {start}, step {step} along it", "slice feature axes only")
+
+
+def _refuse(node: NodeView, axis: int, what: str, remedy: str) -> None:
+    raise UnsupportedAttributeError(
+        f"{node.where}: the batch axis of its input is axis {axis} and {what}, so samples would mix; "
+        f"{remedy} (axis {axis} is the batch axis: the sample axis)"
+    )
+
+
+# ---------------------------------------------------------------------- shape inference
+def _inferred_shapes(prepared: PreparedModel, batch_size: int, values: dict[str, np.ndarray]) -> Shapes:
+    """Every value's static shape with each dynamic batch axis set to ``batch_size`` (None where
+    shape inference cannot tell); ``values``: constants (at this batch size) to read in place of
+    the values of those names."""
+    source = prepared.model
+    model = onnx.ModelProto(
+        ir_version=source.ir_version,
+        opset_import=source.opset_import,
+        functions=source.functions,
+        graph=onnx.GraphProto(name=source.graph.name, node=source.graph.node, output=source.graph.output),
+    )
+    graph = model.graph  # (the constructor copied the graph given)
+    large = []
+    for tensor in source.graph.initializer:  # large weights by shape only: no copy of them
+        if _element_count(tensor) <= SMALL_INITIALIZER:
+            graph.initializer.append(tensor)
+        else:
+            large.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    del graph.input[:]
+    for graph_input in prepared.inputs:
+        shape = list(graph_input.shape)
+        if graph_input.batch_dynamic:
+            shape[graph_input.batch_axis] = batch_size
+        graph.input.append(onnx.helper.make_tensor_value_info(graph_input.name, onnx.TensorProto.DOUBLE, shape))
+    graph.input.extend(large)
+    for name, value in values.items():
+        given = f"{name}::at_batch_{batch_size}"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value), given))
+        for node in graph.node:
+            if name in node.input:
+                renamed = [given if n == name else n for n in node.input]
+                del node.input[:]
+                node.input.extend(renamed)
+    for output in graph.output:
+        output.type.tensor_type.ClearField("shape")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # inference gaps are not the user's error: those values are just not checked
+        return {}
+    shapes: Shapes = {}
+    for value in _value_infos(inferred.graph):
+        shapes[value.name] = _static_shape(value)
+    return shapes
+
+
+def _element_count(tensor: onnx.TensorProto) -> int:
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count
+
+
+def _value_infos(graph: onnx.GraphProto) -> Iterable[onnx.ValueInfoProto]:
+    yield from graph.input
+    yield from graph.value_info
+    yield from graph.output
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return None
+    dims = []
+    for dim in tensor_type.shape.dim:
+        if not dim.HasField("dim_value"):
+            return None
+        dims.append(int(dim.dim_value))
+    return tuple(dims)
