@@ -4,10 +4,13 @@ under rounding, and onnx node tests that were refused or wrong."""
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.parser
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_helpers import assert_matches_onnxruntime
@@ -137,3 +140,154 @@ def test_output_bounds_margin_is_negligible_for_a_normal_sigma(lenet5_and_digits
     width = 2 * report.matrix.sum(axis=1) * 0.01
     assert (bounds.upper - bounds.lower >= width).all()
     assert (bounds.upper - bounds.lower <= width * (1 + slack)).all()
+
+
+# ----------------------------------------------------------------------------- onnx node tests (C)
+PYTORCH_CONVERTED = Path(onnx.__file__).parent / "backend" / "test" / "data" / "pytorch-converted"
+
+
+@pytest.fixture(scope="module")
+def node_tests() -> dict:
+    """onnx's node test cases by name (the models and data of onnx/backend/test/data/node,
+    built by onnx's own generators: this onnx wheel ships the generators, not the files)."""
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the generators' own overflow warnings (casts to float8...)
+        return {case.name: case for case in collect_testcases(None) if case.model is not None}
+
+
+def _node_test(node_tests: dict, name: str, constant_inputs: int = 0):
+    """(model, first data set's inputs, expected outputs); the last ``constant_inputs`` graph
+    inputs (weights fed as inputs by the test) become initializers with the test's values."""
+    case = node_tests[name]
+    model = onnx.ModelProto()
+    model.CopyFrom(case.model)
+    inputs, outputs = case.data_sets[0]
+    inputs = [np.asarray(value) for value in inputs]
+    if constant_inputs:
+        graph = model.graph
+        for value_info, value in zip(graph.input[-constant_inputs:], inputs[-constant_inputs:]):
+            graph.initializer.append(numpy_helper.from_array(value, value_info.name))
+        del graph.input[len(graph.input) - constant_inputs :]
+        inputs = inputs[:-constant_inputs]
+    return model, inputs, [np.asarray(value) for value in outputs]
+
+
+def _assert_node_test_passes(model: onnx.ModelProto, inputs: list, outputs: list) -> None:
+    """Our float64 and float32 predictions against the test's expected outputs, and the model
+    against onnxruntime and onnx.reference on random inputs."""
+    compiled = ic.from_onnx(model)
+    for dtype, rtol in ((np.float64, 1e-6), (np.float32, 1e-4)):
+        feed = inputs[0].astype(dtype) if len(inputs) == 1 else [value.astype(dtype) for value in inputs]
+        predicted = compiled.astype(dtype).predict(feed)
+        predicted = list(predicted.values()) if isinstance(predicted, dict) else [predicted]
+        for ours, expected in zip(predicted, outputs):
+            np.testing.assert_allclose(ours, expected, rtol=rtol, atol=1e-6 * max(1.0, np.abs(expected).max()))
+    assert_matches_onnxruntime(model)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["test_spacetodepth_expanded", "test_depthtospace_example_expanded", "test_depthtospace_crd_mode_example_expanded"],
+)
+def test_opset_28_models_of_ops_unchanged_since_25_compile(node_tests, name):
+    """Opset 28 node tests whose ops (Reshape, Transpose, Shape, Slice...) did not change after
+    opset 25: were refused as "opset 28 is newer than the newest supported (25)"."""
+    model, inputs, outputs = _node_test(node_tests, name)
+    assert model.opset_import[0].version == 28
+    _assert_node_test_passes(model, inputs, outputs)
+
+
+@pytest.mark.parametrize("opset", [26, 27, 28])
+def test_models_of_opsets_26_to_28_compile(opset):
+    text = f"""
+        <ir_version: 10, opset_import: ["" : {opset}]>
+        g (float[N, 6] x) => (float[N, 3] y)
+        <float[6, 4] W = {{{", ".join(str(0.1 * v - 1) for v in range(24))}}}, float[4, 3] V = {{{", ".join(str(0.2 * v - 1) for v in range(12))}}}>
+        {{ h = MatMul(x, W)
+           r = Relu(h)
+           t = Tanh(r)
+           y = MatMul(t, V) }}
+    """
+    assert_matches_onnxruntime(onnx.parser.parse_model(text), batch=5)
+
+
+def test_op_changed_after_the_newest_lowered_version_is_refused_by_name(node_tests):
+    """DepthToSpace changed in opset 28: refused, naming the op, the opset and version 13."""
+    model, _, _ = _node_test(node_tests, "test_depthtospace_example")
+    with pytest.raises(
+        ic.UnsupportedOpError, match=r"DepthToSpace, opset 28\).*DepthToSpace changed in opset 28.*\(13\)"
+    ):
+        ic.from_onnx(model)
+
+
+@pytest.mark.parametrize("name", ["test_size", "test_size_example"])
+def test_size_of_a_value_of_static_shape_is_a_constant(node_tests, name):
+    _assert_node_test_passes(*_node_test(node_tests, name))
+
+
+def test_size_of_a_batched_value_is_refused():
+    text = """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 3] x) => (int64 s) { s = Size(x) }
+    """
+    with pytest.raises(ic.UnsupportedOpError, match=r"\(Size, opset 17\): Size of a value computed from a batched"):
+        ic.from_onnx(onnx.parser.parse_model(text))
+
+
+def test_conv_transpose_output_shape_larger_than_the_full_size(node_tests):
+    """output_shape [10, 8] of a full [9, 7]: the extra row and column are output padding."""
+    _assert_node_test_passes(*_node_test(node_tests, "test_convtranspose_output_shape", constant_inputs=1))
+
+
+def _conv_transpose(output_shape: str, auto_pad: str = "NOTSET") -> onnx.ModelProto:
+    weights = ", ".join(str(0.1 * v - 0.7) for v in range(18))
+    return onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 1, 3, 3] x) => (float[N, 2, {output_shape}] y)
+        <float[1, 2, 3, 3] W = {{{weights}}}, float[2] B = {{0.5, -1.0}}>
+        {{ y = ConvTranspose <strides = [3, 2], output_shape = [{output_shape}], auto_pad = "{auto_pad}"> (x, W, B) }}
+    """)  # fmt: skip
+
+
+@pytest.mark.parametrize("output_shape", ["10, 8", "11, 7", "9, 8"])
+def test_conv_transpose_output_shape_excess_with_bias_matches_onnxruntime(output_shape):
+    assert_matches_onnxruntime(_conv_transpose(output_shape), batch=3)
+
+
+def test_conv_transpose_output_shape_excess_of_a_stride_is_refused():
+    with pytest.raises(ic.GraphError, match=r"output_shape \[12, 9\] exceeds the full transposed convolution \[9, 7\]"):
+        ic.from_onnx(_conv_transpose("12, 9"))
+
+
+def test_conv_transpose_output_shape_excess_with_same_padding_is_refused():
+    """onnxruntime and onnx.reference place the extra rows differently there."""
+    with pytest.raises(ic.UnsupportedAttributeError, match="auto_pad='SAME_UPPER'"):
+        ic.from_onnx(_conv_transpose("10, 8", "SAME_UPPER"))
+
+
+@pytest.mark.parametrize("name", ["test_PReLU_1d_multiparam", "test_PReLU_2d_multiparam", "test_PReLU_3d_multiparam"])
+def test_prelu_opset_6_slope_per_channel(name):
+    """pytorch's PReLU(num_parameters=3) at opset 6: a slope of shape (3,) for input (2, 3, ...)
+    is per channel (was refused as not broadcasting). Against the test's expected outputs, and
+    onnxruntime (which has no PRelu-6) on the same model at opset 7 with the slope (3, 1, ...)."""
+    folder = PYTORCH_CONVERTED / name
+    model = onnx.load(folder / "model.onnx")
+    assert model.opset_import[0].version == 6
+    x = numpy_helper.to_array(onnx.load_tensor(folder / "test_data_set_0" / "input_0.pb"))
+    expected = numpy_helper.to_array(onnx.load_tensor(folder / "test_data_set_0" / "output_0.pb"))
+    compiled = ic.from_onnx(model)
+    np.testing.assert_allclose(compiled.predict(x.astype(np.float64)), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(compiled.astype(np.float32).predict(x), expected, rtol=1e-5, atol=1e-6)
+    slope = numpy_helper.to_array(model.graph.initializer[0]).reshape(-1, *[1] * (x.ndim - 2))
+    graph = helper.make_graph(
+        [helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        "prelu7",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, x.shape)],
+        [numpy_helper.from_array(slope, "slope")],
+    )
+    opset_7 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=8)
+    session = onnxruntime.InferenceSession(opset_7.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-7)
