@@ -22,14 +22,14 @@ ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
 
 # ----------------------------------------------------------------------------- products (A)
-def _product_of_two_matmuls(W1: np.ndarray, W2: np.ndarray) -> onnx.ModelProto:
-    """y = (x W1) * (x W2): a product of two variable tensors."""
+def _product_of_two_matmuls(W1: np.ndarray, W2: np.ndarray, activations: tuple[str, str] = ()) -> onnx.ModelProto:
+    """y = phi_1(x W1) * phi_2(x W2): a product of two variable tensors (no phi by default)."""
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["a"]), helper.make_node("MatMul", ["x", "W2"], ["b"])]
+    for operand, op_type in zip("ab", activations):
+        nodes.append(helper.make_node(op_type, [operand], [f"{operand}_activated"]))
+    operands = [f"{operand}_activated" if activations else operand for operand in "ab"]
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["x", "W1"], ["a"]),
-            helper.make_node("MatMul", ["x", "W2"], ["b"]),
-            helper.make_node("Mul", ["a", "b"], ["y"]),
-        ],
+        [*nodes, helper.make_node("Mul", operands, ["y"])],
         "product",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", W1.shape[0]])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", W1.shape[1]])],
@@ -52,6 +52,15 @@ def test_product_of_operands_of_different_scales_matches_onnxruntime(scale_1, sc
     W1, W2 = rng.standard_normal((2, 8, 6))
     model = _product_of_two_matmuls(W1 * scale_1, W2 * scale_2)
     assert_matches_onnxruntime(model, batch=64)
+
+
+@pytest.mark.parametrize("activations", [("Relu", "Tanh"), ("Relu", "Identity")], ids=["relu*tanh", "relu*linear"])
+def test_product_of_activations_of_operands_of_different_scales_matches_onnxruntime(activations):
+    """relu(x W1) * tanh(x W2), weights ~100 and ~0.01: the operands' sizes are carried through
+    the activations (a state's coefficient 1 says nothing of its size; was 6e-4 of |y|_inf)."""
+    rng = np.random.default_rng(5)
+    W1, W2 = rng.standard_normal((2, 8, 6))
+    assert_matches_onnxruntime(_product_of_two_matmuls(W1 * 100, W2 * 0.01, activations), batch=64)
 
 
 def test_product_with_per_element_scales_matches_onnxruntime():

@@ -75,24 +75,19 @@ def product(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:
     one shape: two square blocks (a scaling when either expression is in fact constant).
 
     The identity loses |a'|/|b'| + |b'|/|a'| relative precision to the cancellation of the two
-    squares, so the operands are balanced first by ``balancing_scales`` (a' b' = a b exactly).
+    squares, so the operands are balanced first by ``balancing_scales`` (a' b' = a b exactly),
+    from their typical sizes: the norms of their rows with each variable weighted by its own
+    typical size (``LoweringContext.row_sizes``; a relu of x W with large W is large).
     """
     if b.coefficients.nnz == 0:
         return a.scale(b.offset.reshape(a.shape))
     if a.coefficients.nnz == 0:
         return b.scale(a.offset.reshape(b.shape))
-    scales = balancing_scales(_row_sizes(a), _row_sizes(b)).reshape(a.shape)
+    scales = balancing_scales(ctx.row_sizes(a), ctx.row_sizes(b)).reshape(a.shape)
     a, b = a.scale(1.0 / scales), b.scale(scales)
     plus = ctx.create_block(a + b, "square", name=f"{name}/sum_squared")
     minus = ctx.create_block(a - b, "square", name=f"{name}/difference_squared")
     return (plus - minus).scale(np.full(a.shape, 0.25))
-
-
-def _row_sizes(expression: Affine) -> np.ndarray:
-    """Per element, the 2-norm of its row [coefficients, offset]: its size for inputs and states
-    of size about 1."""
-    squares = expression.coefficients.multiply(expression.coefficients).sum(axis=1)
-    return np.sqrt(np.asarray(squares).ravel() + expression.offset**2)
 
 
 def maximum(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:
