@@ -236,13 +236,17 @@ def test_size_of_a_value_of_static_shape_is_a_constant(node_tests, name):
     _assert_node_test_passes(*_node_test(node_tests, name))
 
 
-def test_size_of_a_batched_value_is_refused():
+def test_size_of_a_sample_of_static_shape_is_a_constant():
+    """A declared batch of 1 (the model is defined for one sample): Size is that sample's."""
     text = """
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 3] x) => (int64 s) { s = Size(x) }
+        g (float[1, 3, 4] x) => (float[1, 3, 4] y) {
+            s = Size(x)
+            f = Cast <to = 1> (s)
+            y = Div(x, f)
+        }
     """
-    with pytest.raises(ic.UnsupportedOpError, match=r"\(Size, opset 17\): Size of a value computed from a batched"):
-        ic.from_onnx(onnx.parser.parse_model(text))
+    assert_matches_onnxruntime(onnx.parser.parse_model(text), batch=3)
 
 
 def test_conv_transpose_output_shape_larger_than_the_full_size(node_tests):

@@ -9,8 +9,8 @@ value) and, over the stacked rows of all operands, Concat and Where. So their se
 attribute and opset difference included, are the reference's, not ours.
 
 Identity, Dropout (inference) and Cast to a float type return the expression unchanged.
-Shape of an expression is a constant (the shape at batch size 1); Size is one when no input has
-a batch axis (refused otherwise: it would count the batch). Ops that only
+Shape and Size of an expression are constants (the shape at batch size 1: a model is applied
+per sample; a graph that reads the batch size from them is refused before lowering). Ops that only
 compute shapes (Constant, ConstantOfShape, Range, comparisons...) are folded when their inputs
 are constant and refused otherwise.
 """
@@ -202,16 +202,7 @@ def lower_shape(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 
 @lowers("Size", attributes=())
 def lower_size(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """The number of elements of an expression: a constant, refused when an input is batched.
-
-    Without a batch axis every shape is static; with one, Size would count the whole batch,
-    which changes from call to call."""
-    if ctx.batched:
-        raise UnsupportedOpError(
-            f"{node.where}: Size of a value computed from a batched input counts the whole batch, which is not "
-            "a constant of the model; use Shape and Gather of the per-sample axes, or give the inputs static "
-            "shapes (input_shapes) with no batch axis"
-        )
+    """The number of elements of an expression (batch axis at 1): a constant."""
     return evaluate_constant_node(node, [np.zeros(inputs[0].shape, dtype=np.float64)])
 
 
