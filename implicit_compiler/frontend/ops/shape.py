@@ -10,7 +10,7 @@ attribute and opset difference included, are the reference's, not ours.
 
 Identity, Dropout (inference) and Cast to a float type return the expression unchanged.
 Shape and Size of an expression are constants (the shape at batch size 1: a model is applied
-per sample; a graph that reads the batch size from them is refused before lowering). Ops that only
+per sample). Ops that only
 compute shapes (Constant, ConstantOfShape, Range, comparisons...) are folded when their inputs
 are constant and refused otherwise.
 """
