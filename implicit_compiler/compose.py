@@ -174,13 +174,13 @@ def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, s
     n, q = first.n + second.n, first.q
     scales = balancing_scales(
         _row_sizes(first.C, first.D, first.bias_y), _row_sizes(second.C, second.D, second.bias_y)
-    )  # y_1 / s and y_2 s of one size (exact: powers of two)
+    ).astype(first.dtype)  # y_1 / s and y_2 s of one size (exact: powers of two)
     C1, D1, c1 = sp.diags_array(1.0 / scales) @ first.C, sp.diags_array(1.0 / scales) @ first.D, first.bias_y / scales
     C2, D2, c2 = sp.diags_array(scales) @ second.C, sp.diags_array(scales) @ second.D, second.bias_y * scales
     squares_read = sp.vstack(
         [sp.hstack([C1, C2]), sp.hstack([C1, -C2])], format="csr"
     )  # pre-activations of s+ and s-: C_1 x_1 / s ± C_2 x_2 s (+ (D_1 / s ± D_2 s) u + c_1 / s ± c_2 s)
-    A = sp.bmat([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q))]], format="csr")
+    A = sp.bmat([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q), dtype=first.dtype)]], format="csr")
     B = sp.vstack([B, D1 + D2, D1 - D2], format="csr")
     bias_x = np.concatenate([bias_x, c1 + c2, c1 - c2])
     blocks += [

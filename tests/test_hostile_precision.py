@@ -79,8 +79,10 @@ def _feedthrough(gain: float, p: int = 3) -> ic.ImplicitModel:
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_multiply_of_outputs_of_very_different_scales_is_exact(dtype):
-    """multiply(1e8 u, 1e-8 u) = u^2: was 16 for u = 3 in float64."""
-    product = ic.multiply(_feedthrough(1e8), _feedthrough(1e-8)).astype(dtype)
+    """multiply(1e8 u, 1e-8 u) = u^2: was 16 for u = 3 in float64; float32 operands give a
+    float32 product (was float64)."""
+    product = ic.multiply(_feedthrough(1e8).astype(dtype), _feedthrough(1e-8).astype(dtype))
+    assert product.dtype == dtype
     u = np.array([[3.0, 1.0, 2.0], [-0.5, 7.0, 1e-3]])
     tolerance = 1e-12 if dtype == np.float64 else 1e-6
     np.testing.assert_allclose(product.predict(u.astype(dtype)), u**2, rtol=tolerance)
