@@ -11,7 +11,8 @@ a composition stacks the operands' states (block names prefixed "m1/", "m2/"), s
     add       same u, y = y_1 + y_2:   A, B as parallel, C = [C_1, C_2], D = D_1 + D_2.
     multiply  same u, y = y_1 * y_2, exactly: two square blocks s± = (y_1 / s ± y_2 s)^2 (their
               pre-activations are affine in x_1, x_2, u) and y = (s+ - s-) / 4, with s per
-              output a power of two that balances the sizes of the rows of y_1 / s and y_2 s.
+              output a power of two that balances the typical sizes of y_1 / s and y_2 s
+              (``output_sizes``).
     feedback  u = v + K y (K constant, p x q). With N = (I - D K)^{-1} (q x q):
               y = N (C x + D v + c),  u = v + K y, hence
               A' = A + B K N C,  B' = B (I + K N D),  b' = b + B K N c,
@@ -30,12 +31,14 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from .activations import Activation
 from .errors import NotWellPosedError, ShapeError
 from .model import ImplicitModel, StateBlock, TensorSpec
 
 # Fold B_2 C_1 into A when it holds at most this many times the non-zeros of B_2 and C_1.
 LINK_GROWTH_LIMIT = 2.0
 DENSE_SOLVE_LIMIT = 2048  # q up to which (I - D K) is factored densely
+CYCLIC_SIZE_SWEEPS = 3  # sweeps of a cyclic component when estimating typical state sizes
 
 
 def _prefixed_blocks(model: ImplicitModel, prefix: str, offset: int) -> list[StateBlock]:
@@ -159,10 +162,34 @@ def balancing_scales(sizes_a: np.ndarray, sizes_b: np.ndarray) -> np.ndarray:
     return np.exp2(np.where(sized, exponent, 0.0))
 
 
-def _row_sizes(C: sp.csr_array, D: sp.csr_array, bias: np.ndarray) -> np.ndarray:
-    """Per output the 2-norm of its row [C, D, c]: its size for states and inputs of size ~1."""
-    squares = C.multiply(C).sum(axis=1) + D.multiply(D).sum(axis=1)
-    return np.sqrt(np.asarray(squares, dtype=np.float64).ravel() + np.asarray(bias, dtype=np.float64) ** 2)
+def typical_size(phi: Activation, size: np.ndarray) -> np.ndarray:
+    """The size of phi(z) for |z| ~ size: tanh and sigmoid saturate at 1, square squares."""
+    if phi.name in ("tanh", "sigmoid"):
+        return np.minimum(size, 1.0) if phi.name == "tanh" else np.ones_like(size)
+    if phi.name == "square":
+        return size**2
+    return size * (max(1.0, abs(phi.alpha)) if phi.name == "leaky_relu" else 1.0)
+
+
+def output_sizes(model: ImplicitModel) -> np.ndarray:
+    """A typical size of each output: the 2-norm of its row [C, D, c] with each state weighted
+    by its own typical size (``typical_size`` of the 2-norm of its row [A, B, b]; inputs count
+    1), in execution order, a cyclic component swept ``CYCLIC_SIZE_SWEEPS`` times."""
+    from .runtime.plan import execution_order
+
+    def squared(matrix: sp.csr_array) -> sp.csr_array:
+        matrix = sp.csr_array(matrix, dtype=np.float64)
+        return sp.csr_array((matrix.data**2, matrix.indices, matrix.indptr), shape=matrix.shape)
+
+    A2, fixed = squared(model.A), squared(model.B).sum(axis=1) + model.bias_x.astype(np.float64) ** 2
+    states = np.ones(model.n)
+    for component in execution_order(model):
+        for _ in range(CYCLIC_SIZE_SWEEPS if component.cyclic else 1):
+            for block in (model.blocks[i] for i in component.blocks):
+                rows = block.slice
+                states[rows] = typical_size(block.activation, np.sqrt(A2[rows] @ states**2 + fixed[rows]))
+    squares = squared(model.C) @ states**2 + squared(model.D).sum(axis=1) + model.bias_y.astype(np.float64) ** 2
+    return np.sqrt(squares)
 
 
 def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
@@ -172,9 +199,8 @@ def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, s
     first, second = _common(first, second)
     A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
     n, q = first.n + second.n, first.q
-    scales = balancing_scales(
-        _row_sizes(first.C, first.D, first.bias_y), _row_sizes(second.C, second.D, second.bias_y)
-    ).astype(first.dtype)  # y_1 / s and y_2 s of one size (exact: powers of two)
+    scales = balancing_scales(output_sizes(first), output_sizes(second)).astype(first.dtype)
+    # y_1 / s and y_2 s of one typical size (exact: powers of two)
     C1, D1, c1 = sp.diags_array(1.0 / scales) @ first.C, sp.diags_array(1.0 / scales) @ first.D, first.bias_y / scales
     C2, D2, c2 = sp.diags_array(scales) @ second.C, sp.diags_array(scales) @ second.D, second.bias_y * scales
     squares_read = sp.vstack(

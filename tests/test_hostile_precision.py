@@ -306,3 +306,17 @@ def test_prelu_opset_6_slope_per_channel(name):
     opset_7 = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)], ir_version=8)
     session = onnxruntime.InferenceSession(opset_7.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_multiply_weighs_the_states_by_their_sizes_float32():
+    """y_1 = C relu(1e4 B u) (C ~ 1, states ~1e4) times y_2 = 1e-4 D u: the rows of C alone say
+    y_1 ~ 1; the states' sizes say ~1e4. Float32 against the exact float64 product."""
+    rng = np.random.default_rng(6)
+    B, C, D = rng.normal(size=(6, 4)), rng.normal(size=(3, 6)), rng.normal(size=(3, 4))
+    first = ic.ImplicitModel.from_matrices(np.zeros((6, 6)), 1e4 * B, C, np.zeros((3, 4)), activation="relu")
+    second = ic.ImplicitModel.from_matrices(np.zeros((0, 0)), np.zeros((0, 4)), np.zeros((3, 0)), 1e-4 * D)
+    u = rng.normal(size=(200, 4))
+    expected = (np.maximum(1e4 * u @ B.T, 0) @ C.T) * (1e-4 * u @ D.T)
+    product = ic.multiply(first.astype(np.float32), second.astype(np.float32))
+    ours = product.predict(u.astype(np.float32))
+    np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -18,6 +18,7 @@ import onnx
 import scipy.sparse as sp
 
 from ..activations import Activation, activation
+from ..compose import typical_size
 from ..errors import GraphError, ModelTooLargeError, UnsupportedAttributeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
 from .expression import Affine
@@ -152,7 +153,7 @@ class LoweringContext:
             self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
         self.rows.append(_compact(pre_activation.coefficients, self.dtype))
         if self._sizes is not None:  # sizes are tracked once a product asked for them
-            self._record_sizes(_typical_output_size(activation(activation_spec), self.row_sizes(pre_activation)))
+            self._record_sizes(typical_size(activation(activation_spec), self.row_sizes(pre_activation)))
         start = self.width
         self.n += pre_activation.size
         return Affine.variables(pre_activation.shape, start, self.width)
@@ -188,7 +189,7 @@ class LoweringContext:
             B_rows.data **= 2
             A_rows.data **= 2
             squares = B_rows.sum(axis=1) + A_rows @ sizes[self.p : self.width] ** 2 + block.offset**2
-            sizes[self.p + rows.start : self.p + rows.stop] = _typical_output_size(block.activation, np.sqrt(squares))
+            sizes[self.p + rows.start : self.p + rows.stop] = typical_size(block.activation, np.sqrt(squares))
         return sizes
 
     def _record_sizes(self, sizes: np.ndarray) -> None:
@@ -283,15 +284,6 @@ class LoweringContext:
             inputs=inputs,
             outputs=tuple(output_specs),
         )
-
-
-def _typical_output_size(phi: Activation, size: np.ndarray) -> np.ndarray:
-    """The size of phi(z) for |z| ~ size: tanh and sigmoid saturate at 1, square squares."""
-    if phi.name in ("tanh", "sigmoid"):
-        return np.minimum(size, 1.0) if phi.name == "tanh" else np.ones_like(size)
-    if phi.name == "square":
-        return size**2
-    return size * (max(1.0, abs(phi.alpha)) if phi.name == "leaky_relu" else 1.0)
 
 
 def _compact(matrix: sp.csr_array, dtype: np.dtype) -> sp.csr_array:
