@@ -153,7 +153,7 @@ class LoweringContext:
             self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
         self.rows.append(_compact(pre_activation.coefficients, self.dtype))
         if self._sizes is not None:  # sizes are tracked once a product asked for them
-            self._record_sizes(typical_size(activation(activation_spec), self.row_sizes(pre_activation)))
+            self._record_sizes(typical_size(self.blocks[-1].activation, self.row_sizes(pre_activation)))
         start = self.width
         self.n += pre_activation.size
         return Affine.variables(pre_activation.shape, start, self.width)
