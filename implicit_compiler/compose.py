@@ -9,8 +9,10 @@ a composition stacks the operands' states (block names prefixed "m1/", "m2/"), s
               identity "link" block instead: x_l = C_1 x_1 + D_1 u + c_1, read through B_2, D_2.
     parallel  same u, y = [y_1; y_2]:  A = diag(A_1, A_2), B = [B_1; B_2], C = diag(C_1, C_2).
     add       same u, y = y_1 + y_2:   A, B as parallel, C = [C_1, C_2], D = D_1 + D_2.
-    multiply  same u, y = y_1 * y_2, exactly: two square blocks s± = (y_1 ± y_2)^2 (their
-              pre-activations are affine in x_1, x_2, u) and y = (s+ - s-) / 4.
+    multiply  same u, y = y_1 * y_2, exactly: two square blocks s± = (y_1 / s ± y_2 s)^2 (their
+              pre-activations are affine in x_1, x_2, u) and y = (s+ - s-) / 4, with s per
+              output a power of two that balances the typical sizes of y_1 / s and y_2 s
+              (``output_sizes``).
     feedback  u = v + K y (K constant, p x q). With N = (I - D K)^{-1} (q x q):
               y = N (C x + D v + c),  u = v + K y, hence
               A' = A + B K N C,  B' = B (I + K N D),  b' = b + B K N c,
@@ -30,12 +32,14 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from . import arguments
+from .activations import Activation
 from .errors import ArgumentTypeError, NotWellPosedError, ShapeError
 from .model import ImplicitModel, StateBlock, TensorSpec
 
 # Fold B_2 C_1 into A when it holds at most this many times the non-zeros of B_2 and C_1.
 LINK_GROWTH_LIMIT = 2.0
 DENSE_SOLVE_LIMIT = 2048  # q up to which (I - D K) is factored densely
+CYCLIC_SIZE_SWEEPS = 3  # sweeps of a cyclic component when estimating typical state sizes
 
 
 def _prefixed_blocks(model: ImplicitModel, prefix: str, offset: int) -> list[StateBlock]:
@@ -152,6 +156,52 @@ def add(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] =
     return ImplicitModel(A, B, C, D, bias_x, bias_y, tuple(blocks), first.inputs, first.outputs)
 
 
+def balancing_scales(sizes_a: np.ndarray, sizes_b: np.ndarray) -> np.ndarray:
+    """Per element the power of two s nearest sqrt(|a| / |b|), so that a / s and b s have sizes
+    within a factor sqrt(2) of each other (s = 1 where either size is zero).
+
+    For the square identity a b = ((a/s + b s)^2 - (a/s - b s)^2) / 4 (``multiply`` and the Mul
+    lowering): both squares round at about max(a/s, b s)^2 while their difference is 4ab, so
+    unbalanced operands (x W1 with weights ~100 times x W2 with weights ~0.01) lose about
+    log10(|a| / |b|) digits. Powers of two make the scaling itself exact.
+    """
+    sizes_a, sizes_b = np.asarray(sizes_a, dtype=np.float64), np.asarray(sizes_b, dtype=np.float64)
+    sized = (sizes_a > 0) & (sizes_b > 0) & np.isfinite(sizes_a) & np.isfinite(sizes_b)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        exponent = np.round(0.5 * (np.log2(sizes_a) - np.log2(sizes_b)))
+    return np.exp2(np.where(sized, exponent, 0.0))
+
+
+def typical_size(phi: Activation, size: np.ndarray) -> np.ndarray:
+    """The size of phi(z) for |z| ~ size: tanh and sigmoid saturate at 1, square squares."""
+    if phi.name in ("tanh", "sigmoid"):
+        return np.minimum(size, 1.0) if phi.name == "tanh" else np.ones_like(size)
+    if phi.name == "square":
+        return size**2
+    return size * (max(1.0, abs(phi.alpha)) if phi.name == "leaky_relu" else 1.0)
+
+
+def output_sizes(model: ImplicitModel) -> np.ndarray:
+    """A typical size of each output: the 2-norm of its row [C, D, c] with each state weighted
+    by its own typical size (``typical_size`` of the 2-norm of its row [A, B, b]; inputs count
+    1), in execution order, a cyclic component swept ``CYCLIC_SIZE_SWEEPS`` times."""
+    from .runtime.plan import execution_order
+
+    def squared(matrix: sp.csr_array) -> sp.csr_array:
+        matrix = sp.csr_array(matrix, dtype=np.float64)
+        return sp.csr_array((matrix.data**2, matrix.indices, matrix.indptr), shape=matrix.shape)
+
+    A2, fixed = squared(model.A), squared(model.B).sum(axis=1) + model.bias_x.astype(np.float64) ** 2
+    states = np.ones(model.n)
+    for component in execution_order(model):
+        for _ in range(CYCLIC_SIZE_SWEEPS if component.cyclic else 1):
+            for block in (model.blocks[i] for i in component.blocks):
+                rows = block.slice
+                states[rows] = typical_size(block.activation, np.sqrt(A2[rows] @ states**2 + fixed[rows]))
+    squares = squared(model.C) @ states**2 + squared(model.D).sum(axis=1) + model.bias_y.astype(np.float64) ** 2
+    return np.sqrt(squares)
+
+
 def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
     """Both models on the same input, outputs multiplied elementwise, exactly: y = m1(u) * m2(u)."""
     _same_input(first, second, "multiply")
@@ -159,12 +209,16 @@ def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, s
     first, second = _common(first, second)
     A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
     n, q = first.n + second.n, first.q
+    scales = balancing_scales(output_sizes(first), output_sizes(second)).astype(first.dtype)
+    # y_1 / s and y_2 s of one typical size (exact: powers of two)
+    C1, D1, c1 = sp.diags_array(1.0 / scales) @ first.C, sp.diags_array(1.0 / scales) @ first.D, first.bias_y / scales
+    C2, D2, c2 = sp.diags_array(scales) @ second.C, sp.diags_array(scales) @ second.D, second.bias_y * scales
     squares_read = sp.vstack(
-        [sp.hstack([first.C, second.C]), sp.hstack([first.C, -second.C])], format="csr"
-    )  # pre-activations of s+ and s-: C_1 x_1 ± C_2 x_2 (+ (D_1 ± D_2) u + c_1 ± c_2)
-    A = sp.bmat([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q))]], format="csr")
-    B = sp.vstack([B, first.D + second.D, first.D - second.D], format="csr")
-    bias_x = np.concatenate([bias_x, first.bias_y + second.bias_y, first.bias_y - second.bias_y])
+        [sp.hstack([C1, C2]), sp.hstack([C1, -C2])], format="csr"
+    )  # pre-activations of s+ and s-: C_1 x_1 / s ± C_2 x_2 s (+ (D_1 / s ± D_2 s) u + c_1 / s ± c_2 s)
+    A = sp.bmat([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q), dtype=first.dtype)]], format="csr")
+    B = sp.vstack([B, D1 + D2, D1 - D2], format="csr")
+    bias_x = np.concatenate([bias_x, c1 + c2, c1 - c2])
     blocks += [
         StateBlock("product/sum_squared", n, n + q, "square", (q,)),
         StateBlock("product/difference_squared", n + q, n + 2 * q, "square", (q,)),

@@ -119,8 +119,9 @@ def test_tight_for_nonnegative_weights(rng, activation, radius, bias):
     sigma = rng.uniform(0.1, 1.0, 3)
     u0 = rng.normal(size=3)
     bounds = output_bounds(model, u0, sigma)
-    np.testing.assert_allclose(model.predict(u0 + sigma, tol=1e-14), bounds.upper, rtol=1e-10)
-    np.testing.assert_allclose(model.predict(u0 - sigma, tol=1e-14), bounds.lower, rtol=1e-10)
+    np.testing.assert_allclose(model.predict(u0 + sigma, tol=1e-14), bounds.upper - bounds.margin, rtol=1e-10)
+    np.testing.assert_allclose(model.predict(u0 - sigma, tol=1e-14), bounds.lower + bounds.margin, rtol=1e-10)
+    assert (bounds.margin <= 1e-8 * np.abs(bounds.center)).all()  # the default tolerance, 1e-10, amplified
 
 
 def box_samples(rng, u0, sigma, count=300):
@@ -186,7 +187,8 @@ def test_output_shapes_and_sigma_forms(rng):
     shaped = output_bounds(model, single, np.full((2, 3), 0.2), sensitivity_report=report)
     for other in (flat, shaped):
         np.testing.assert_array_equal(other.lower, scalar.lower)
-    np.testing.assert_allclose(scalar.upper - scalar.center, report.matrix.sum(axis=1) * 0.2, rtol=1e-12)
+    spread = report.matrix.sum(axis=1) * 0.2
+    np.testing.assert_allclose(scalar.upper - scalar.center - scalar.margin, spread, rtol=1e-12)
     batched = output_bounds(model, batch, 0.2)
     assert batched.center.shape == batched.lower.shape == (4, 2)
     np.testing.assert_allclose(batched.center, model.predict(batch))

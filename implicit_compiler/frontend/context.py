@@ -18,6 +18,7 @@ import onnx
 import scipy.sparse as sp
 
 from ..activations import Activation, activation
+from ..compose import typical_size
 from ..errors import GraphError, ModelTooLargeError, UnsupportedAttributeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
 from .expression import Affine
@@ -107,6 +108,7 @@ class LoweringContext:
     n: int = 0
     nonzeros: int = 0
     _names: set[str] = field(default_factory=set)
+    _sizes: np.ndarray | None = None  # ``variable_sizes``, with room to grow
 
     @property
     def width(self) -> int:
@@ -150,9 +152,54 @@ class LoweringContext:
         if self.rows is None:
             self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
         self.rows.append(_compact(pre_activation.coefficients, self.dtype))
+        if self._sizes is not None:  # sizes are tracked once a product asked for them
+            self._record_sizes(typical_size(self.blocks[-1].activation, self.row_sizes(pre_activation)))
         start = self.width
         self.n += pre_activation.size
         return Affine.variables(pre_activation.shape, start, self.width)
+
+    def variable_sizes(self) -> np.ndarray:
+        """A typical size of each variable of [u; x] so far: 1 for the inputs, and for each state
+        its activation applied to the size of its pre-activation (``row_sizes``). A product of two
+        values balances its operands with these (``ops.elementwise.product``).
+
+        Only models with products need them: they are computed from the stored rows at the first
+        call, then kept up to date by ``create_block`` (no cost to the other models)."""
+        if self._sizes is None:
+            self._sizes = self._sizes_of_stored_blocks()
+        return self._sizes[: self.width]
+
+    def row_sizes(self, expression: Affine) -> np.ndarray:
+        """Per element of an expression, the 2-norm of its row [coefficients * variable sizes, offset]."""
+        c = expression.coefficients
+        squares = (
+            sp.csr_array((c.data**2, c.indices, c.indptr), shape=c.shape) @ self.variable_sizes()[: c.shape[1]] ** 2
+        )
+        return np.sqrt(squares + expression.offset**2)
+
+    def _sizes_of_stored_blocks(self) -> np.ndarray:
+        """``variable_sizes`` of the blocks made so far, block by block from their stored rows."""
+        sizes = np.ones(self.p + max(self.n, 1024))
+        if self.rows is None:
+            return sizes
+        B, A = self.rows.finish(self.width)
+        for block in self.blocks:
+            rows = slice(block.start, block.start + block.size)
+            B_rows, A_rows = B[rows].astype(np.float64), A[rows].astype(np.float64)
+            B_rows.data **= 2
+            A_rows.data **= 2
+            squares = B_rows.sum(axis=1) + A_rows @ sizes[self.p : self.width] ** 2 + block.offset**2
+            sizes[self.p + rows.start : self.p + rows.stop] = typical_size(block.activation, np.sqrt(squares))
+        return sizes
+
+    def _record_sizes(self, sizes: np.ndarray) -> None:
+        """Append the sizes of a new block's states (before ``n`` grows)."""
+        needed = self.width + sizes.size
+        if needed > self._sizes.size:
+            grown = np.ones(max(2 * self._sizes.size, needed))
+            grown[: self.width] = self._sizes[: self.width]
+            self._sizes = grown
+        self._sizes[self.width : needed] = sizes
 
     def materialize(self, expression: Affine, name: str | None = None) -> Affine:
         """Keep an operand of the current node as its own identity block, named "<output>/input"

@@ -2,7 +2,10 @@
 
 A node is lowered by the function registered for the ``since_version`` of its op's schema at
 the model's opset (``onnx.defs.get_schema(op, max_inclusive_version=opset)``), as onnx2torch
-does. Each lowering declares the attributes it understands; any other attribute on a node is
+does. The lowerings were written against the schemas up to ``LOWERED_THROUGH_OPSET``; a newer
+opset is accepted wherever its ops' schemas are ones we lower (most ops do not change from one
+opset to the next), and an op whose schema changed after that is refused naming its version.
+Each lowering declares the attributes it understands; any other attribute on a node is
 refused with UnsupportedAttributeError rather than silently ignored.
 """
 
@@ -16,8 +19,9 @@ import onnx.defs
 
 from ..errors import UnsupportedOpError
 
-# Newest opset lowered and tested; a model above it gets a clear error naming the version.
-MAX_OPSET = 25
+# Newest opset whose schemas were lowered and tested: lowerings register the since_versions up
+# to it. Models of later opsets compile when none of their ops changed since.
+LOWERED_THROUGH_OPSET = 25
 
 
 @dataclass(frozen=True)
@@ -41,11 +45,11 @@ REGISTRY: dict[tuple[str, int], Lowering] = {}
 
 
 def since_versions(op_type: str) -> list[int]:
-    """Every since_version of the op's schema in the default domain, up to MAX_OPSET."""
+    """Every since_version of the op's schema in the default domain, up to LOWERED_THROUGH_OPSET."""
     versions = {
         schema.since_version
         for schema in onnx.defs.get_all_schemas_with_history()
-        if schema.name == op_type and schema.domain == "" and schema.since_version <= MAX_OPSET
+        if schema.name == op_type and schema.domain == "" and schema.since_version <= LOWERED_THROUGH_OPSET
     }
     if not versions:
         raise ValueError(f"{op_type} is not an ONNX operator")
@@ -84,10 +88,12 @@ def find_lowering(op_type: str, domain: str, opset: int, where: str) -> Lowering
         raise UnsupportedOpError(
             f"{where}: operators of domain {domain!r} are not supported; only the default ONNX domain is"
         )
-    if opset > MAX_OPSET:
+    newest_known = onnx.defs.onnx_opset_version()
+    if opset > newest_known:
         raise UnsupportedOpError(
-            f"{where}: opset {opset} is newer than the newest supported ({MAX_OPSET}); convert the model "
-            f"with onnx.version_converter.convert_version(model, {MAX_OPSET})"
+            f"{where}: opset {opset} is newer than the newest supported ({newest_known}, the newest the installed "
+            f"onnx knows); convert the model with onnx.version_converter.convert_version(model, {newest_known}) "
+            "or upgrade onnx"
         )
     try:
         schema = onnx.defs.get_schema(op_type, max_inclusive_version=opset, domain="")
@@ -95,17 +101,24 @@ def find_lowering(op_type: str, domain: str, opset: int, where: str) -> Lowering
         raise UnsupportedOpError(f"{where}: {op_type!r} is not an ONNX operator at opset {opset}") from None
     lowering = REGISTRY.get((op_type, schema.since_version))
     if lowering is None:
-        supported = sorted({op for op, _ in REGISTRY})
-        known = [v for op, v in REGISTRY if op == op_type]
-        hint = (
-            f"versions {sorted(known)} of it are supported: convert the model to one of those opsets"
-            if known
-            else f"supported ops: {', '.join(supported)}"
-        )
-        raise UnsupportedOpError(
-            f"{where}: {op_type} (version {schema.since_version}) has no lowering to an implicit model; {hint}"
-        )
+        raise UnsupportedOpError(f"{where}: {_missing_lowering(op_type, schema.since_version, opset)}")
     return lowering
+
+
+def _missing_lowering(op_type: str, version: int, opset: int) -> str:
+    """Why there is no lowering for version ``version`` of an op, and what to do."""
+    known = sorted(v for op, v in REGISTRY if op == op_type)
+    if known and version > known[-1]:
+        return (
+            f"{op_type} changed in opset {version} (the model's opset is {opset}), after the newest version "
+            f"lowered ({known[-1]}); convert the model to opset {version - 1} or older with "
+            f"onnx.version_converter.convert_version"
+        )
+    if known:
+        hint = f"versions {known} of it are supported: convert the model to one of those opsets"
+    else:
+        hint = f"supported ops: {', '.join(sorted({op for op, _ in REGISTRY}))}"
+    return f"{op_type} (version {version}) has no lowering to an implicit model; {hint}"
 
 
 def supported_ops_table() -> str:

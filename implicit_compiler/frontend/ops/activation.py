@@ -9,7 +9,8 @@
                      = lo + relu(z - lo)                         (no upper bound)
                      = hi - relu(hi - z)                         (no lower bound)
 
-The slope of PRelu and the bounds of Clip must be constants.
+The slope of PRelu and the bounds of Clip must be constants. Before opset 7 a 1-D PRelu slope
+of C values is per channel (axis 1).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def lower_prelu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """leaky_relu(z) for one scalar slope, else relu(z) - s * relu(-z): one or two blocks."""
     z = as_affine(inputs[0], ctx.width)
     slope = np.asarray(require_constant(inputs[1], node, "the slope (input 1)"), dtype=np.float64)
+    slope = _legacy_channel_slope(node, slope, z.shape)
     try:
         shape = np.broadcast_shapes(z.shape, slope.shape)
     except ValueError:
@@ -67,6 +69,15 @@ def lower_prelu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     positive = ctx.create_block(z, "relu", name=f"{node.proto.output[0]}/positive")
     negative = ctx.create_block(-z, "relu", name=f"{node.proto.output[0]}/negative")
     return [positive - negative.scale(slope)]
+
+
+def _legacy_channel_slope(node: NodeView, slope: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Before opset 7 (no broadcasting), a 1-D slope of C values is one slope per channel, axis 1
+    of (N, C, ...) (Caffe2's PRelu; pytorch exported PReLU(num_parameters=C) so): reshaped to
+    (C, 1, ...) to broadcast."""
+    if node.opset < 7 and slope.ndim == 1 and slope.size > 1 and len(shape) >= 2 and shape[1] == slope.size:
+        return slope.reshape((slope.size,) + (1,) * (len(shape) - 2))
+    return slope
 
 
 @lowers("Clip", attributes=("min", "max"))

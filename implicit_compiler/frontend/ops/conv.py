@@ -21,7 +21,11 @@ The output shape and pads follow the ONNX spec: O_d = stride_d * (S_d - 1) + out
 + (K_d - 1) * dilation_d + 1 - pad_begin_d - pad_end_d; given ``output_shape`` (or SAME_*
 auto_pad, which asks for O_d = S_d * stride_d) the pads are ignored, the total padding is that
 expression (without pads) minus O_d, put at the beginning as total // 2 for SAME_UPPER and
-total - total // 2 otherwise (onnxruntime agrees; negative totals are refused).
+total - total // 2 otherwise (onnxruntime agrees). An output_shape larger than the full size
+(by less than a stride, as output_padding can) gives a negative total: the extra rows and
+columns go at the end, where they read no input pixel and hold the bias only, as output_padding
+would (onnxruntime, the reference and the node test test_convtranspose_output_shape agree).
+SAME_* asking for negative padding is refused (onnxruntime and the reference disagree there).
 
 Both maps are built the same way, vectorized: a spatial pattern (for each output pixel o and
 kernel offset k, the input pixel read and whether it exists; prod(O) x prod(K) entries) is
@@ -132,8 +136,7 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
         [Y], the expression of shape (N, M, O...), O from the ONNX spec's formulas.
 
     Raises:
-        GraphError: W or B not constant, shapes that do not fit, or an output_shape larger than
-            the full transposed convolution.
+        GraphError: W or B not constant, shapes that do not fit, or an empty output.
         UnsupportedAttributeError: an auto_pad value outside the spec, negative pads, or SAME_*
             padding that would be negative (onnxruntime and the reference disagree there).
     """
@@ -170,19 +173,16 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
         else:
             out_sizes = [s * st for s, st in zip(sizes, strides)]
         totals = [f - o for f, o in zip(full, out_sizes)]
-        if min(totals) < 0:
-            if output_shape is not None:
-                raise GraphError(
-                    f"{node.where}: output_shape {out_sizes} is larger than the full transposed convolution "
-                    f"{full} (negative padding); use output_padding to extend the output"
-                )
+        if min(totals) < 0 and output_shape is not None and auto_pad == "NOTSET":
+            _check_output_shape_excess(node, out_sizes, full, strides)
+        elif min(totals) < 0:
             raise node.unsupported(
                 "auto_pad",
                 auto_pad,
                 f"with these strides and kernel it needs negative padding ({totals}), on which onnxruntime and "
                 "the ONNX reference disagree; use explicit pads and output_padding",
             )
-        begins = [t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
+        begins = [0 if t < 0 else t // 2 if auto_pad == "SAME_UPPER" else t - t // 2 for t in totals]
     else:
         pads = [0] * (2 * spatial) if auto_pad == "VALID" else _pads(node, spatial)
         begins = pads[:spatial]
@@ -206,6 +206,17 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _check_output_shape_excess(node: NodeView, out_sizes: list[int], full: list[int], strides: list[int]) -> None:
+    """An output_shape beyond the full size is output padding at the end; onnxruntime and the
+    reference refuse an excess of a stride or more (they infer a larger input), so do we."""
+    if any(o - f >= st for o, f, st in zip(out_sizes, full, strides)):
+        raise GraphError(
+            f"{node.where}: output_shape {out_sizes} exceeds the full transposed convolution {full} by a stride "
+            f"{strides} or more (onnxruntime and the ONNX reference refuse it too); use a smaller "
+            "output_shape or pad the output with Pad"
+        )
+
+
 def _operands(ctx: LoweringContext, node: NodeView, inputs: list, transposed: bool):
     """X as an expression, W and B as float64 arrays, the number of spatial axes, the group."""
     weights = np.asarray(require_constant(optional_input(inputs, 1), node, "the weight W (input 1)"), dtype=np.float64)

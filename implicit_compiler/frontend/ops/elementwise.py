@@ -3,8 +3,9 @@
     a + b, a - b          expressions add row by row after broadcasting (residual Add);
                           a constant operand only shifts the offset
     a * c, a / c          c constant: diag(c) scaling of the rows (a / c as a * (1 / c))
-    a * b                 both variable: a*b = ((a + b)^2 - (a - b)^2) / 4, two ``square``
-                          blocks, exact (used by gates and by composition)
+    a * b                 both variable: a*b = ((a/s + b s)^2 - (a/s - b s)^2) / 4, two
+                          ``square`` blocks, exact (used by gates and by composition); s
+                          per element, a power of two, balances the sizes of a/s and b s
     max(a, b)             b + relu(a - b); min(a, b) = a - relu(a - b): one relu block
     Sum(a_1, ..., a_k)    a_1 + ... + a_k
 
@@ -17,6 +18,7 @@ from functools import reduce
 
 import numpy as np
 
+from ...compose import balancing_scales
 from ...errors import GraphError, UnsupportedOpError
 from ..context import LoweringContext, NodeView, Value
 from ..registry import lowers
@@ -69,12 +71,20 @@ def multiply(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine
 
 
 def product(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:
-    """a * b = ((a + b)^2 - (a - b)^2) / 4 for two expressions of one shape: two square blocks
-    (a scaling when either expression is in fact constant)."""
+    """a * b = ((a' + b')^2 - (a' - b')^2) / 4 with a' = a / s, b' = b s, for two expressions of
+    one shape: two square blocks (a scaling when either expression is in fact constant).
+
+    The identity loses |a'|/|b'| + |b'|/|a'| relative precision to the cancellation of the two
+    squares, so the operands are balanced first by ``balancing_scales`` (a' b' = a b exactly),
+    from their typical sizes: the norms of their rows with each variable weighted by its own
+    typical size (``LoweringContext.row_sizes``; a relu of x W with large W is large).
+    """
     if b.coefficients.nnz == 0:
         return a.scale(b.offset.reshape(a.shape))
     if a.coefficients.nnz == 0:
         return b.scale(a.offset.reshape(b.shape))
+    scales = balancing_scales(ctx.row_sizes(a), ctx.row_sizes(b)).reshape(a.shape)
+    a, b = a.scale(1.0 / scales), b.scale(scales)
     plus = ctx.create_block(a + b, "square", name=f"{name}/sum_squared")
     minus = ctx.create_block(a - b, "square", name=f"{name}/difference_squared")
     return (plus - minus).scale(np.full(a.shape, 0.25))

@@ -9,7 +9,8 @@ value) and, over the stacked rows of all operands, Concat and Where. So their se
 attribute and opset difference included, are the reference's, not ours.
 
 Identity, Dropout (inference) and Cast to a float type return the expression unchanged.
-Shape and Size of an expression are constants (the shape at batch size 1). Ops that only
+Shape and Size of an expression are constants (the shape at batch size 1: a model is applied
+per sample). Ops that only
 compute shapes (Constant, ConstantOfShape, Range, comparisons...) are folded when their inputs
 are constant and refused otherwise.
 """
@@ -41,7 +42,7 @@ MOVEMENT_OPS = {
     "SpaceToDepth": ("blocksize",),
 }
 FOLD_ONLY_OPS = (
-    "Constant", "ConstantOfShape", "Range", "Size", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
+    "Constant", "ConstantOfShape", "Range", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
     "Not", "And", "Or", "Floor", "Ceil", "Round", "Sqrt", "Pow", "Exp", "Log", "Reciprocal", "ReduceProd",
     "NonZero", "Mod", "Abs", "CumSum", "ReduceMin", "ArgMax", "ArgMin",
 )  # fmt: skip
@@ -196,6 +197,12 @@ def lower_cast(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 @lowers("Shape", attributes=("start", "end"))
 def lower_shape(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """The shape of an expression (batch axis at 1): a constant."""
+    return evaluate_constant_node(node, [np.zeros(inputs[0].shape, dtype=np.float64)])
+
+
+@lowers("Size", attributes=())
+def lower_size(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """The number of elements of an expression (batch axis at 1): a constant."""
     return evaluate_constant_node(node, [np.zeros(inputs[0].shape, dtype=np.float64)])
 
 
