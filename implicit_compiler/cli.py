@@ -172,6 +172,8 @@ def command_verify(args: argparse.Namespace) -> int:
         )
     if report.reference_error:
         print(f"  note: {report.reference_error}")
+    batch = "as one batch" if report.batch_checked else f"one at a time ({report.batch_error})"
+    print(f"  onnxruntime ran the {report.samples} samples {batch}")
     print("PASSED" if report.passed else "FAILED")
     return EXIT_OK if report.passed else EXIT_CHECK_FAILED
 

@@ -27,6 +27,17 @@ from implicit_compiler.runtime.batching import flatten_inputs, shape_outputs
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 
 
+# a two-layer network of 4 inputs and 3 outputs, batch axis N: the frontend tests' smallest model
+MLP_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 3] y)
+<float[3, 4] W = {1,2,3,4,5,6,7,8,9,10,11,12}, float[3] b = {0.5, -0.5, 1}> {
+    h = Gemm <transB = 1> (x, W, b)
+    y = Relu(h)
+}
+"""
+
+
 def parse(text: str) -> onnx.ModelProto:
     """A model from onnx.parser text, checked."""
     model = onnx.parser.parse_model(text)

@@ -69,6 +69,7 @@ def test_verify_passes_and_reports_errors():
     result = cli("verify", SMALL, "--samples", "4")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "float32 vs onnxruntime" in result.stdout and result.stdout.strip().endswith("PASSED")
+    assert "onnxruntime ran the 4 samples one at a time (the model does not leave" in result.stdout  # a static batch
 
 
 def test_spy_writes_a_png_of_the_documented_size(lenet_npz, tmp_path):

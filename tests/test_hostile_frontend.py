@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_helpers import assert_matches_onnxruntime, parse
+from onnx_helpers import MLP_TEXT, assert_matches_onnxruntime, parse
 
 import implicit_compiler as ic
 from implicit_compiler.frontend import estimate
@@ -28,15 +28,6 @@ from implicit_compiler.frontend.graph import prepare
 
 LIGHT = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 ROOT = Path(__file__).resolve().parents[1]
-
-MLP_TEXT = """
-<ir_version: 8, opset_import: ["" : 17]>
-g (float[N, 4] x) => (float[N, 3] y)
-<float[3, 4] W = {1,2,3,4,5,6,7,8,9,10,11,12}, float[3] b = {0.5, -0.5, 1}> {
-    h = Gemm <transB = 1> (x, W, b)
-    y = Relu(h)
-}
-"""
 
 
 def _matmul_model() -> onnx.ModelProto:

@@ -171,7 +171,7 @@ def output_bounds(
         raise AnalysisError(f"sigma: expected nonnegative radii, got minimum {radius.min():.6g}")
     solution = model.solve(u0)
     center = np.asarray(solution.y, dtype=np.float64)
-    state = np.asarray(solution.x, dtype=np.float64).reshape(-1, model.n)
+    state = np.atleast_2d(np.asarray(solution.x, dtype=np.float64))  # (batch, n), n = 0 included
     inputs = np.abs(flatten_inputs(model.inputs, u0)[0].astype(np.float64))
     margin = rounding_margin(model, state, inputs, radius, solution.error).reshape(center.shape)
     reach = report.matrix @ radius + margin
