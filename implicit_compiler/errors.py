@@ -81,6 +81,10 @@ class PathIsDirectoryError(ImplicitCompilerError, IsADirectoryError):
     """A path names a folder where a file was expected."""
 
 
+class PathPermissionError(ImplicitCompilerError, PermissionError):
+    """A file cannot be written where asked: the folder does not let us create files."""
+
+
 class ArgumentTypeError(ImplicitCompilerError, TypeError):
     """An argument is of a type (or names a dtype) the function does not take."""
 

@@ -27,7 +27,14 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import __version__
-from .errors import ImplicitCompilerError, ModelFileError, OverwriteError, PathIsDirectoryError, PathNotFoundError
+from .errors import (
+    ImplicitCompilerError,
+    ModelFileError,
+    OverwriteError,
+    PathIsDirectoryError,
+    PathNotFoundError,
+    PathPermissionError,
+)
 from .model import ImplicitModel, StateBlock, TensorSpec
 
 FORMAT_TAG = "implicit_compiler.ImplicitModel"
@@ -70,6 +77,7 @@ def write_file(path: str | os.PathLike, write: Callable[[IO[bytes]], None], over
             ``overwrite`` is False.
         PathIsDirectoryError: ``path`` is a folder.
         PathNotFoundError: the folder to write into does not exist.
+        PathPermissionError: the folder to write into does not let us create files.
     """
     target = writable_target(path, overwrite)
     old_mode = stat.S_IMODE(target.stat().st_mode) if target.is_file() else None
@@ -141,6 +149,11 @@ def _create_temporary(target: Path) -> tuple[int, Path]:
         except (FileNotFoundError, NotADirectoryError):  # the folder went away since the check
             raise PathNotFoundError(
                 f"cannot write {target}: the folder {target.parent} does not exist; create it first"
+            ) from None
+        except PermissionError:
+            raise PathPermissionError(
+                f"cannot write {target}: no permission to create files in the folder {target.parent}; "
+                "choose a folder you can write to"
             ) from None
     raise FileExistsError(f"cannot create a temporary file next to {target}: 100 names taken")
 

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import implicit_compiler as ic
-from implicit_compiler import TensorSpec, viz
+from implicit_compiler import TensorSpec, serialization, viz
 from implicit_compiler.cli import main
 from implicit_compiler.serialization import write_file
 
@@ -187,6 +187,19 @@ def test_save_into_a_missing_folder_names_the_folder(mlp, tmp_path):
         mlp.implicit().save(folder / "model.npz")
     assert isinstance(caught.value, FileNotFoundError)
     assert f"the folder {folder} does not exist" in str(caught.value) and ".tmp" not in str(caught.value)
+
+
+def test_save_into_a_folder_without_write_permission_names_the_folder(mlp, tmp_path, monkeypatch):
+    # (the tests run as root, for whom chmod does not deny: the refusal is what os.open raises)
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(serialization.os, "open", denied)
+    with pytest.raises(ic.PathPermissionError, match="no permission") as caught:
+        mlp.implicit().save(tmp_path / "model.npz")
+    assert isinstance(caught.value, PermissionError)
+    assert f"the folder {tmp_path}" in str(caught.value) and ".tmp" not in str(caught.value)
+    assert not list(tmp_path.iterdir())
 
 
 def test_save_onto_a_folder_is_a_typed_error(mlp, tmp_path):
