@@ -222,7 +222,10 @@ def parse_equation(node: NodeView, shapes: Sequence[tuple[int, ...]] | None = No
     for term, shape in zip(terms, shapes):
         letters = term.replace("...", "")
         if ("..." not in term and len(letters) != len(shape)) or len(letters) > len(shape):
-            raise GraphError(f"{node.where}: Einsum term {term!r} does not fit an operand of shape {shape}")
+            raise GraphError(
+                f"{node.where}: Einsum term {term!r} does not fit an operand of shape {shape}: give one letter per "
+                "axis, or '...' for the axes not named"
+            )
         rank = len(shape) - len(letters)
         ellipsis_rank = max(ellipsis_rank, rank)
         operands.append((term, rank))
