@@ -137,6 +137,17 @@ def test_size_of_one_attention_head_at_16_tokens():
     assert_matches_onnxruntime(model, batch=2)
 
 
+def test_size_estimate_of_attention_is_within_twice_the_model():
+    """The estimate checked against the memory limit before lowering counts the square blocks."""
+    from implicit_compiler.frontend.estimate import estimate_nonzeros
+    from implicit_compiler.frontend.graph import prepare
+
+    model = _multi_head_attention(tokens=16, width=32, heads=4, head=8)
+    compiled = ic.from_onnx(model)
+    actual = compiled.A.nnz + compiled.B.nnz + compiled.C.nnz + compiled.D.nnz
+    assert actual / 2 <= estimate_nonzeros(prepare(model)) <= 2 * actual
+
+
 # ----------------------------------------------------------------------------- Gemm
 GEMM_CASES = {
     "plain": (dict(), (3, 5), (5, 4), None),
