@@ -266,6 +266,15 @@ def test_einsum_with_a_constant_operand_is_a_linear_map(equation, constant_first
     assert compiled.n == 0, "a linear map makes no states"
 
 
+def test_einsum_of_three_operands_with_a_constant_between_two_variables():
+    """Contracted left to right: x W is a linear map, (x W) z a product of two variables."""
+    node = helper.make_node("Einsum", ["x", "W", "z"], ["y"], equation="ij,jk,kl->il")
+    inputs = [_float("x", [2, 3]), _float("z", [4, 2])]
+    model = _model([node], inputs, [_float("y", [2, 2])], [_weight("W", (3, 4))], opset=13)
+    compiled = assert_matches_onnxruntime(model)
+    assert sum(block.size for block in compiled.blocks) == 2 * 2 * 4 * 2, "squares of the one product"
+
+
 @pytest.mark.parametrize(
     "equation,message",
     [("ij,jk->iq", "must name each letter"), ("i.j->i", "cannot parse"), ("...i...->i", "cannot parse|more than one")],
