@@ -148,6 +148,15 @@ def test_size_estimate_of_attention_is_within_twice_the_model():
     assert actual / 2 <= estimate_nonzeros(prepare(model)) <= 2 * actual
 
 
+@pytest.mark.parametrize("einsum", [False, True], ids=["matmul", "einsum"])
+def test_attention_too_large_for_the_memory_limit_is_refused_before_allocating(einsum):
+    """512 tokens, 4 heads of 64: 2 * 4 * 512^2 * 64 products, refused by the estimate (MatMul)
+    or by the running count before the products' indices are made (Einsum, not estimated)."""
+    model = _multi_head_attention(tokens=512, width=8, heads=4, head=64, einsum=einsum)
+    with pytest.raises(ic.ModelTooLargeError, match="non-zeros"):
+        ic.from_onnx(model, memory_limit_bytes=2**30)
+
+
 # ----------------------------------------------------------------------------- Gemm
 GEMM_CASES = {
     "plain": (dict(), (3, 5), (5, 4), None),
