@@ -109,17 +109,25 @@ def test_non_finite_constant_node_is_refused():
         ic.from_onnx(model)
 
 
-def test_weights_fed_as_runtime_inputs_are_refused():
+def test_weights_fed_as_runtime_inputs():
+    """A Gemm's weight fed as a runtime input is a product of two inputs (square blocks), with the
+    weight a per-sample input (it used to be refused); a Conv's weight must still be a constant."""
     model = parse(
         """
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 4] x, float[3, 4] W) => (float[N, 3] y) { y = Gemm <transB = 1> (x, W) }
         """
     )
-    with pytest.raises(
-        ic.UnsupportedOpError, match=r"\(Gemm, opset 17\): both operands depend.*store it as an initializer"
-    ):
-        ic.from_onnx(model)
+    compiled = assert_matches_onnxruntime(model)
+    assert [spec.name for spec in compiled.inputs] == ["x", "W"]
+    conv = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 1, 4, 4] x, float[2, 1, 3, 3] W) => (float[N, 2, 2, 2] y) { y = Conv(x, W) }
+        """
+    )
+    with pytest.raises(ic.GraphError, match=r"\(Conv, opset 17\).*store it as an initializer"):
+        ic.from_onnx(conv)
 
 
 def test_initializers_listed_as_inputs_are_constants():

@@ -8,8 +8,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx_helpers import assert_matches_onnxruntime
 
-import implicit_compiler as ic
-
 
 def _model(nodes, inputs, outputs, initializers, opset=17):
     graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
@@ -104,8 +102,10 @@ def test_mlp_is_nilpotent_and_blocks_are_named_after_values():
     assert not np.linalg.matrix_power(dense, 2).any(), "A is nilpotent"
 
 
-def test_product_of_two_variable_tensors_is_refused():
+def test_product_of_two_variable_tensors_goes_through_square_blocks():
+    """It used to be refused; now each of the 2 * 3 * 2 products a_ik b_kj is two square states
+    (tests/test_modern_products.py covers the forms)."""
     node = helper.make_node("MatMul", ["x", "z"], ["y"], name="bilinear")
     model = _model([node], [_float("x", ["N", 2, 3]), _float("z", ["N", 3, 2])], [_float("y", ["N", 2, 2])], [])
-    with pytest.raises(ic.UnsupportedOpError, match=r"node 'bilinear' \(MatMul, opset 17\).*both operands"):
-        ic.from_onnx(model)
+    compiled = assert_matches_onnxruntime(model)
+    assert [(block.activation.name, block.size) for block in compiled.blocks] == [("square", 12), ("square", 12)]

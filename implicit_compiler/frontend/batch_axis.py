@@ -50,6 +50,7 @@ from ..errors import GraphError, UnsupportedAttributeError
 from .context import NodeView
 from .fold import evaluate_constant_node
 from .graph import PreparedModel
+from .ops.bilinear import parse_equation
 
 BATCH_SIZES = (2, 3)
 # Initializers above this many values are given to shape inference by shape only (their values
@@ -376,6 +377,8 @@ def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) 
             )
     if op == "MatMul":
         _check_matmul(node, inputs, axes, rank)
+    if op == "Einsum":
+        _check_einsum(node, inputs, axes, rank)
     if op == "Gemm":
         for position, transposed in ((0, "transA"), (1, "transB")):
             axis = axes.get(inputs[position]) if len(inputs) > position else None
@@ -401,6 +404,18 @@ def _check_matmul(node: NodeView, inputs: list[str], axes: dict[str, int | None]
         contracted = operand_rank - 1 if position == 0 or operand_rank == 1 else operand_rank - 2
         if axis == contracted:
             _refuse(node, axis, f"MatMul sums over axis {axis} of operand {position}", "contract feature axes only")
+
+
+def _check_einsum(node: NodeView, inputs: list[str], axes: dict[str, int | None], rank) -> None:
+    """Einsum sums over every subscript the output does not name: a batch axis must be named."""
+    ranks = [rank(name) for name in inputs]
+    if any(value is None for value in ranks):
+        return
+    labels, output = parse_equation(node, [(1,) * value for value in ranks])
+    for position, name in enumerate(inputs):
+        axis = axes.get(name)
+        if axis is not None and labels[position][axis] not in output:
+            _refuse(node, axis, f"Einsum sums over axis {axis} of operand {position}", "contract feature axes only")
 
 
 def _reduced_axes(node: NodeView, constant, rank: int | None) -> set[int] | None:

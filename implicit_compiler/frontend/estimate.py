@@ -6,7 +6,8 @@ are its multiply-accumulates, per sample (batch 1):
 
     Conv           prod(output shape) * C_in / groups * prod(kernel)
     ConvTranspose  prod(input shape) * C_out / groups * prod(kernel)
-    Gemm / MatMul  rows of the output * the contracted dimension
+    Gemm / MatMul  rows of the output * the contracted dimension (with two variable operands,
+                   4 per product a_ik b_kj in two square blocks, 2 in the rows reading the sum)
 
 and an activation stores its input's expression as state rows (once per activation reading
 it), max pools store relu trees, recurrent layers their weights per step. Measured against
@@ -214,6 +215,9 @@ def _node_expressions(
     op = node.op_type
     if op in BLOCKS:  # the input's expression as state rows; out: a selection (two with two blocks)
         return BLOCKS[op] * first, lambda name: BLOCKS[op] * (size(name) or first)
+    if op in ("Gemm", "MatMul") and set(node.input[:2]) <= set(read) and _node_nonzeros(node, shapes):
+        products = float(_node_nonzeros(node, shapes))  # two variables: a_ik b_kj as two square rows
+        return 4 * products + sum(nonzeros[name] for name in node.input[:2]), lambda name: 2 * products
     if op in LINEAR_MAPS and _node_nonzeros(node, shapes):
         mapped = float(_node_nonzeros(node, shapes))
         if density <= 1:

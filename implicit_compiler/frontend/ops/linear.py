@@ -9,7 +9,7 @@ Gemm: Y = alpha * A' B' + beta * C with A' = A^T if transA (likewise B'), C broa
 the transposes of a variable operand are row selections. MatMul follows numpy.matmul: 1-D
 operands are promoted and the added axis removed, leading (stacked) axes broadcast and each
 stacked product is one diagonal block of the map. A product of two variable operands is not
-affine and is refused.
+affine: it goes to ``bilinear`` (products through square blocks, summed).
 """
 
 from __future__ import annotations
@@ -17,9 +17,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from ...errors import GraphError, UnsupportedOpError
+from ...errors import GraphError
 from ..context import LoweringContext, NodeView, Value
 from ..registry import lowers
+from .bilinear import variable_matmul
 from .common import Affine, optional_input, shape_of
 
 
@@ -39,13 +40,9 @@ def _product_map(left: np.ndarray | None, right: np.ndarray | None, stack: int, 
 
 
 def matmul(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
-    """numpy.matmul(a, b) where exactly one operand is an expression."""
+    """numpy.matmul(a, b) where at least one operand is an expression."""
     if isinstance(a, Affine) and isinstance(b, Affine):
-        raise UnsupportedOpError(
-            f"{node.where}: both operands depend on the model input; a product of two variable "
-            "tensors is not affine. Only products with a constant (weights) are supported: if one "
-            "operand is a weight fed as a runtime graph input, store it as an initializer instead"
-        )
+        return variable_matmul(ctx, node, a, b, node.proto.output[0])
     a_shape, b_shape = shape_of(a), shape_of(b)
     if not a_shape or not b_shape:
         raise GraphError(f"{node.where}: MatMul operands must have rank >= 1, got {a_shape} and {b_shape}")
@@ -77,13 +74,13 @@ def matmul(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
 
 @lowers("MatMul")
 def lower_matmul(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """numpy.matmul with one constant operand: a block-diagonal kron map."""
+    """numpy.matmul: a block-diagonal kron map with a constant operand, else square blocks."""
     return [matmul(ctx, node, inputs[0], inputs[1])]
 
 
 @lowers("Gemm", attributes=("alpha", "beta", "transA", "transB", "broadcast"))
 def lower_gemm(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """alpha * A' B' + beta * C: a kron map, scaled, plus a broadcast constant."""
+    """alpha * A' B' + beta * C: a kron map (or square blocks for two variables), plus beta C."""
     a, b = inputs[0], inputs[1]
     c = optional_input(inputs, 2)
     alpha, beta = float(node.attr("alpha", 1.0)), float(node.attr("beta", 1.0))
@@ -92,12 +89,12 @@ def lower_gemm(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     if node.attr("transB", 0):
         b = _transpose(b, node)
     if isinstance(a, Affine) and isinstance(b, Affine):
-        return [matmul(ctx, node, a, b)]  # refused there, with the reason
-    if isinstance(a, Affine):
-        b = np.asarray(b, dtype=np.float64) * alpha
+        product = matmul(ctx, node, a, b)
+        product = product if alpha == 1.0 else product.scale(np.full(product.shape, alpha))
+    elif isinstance(a, Affine):
+        product = matmul(ctx, node, a, np.asarray(b, dtype=np.float64) * alpha)
     else:
-        a = np.asarray(a, dtype=np.float64) * alpha
-    product = matmul(ctx, node, a, b)
+        product = matmul(ctx, node, np.asarray(a, dtype=np.float64) * alpha, b)
     if c is None or beta == 0.0:
         return [product]
     if isinstance(c, Affine):
