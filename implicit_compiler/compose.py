@@ -173,12 +173,29 @@ def balancing_scales(sizes_a: np.ndarray, sizes_b: np.ndarray) -> np.ndarray:
 
 
 def typical_size(phi: Activation, size: np.ndarray) -> np.ndarray:
-    """The size of phi(z) for |z| ~ size: tanh and sigmoid saturate at 1, square squares."""
-    if phi.name in ("tanh", "sigmoid"):
-        return np.minimum(size, 1.0) if phi.name == "tanh" else np.ones_like(size)
-    if phi.name == "square":
-        return size**2
-    return size * (max(1.0, abs(phi.alpha)) if phi.name == "leaky_relu" else 1.0)
+    """The size of phi(z) for |z| ~ size: tanh and sigmoid saturate at 1, square squares, exp
+    exponentiates (capped short of overflow), ...; rectifier-like activations keep the size
+    (times their slope for z < 0 when larger than 1). Only a scale for balancing products."""
+    name = phi.name
+    if name in ("tanh", "erf", "softsign"):
+        return np.minimum(size, 1.0)
+    if name in ("sigmoid", "hard_sigmoid"):
+        return np.ones_like(size)
+    with np.errstate(divide="ignore", over="ignore"):
+        unbounded = {
+            "square": lambda: size**2,
+            "exp": lambda: np.exp(np.minimum(size, 700.0)),
+            "log": lambda: np.abs(np.log(size)),
+            "reciprocal": lambda: 1.0 / size,
+            "sqrt": lambda: np.sqrt(size),
+            "rsqrt": lambda: 1.0 / np.sqrt(size),
+            "power": lambda: size ** (phi.alpha or 0.0),
+        }
+        if name in unbounded:
+            return unbounded[name]()
+    if name in ("leaky_relu", "elu", "selu"):
+        return size * max(1.0, abs(phi.alpha)) * (abs(phi.beta) if name == "selu" else 1.0)
+    return size
 
 
 def output_sizes(model: ImplicitModel) -> np.ndarray:

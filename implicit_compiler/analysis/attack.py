@@ -28,7 +28,7 @@ import numpy as np
 from scipy.optimize import linprog
 
 from .. import arguments
-from ..activations import Activation
+from ..activations import ACTIVATION_NAMES, Activation
 from ..errors import AnalysisError
 from ..model import ImplicitModel
 from ..runtime.batching import flatten_inputs
@@ -186,7 +186,8 @@ def _objective_gradient(
 
 
 def activation_derivative(activation: Activation, z: np.ndarray) -> np.ndarray:
-    """phi'(z) componentwise (relu: 0 at z = 0; leaky_relu: 1 at z = 0, matching phi)."""
+    """phi'(z) componentwise (relu: 0 at z = 0; leaky_relu: 1 at z = 0, matching phi; the
+    activations of issue 17 by ``Activation.derivative``)."""
     name = activation.name
     if name == "identity":
         return np.ones_like(z)
@@ -201,4 +202,6 @@ def activation_derivative(activation: Activation, z: np.ndarray) -> np.ndarray:
         return s * (1.0 - s)
     if name == "square":
         return 2.0 * z
+    if name in ACTIVATION_NAMES:
+        return activation.derivative(z)
     raise AnalysisError(f"no derivative known for activation {activation}")

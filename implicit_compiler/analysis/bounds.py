@@ -111,7 +111,8 @@ def weighted_sensitivity(
     if unbounded:
         reason = (
             f"not valid: block(s) {', '.join(unbounded)} are not Lipschitz, so no finite S bounds the output "
-            "change for all inputs (a square grows quadratically); bound the inputs and linearize instead"
+            "change for all inputs (a square grows quadratically, exp exponentially, log and 1/z without bound "
+            "near 0); bound the inputs and linearize instead"
         )
         return None, reason, math.inf
     absolute = abs(model.A.astype(np.float64, copy=False))
@@ -232,14 +233,20 @@ def _evaluation_error(
     model: ImplicitModel, components, reach: np.ndarray, roundoff: float, solver_error: float
 ) -> np.ndarray:
     """Per state and sample (n, batch), the error of evaluating its activation (a few ulps of
-    |phi| for tanh, sigmoid and leaky relu; none for relu and identity) plus, for states iterated
+    |phi| for every activation but relu and identity; the clipped ones a few ulps of their
+    clipping range) plus, for states iterated
     to a tolerance, the solver's error: relative in the max norm, so the tolerance (the default,
     or the center's estimated error when larger) times the component's largest |x|."""
-    relative = np.zeros(model.n)
+    relative, absolute = np.zeros(model.n), np.zeros(model.n)
     for block in model.blocks:
-        if block.activation.name in ("tanh", "sigmoid", "leaky_relu"):
+        if block.activation.name not in ("identity", "relu"):
             relative[block.slice] = ACTIVATION_ULPS * roundoff
-    error = relative[:, None] * reach
+        if block.activation.name in ("hard_sigmoid", "hard_swish"):
+            # max(0, min(1, a z + b)) rounds a z + b: an error of ulps of |a z| + |b| <= 1 + 2 |b|
+            # where it is not clipped (and z <= 3 for hard_swish), not of |phi|
+            beta = abs(block.activation.beta if block.activation.name == "hard_sigmoid" else 0.5)
+            absolute[block.slice] = ACTIVATION_ULPS * roundoff * (1 + 2 * beta) * 3
+    error = relative[:, None] * reach + absolute[:, None]
     tolerance = max(DEFAULT_TOLERANCE[model.dtype], float(solver_error))
     for component in components:
         if component.cyclic:

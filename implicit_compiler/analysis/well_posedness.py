@@ -133,7 +133,8 @@ def _component_report(
         reason = (
             f"not shown: the contraction condition L * lambda_pf(|A_cc|) < 1 needs Lipschitz activations, "
             f"and this loop contains a non-Lipschitz one ({where}; lambda_pf(|A_cc|) = {radius:.6g}, "
-            f"||A_cc||_inf = {inf_norm:.6g}); move the square out of the loop or bound its input"
+            f"||A_cc||_inf = {inf_norm:.6g}); move the non-Lipschitz activation (square, exp, log, ...) out of "
+            "the loop or bound its input"
         )
         return ComponentReport(names, states, radius, inf_norm, lipschitz, None, reason)
     gain = lipschitz * radius

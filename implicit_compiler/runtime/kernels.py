@@ -11,8 +11,9 @@ which makes writing in place safe. One call runs the whole chain: Python is not 
 Batches of 2 or more samples run in ``row_groups`` instead, rows sharing their columns held in
 registers.
 
-Activation codes: 0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid, 5 square. Index
-arrays and p are passed unsigned (see ``unsigned``).
+Activation codes: ``ACTIVATION_CODES`` (0 identity, 1 relu, 2 leaky_relu(alpha), 3 tanh, 4 sigmoid,
+5 square, then those of issue 17); an activation's parameters travel as alpha and beta (see
+``activations.Activation``). Index arrays and p are passed unsigned (see ``unsigned``).
 
 What keeps the one-sample chain: models past ``solve.ONE_SAMPLE_WORK`` multiply-adds, where the
 one-sample program on one thread loses (5 convolutions of 64 channels on 32 x 32, 153M: 6.0 ms by
@@ -22,6 +23,7 @@ the program, 3.3-4.7 by the steps, this kernel on every thread); below it the pr
 
 from __future__ import annotations
 
+import math
 import os
 import types
 
@@ -42,7 +44,32 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
     numba = None
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "square": 5}
+from ..activations import ACTIVATION_NAMES, GELU_TANH_CUBIC, GELU_TANH_SCALE
+
+# An activation's code: its place in ACTIVATION_NAMES (identity 0, relu 1, leaky_relu 2, tanh 3,
+# sigmoid 4, square 5, exp 6, ...: the kernels test code == 1 for relu, code > 1 for "not
+# relu nor identity").
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATION_NAMES)}
+# numba freezes global integers as constants (not a dict's entries)
+_EXP = ACTIVATION_CODES["exp"]
+_LOG = ACTIVATION_CODES["log"]
+_RECIPROCAL = ACTIVATION_CODES["reciprocal"]
+_SQRT = ACTIVATION_CODES["sqrt"]
+_RSQRT = ACTIVATION_CODES["rsqrt"]
+_ERF = ACTIVATION_CODES["erf"]
+_GELU = ACTIVATION_CODES["gelu"]
+_GELU_TANH = ACTIVATION_CODES["gelu_tanh"]
+_ELU = ACTIVATION_CODES["elu"]
+_SELU = ACTIVATION_CODES["selu"]
+_CELU = ACTIVATION_CODES["celu"]
+_SOFTPLUS = ACTIVATION_CODES["softplus"]
+_SOFTSIGN = ACTIVATION_CODES["softsign"]
+_HARD_SIGMOID = ACTIVATION_CODES["hard_sigmoid"]
+_HARD_SWISH = ACTIVATION_CODES["hard_swish"]
+_SILU = ACTIVATION_CODES["silu"]
+_MISH = ACTIVATION_CODES["mish"]
+_POWER = ACTIVATION_CODES["power"]
+_THRESHOLDED_RELU = ACTIVATION_CODES["thresholded_relu"]
 
 
 def available() -> bool:
@@ -53,8 +80,9 @@ def available() -> bool:
 if numba is not None:
 
     @numba.njit(cache=True, nogil=True, inline="always")
-    def phi(x, code, alpha):  # pragma: no cover - jitted
-        """The activation of code ``code`` (see above) at x."""
+    def phi(x, code, alpha, beta):  # pragma: no cover - jitted
+        """The activation of code ``code`` (see above) at x; those after square computed in
+        float64 (``activations._evaluate`` is the same formulas in numpy)."""
         if code == 1:
             return x if x > 0 else 0
         if code == 2:
@@ -65,16 +93,72 @@ if numba is not None:
             return 0.5 + 0.5 * np.tanh(0.5 * x)
         if code == 5:
             return x * x
+        if code > 5:
+            return _phi_float64(float(x), code, float(alpha), float(beta))
         return x
 
+    @numba.njit(cache=True, nogil=True)
+    def _softplus(z):  # pragma: no cover - jitted
+        return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+    @numba.njit(cache=True, nogil=True)
+    def _silu(z, w):  # pragma: no cover - jitted
+        """z sigmoid(w), exp of a non-positive number only (no overflow, no cancellation)."""
+        return z / (1.0 + math.exp(-w)) if w >= 0 else z * math.exp(w) / (1.0 + math.exp(w))
+
+    @numba.njit(cache=True, nogil=True)
+    def _phi_float64(z, code, alpha, beta):  # pragma: no cover - jitted
+        """phi(z) of the activations after square, z float64. 1 / z as pow(z, -1) (inf at 0,
+        as numpy: numba's division would raise ZeroDivisionError)."""
+        if code == _EXP:
+            return math.exp(z)
+        if code == _LOG:
+            return math.log(z)  # -inf at 0, NaN below
+        if code == _RECIPROCAL:
+            return math.pow(z, -1.0)
+        if code == _SQRT:
+            return math.sqrt(z)
+        if code == _RSQRT:
+            return math.pow(math.sqrt(z), -1.0)
+        if code == _ERF:
+            return math.erf(z)
+        if code == _GELU:
+            return 0.5 * z * math.erfc(-z / math.sqrt(2.0))
+        if code == _GELU_TANH:
+            return _silu(z, 2 * GELU_TANH_SCALE * (z + GELU_TANH_CUBIC * z * z * z))  # z sigmoid(2 w)
+        if code == _ELU:
+            return z if z >= 0 else alpha * math.expm1(z)
+        if code == _SELU:
+            return beta * (z if z > 0 else alpha * math.expm1(z))
+        if code == _CELU:
+            return max(z, 0.0) + min(0.0, alpha * math.expm1(min(z, 0.0) / alpha))
+        if code == _SOFTPLUS:
+            return _softplus(z)
+        if code == _SOFTSIGN:
+            return z / (1.0 + abs(z))
+        if code == _HARD_SIGMOID:
+            return min(max(alpha * z + beta, 0.0), 1.0)
+        if code == _HARD_SWISH:
+            return z * min(max(z * (1 / 6) + 0.5, 0.0), 1.0)
+        if code == _SILU:
+            return _silu(z, z)
+        if code == _MISH:
+            return z * math.tanh(_softplus(z))
+        if code == _POWER:
+            return math.pow(z, alpha)
+        if code == _THRESHOLDED_RELU:
+            return z if z > alpha else 0.0
+        return math.nan
+
     def _forward_chain_single(  # pragma: no cover - jitted
-        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas
-    ):
+        a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, bias, values, p, order, starts, stops, codes, alphas,
+        betas,
+    ):  # fmt: skip
         """Blocks one after another, block k's rows order[starts[k]:stops[k]] in parallel:
         values[p + i] = phi_k(A_i values[p:] + B_i values[:p] + bias[i]) for one sample (values
         of shape (p + n,)), each row a dot product."""
         for block in range(starts.shape[0]):
-            code, alpha = codes[block], alphas[block]
+            code, alpha, beta = codes[block], alphas[block], betas[block]
             for position in numba.prange(starts[block], stops[block]):
                 i = order[position]
                 total = bias[i]
@@ -82,7 +166,7 @@ if numba is not None:
                     total += b_data[k] * values[b_indices[k]]
                 for k in range(a_indptr[i], a_indptr[i + 1]):
                     total += a_data[k] * values[p + a_indices[k]]
-                values[p + i] = phi(total, code, alpha)
+                values[p + i] = phi(total, code, alpha, beta)
 
     def threaded_and_serial(function, **options):
         """The function compiled twice: with ``prange`` run by threads, and on one thread.

@@ -204,7 +204,7 @@ def build_program(model, steps, outputs: bool = True) -> Program | None:
             for k in range(len(step.starts)):
                 first = int(step.states[step.starts[k]])
                 last = int(step.states[step.stops[k] - 1]) + 1
-                _sparse_block(build, model, first, last, step.codes[k], step.alphas[k])
+                _sparse_block(build, model, first, last, step.codes[k], step.alphas[k], step.betas[k])
         else:
             return None
     if not outputs:
@@ -217,9 +217,9 @@ def build_program(model, steps, outputs: bool = True) -> Program | None:
     return build.program(model)
 
 
-def _sparse_block(build: _Builder, model, first: int, last: int, code: int, alpha: float) -> None:
+def _sparse_block(build: _Builder, model, first: int, last: int, code: int, alpha: float, beta: float) -> None:
     """States first:last, rows of the model's A and B: as ELL when their rows are short."""
-    bias, alpha_offset = build.put(model.bias_x[first:last]), build.put(np.array([alpha]))
+    bias, alpha_offset = build.put(model.bias_x[first:last]), build.put(np.array([alpha, beta]))
     rows = sp.hstack([model.B[first:last], model.A[first:last]], format="csr")  # columns: [u; x]
     width = int(np.diff(rows.indptr).max(initial=0))
     small = model.p + model.n + model.q < 2**32
@@ -251,7 +251,8 @@ def _structured(build: _Builder, block: StructuredBlock) -> None:
     if block.remainder is not None:
         build.add(CSR, target, size, build.put_csr(block.remainder.tocsr(), block.remainder_columns))
     if not fused_activation:
-        build.add(ACTIVATE, target, size, code, build.put(np.array([block.activation.alpha or 0.0])))
+        parameters = np.array([block.activation.alpha or 0.0, block.activation.beta or 0.0])
+        build.add(ACTIVATE, target, size, code, build.put(parameters))
 
 
 def _convolution(build: _Builder, target: int, term: Convolution, bias: int, relu: int) -> None:
@@ -298,7 +299,7 @@ if kernels.available():
             elif code == CSR:
                 _csr(op, csr_indptr, csr_columns, csr_data, values)
             elif code == ACTIVATE:
-                _activate(values, op[1], op[2], op[3], floats[op[4]])
+                _activate(values, op[1], op[2], op[3], floats[op[4]], floats[op[4] + 1])
             elif code == ELL:
                 _ell(op, floats, ell_columns, values)
 
@@ -318,7 +319,7 @@ if kernels.available():
                 accumulator = vrelu(accumulator)
             vstore_first(values, target, r, accumulator, rows - r)
         if code > 1:
-            _activate(values, target, rows, code, floats[alpha])
+            _activate(values, target, rows, code, floats[alpha], floats[alpha + 1])
 
     @numba.njit(inline="always", **_options)
     def _copy(source, start, target, first, size):  # pragma: no cover - jitted
@@ -328,19 +329,19 @@ if kernels.available():
             vstore_first(target, first, i, vload_first(source, start, i, size - i), size - i)
 
     @numba.njit(inline="always", **_options)
-    def _activate(values, first, size, code, alpha):  # pragma: no cover - jitted
+    def _activate(values, first, size, code, alpha, beta):  # pragma: no cover - jitted
         if code == 1:
             lanes = vlanes(values)
             for i in range(0, size, lanes):
                 vstore_first(values, first, i, vrelu(vload_first(values, first, i, size - i)), size - i)
         elif code != 0:
             for i in range(first, first + size):
-                values[i] = phi(values[i], code, alpha)
+                values[i] = phi(values[i], code, alpha, beta)
 
     @numba.njit(**_options)
     def _sparse(op, floats, a_indptr, a_indices, a_data, b_indptr, b_indices, b_data, values, p):  # pragma: no cover
         """values[p + i] = phi(b_i + B_i u + A_i x) for the block's rows i (the model's CSR)."""
-        first, last, bias, code, alpha = op[1], op[2], op[3], op[4], floats[op[5]]
+        first, last, bias, code, alpha, beta = op[1], op[2], op[3], op[4], floats[op[5]], floats[op[5] + 1]
         state = np.uint64(p)
         reads_u = b_indptr[np.uint64(first)] != b_indptr[np.uint64(last)]
         for i in range(first, last):
@@ -352,7 +353,7 @@ if kernels.available():
             for k in range(a_indptr[row], a_indptr[row + 1]):
                 total += a_data[k] * values[state + a_indices[k]]
             values[state + row] = total
-        _activate(values, p + first, last - first, code, alpha)
+        _activate(values, p + first, last - first, code, alpha, beta)
 
     @numba.njit(inline="always", **_options)
     def _csr(op, csr_indptr, csr_columns, csr_data, values):  # pragma: no cover - jitted

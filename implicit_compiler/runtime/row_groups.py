@@ -166,7 +166,7 @@ if numba is not None:
         return accumulator
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False)
-    def finish_group(values, p, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
+    def finish_group(values, p, matrices, groups, g, code, alpha, beta):  # pragma: no cover - jitted
         """After ``group_kernels.group_<R>``: each row's own entries added a vector of lanes at a
         time, then phi (relu in registers)."""
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data = matrices
@@ -187,10 +187,10 @@ if numba is not None:
             if code > 1:
                 out = values[p + i]
                 for j in range(batch):
-                    out[j] = phi(out[j], code, alpha)
+                    out[j] = phi(out[j], code, alpha, beta)
 
     @numba.njit(cache=True, nogil=True, fastmath={"contract"}, _nrt=False, inline="always")
-    def run_group(values, p, bias, matrices, groups, g, code, alpha):  # pragma: no cover - jitted
+    def run_group(values, p, bias, matrices, groups, g, code, alpha, beta):  # pragma: no cover - jitted
         """Group g's rows of values, complete: the shared runs (and relu, when that is all),
         then, where needed, the rows' own entries and phi."""
         _, a_indices, a_data, _, b_indices, b_data = matrices
@@ -200,10 +200,10 @@ if numba is not None:
             sizes[g], values, p, a_indices, a_data, b_indices, b_data, bias, rows, shared_a, shared_b, g, relu
         )
         if own[g] or code > 1:
-            finish_group(values, p, matrices, groups, g, code, alpha)
+            finish_group(values, p, matrices, groups, g, code, alpha, beta)
 
     def _forward_groups(
-        values, p, bias, matrices, groups, block_groups, block_work, codes, alphas, threshold
+        values, p, bias, matrices, groups, block_groups, block_work, codes, alphas, betas, threshold
     ):  # pragma: no cover - jitted
         """The chain's blocks one after another (see the module docstring) on values = V =
         [u; x], (p + n, batch), C-contiguous. matrices: A's then B's CSR arrays (indptr,
@@ -212,14 +212,14 @@ if numba is not None:
         the workers costs more than such a block)."""
         batch = values.shape[1]
         for block in range(block_groups.shape[0] - 1):
-            code, alpha = codes[block], alphas[block]
+            code, alpha, beta = codes[block], alphas[block], betas[block]
             first, last = block_groups[block], block_groups[block + 1]
             if block_work[block] * batch < threshold:
                 for g in range(first, last):
-                    run_group(values, p, bias, matrices, groups, g, code, alpha)
+                    run_group(values, p, bias, matrices, groups, g, code, alpha, beta)
             else:
                 for g in numba.prange(first, last):
-                    run_group(values, p, bias, matrices, groups, g, code, alpha)
+                    run_group(values, p, bias, matrices, groups, g, code, alpha, beta)
 
     # _nrt=False here and in everything it calls: no reference counting of the arrays passed
     # per group (numba's atomic increments and decrements took 65% of LeNet-5's pooling blocks).

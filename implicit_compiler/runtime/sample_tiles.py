@@ -176,7 +176,7 @@ if kernels.available():
             elif code == CSR:
                 _csr(op, csr, values, j, count)
             elif code == ACTIVATE:
-                _activate_rows(values, op[1], op[2], op[3], floats[op[4]], j, count)
+                _activate_rows(values, op[1], op[2], op[3], floats[op[4]], floats[op[4] + 1], j, count)
             elif code == BIAS:
                 for r in range(op[2]):
                     bias = vsplat(values, floats[op[3] + r])
@@ -278,7 +278,7 @@ if kernels.available():
             _store(values, target + rows[7], j, count, a7, b7, relu)
 
     @numba.njit(inline="always", **_options)
-    def _activate_rows(values, first, size, code, alpha, j, count):  # pragma: no cover - jitted
+    def _activate_rows(values, first, size, code, alpha, beta, j, count):  # pragma: no cover - jitted
         """phi of code ``code`` on rows first : first + size (relu a vector at a time)."""
         if code == 1:
             for row in range(first, first + size):
@@ -287,7 +287,7 @@ if kernels.available():
         elif code != 0:
             for row in range(first, first + size):
                 for lane in range(j, j + count):
-                    values[row, lane] = phi(values[row, lane], code, alpha)
+                    values[row, lane] = phi(values[row, lane], code, alpha, beta)
 
     @numba.njit(**_options)
     def _convolve(op, floats, values, j, count):  # pragma: no cover - jitted
@@ -333,7 +333,7 @@ if kernels.available():
     @numba.njit(**_options)
     def _ell(op, floats, ell_columns, values, j, count):  # pragma: no cover - jitted
         target, rows, width, columns, data = op[1], op[2], op[3], op[4], op[5]
-        bias, code, alpha, padded = op[6], op[7], floats[op[8]], op[9]
+        bias, code, alpha, beta, padded = op[6], op[7], floats[op[8]], floats[op[8] + 1], op[9]
         for r in range(rows):
             x = vsplat(values, floats[bias + r])
             y = x
@@ -343,12 +343,12 @@ if kernels.available():
                 x, y = vfma(x, u, weight), vfma(y, v, weight)
             _store(values, target + r, j, count, x, y, code == 1)
         if code > 1:
-            _activate_rows(values, target, rows, code, alpha, j, count)
+            _activate_rows(values, target, rows, code, alpha, beta, j, count)
 
     @numba.njit(**_options)
     def _sparse(op, floats, matrices, values, p, j, count):  # pragma: no cover - jitted
         a_indptr, a_indices, a_data, b_indptr, b_indices, b_data = matrices
-        first, last, bias, code, alpha = op[1], op[2], op[3], op[4], floats[op[5]]
+        first, last, bias, code, alpha, beta = op[1], op[2], op[3], op[4], floats[op[5]], floats[op[5] + 1]
         for i in range(first, last):
             x = vsplat(values, floats[bias + i - first])
             y = x
@@ -360,7 +360,7 @@ if kernels.available():
                 x, y = vfma(x, u, a_data[k]), vfma(y, v, a_data[k])
             _store(values, p + i, j, count, x, y, code == 1)
         if code > 1:
-            _activate_rows(values, p + first, last - first, code, alpha, j, count)
+            _activate_rows(values, p + first, last - first, code, alpha, beta, j, count)
 
     @numba.njit(**_options)
     def _csr(op, csr, values, j, count):  # pragma: no cover - jitted

@@ -489,7 +489,7 @@ def _solve_step(
             g, matrices = step.groups, (A.indptr, A.indices, A.data, B.indptr, B.indices, B.data)
             row_groups.forward_groups(
                 V, p, model.bias_x, matrices, g.arrays, g.block_groups, g.block_work, step.codes, step.alphas,
-                row_groups.PARALLEL_THRESHOLD,
+                step.betas, row_groups.PARALLEL_THRESHOLD,
             )  # fmt: skip
             return None
         threaded = kernels.threaded(step.work, V.shape[1])
@@ -497,7 +497,7 @@ def _solve_step(
         a_indptr, a_indices, b_indptr, b_indices, states, starts, stops = step.unsigned
         kernel(
             a_indptr, a_indices, A.data, b_indptr, b_indices, B.data, model.bias_x, V[:, 0], np.uint64(p),
-            states, starts, stops, step.codes, step.alphas,
+            states, starts, stops, step.codes, step.alphas, step.betas,
         )  # fmt: skip
         return None
     pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
@@ -538,6 +538,7 @@ class _Chain:
     stops: np.ndarray
     codes: np.ndarray
     alphas: np.ndarray
+    betas: np.ndarray
     work: int  # non-zeros of the chain's rows of A and B
     groups: row_groups.RowGroups  # the rows by groups sharing their columns (batches of 2+)
     # One sample: A's and B's index arrays, states, starts, stops viewed unsigned (faster
@@ -633,6 +634,7 @@ def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
         stops=stops,
         codes=np.array([kernels.ACTIVATION_CODES[a.name] for a in activations], dtype=np.int64),
         alphas=np.array([a.alpha or 0.0 for a in activations], dtype=model.dtype),
+        betas=np.array([a.beta or 0.0 for a in activations], dtype=model.dtype),
         work=sum(
             int(M.indptr[step.rows.stop] - M.indptr[step.rows.start]) for step in steps for M in (model.A, model.B)
         ),

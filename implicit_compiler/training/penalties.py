@@ -32,6 +32,7 @@ l_inf -> l_inf Lipschitz constant, so adding either to the loss penalizes sensit
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -152,7 +153,10 @@ def _expect_matrix(shape: tuple) -> None:
 def _finite_lipschitz(module: ImplicitModule) -> torch.Tensor:
     lipschitz = module.lipschitz_per_state()
     if not bool(torch.isfinite(lipschitz).all()):
-        raise NotWellPosedError("a sensitivity bound needs Lipschitz activations; this model has a 'square' activation")
+        names = sorted({str(a) for _, _, a in module.segments if math.isinf(a.lipschitz)})
+        raise NotWellPosedError(
+            f"a sensitivity bound needs Lipschitz activations; this model has {', '.join(map(repr, names))}"
+        )
     return lipschitz
 
 

@@ -432,18 +432,17 @@ class ImplicitModule(torch.nn.Module):
             rows = slice(start, stop)
             if _read_off_output(activation):
                 slopes[rows] = _phi_derivative_at_output(activation, X[rows])
-            elif activation.name == "square":  # phi'(z) = 2 z
-                slopes[rows] = 2 * Z[rows]
-            else:  # leaky_relu with alpha <= 0 (relu' = 0, leaky_relu' = 1 at z = 0)
-                slopes[rows] = torch.where(Z[rows] < 0, torch.full_like(X[rows], activation.alpha), 1.0)
+            else:  # phi'(z) of Z (float64, rounded to the module's dtype)
+                derivative = activation.derivative(Z[rows].detach().cpu().numpy())
+                slopes[rows] = torch.from_numpy(derivative).to(dtype=X.dtype, device=X.device)
         return slopes
 
     def _solve_forward(
         self, A_values: torch.Tensor, B_values: torch.Tensor, bias_x: torch.Tensor, U: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The equilibrium by block sweeps (``equilibrium``) in W = [c; x], c = B u + b_x;
-        returns (X, Z), both (n, batch): Z = A X + c only when a block's activation is
-        'square' or a leaky_relu with alpha <= 0 (the other derivatives are read off x), else None."""
+        returns (X, Z), both (n, batch): Z = A X + c only when a block's phi'(z) cannot be read
+        off x (``_read_off_output``), else None."""
         constant = self.B_pattern.matmul(B_values, U) + bias_x[:, None]
         n = self.n
         W = np.zeros((2 * n, constant.shape[1]), dtype=_numpy_dtype(self.dtype))
@@ -540,9 +539,12 @@ class _SparseProduct(torch.autograd.Function):
 
 # --------------------------------------------------------------------------------- helpers
 def _read_off_output(activation: Activation) -> bool:
-    """Whether phi'(z) follows from x = phi(z): not for 'square' (z = +-sqrt(x)), nor for a
-    leaky_relu with alpha <= 0 (x no longer tells z's sign)."""
-    return activation.name != "square" and not (activation.name == "leaky_relu" and activation.alpha <= 0)
+    """Whether phi'(z) follows from x = phi(z) (cheaply, in torch): for identity, relu, tanh,
+    sigmoid and a leaky_relu with alpha > 0 (with alpha <= 0, x no longer tells z's sign). The
+    others (square: z = +-sqrt(x); gelu, elu, ...) take phi'(z) from Z = A X + c."""
+    if activation.name == "leaky_relu":
+        return activation.alpha > 0
+    return activation.name in ("identity", "relu", "tanh", "sigmoid")
 
 
 def _phi_derivative_at_output(activation: Activation, x: torch.Tensor) -> torch.Tensor:
