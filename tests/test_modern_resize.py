@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
@@ -20,9 +21,8 @@ from onnx_helpers import assert_matches_onnxruntime, random_inputs
 
 import implicit_compiler as ic
 from implicit_compiler.frontend.graph import to_float64
-from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
 
-SHAPE = [2, 3, 5, 6]  # (C, H, W) per sample; N dynamic
+SHAPE = [2, 3, 4, 6]  # (C, H, W) per sample; N dynamic
 
 
 def resize_model(
@@ -32,6 +32,7 @@ def resize_model(
     roi=None,
     shape=SHAPE,
     op: str = "Resize",
+    scale_attribute=None,
     **attributes,
 ) -> onnx.ModelProto:
     """One Resize (or Upsample) node reading x: float[N, *shape[1:]], constants as initializers."""
@@ -43,7 +44,11 @@ def resize_model(
         initializers.append(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
         return name
 
-    if op == "Upsample" or opset < 11:
+    if opset == 11 and roi is None:
+        roi = np.zeros(0)  # an input Resize-11 requires
+    if scale_attribute is not None:  # Upsample-7
+        attributes["scales"] = scale_attribute
+    elif op == "Upsample" or opset < 11:
         inputs.append(constant("scales", scales, np.float32))
     else:
         inputs += [constant("roi", roi, np.float32), constant("scales", scales, np.float32)]
@@ -91,7 +96,16 @@ def assert_matches(model: onnx.ModelProto, reference: bool = True) -> ic.Implici
 
 
 # Scales exact in binary (so that float32 and float64 coordinates agree on rounding ties); the
-# last axis's output widths 5 * 2.5, 6 * 0.5 are integers, ODD's 5 * 1.75, 6 * 0.625 are not.
+# output widths of UP (4 * 2, 6 * 2.5) and DOWN (4 * 0.75, 6 * 0.5) are integers, ODD's
+# (4 * 1.75, 6 * 0.625 = 3.75) are not.
+def reference_follows_the_specification(coordinates: str, scales, shape=SHAPE) -> bool:
+    """False where onnx.reference departs from the specification (and onnxruntime): for
+    align_corners and tf_crop_and_resize it divides by scale * n - 1 instead of the output length
+    m - 1, which differ where the output width scale * n is not an integer."""
+    widths = np.multiply(scales, shape)
+    return coordinates not in ("align_corners", "tf_crop_and_resize") or np.array_equal(widths, np.floor(widths))
+
+
 UP, DOWN, ODD = [1, 1, 2, 2.5], [1, 1, 0.75, 0.5], [1, 1, 1.75, 0.625]
 COORDINATES = ["half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric"]
 MODES = [
@@ -113,7 +127,134 @@ def _label(mode: dict) -> str:
 @pytest.mark.parametrize("mode", MODES, ids=_label)
 def test_every_mode_and_coordinate_mode(mode, coordinates, scales):
     model = resize_model(scales=scales, coordinate_transformation_mode=coordinates, **mode)
-    # align_corners: the reference divides by scale * n - 1, not by the output length m - 1 as
-    # the specification and onnxruntime do; they differ where scale * n is not an integer
-    widths = np.multiply(scales, SHAPE)
-    assert_matches(model, reference=coordinates != "align_corners" or np.array_equal(widths, np.floor(widths)))
+    assert_matches(model, reference=reference_follows_the_specification(coordinates, scales))
+
+
+# exact in binary, as the scales (so that onnxruntime's float32 coordinates round ties alike)
+ROI = [0, 0, 0.25, 0.125, 1, 1, 0.875, 0.75]  # inside the input on H and W
+ROI_OUTSIDE = [0, 0, -0.25, 0.375, 1, 1, 1.25, 1.5]  # reaching past it: extrapolated outputs
+
+
+@pytest.mark.parametrize("roi", [ROI, ROI_OUTSIDE], ids=["inside", "outside"])
+@pytest.mark.parametrize("scales", [UP, DOWN, ODD], ids=["up", "down", "odd"])
+@pytest.mark.parametrize("mode", MODES, ids=_label)
+def test_tf_crop_and_resize_with_roi_and_extrapolation_value(mode, scales, roi):
+    model = resize_model(
+        scales=scales, roi=roi, coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-1.5, **mode
+    )
+    assert_matches(model, reference=reference_follows_the_specification("tf_crop_and_resize", scales))
+
+
+@pytest.mark.parametrize("scales", [UP, DOWN, [1, 1, 0.5, 0.25], [1, 1, 1.75, 0.625]], ids=["up", "down", "4x", "odd"])
+@pytest.mark.parametrize("coordinates", ["half_pixel", "pytorch_half_pixel", "asymmetric"])
+@pytest.mark.parametrize(
+    "mode", [{"mode": "linear"}, {"mode": "cubic"}, {"mode": "cubic", "exclude_outside": 1}], ids=_label
+)
+def test_antialias(mode, coordinates, scales):
+    model = resize_model(
+        scales=scales, antialias=1, coordinate_transformation_mode=coordinates, shape=[2, 2, 9, 12], **mode
+    )
+    assert_matches(model)
+
+
+@pytest.mark.parametrize("policy", ["stretch", "not_larger", "not_smaller"])
+@pytest.mark.parametrize("mode", [{"mode": "nearest"}, {"mode": "linear"}, {"mode": "cubic"}], ids=_label)
+def test_sizes_with_axes_and_keep_aspect_ratio_policy(mode, policy):
+    model = resize_model(sizes=[7, 9], axes=[2, 3], keep_aspect_ratio_policy=policy, **mode)
+    assert_matches(model)
+
+
+@pytest.mark.parametrize("coordinates", COORDINATES)
+@pytest.mark.parametrize("mode", [{"mode": "nearest"}, {"mode": "linear"}, {"mode": "cubic"}], ids=_label)
+def test_sizes_up_and_down(mode, coordinates):
+    # sizes 9 / 4 and 4 / 6: the scales are m / n, and every output width an integer
+    assert_matches(resize_model(sizes=[9, 4], axes=[2, 3], coordinate_transformation_mode=coordinates, **mode))
+
+
+def test_axes_scales_and_roi_on_a_subset_of_axes():
+    model = resize_model(
+        scales=[0.5, 1.5], roi=[0.125, 0.25, 0.75, 1.0], axes=[3, 2], mode="linear",
+        coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=2.0,
+    )  # fmt: skip
+    assert_matches(model)
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 19, onnx.defs.onnx_opset_version()])
+@pytest.mark.parametrize("mode", [{"mode": "nearest"}, {"mode": "linear"}, {"mode": "cubic"}], ids=_label)
+def test_every_opset_of_resize(opset, mode):
+    coordinates = "half_pixel" if opset < 19 else "half_pixel_symmetric"
+    assert_matches(resize_model(opset=opset, scales=UP, coordinate_transformation_mode=coordinates, **mode))
+
+
+def _asymmetric_resize_19(model: onnx.ModelProto, nearest_mode: str) -> onnx.ModelProto:
+    """The Resize-19 node computing what onnxruntime computes for a Resize-10 or Upsample node:
+    asymmetric coordinates, nearest index floor (upsampling) or ceil (downsampling)."""
+    node = model.graph.node[0]
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+    scales = next((list(a.floats) for a in node.attribute if a.name == "scales"), None)
+    initializer = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    scales = scales if scales is not None else initializer["scales"].tolist()
+    return resize_model(
+        19, scales=scales, mode=mode, coordinate_transformation_mode="asymmetric", nearest_mode=nearest_mode
+    )
+
+
+def _assert_legacy_matches(model: onnx.ModelProto, nearest_mode: str = "floor") -> None:
+    """onnxruntime in float32; in float64 the reference on the equivalent Resize-19 (the reference
+    implements neither Resize-10 nor Upsample other than nearest with integer scales)."""
+    compiled = assert_matches_onnxruntime(model, check_reference=False)
+    feeds = random_inputs(model)
+    expected = ReferenceEvaluator(to_float64(_asymmetric_resize_19(model, nearest_mode))).run(None, feeds)[0]
+    assert np.abs(compiled.predict(feeds) - expected).max() <= 1e-9 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+@pytest.mark.parametrize("scales", [UP, [1, 1, 3, 1.5]], ids=["up", "up-odd"])
+@pytest.mark.parametrize("version", [("Upsample", 7), ("Upsample", 9), ("Resize", 10)], ids=str)
+def test_upsample_and_resize_10(version, scales, mode):
+    op, opset = version
+    if opset == 7:  # scales an attribute
+        model = resize_model(opset=opset, op=op, scale_attribute=[float(s) for s in scales], mode=mode)
+    else:
+        model = resize_model(opset=opset, op=op, scales=scales, mode=mode)
+    _assert_legacy_matches(model)
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_10_downsampling_rounds_nearest_up(mode):
+    _assert_legacy_matches(resize_model(opset=10, scales=[1, 1, 0.6, 0.5], mode=mode), nearest_mode="ceil")
+
+
+@pytest.mark.parametrize("scales", [UP, DOWN], ids=["up", "down"])
+def test_tf_half_pixel_for_nn_of_opset_11(scales):
+    """Not implemented by the reference: onnxruntime only."""
+    model = resize_model(opset=11, scales=scales, coordinate_transformation_mode="tf_half_pixel_for_nn")
+    assert_matches(model, reference=False)
+
+
+def test_negative_axes():
+    """onnxruntime only: the reference does not normalize negative axes (numpy's 'axes don't
+    match array')."""
+    assert_matches(resize_model(sizes=[7, 9], axes=[-2, -1], mode="linear"), reference=False)
+
+
+@pytest.mark.parametrize("coordinates", ["pytorch_half_pixel", "align_corners", "half_pixel"])
+@pytest.mark.parametrize("mode", ["linear", "cubic"])
+def test_an_output_length_of_one(mode, coordinates):
+    """pytorch_half_pixel and align_corners read x = 0 for an output of length 1 (the
+    specification, onnxruntime); the reference reads -0.5 (pytorch_half_pixel), so cubic
+    differs from it: onnxruntime only."""
+    model = resize_model(sizes=[1, 1], axes=[2, 3], mode=mode, coordinate_transformation_mode=coordinates)
+    assert_matches(model, reference=mode == "linear" or coordinates == "half_pixel")
+
+
+def test_the_reference_departs_from_the_specification_for_align_corners_at_a_fractional_width():
+    """The premise of ``reference_follows_the_specification``: at an output width 6 * 0.625 = 3.75
+    the reference and onnxruntime disagree (and we follow onnxruntime, in the tests above)."""
+    model = resize_model(scales=ODD, mode="linear", coordinate_transformation_mode="align_corners")
+    feeds = random_inputs(model)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected32 = session.run(None, {"x": feeds["x"].astype(np.float32)})[0]
+    reference = ReferenceEvaluator(to_float64(model)).run(None, feeds)[0]
+    assert np.abs(reference - expected32).max() > 0.01
+    assert np.abs(ic.from_onnx(model).predict(feeds) - expected32).max() < 1e-5
