@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.parser
 import onnxruntime
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -20,6 +21,7 @@ from onnx.reference.ops import op_resize
 from onnx_helpers import assert_matches_onnxruntime, random_inputs
 
 import implicit_compiler as ic
+from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
 from implicit_compiler.frontend.graph import to_float64
 
 SHAPE = [2, 3, 4, 6]  # (C, H, W) per sample; N dynamic
@@ -258,3 +260,90 @@ def test_the_reference_departs_from_the_specification_for_align_corners_at_a_fra
     reference = ReferenceEvaluator(to_float64(model)).run(None, feeds)[0]
     assert np.abs(reference - expected32).max() > 0.01
     assert np.abs(ic.from_onnx(model).predict(feeds) - expected32).max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------- errors
+def _graph(text: str) -> onnx.ModelProto:
+    return onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 19]>\n' + text)
+
+
+def test_scales_computed_from_the_input_are_refused_by_name():
+    model = _graph(
+        """g (float[1, 1, 4, 4] x) => (float[1, 1, 8, 8] y) {
+            r = Constant <value = float[0] {}> ()
+            m = ReduceMean <keepdims = 0> (x)
+            a = Constant <value = int64[1] {0}> ()
+            s = Unsqueeze(m, a)
+            t = Concat <axis = 0> (s, s, s, s)
+            y = Resize <mode = "linear"> (x, r, t)
+        }"""
+    )
+    with pytest.raises(GraphError, match=r"node 'Resize_5' \(Resize, opset 19\): scales depends on the model input"):
+        ic.from_onnx(model)
+
+
+@pytest.mark.parametrize(
+    "attribute, value",
+    [("mode", "area"), ("coordinate_transformation_mode", "tf_half_pixel_for_nn"), ("nearest_mode", "nearest")],
+)
+def test_attribute_values_onnx_does_not_define_are_refused_by_name(attribute, value):
+    model = resize_model(scales=UP, **{attribute: value})
+    with pytest.raises(
+        UnsupportedAttributeError, match=rf"node 'resize' \(Resize, opset 19\): attribute {attribute}='{value}'"
+    ):
+        ic.from_onnx(model)
+
+
+def test_upsample_scales_below_one_are_refused():
+    with pytest.raises(GraphError, match=r"node 'resize' \(Upsample, opset 9\): Upsample scales must be >= 1"):
+        ic.from_onnx(resize_model(opset=9, op="Upsample", scales=[1, 1, 0.5, 1]))
+
+
+def test_integer_inputs_say_to_feed_one_hot_or_embedded_inputs():
+    model = _graph(
+        """g (int64[N, 5] ids) => (float[N, 5, 3] y) <float[4, 3] E = {1,2,3,4,5,6,7,8,9,10,11,12}> {
+            y = Gather(E, ids)
+        }"""
+    )
+    with pytest.raises(
+        GraphError,
+        match=r"input 'ids' has element type INT64 \(read by node 'Gather_0' \(Gather, opset 19\)\).*"
+        "feed one-hot or embedded inputs",
+    ):
+        ic.from_onnx(model)
+
+
+@pytest.mark.parametrize(
+    "body, op, says",
+    [
+        ("k = ArgMax <axis = 1> (x)\n y = Cast <to = 1> (k)", "ArgMax", "take ArgMax of the predictions"),
+        ("k = ArgMin <axis = 1, keepdims = 0> (x)\n y = Cast <to = 1> (k)", "ArgMin", "take ArgMin of the predictions"),
+        ("k = NonZero(x)\n y = Cast <to = 1> (k)", "NonZero", "a data-dependent shape"),
+    ],
+)  # fmt: skip
+def test_indices_and_data_dependent_shapes_of_a_variable_are_refused_by_name(body, op, says):
+    model = _graph(f"g (float[1, 4] x) => (float[1, 1] y) {{ {body} }}")
+    with pytest.raises(UnsupportedOpError, match=rf"\({op}, opset 19\): {op} is only supported on constants.*{says}"):
+        ic.from_onnx(model)
+
+
+def test_top_k_is_refused_as_data_dependent():
+    model = _graph(
+        """g (float[N, 5] x) => (float[N, 2] y) {
+            k = Constant <value = int64[1] {2}> ()
+            y, i = TopK(x, k)
+        }"""
+    )
+    with pytest.raises(UnsupportedOpError, match=r"\(TopK, opset 19\): TopK is not supported: its indices"):
+        ic.from_onnx(model)
+
+
+def test_a_shape_computed_from_the_input_values_is_refused_at_the_cast_to_integers():
+    model = _graph(
+        """g (float[1, 4] x) => (float[1, 4] y) {
+            c = Cast <to = 7> (x)
+            y = Reshape(x, c)
+        }"""
+    )
+    with pytest.raises(UnsupportedOpError, match=r"\(Cast, opset 19\): casting a value computed from the model input"):
+        ic.from_onnx(model)

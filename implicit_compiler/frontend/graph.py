@@ -143,10 +143,33 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | No
             f"input_shapes names {sorted(unknown)}, which are not runtime inputs of the model; "
             f"its inputs are {[value.name for value in runtime_inputs]}"
         )
+    _check_float_inputs(runtime_inputs, graph, default_opset(model))
     inputs = tuple(_fixed_input(value, (input_shapes or {}).get(value.name)) for value in runtime_inputs)
     del graph.input[:]
     graph.input.extend(onnx.helper.make_tensor_value_info(i.name, TensorProto.DOUBLE, list(i.shape)) for i in inputs)
     return PreparedModel(with_sorted_nodes(model, copy_model=False), default_opset(model), inputs, constants)
+
+
+def _check_float_inputs(inputs: Sequence[onnx.ValueInfoProto], graph: onnx.GraphProto, opset: int) -> None:
+    """An integer (or bool, string) runtime input is refused naming the nodes that read it: an implicit
+    model is a function of real vectors, and indices such as token ids are not (a Gather of an
+    embedding table by them is a lookup, not an affine map)."""
+    for value in inputs:
+        element = value.type.tensor_type.elem_type
+        if not value.type.HasField("tensor_type") or element in FLOAT_TYPES:
+            continue
+        readers = [
+            f"node {node.name or f'{node.op_type}_{index}'!r} ({node.op_type}, opset {opset})"
+            for index, node in enumerate(graph.node)
+            if value.name in node.input
+        ]
+        raise GraphError(
+            f"input {value.name!r} has element type {TensorProto.DataType.Name(element)} (read by "
+            f"{', '.join(readers) or 'no node'}); an implicit model's inputs are real-valued, so integer inputs such "
+            "as token ids cannot feed it: feed one-hot or embedded inputs instead (export the model from the "
+            f"embedding's output on, or one-hot encode the ids), or make {value.name!r} a constant (an initializer) "
+            "if it is an index or a size"
+        )
 
 
 def _checked_input_shapes(input_shapes: object) -> dict[str, tuple[int | None, ...] | None] | None:
