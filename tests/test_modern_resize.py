@@ -11,6 +11,7 @@ data-dependent shapes).
 from __future__ import annotations
 
 import functools
+import io
 import warnings
 
 import numpy as np
@@ -18,14 +19,19 @@ import onnx
 import onnx.parser
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper, version_converter
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_resize
 from onnx_helpers import assert_matches_onnxruntime, random_inputs
 
 import implicit_compiler as ic
+
+try:
+    import torch
+except ImportError:  # the tests of torch exports are skipped
+    torch = None
 from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
-from implicit_compiler.frontend.graph import to_float64
+from implicit_compiler.frontend.graph import to_float64, with_sorted_nodes
 
 SHAPE = [2, 3, 4, 6]  # (C, H, W) per sample; N dynamic
 
@@ -89,11 +95,11 @@ ResizeA64 = Resize
 def assert_matches(model: onnx.ModelProto, reference: bool = True) -> ic.ImplicitModel:
     """assert_matches_onnxruntime, with the float64 check against the reference with float64 cubic
     weights where the node is cubic (``ResizeA64``); ``reference=False``: onnxruntime only."""
-    cubic = any(a.name == "mode" and a.s == b"cubic" for a in model.graph.node[0].attribute)
+    cubic = any(a.name == "mode" and a.s == b"cubic" for node in model.graph.node for a in node.attribute)
     compiled = assert_matches_onnxruntime(model, check_reference=reference and not cubic)
     if reference and cubic:
         feeds = random_inputs(model)
-        expected = ReferenceEvaluator(to_float64(model), new_ops=[ResizeA64]).run(None, feeds)[0]
+        expected = ReferenceEvaluator(to_float64(with_sorted_nodes(model)), new_ops=[ResizeA64]).run(None, feeds)[0]
         ours = compiled.predict(feeds)
         error = float(np.abs(ours - expected).max()) / float(np.abs(expected).max())
         assert error <= 1e-9, f"float64 relative error {error:.2e} vs onnx.reference (float64 cubic weights)"
@@ -401,3 +407,81 @@ def test_onnx_node_tests_of_resize_and_upsample_compile_and_match():
         (matched if close else departs).append(name)
     assert set(departs) == REFERENCE_DEPARTS, departs
     assert len(matched) == len(tests) - len(REFERENCE_DEPARTS)
+
+
+# ------------------------------------------------------------------------------------- torch exports
+class UpsamplingNet(torch.nn.Module if torch is not None else object):
+    """Conv -> ReLU -> an upsampling layer -> Conv: the up layer between two linear maps."""
+
+    def __init__(self, up) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.up, self.last = torch.nn.Conv2d(2, 3, 3, padding=1), up, torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.last(self.up(torch.relu(self.first(x))))
+
+
+class Interpolate(torch.nn.Module if torch is not None else object):
+    def __init__(self, **options) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, **self.options)
+
+
+TORCH_LAYERS = {
+    "upsample-nearest": lambda: torch.nn.Upsample(scale_factor=2, mode="nearest"),
+    "upsample-bilinear-align-corners": lambda: torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
+    "upsample-bilinear": lambda: torch.nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+    "interpolate-size-bicubic": lambda: Interpolate(size=(7, 5), mode="bicubic", align_corners=False),
+    "interpolate-size-bilinear-align-corners": lambda: Interpolate(size=(9, 11), mode="bilinear", align_corners=True),
+    "interpolate-nearest-down": lambda: Interpolate(scale_factor=0.5, mode="nearest"),
+}
+# Ops the legacy exporter cannot write (torch's own UnsupportedOperatorError).
+DYNAMO_ONLY = {"interpolate-antialias": lambda: Interpolate(scale_factor=0.5, mode="bilinear", antialias=True)}
+
+
+def export(net, dynamo: bool) -> onnx.ModelProto:
+    """``net`` exported with a dynamic batch axis by the legacy (TorchScript) or the dynamo exporter."""
+    x = torch.randn(1, 2, 6, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            pytest.importorskip("onnxscript")
+            program = torch.onnx.export(net.eval(), (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("N")},))
+            return program.model_proto
+        buffer = io.BytesIO()
+        torch.onnx.export(
+            net.eval(), (x,), buffer, dynamo=False, input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "N"}, "y": {0: "N"}},
+        )  # fmt: skip
+        return onnx.load_from_string(buffer.getvalue())
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
+@pytest.mark.parametrize("layer", [*TORCH_LAYERS, *DYNAMO_ONLY])
+def test_torch_exports_of_upsample_and_interpolate(layer, dynamo):
+    if layer in DYNAMO_ONLY and not dynamo:
+        pytest.skip("the legacy exporter cannot write it")
+    net = UpsamplingNet({**TORCH_LAYERS, **DYNAMO_ONLY}[layer]())
+    model = export(net, dynamo)
+    assert any(node.op_type == "Resize" for node in model.graph.node)
+    compiled = assert_matches(model)
+    x = np.random.default_rng(1).standard_normal((3, 2, 6, 8))
+    with torch.no_grad():
+        expected = net.double()(torch.from_numpy(x)).numpy()
+    assert np.abs(compiled.predict(x) - expected).max() <= 1e-9 * np.abs(expected).max()
+
+
+@pytest.mark.skipif(torch is None, reason="torch is not installed")
+@pytest.mark.parametrize("layer", ["upsample-bilinear", "interpolate-size-bicubic"])
+def test_a_cnn_with_resize_at_the_newest_opset_onnx_defines(layer):
+    """The legacy export (opset 20) converted to the newest opset the installed onnx knows: its
+    ops (Conv, Relu, Resize, Shape, Slice, Concat...) did not change after the versions lowered."""
+    newest = onnx.defs.onnx_opset_version()
+    model = version_converter.convert_version(export(UpsamplingNet(TORCH_LAYERS[layer]()), dynamo=False), newest)
+    assert model.opset_import[0].version == newest
+    assert_matches(model)
