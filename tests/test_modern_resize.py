@@ -485,3 +485,28 @@ def test_a_cnn_with_resize_at_the_newest_opset_onnx_defines(layer):
     model = version_converter.convert_version(export(UpsamplingNet(TORCH_LAYERS[layer]()), dynamo=False), newest)
     assert model.opset_import[0].version == newest
     assert_matches(model)
+
+
+@pytest.mark.parametrize("mode, taps", [("nearest", 1), ("linear", 2), ("cubic", 4)])
+def test_16_channels_of_64_x_64_upsampled_twice_stay_sparse(mode, taps):
+    """The map is a Kronecker product of the axes' weights: at most taps^2 non-zeros per output
+    (here in C, reading the ReLU's states), not a dense 262144 x 65536 matrix."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array((0.1 * rng.standard_normal((16, 16, 3, 3))).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["h"]),
+        helper.make_node("Resize", ["h", "", "s"], ["y"], mode=mode),
+    ]
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "s")
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16, 64, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16, 128, 128])],
+        [weight, scales],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    compiled = assert_matches(model, reference=False) if mode == "linear" else ic.from_onnx(model)
+    assert compiled.C.shape == (16 * 128 * 128, 16 * 64 * 64)
+    assert compiled.C.nnz <= taps**2 * 16 * 128 * 128
