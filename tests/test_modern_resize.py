@@ -440,7 +440,10 @@ TORCH_LAYERS = {
     "interpolate-nearest-down": lambda: Interpolate(scale_factor=0.5, mode="nearest"),
 }
 # Ops the legacy exporter cannot write (torch's own UnsupportedOperatorError).
-DYNAMO_ONLY = {"interpolate-antialias": lambda: Interpolate(scale_factor=0.5, mode="bilinear", antialias=True)}
+DYNAMO_ONLY = {
+    "interpolate-antialias": lambda: Interpolate(scale_factor=0.5, mode="bilinear", antialias=True),
+    "interpolate-nearest-exact": lambda: Interpolate(scale_factor=1.5, mode="nearest-exact"),  # GatherND
+}
 
 
 def export(net, dynamo: bool) -> onnx.ModelProto:
@@ -468,7 +471,7 @@ def test_torch_exports_of_upsample_and_interpolate(layer, dynamo):
         pytest.skip("the legacy exporter cannot write it")
     net = UpsamplingNet({**TORCH_LAYERS, **DYNAMO_ONLY}[layer]())
     model = export(net, dynamo)
-    assert any(node.op_type == "Resize" for node in model.graph.node)
+    assert any(node.op_type in ("Resize", "GatherND") for node in model.graph.node)
     compiled = assert_matches(model)
     x = np.random.default_rng(1).standard_normal((3, 2, 6, 8))
     with torch.no_grad():
@@ -510,3 +513,16 @@ def test_16_channels_of_64_x_64_upsampled_twice_stay_sparse(mode, taps):
     compiled = assert_matches(model, reference=False) if mode == "linear" else ic.from_onnx(model)
     assert compiled.C.shape == (16 * 128 * 128, 16 * 64 * 64)
     assert compiled.C.nnz <= taps**2 * 16 * 128 * 128
+
+
+def test_gather_nd_with_constant_indices_is_a_data_movement():
+    """What the dynamo exporter writes for F.interpolate(mode="nearest-exact")."""
+    model = _graph(
+        """g (float[N, 3, 4] x) => (float[N, 2] y) {
+            t = Transpose <perm = [1, 2, 0]> (x)
+            i = Constant <value = int64[2, 2] {0, 1, 2, 3}> ()
+            g = GatherND(t, i)
+            y = Transpose <perm = [1, 0]> (g)
+        }"""
+    )
+    assert_matches_onnxruntime(model)
