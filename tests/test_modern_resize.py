@@ -22,7 +22,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_resize
-from onnx_helpers import assert_matches_onnxruntime, random_inputs
+from onnx_helpers import assert_matches_onnxruntime, parse, random_inputs
 
 import implicit_compiler as ic
 
@@ -31,7 +31,8 @@ try:
 except ImportError:  # the tests of torch exports are skipped
     torch = None
 from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
-from implicit_compiler.frontend.graph import to_float64, with_sorted_nodes
+from implicit_compiler.frontend.estimate import estimate_nonzeros
+from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
 
 SHAPE = [2, 3, 4, 6]  # (C, H, W) per sample; N dynamic
 
@@ -526,3 +527,28 @@ def test_gather_nd_with_constant_indices_is_a_data_movement():
         }"""
     )
     assert_matches_onnxruntime(model)
+
+
+@pytest.mark.parametrize("version", [("Resize", 19), ("Resize", 10), ("Upsample", 9)], ids=str)
+def test_resizing_the_batch_axis_is_refused(version):
+    """The scales stay float32 in the prepared graph (their schema's only type), so shape inference
+    sees the batch axis doubled: this compiled before, with two samples out per sample in."""
+    op, opset = version
+    with pytest.raises(
+        GraphError, match=rf"\({op}, opset {opset}\): output 'y' has shape \(4, 3, 4, 6\) at batch size 2"
+    ):
+        ic.from_onnx(resize_model(opset=opset, op=op, scales=[2, 1, 1, 1]))
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear", "cubic"])
+def test_the_size_estimate_counts_the_interpolation_taps(mode):
+    model = parse(
+        f"""<ir_version: 8, opset_import: ["" : 19]>
+        g (float[N, 4, 16, 16] x) => (float[N, 4, 32, 32] y) <float[4] s = {{1, 1, 2, 2}}> {{
+            r = Resize <mode = "{mode}"> (x, , s)
+            y = Relu(r)
+        }}"""
+    )
+    compiled = ic.from_onnx(model)
+    actual = compiled.A.nnz + compiled.B.nnz + compiled.C.nnz + compiled.D.nnz
+    assert actual <= estimate_nonzeros(prepare(model)) <= 1.2 * actual
