@@ -25,14 +25,14 @@ from onnx.reference.ops import op_resize
 from onnx_helpers import assert_matches_onnxruntime, parse, random_inputs
 
 import implicit_compiler as ic
+from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
+from implicit_compiler.frontend.estimate import estimate_nonzeros
+from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
 
 try:
     import torch
 except ImportError:  # the tests of torch exports are skipped
     torch = None
-from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
-from implicit_compiler.frontend.estimate import estimate_nonzeros
-from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
 
 SHAPE = [2, 3, 4, 6]  # (C, H, W) per sample; N dynamic
 
@@ -79,7 +79,7 @@ def resize_model(
     return model
 
 
-class Resize(op_resize.Resize):  # new_ops match ops by class name
+class ResizeA64(op_resize.Resize):
     """onnx.reference's Resize with cubic_coeff_a read as a Python float: the reference reads the
     attribute as np.float32, and numpy then computes the cubic weights in float32 (errors of
     2e-7), which would hide any float64 error of ours."""
@@ -90,7 +90,7 @@ class Resize(op_resize.Resize):  # new_ops match ops by class name
         return super()._run(*args, cubic_coeff_a=None if cubic_coeff_a is None else float(cubic_coeff_a), **kwargs)
 
 
-ResizeA64 = Resize
+ResizeA64.__name__ = "Resize"  # the reference's new_ops replace the op of the class's name
 
 
 def assert_matches(model: onnx.ModelProto, reference: bool = True) -> ic.ImplicitModel:
@@ -107,9 +107,6 @@ def assert_matches(model: onnx.ModelProto, reference: bool = True) -> ic.Implici
     return compiled
 
 
-# Scales exact in binary (so that float32 and float64 coordinates agree on rounding ties); the
-# output widths of UP (4 * 2, 6 * 2.5) and DOWN (4 * 0.75, 6 * 0.5) are integers, ODD's
-# (4 * 1.75, 6 * 0.625 = 3.75) are not.
 def reference_follows_the_specification(coordinates: str, scales, shape=SHAPE) -> bool:
     """False where onnx.reference departs from the specification (and onnxruntime): for
     align_corners and tf_crop_and_resize it divides by scale * n - 1 instead of the output length
@@ -118,6 +115,9 @@ def reference_follows_the_specification(coordinates: str, scales, shape=SHAPE) -
     return coordinates not in ("align_corners", "tf_crop_and_resize") or np.array_equal(widths, np.floor(widths))
 
 
+# Scales exact in binary (so that float32 and float64 coordinates agree on rounding ties); the
+# output widths of UP (4 * 2, 6 * 2.5) and DOWN (4 * 0.75, 6 * 0.5) are integers, ODD's
+# (4 * 1.75, 6 * 0.625 = 3.75) are not.
 UP, DOWN, ODD = [1, 1, 2, 2.5], [1, 1, 0.75, 0.5], [1, 1, 1.75, 0.625]
 COORDINATES = ["half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric"]
 MODES = [
