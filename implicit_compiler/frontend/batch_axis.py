@@ -66,6 +66,7 @@ SHAPE_OPERANDS: dict[str, frozenset[int]] = {
     "Squeeze": frozenset({1}),
     "Unsqueeze": frozenset({1}),
     "Split": frozenset({1}),
+    "Resize": frozenset({3}),  # sizes (opset 11 on): F.interpolate(size=...) writes Shape(x)[:2] + (h, w)
 }
 # Ops that read axis 0 as the sample axis N (N, C, spatial...).
 SAMPLE_AXIS_ZERO = frozenset(

@@ -8,6 +8,7 @@ are its multiply-accumulates, per sample (batch 1):
     ConvTranspose  prod(input shape) * C_out / groups * prod(kernel)
     Gemm / MatMul  rows of the output * the contracted dimension (with two variable operands,
                    4 per product a_ik b_kj in two square blocks, 2 in the rows reading the sum)
+    Resize         prod(output shape) * taps ** (axes resized), taps 1 / 2 / 4 (nearest / linear / cubic)
 
 and an activation stores its input's expression as state rows (once per activation reading
 it), max pools store relu trees, recurrent layers their weights per step. Measured against
@@ -43,7 +44,11 @@ FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
 # How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
 # store their input as state blocks (how many), linear maps, maxima (relu trees), products.
 BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2}
-LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Resize", "Upsample"})
+# Resize / Upsample: input elements per output element along each resized axis, by mode.
+RESIZE_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}
+# Floating initializers given to shape inference with their values (Resize's scales, roi).
+SMALL_FLOATS = 16
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
 PRODUCTS = frozenset({"Mul", "Div"})
 # Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
@@ -267,7 +272,8 @@ def _shapes_model(prepared: PreparedModel) -> onnx.ModelProto:
     ``prepare`` removed them from the inputs: every weight's shape, and all that follows, went
     unknown (onnx's light DenseNet-121, IR 3, was estimated at 4% of its size). Floating weights
     are given by their shape alone (inference reads only their dims, and copying them is costly);
-    integer initializers keep their values, which data propagation reads (shapes, axes).
+    integer initializers keep their values, which data propagation reads (shapes, axes), and so
+    do floating ones of at most ``SMALL_FLOATS`` values (Resize's scales set its output shape).
     """
     graph = prepared.graph
     listed = {value.name for value in graph.input}
@@ -276,7 +282,7 @@ def _shapes_model(prepared: PreparedModel) -> onnx.ModelProto:
     for tensor in graph.initializer:
         if tensor.name not in listed:
             inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        if tensor.data_type not in FLOAT_TYPES:
+        if tensor.data_type not in FLOAT_TYPES or math.prod(tensor.dims) <= SMALL_FLOATS:
             initializers.append(tensor)
     shapes_graph = onnx.helper.make_graph(
         graph.node, graph.name, inputs, graph.output, initializers, value_info=graph.value_info
@@ -300,6 +306,10 @@ def _node_nonzeros(node: onnx.NodeProto, shapes: dict[str, list[int]]) -> int:
     if node.op_type in ("Gemm", "MatMul") and output and inputs and inputs[0]:
         contracted = inputs[0][-1] if node.op_type == "MatMul" or not _attribute(node, "transA") else inputs[0][0]
         return math.prod(output) * contracted
+    if node.op_type in ("Resize", "Upsample") and output and inputs and inputs[0]:
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "nearest")
+        resized = sum(before != after for before, after in zip(inputs[0], output))
+        return math.prod(output) * RESIZE_TAPS.get(mode, 4) ** resized
     return 0
 
 

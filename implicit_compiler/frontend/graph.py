@@ -143,10 +143,35 @@ def prepare(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | No
             f"input_shapes names {sorted(unknown)}, which are not runtime inputs of the model; "
             f"its inputs are {[value.name for value in runtime_inputs]}"
         )
-    inputs = tuple(_fixed_input(value, (input_shapes or {}).get(value.name)) for value in runtime_inputs)
+    fixed = []
+    for value in runtime_inputs:  # in order: the first input's error is the one raised
+        _check_float_input(value, graph, default_opset(model))
+        fixed.append(_fixed_input(value, (input_shapes or {}).get(value.name)))
+    inputs = tuple(fixed)
     del graph.input[:]
     graph.input.extend(onnx.helper.make_tensor_value_info(i.name, TensorProto.DOUBLE, list(i.shape)) for i in inputs)
     return PreparedModel(with_sorted_nodes(model, copy_model=False), default_opset(model), inputs, constants)
+
+
+def _check_float_input(value: onnx.ValueInfoProto, graph: onnx.GraphProto, opset: int) -> None:
+    """An integer (or bool, string) runtime input is refused naming the nodes that read it: an implicit
+    model is a function of real vectors, and indices such as token ids are not (a Gather of an
+    embedding table by them is a lookup, not an affine map)."""
+    element = value.type.tensor_type.elem_type
+    if not value.type.HasField("tensor_type") or element in FLOAT_TYPES:
+        return
+    readers = [
+        f"node {node.name or f'{node.op_type}_{index}'!r} ({node.op_type}, opset {opset})"
+        for index, node in enumerate(graph.node)
+        if value.name in node.input
+    ]
+    raise GraphError(
+        f"input {value.name!r} has element type {TensorProto.DataType.Name(element)} (read by "
+        f"{', '.join(readers) or 'no node'}); an implicit model's inputs are real-valued, so integer inputs such "
+        "as token ids cannot feed it: feed one-hot or embedded inputs instead (export the model from the "
+        f"embedding's output on, or one-hot encode the ids), or make {value.name!r} a constant (an initializer) "
+        "if it is an index or a size"
+    )
 
 
 def _checked_input_shapes(input_shapes: object) -> dict[str, tuple[int | None, ...] | None] | None:
@@ -310,13 +335,16 @@ def to_float64(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _graph_to_float64(graph: onnx.GraphProto) -> None:
+    kept = _float_only_operands(graph)
     for index, tensor in enumerate(graph.initializer):
-        if tensor.data_type in FLOAT_TYPES and tensor.data_type != TensorProto.DOUBLE:
+        if tensor.data_type in FLOAT_TYPES and tensor.data_type != TensorProto.DOUBLE and tensor.name not in kept:
             graph.initializer[index].CopyFrom(_tensor_to_float64(tensor))
     for value in (*graph.input, *graph.output, *graph.value_info):
         if value.type.tensor_type.elem_type in FLOAT_TYPES:
             value.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in graph.node:
+        if node.op_type == "Constant" and set(node.output) <= kept:
+            continue
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.TENSOR and attribute.t.data_type in FLOAT_TYPES:
                 attribute.t.CopyFrom(_tensor_to_float64(attribute.t))
@@ -328,6 +356,18 @@ def _graph_to_float64(graph: onnx.GraphProto) -> None:
                 and attribute.i in FLOAT_TYPES
             ):
                 attribute.i = TensorProto.DOUBLE
+
+
+def _float_only_operands(graph: onnx.GraphProto) -> set[str]:
+    """Constants read as Resize's roi and scales (or Upsample's scales), which the schemas type
+    tensor(float) only: kept float32, so that shape inference (the batch check, the size
+    estimate) still gives Resize's output shape. Their values are float32 anyway."""
+    float_only = {"Resize": (1, 2), "Upsample": (1,)}
+    names, others = set(), {value.name for value in graph.output}
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            (names if index in float_only.get(node.op_type, ()) else others).add(name)
+    return names - others - {""}
 
 
 def _tensor_to_float64(tensor: onnx.TensorProto) -> onnx.TensorProto:

@@ -32,12 +32,34 @@ from .estimate import available_memory_bytes, check_model_fits
 from .expression import Affine
 from .fold import evaluate_constant_node
 from .graph import PreparedModel, load_onnx, prepare
-from .registry import Lowering, find_lowering
+from .registry import REGISTRY, Lowering, find_lowering
 
 # Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
 NEVER_FOLD: frozenset[str] = frozenset()
 # Nodes listed in the error refusing a model before lowering; the rest are counted.
 MAX_LISTED = 20
+# Ops out of scope on values computed from the model input, and why (``_check_in_scope``).
+_DATA_DEPENDENT_SHAPE = (
+    "its output shape depends on the input's values (a data-dependent shape), and an implicit model's shapes are "
+    "fixed when compiling; compute it outside the model, from the predictions"
+)
+_INDEX = (
+    "an index of the input's values is a piecewise constant function of the input with jumps, which no "
+    "implicit model computes; output the scores instead (remove the node) and take {op} of the predictions "
+    "(numpy.{function})"
+)
+OUT_OF_SCOPE: dict[str, str] = {
+    "ArgMax": _INDEX.format(op="ArgMax", function="argmax"),
+    "ArgMin": _INDEX.format(op="ArgMin", function="argmin"),
+    "NonZero": _DATA_DEPENDENT_SHAPE,
+    "Range": _DATA_DEPENDENT_SHAPE,
+    "ConstantOfShape": _DATA_DEPENDENT_SHAPE,
+    "TopK": "its indices, and with a k computed from the input its shape, depend on the input's values; "
+    + _INDEX.format(op="TopK", function="argsort"),
+    "Unique": _DATA_DEPENDENT_SHAPE,
+    "Compress": _DATA_DEPENDENT_SHAPE,
+    "NonMaxSuppression": _DATA_DEPENDENT_SHAPE,
+}
 
 
 def from_onnx(
@@ -135,6 +157,7 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
         all_constant = all(value is None or not isinstance(value, Affine) for value in inputs)
         if all_constant and node.op_type not in NEVER_FOLD:
             return evaluate_constant_node(node, inputs)
+        _check_in_scope(node)
         outputs = lowering.function(ctx, node, inputs)
     except ImplicitCompilerError as error:
         message = str(error)
@@ -156,9 +179,32 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
     return outputs
 
 
+def _check_in_scope(node: NodeView) -> None:
+    """An op of ``OUT_OF_SCOPE`` reading a value computed from the model input: UnsupportedOpError
+    saying why no implicit model computes it and what to do."""
+    if node.op_type in OUT_OF_SCOPE and node.proto.domain in ("", "ai.onnx"):
+        raise UnsupportedOpError(
+            f"{node.where}: {node.op_type} is only supported on constants (shape computations), but an operand "
+            f"depends on the model input: {OUT_OF_SCOPE[node.op_type]}"
+        )
+
+
+def _out_of_scope_unregistered(node: NodeView) -> bool:
+    """An op of ``OUT_OF_SCOPE`` with no lowering at any version (not even folded on constants)."""
+    in_domain = node.proto.domain in ("", "ai.onnx")
+    return in_domain and node.op_type in OUT_OF_SCOPE and not any(op == node.op_type for op, _ in REGISTRY)
+
+
 def _lowering_for(node: NodeView) -> Lowering:
     """The node's lowering, or the typed error saying why it has none (op, attribute name or value)."""
-    lowering = find_lowering(node.op_type, node.proto.domain, node.opset, node.where)
+    try:
+        lowering = find_lowering(node.op_type, node.proto.domain, node.opset, node.where)
+    except UnsupportedOpError as error:
+        if _out_of_scope_unregistered(node):
+            raise UnsupportedOpError(
+                f"{node.where}: {node.op_type} is not supported: {OUT_OF_SCOPE[node.op_type]}"
+            ) from error
+        raise
     unknown = sorted(set(node.attributes) - lowering.attributes) if lowering.attributes is not None else []
     if unknown:
         raise node.unsupported(

@@ -4,7 +4,7 @@ Every op here maps output element i to input element ids[i] (or to a constant). 
 computed by running the very ONNX node, with the ONNX reference evaluator, on the tensor of
 row numbers ``arange(size).reshape(shape)`` instead of the data, then ``Affine.take(ids)``
 picks the rows: Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Slice, Split, Gather,
-GatherElements, Expand, Tile, DepthToSpace, SpaceToDepth, Pad (padding gets id -1 and the pad
+GatherElements, GatherND, Expand, Tile, DepthToSpace, SpaceToDepth, Pad (padding gets id -1 and the pad
 value) and, over the stacked rows of all operands, Concat and Where. So their semantics, every
 attribute and opset difference included, are the reference's, not ours.
 
@@ -36,6 +36,7 @@ MOVEMENT_OPS = {
     "Split": ("axis", "split", "num_outputs"),
     "Gather": ("axis",),
     "GatherElements": ("axis",),
+    "GatherND": ("batch_dims",),
     "Expand": (),
     "Tile": (),
     "DepthToSpace": ("blocksize", "mode"),
