@@ -144,8 +144,9 @@ def _channels_input(ctx: LoweringContext, node: NodeView, value) -> Affine:
 # ---------------------------------------------------------------------------------- the ops
 @lowers("LayerNormalization", attributes=("axis", "epsilon", "stash_type"))
 def lower_layer_normalization(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """scale * (x - mean) * rsqrt(var + eps) + bias over axes [axis, rank): square and rsqrt
-    blocks; the Mean and InvStdDev outputs too."""
+    """scale * (x - mean) * rsqrt(var + eps) + bias over axes [axis, rank); Mean, InvStdDev too.
+
+    Square and rsqrt blocks (``standardize``); the optional outputs are per sample."""
     x = as_affine(inputs[0], ctx.width)
     axis = normalize_axis(int(node.attr("axis", -1)), x.ndim, node)
     groups = int(np.prod(x.shape[:axis], dtype=np.int64))
@@ -161,8 +162,9 @@ def lower_layer_normalization(ctx: LoweringContext, node: NodeView, inputs: list
 
 @lowers("InstanceNormalization", attributes=("epsilon", "consumed_inputs"))
 def lower_instance_normalization(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """scale_c * (x - mean) * rsqrt(var + eps) + B_c per channel of each sample: square and
-    rsqrt blocks."""
+    """scale_c * (x - mean) * rsqrt(var + eps) + B_c per channel of each sample.
+
+    Square and rsqrt blocks (``standardize``)."""
     x = _channels_input(ctx, node, inputs[0])
     channels = x.shape[1]
     stats = standardize(ctx, node, x, x.shape[0] * channels, float(node.attr("epsilon", 1e-5)))
@@ -173,8 +175,10 @@ def lower_instance_normalization(ctx: LoweringContext, node: NodeView, inputs: l
 
 @lowers("GroupNormalization", attributes=("epsilon", "num_groups", "stash_type"))
 def lower_group_normalization(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """scale * (x - mean) * rsqrt(var + eps) + bias per group of channels of each sample: square
-    and rsqrt blocks (scale and bias per group at opset 18, per channel from 21)."""
+    """scale * (x - mean) * rsqrt(var + eps) + bias per group of channels (of each sample).
+
+    Square and rsqrt blocks (``standardize``); scale and bias are per group at opset 18, per
+    channel from 21."""
     x = _channels_input(ctx, node, inputs[0])
     channels = x.shape[1]
     num_groups = node.attr("num_groups")
