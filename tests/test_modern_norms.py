@@ -103,11 +103,11 @@ def test_size_estimate_of_layer_normalization_is_within_twice_the_model():
 
 
 # ----------------------------------------------------------------------------- Instance and GroupNormalization
-@pytest.mark.parametrize("opset", [6, 17, 22])
+@pytest.mark.parametrize("opset", [1, 6, 17, 22])
 def test_instance_normalization(opset):
     weights = [_weight("scale", (3,)), _weight("bias", (3,))]
     model = _norm_model("InstanceNormalization", (3, 4, 5), dict(epsilon=1e-3), weights, opset)
-    compiled = assert_matches_onnxruntime(model)
+    compiled = assert_matches_onnxruntime(model, check_onnxruntime=opset > 1)  # onnxruntime has no version 1
     assert _states(compiled, "rsqrt") == 3
 
 
