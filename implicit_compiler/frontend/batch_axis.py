@@ -80,6 +80,8 @@ SAMPLE_AXIS_ZERO = frozenset(
         "BatchNormalization",
         "DepthToSpace",
         "SpaceToDepth",
+        "InstanceNormalization",
+        "GroupNormalization",
     }
 )
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
@@ -386,6 +388,11 @@ def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) 
             contracted = (1 - position) if not node.attr(transposed, 0) else position
             if axis is not None and axis == contracted:
                 _refuse(node, axis, f"Gemm sums over axis {axis} of operand {position}", "contract feature axes only")
+    if op == "LayerNormalization" and first is not None and rank(inputs[0]) is not None:
+        normalized = node.attr("axis", -1) % rank(inputs[0])
+        if first >= normalized:
+            what = f"LayerNormalization normalizes over axes {normalized}.."
+            _refuse(node, first, what, "normalize over feature axes only (an axis after the batch axis)")
     if op in REDUCTIONS and first is not None:
         reduced = _reduced_axes(node, constant, rank(inputs[0]))
         if reduced is None or first in reduced:

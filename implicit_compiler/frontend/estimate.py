@@ -51,6 +51,9 @@ RESIZE_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}
 SMALL_FLOATS = 16
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
 PRODUCTS = frozenset({"Mul", "Div"})
+# Layer, instance and group normalization (``ops.standardize``): per entry the input's rows in
+# the mean, the centred square and the product's square, and about 4 more; out: 3 per entry.
+STANDARDIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization"})
 # Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
 # (the gates' products in LSTM and GRU): measured on tests/recurrent-models.
 RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
@@ -248,6 +251,9 @@ def _node_expressions(
     if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
         both = sum(nonzeros[name] for name in read)
         return 2 * both, lambda name: 2 * (size(name) or both)
+    if op in STANDARDIZATIONS:
+        entries = size(read[0]) or first
+        return 3 * first + 4 * entries, lambda name: 3 * (size(name) or entries)
     if op in ("Max", "Min") and len(read) > 1:  # b + relu(a - b)
         both = sum(nonzeros[name] for name in read)
         return both, lambda name: nonzeros[read[-1]] + (size(name) or 0.0)

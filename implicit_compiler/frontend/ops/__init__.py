@@ -1,3 +1,15 @@
 """One module per op family; importing this package registers every lowering."""
 
-from . import activation, conv, elementwise, linear, normalization, pooling, recurrent, resize, shape  # noqa: F401
+from . import (  # noqa: F401
+    activation,
+    bilinear,
+    conv,
+    elementwise,
+    linear,
+    normalization,
+    pooling,
+    recurrent,
+    resize,
+    shape,
+    standardize,
+)
