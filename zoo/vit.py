@@ -14,7 +14,7 @@ Architecture, input (N, 1, 32, 32) -> output (N, 10) logits, d = 32 features, 4 
 Everything an implicit model needs beyond LeNet-5 is here: products of two variables (Q K^T and
 P V), softmax (exponentials and a normalizing division), LayerNorm (a variance, a reciprocal
 square root, a product) and GELU (erf). The attention is written out (not nn.MultiheadAttention)
-so the exported graph is the textbook one with both torch exporters. 25,866 parameters.
+so the exported graph is the textbook one with both torch exporters. 20,074 parameters.
 
 This module is a torch definition only; ``zoo/export_transformer.py`` trains it on
 scikit-learn's digits (upsampled to 32x32 by ``zoo/data.py``) and exports it.
