@@ -43,6 +43,12 @@ exp block. Each is kept as an identity block, as ``LoweringContext.apply_map`` d
 maps, when copying its rows would cost more than ``FOLD_GROWTH_LIMIT`` times keeping it (a
 selection of states, e.g. z straight from an input or an activation, is never kept again).
 
+Sizes. A product of the output with another variable (attention's P V) balances its operands
+by their typical sizes (``ops.elementwise.product``); exp of a row of size s would be taken as
+exp(s), but these arguments are <= 0: the exp states are given the size 1 and the log state
+log K, its largest value (an overestimate of 1e13 for P at scores of ~30 cost float32 all
+its digits in P V's square identity).
+
 Softmax over the batch axis mixes samples and is refused before lowering (``batch_axis``).
 """
 
@@ -99,11 +105,12 @@ def normalized_logits(ctx: LoweringContext, node: NodeView, z: Affine, exp_block
     maximum = tree_max(ctx, z, table, out)
     maximum = _shared(ctx, maximum, exp_blocks * width, f"{out}/max").reshape(reduced)
     shifted = z - maximum.broadcast_to(z.shape)
-    exponentials = ctx.create_block(shifted, "exp", name=f"{out}/exp")
+    exponentials = ctx.create_block(shifted, "exp", name=f"{out}/exp", known_size=1.0)
     sums = sp.csr_array(
         (np.ones(table.size), table.ravel(), np.arange(0, table.size + 1, width)), shape=(table.shape[0], z.size)
     )
-    log_sum = ctx.create_block(exponentials.map(sums, reduced), "log", name=f"{out}/log_sum")
+    sum_of_exponentials = exponentials.map(sums, reduced)
+    log_sum = ctx.create_block(sum_of_exponentials, "log", name=f"{out}/log_sum", known_size=math.log(width))
     return shifted - log_sum.broadcast_to(z.shape)
 
 
@@ -128,4 +135,4 @@ def lower_softmax(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     z = as_affine(inputs[0], ctx.width)
     if _one_element_rows(node, z.shape):
         return [np.ones(z.shape)]
-    return [ctx.create_block(normalized_logits(ctx, node, z, exp_blocks=2), "exp")]
+    return [ctx.create_block(normalized_logits(ctx, node, z, exp_blocks=2), "exp", known_size=1.0)]
