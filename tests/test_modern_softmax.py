@@ -311,3 +311,24 @@ def test_onnx_node_test_compiles_and_matches(node_tests, name):
         predicted = _predict(compiled, x, dtype).reshape(expected.shape)
         np.testing.assert_allclose(predicted, expected, rtol=0, atol=1e-5 * max(1.0, np.abs(expected).max()))
     assert_matches_onnxruntime(case.model)
+
+
+# ----------------------------------------------------------------------------- the size estimate
+@pytest.mark.parametrize(
+    "model",
+    [
+        _normalization("Softmax", 13, -1, shape="N, 4, 16, 16"),
+        _normalization("LogSoftmax", 11, 1, shape="N, 4, 16, 16"),
+        _after_a_linear_layer("Softmax", 1),
+        _attention_head(tokens=16, width=16, head=8),
+    ],
+    ids=["softmax", "log-softmax-coerced", "after-a-linear-layer", "attention-head"],
+)
+def test_size_estimate_is_within_twice_the_model(model):
+    """The estimate checked against the memory limit before lowering counts the softmax's blocks."""
+    from implicit_compiler.frontend.estimate import estimate_nonzeros
+    from implicit_compiler.frontend.graph import prepare
+
+    compiled = ic.from_onnx(model)
+    actual = compiled.A.nnz + compiled.B.nnz + compiled.C.nnz + compiled.D.nnz
+    assert actual / 2 <= estimate_nonzeros(prepare(model)) <= 2 * actual

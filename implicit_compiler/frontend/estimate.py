@@ -45,6 +45,8 @@ FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
 BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2}
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
+# Softmax and LogSoftmax: the exp blocks reading the logits (``ops.softmax``).
+SOFTMAXES = {"Softmax": 2, "LogSoftmax": 1}
 PRODUCTS = frozenset({"Mul", "Div"})
 # Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
 # (the gates' products in LSTM and GRU): measured on tests/recurrent-models.
@@ -194,7 +196,7 @@ def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes:
         read = [name for name in node.input if name in nonzeros]
         if not read:
             continue  # constant: folded
-        stored, made = _node_expressions(node, read, nonzeros, shapes)
+        stored, made = _node_expressions(node, read, nonzeros, shapes, prepared.opset)
         total += stored
         for name in node.output:
             if name:
@@ -203,7 +205,7 @@ def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes:
 
 
 def _node_expressions(
-    node: onnx.NodeProto, read: list[str], nonzeros: dict[str, float], shapes: dict[str, list[int]]
+    node: onnx.NodeProto, read: list[str], nonzeros: dict[str, float], shapes: dict[str, list[int]], opset: int = 13
 ) -> tuple[float, Callable[[str], float]]:
     """(non-zeros the node stores in state blocks, its outputs' non-zeros by name)."""
 
@@ -240,6 +242,8 @@ def _node_expressions(
         pairs = [uses / 2**k for k in range(1, levels + 1)]
         stored = sum(count * 2 * (density + k) for k, count in enumerate(pairs))
         return kept + stored, lambda name: (size(name) or first) * (density + levels)
+    if op in SOFTMAXES and size(read[0]) and node.input[0] in shapes:
+        return _softmax(node, shapes[node.input[0]], first, density, opset)
     if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
         both = sum(nonzeros[name] for name in read)
         return 2 * both, lambda name: 2 * (size(name) or both)
@@ -251,6 +255,26 @@ def _node_expressions(
         return 0.0, lambda name: joined
     densities = sum(nonzeros[name] / max(size(name) or nonzeros[name], 1.0) for name in read)
     return 0.0, lambda name: densities * size(name) if size(name) is not None else first
+
+
+def _softmax(
+    node: onnx.NodeProto, shape: list[int], first: float, density: float, opset: int
+) -> tuple[float, Callable[[str], float]]:
+    """The relu tree of each row's maximum, the maximum kept, exp(z - m), the log of the row sums,
+    and for Softmax exp(z - m - L); logits read by several blocks are kept as one (see ``ops.softmax``)."""
+    blocks, size = SOFTMAXES[node.op_type], float(math.prod(shape))
+    named = any(attribute.name == "axis" for attribute in node.attribute)
+    axis = (_attribute(node, "axis") if named else -1 if opset >= 13 else 1) % max(len(shape), 1)
+    width = float(shape[axis] if opset >= 13 else math.prod(shape[axis:]))
+    if width <= 1:
+        return 0.0, lambda name: 0.0
+    kept = first if (2 + blocks) * first > FOLD_GROWTH_LIMIT * (first + (2 + blocks) * size) else 0.0
+    density = 1.0 if kept else density
+    levels = math.ceil(math.log2(width))
+    tree = sum(size / 2**k * 2 * (density + k - 1) for k in range(1, levels + 1))  # level k's relu rows
+    maximum = size / width * (density + levels)
+    stored = kept + tree + maximum + size * (density + 1) + size + (blocks - 1) * size * (density + 2)
+    return stored, lambda name: size if blocks == 2 else size * (density + 2)
 
 
 def _kernel(node: onnx.NodeProto) -> float:
