@@ -13,7 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper, version_converter
+from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx_helpers import assert_matches_onnxruntime, parse, random_inputs
 
@@ -75,18 +75,35 @@ def test_a_sequence_first_input_along_its_leading_axis(op):
 @pytest.mark.parametrize("axis", [1, 2, None], ids=["axis1", "axis2", "default"])
 def test_coerced_to_two_dimensions_before_opset_13(op, opset, axis):
     """Before opset 13 a row is everything from ``axis`` on: with axis=1 on (N, 3, 4), all 12 values
-    of a sample. float32 against onnxruntime; float64 against onnx.reference on the model converted
-    to opset 13 (Flatten, Softmax, Reshape): the reference's own Softmax-1/11 normalizes along
-    the single axis, not the coerced 2-D rows."""
+    of a sample. The float64 oracle is onnx.reference on the model converted to opset 13 (Flatten,
+    Softmax, Reshape; ``fold.for_reference``): its own Softmax-1/11 normalizes along the single axis."""
     model = _normalization(op, opset, axis, shape="N, 3, 4")
-    compiled = assert_matches_onnxruntime(model, check_reference=False)
-    x = random_inputs(model, batch=4)["x"]
-    reference = ReferenceEvaluator(to_float64(version_converter.convert_version(model, 13)))
-    expected = np.stack([reference.run(None, {"x": sample[None]})[0][0] for sample in x])
-    error = np.abs(_predict(compiled, x, np.float64) - expected).max() / np.abs(expected).max()
-    assert error <= 1e-9
+    compiled = assert_matches_onnxruntime(model)
     if op == "Softmax" and axis in (1, None):
+        x = random_inputs(model, batch=4)["x"]
         np.testing.assert_allclose(_predict(compiled, x, np.float64).sum(axis=(1, 2)), 1.0, rtol=1e-12)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_a_constant_folded_before_opset_13_is_coerced_to_two_dimensions(op):
+    """Folding runs onnx.reference on the node: converted to opset 13 first (``fold.for_reference``)."""
+    values = ", ".join(f"{value:.3f}" for value in RNG.standard_normal(24))
+    model = parse(f"""
+<ir_version: 7, opset_import: ["" : 11]>
+g (float[N, 2, 3, 4] x) => (float[N, 2, 3, 4] y)
+<float[2, 3, 4] c = {{{values}}}> {{
+    s = {op} <axis = 1> (c)
+    y = Add (x, s)
+}}""")
+    compiled = assert_matches_onnxruntime(model)
+    assert compiled.n == 0
+
+
+def test_verify_checks_float64_of_a_model_before_opset_13():
+    """verify's float64 reference is the converted model: it agrees, and the check counts."""
+    report = ic.verify(_normalization("Softmax", 11, 1, shape="N, 3, 4"), samples=4)
+    assert report.passed and report.reference_error is None
+    assert all(output.passed_float64 for output in report.outputs)
 
 
 @pytest.mark.parametrize("op", OPS)
