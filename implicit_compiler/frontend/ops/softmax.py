@@ -13,7 +13,8 @@ those dimensions. Per row:
     LogSoftmax(z)_j = z_j - m - L       affine in the states: nothing more
     Softmax(z)_j    = exp(z_j - m - L)  one more exp block, K states; argument <= 0
 
-States per row: 2K for LogSoftmax, 3K for Softmax (+ 1 when m is kept as its own state, below).
+States per row: 2K for LogSoftmax, 3K for Softmax (+ 1 when m, + K when z, is kept as its own
+block: see Sharing).
 Every exp argument is <= 0 (up to rounding) and every log argument in [1, K], whatever the
 logits: no phi is ever evaluated where it overflows, underflows to a zero that log then meets,
 or loses its relative precision, so logits of 1e3 (float64) or 80 (float32) give no inf or NaN.
@@ -44,10 +45,10 @@ maps, when copying its rows would cost more than ``FOLD_GROWTH_LIMIT`` times kee
 selection of states, e.g. z straight from an input or an activation, is never kept again).
 
 Sizes. A product of the output with another variable (attention's P V) balances its operands
-by their typical sizes (``ops.elementwise.product``); exp of a row of size s would be taken as
-exp(s), but these arguments are <= 0: the exp states are given the size 1 and the log state
-log K, its largest value (an overestimate of 1e13 for P at scores of ~30 cost float32 all
-its digits in P V's square identity).
+by their typical sizes (``ops.elementwise.product``). An exp state whose row has size s would be
+taken to be exp(s), but these arguments are <= 0: the exp states are given the size 1 and the
+log state log K, its largest value (with exp(s), P was overestimated by orders of magnitude and
+P V's square identity lost every float32 digit, even at unit-scale scores).
 
 Softmax over the batch axis mixes samples and is refused before lowering (``batch_axis``).
 """
