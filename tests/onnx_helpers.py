@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 import onnx.parser
 import onnxruntime
-from onnx import version_converter
 from onnx.reference import ReferenceEvaluator
 
 import implicit_compiler as ic
+from implicit_compiler.frontend.fold import for_reference
 from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
 from implicit_compiler.runtime.batching import flatten_inputs, shape_outputs
 
@@ -122,10 +122,10 @@ def _assert_float32_matches(compiled, model, feeds, input_shapes) -> None:
 
 
 def _reference_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The float64 copy; BatchNormalization before opset 14 upgraded (the reference mishandles it)."""
+    """The float64 copy, converted where the reference mishandles an op's older versions
+    (BatchNormalization before opset 14, Softmax before 13: ``fold.for_reference``)."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    if opset < 14 and any(node.op_type == "BatchNormalization" for node in model.graph.node):
-        model = version_converter.convert_version(model, 14)
+    model = for_reference(model, opset)
     return to_float64(with_sorted_nodes(model))  # the reference needs producers before consumers
 
 

@@ -35,11 +35,11 @@ def test_unsupported_op_names_node_op_opset_and_alternatives():
     model = parse(
         """
         <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 4] x) => (float[N, 4] y) { y = Softmax <axis = 1> (x) }
+        g (float[N, 4] x) => (float[N, 4] y) { y = Hardmax <axis = 1> (x) }
         """
     )
     with pytest.raises(
-        ic.UnsupportedOpError, match=r"node 'Softmax_0' \(Softmax, opset 17\).*no lowering.*supported ops: "
+        ic.UnsupportedOpError, match=r"node 'Hardmax_0' \(Hardmax, opset 17\).*no lowering.*supported ops: "
     ):
         ic.from_onnx(model)
 

@@ -86,6 +86,7 @@ SAMPLE_AXIS_ZERO = frozenset(
 )
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
 RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
+NORMALIZED_ALONG_AXIS = frozenset({"Softmax", "LogSoftmax"})
 SIZE_READERS = frozenset({"Shape", "Size"})
 # onnx's data propagation gives up on much shape arithmetic (even an Identity): the shape
 # operands it could not follow are evaluated here and handed back to shape inference as
@@ -399,6 +400,8 @@ def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) 
             _refuse(node, first, f"{op} reduces over it", "reduce over feature axes only")
     if op == "Slice" and first is not None:
         _check_slice(node, first, constant, rank(inputs[0]))
+    if op in NORMALIZED_ALONG_AXIS and first is not None:
+        _check_softmax(node, first, rank(inputs[0]))
 
 
 def _check_matmul(node: NodeView, inputs: list[str], axes: dict[str, int | None], rank) -> None:
@@ -424,6 +427,19 @@ def _check_einsum(node: NodeView, inputs: list[str], axes: dict[str, int | None]
         axis = axes.get(name)
         if axis is not None and labels[position][axis] not in output:
             _refuse(node, axis, f"Einsum sums over axis {axis} of operand {position}", "contract feature axes only")
+
+
+def _check_softmax(node: NodeView, axis: int, rank: int | None) -> None:
+    """Softmax normalizes along ``axis`` (opset 13+), or before opset 13 over every axis from
+    ``axis`` on (the input coerced to 2-D): the batch axis must not be one of them."""
+    opset13 = node.opset >= 13
+    normalized = node.attr("axis", -1 if opset13 else 1)
+    if rank is None or not -rank <= normalized < rank:
+        return  # the lowering names an axis out of range
+    normalized %= rank
+    if (axis == normalized) if opset13 else (axis >= normalized):
+        along = f"axis {normalized}" if opset13 else f"axes {normalized} to {rank - 1} (coerced to 2-D at {normalized})"
+        _refuse(node, axis, f"{node.op_type} normalizes along {along}", "normalize along feature axes only")
 
 
 def _reduced_axes(node: NodeView, constant, rank: int | None) -> set[int] | None:

@@ -91,6 +91,13 @@ class _PendingBlock:
     shape: tuple[int, ...]
     source_node: str
     offset: np.ndarray
+    known_size: float | None = None  # the states' size when known better than phi of their rows'
+
+    def typical_sizes(self, row_sizes: np.ndarray) -> np.ndarray:
+        """The states' typical sizes (``variable_sizes``) from the sizes of their rows."""
+        if self.known_size is not None:
+            return np.full(self.size, self.known_size)
+        return typical_size(self.activation, row_sizes)
 
 
 @dataclass
@@ -122,11 +129,13 @@ class LoweringContext:
         activation_spec: str | Activation,
         name: str | None = None,
         sample_shape: tuple[int, ...] | None = None,
+        known_size: float | None = None,
     ) -> Affine:
         """A new state block x_b = phi(pre_activation); returns the expression x_b.
 
         ``name`` defaults to the current node's first output; ``sample_shape`` to the value's
-        shape without its batch axis.
+        shape without its batch axis. ``known_size``: the states' typical size where phi of their
+        rows' sizes is far off (softmax's exp states are at most 1 whatever their rows' sizes).
         """
         node_name = self.node.name if self.node is not None else "input"
         base = name or (self.node.proto.output[0] if self.node is not None else "block")
@@ -147,13 +156,14 @@ class LoweringContext:
                 shape,
                 node_name,
                 pre_activation.offset,
+                known_size,
             )
         )
         if self.rows is None:
             self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
         self.rows.append(_compact(pre_activation.coefficients, self.dtype))
         if self._sizes is not None:  # sizes are tracked once a product asked for them
-            self._record_sizes(typical_size(self.blocks[-1].activation, self.row_sizes(pre_activation)))
+            self._record_sizes(self.blocks[-1].typical_sizes(self.row_sizes(pre_activation)))
         start = self.width
         self.n += pre_activation.size
         return Affine.variables(pre_activation.shape, start, self.width)
@@ -189,7 +199,7 @@ class LoweringContext:
             B_rows.data **= 2
             A_rows.data **= 2
             squares = B_rows.sum(axis=1) + A_rows @ sizes[self.p : self.width] ** 2 + block.offset**2
-            sizes[self.p + rows.start : self.p + rows.stop] = typical_size(block.activation, np.sqrt(squares))
+            sizes[self.p + rows.start : self.p + rows.stop] = block.typical_sizes(np.sqrt(squares))
         return sizes
 
     def _record_sizes(self, sizes: np.ndarray) -> None:

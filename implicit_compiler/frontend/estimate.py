@@ -50,6 +50,8 @@ RESIZE_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}
 # Floating initializers given to shape inference with their values (Resize's scales, roi).
 SMALL_FLOATS = 16
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
+# Softmax and LogSoftmax: the exp blocks reading the logits (``ops.softmax``).
+SOFTMAXES = {"Softmax": 2, "LogSoftmax": 1}
 PRODUCTS = frozenset({"Mul", "Div"})
 # Layer, instance and group normalization (``ops.standardize``): per entry the input's rows in
 # the mean, the centred square and the product's square, and about 4 more; out: 3 per entry.
@@ -202,7 +204,7 @@ def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes:
         read = [name for name in node.input if name in nonzeros]
         if not read:
             continue  # constant: folded
-        stored, made = _node_expressions(node, read, nonzeros, shapes)
+        stored, made = _node_expressions(node, read, nonzeros, shapes, prepared.opset)
         total += stored
         for name in node.output:
             if name:
@@ -211,7 +213,7 @@ def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes:
 
 
 def _node_expressions(
-    node: onnx.NodeProto, read: list[str], nonzeros: dict[str, float], shapes: dict[str, list[int]]
+    node: onnx.NodeProto, read: list[str], nonzeros: dict[str, float], shapes: dict[str, list[int]], opset: int = 13
 ) -> tuple[float, Callable[[str], float]]:
     """(non-zeros the node stores in state blocks, its outputs' non-zeros by name)."""
 
@@ -248,6 +250,8 @@ def _node_expressions(
         pairs = [uses / 2**k for k in range(1, levels + 1)]
         stored = sum(count * 2 * (density + k) for k, count in enumerate(pairs))
         return kept + stored, lambda name: (size(name) or first) * (density + levels)
+    if op in SOFTMAXES and size(read[0]) and node.input[0] in shapes:
+        return _softmax(node, shapes[node.input[0]], first, density, opset)
     if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
         both = sum(nonzeros[name] for name in read)
         return 2 * both, lambda name: 2 * (size(name) or both)
@@ -262,6 +266,26 @@ def _node_expressions(
         return 0.0, lambda name: joined
     densities = sum(nonzeros[name] / max(size(name) or nonzeros[name], 1.0) for name in read)
     return 0.0, lambda name: densities * size(name) if size(name) is not None else first
+
+
+def _softmax(
+    node: onnx.NodeProto, shape: list[int], first: float, density: float, opset: int
+) -> tuple[float, Callable[[str], float]]:
+    """The relu tree of each row's maximum, the maximum kept, exp(z - m), the log of the row sums,
+    and for Softmax exp(z - m - L); logits read by several blocks are kept as one (see ``ops.softmax``)."""
+    blocks, size = SOFTMAXES[node.op_type], float(math.prod(shape))
+    named = any(attribute.name == "axis" for attribute in node.attribute)
+    axis = (_attribute(node, "axis") if named else -1 if opset >= 13 else 1) % max(len(shape), 1)
+    width = float(shape[axis] if opset >= 13 else math.prod(shape[axis:]))
+    if width <= 1:
+        return 0.0, lambda name: 0.0
+    kept = first if (2 + blocks) * first > FOLD_GROWTH_LIMIT * (first + (2 + blocks) * size) else 0.0
+    density = 1.0 if kept else density
+    levels = math.ceil(math.log2(width))
+    tree = sum(size / 2**k * 2 * (density + k - 1) for k in range(1, levels + 1))  # level k's relu rows
+    maximum = size / width * (density + levels)
+    stored = kept + tree + maximum + size * (density + 1) + size + (blocks - 1) * size * (density + 2)
+    return stored, lambda name: size if blocks == 2 else size * (density + 2)
 
 
 def _kernel(node: onnx.NodeProto) -> float:

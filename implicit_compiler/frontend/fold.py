@@ -10,11 +10,22 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, version_converter
 from onnx.reference import ReferenceEvaluator
 
 from ..errors import GraphError
 from .context import NodeView
+
+# Ops onnx.reference evaluates wrongly before an opset: BatchNormalization before 14; Softmax,
+# LogSoftmax and Hardmax before 13 (it normalizes along the single axis, not over the input
+# coerced to 2-D at the axis as those opsets define). Models holding them are converted first.
+REFERENCE_NEEDS_OPSET = {"BatchNormalization": 14, "Softmax": 13, "LogSoftmax": 13, "Hardmax": 13}
+
+
+def for_reference(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The model, converted to the opset the reference needs for its ops (``REFERENCE_NEEDS_OPSET``)."""
+    needed = max((REFERENCE_NEEDS_OPSET.get(node.op_type, 0) for node in model.graph.node), default=0)
+    return version_converter.convert_version(model, needed) if opset < needed else model
 
 
 def evaluate_constant_node(node: NodeView, inputs: list[np.ndarray | None]) -> list[np.ndarray]:
@@ -43,7 +54,7 @@ def evaluate_constant_node(node: NodeView, inputs: list[np.ndarray | None]) -> l
     model.ir_version = min(model.ir_version, 10)
     feeds = {name: np.asarray(value) for name, value in zip(names, inputs) if name}
     try:
-        results = ReferenceEvaluator(model).run(None, feeds)
+        results = ReferenceEvaluator(for_reference(model, node.opset)).run(None, feeds)
     except Exception as error:  # the reference raises many types; report them all the same way
         raise GraphError(f"{node.where}: cannot evaluate it on its constant inputs: {error}") from error
     produced = iter(results)

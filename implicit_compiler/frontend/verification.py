@@ -37,11 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 import onnxruntime
-from onnx import version_converter
 from onnx.reference import ReferenceEvaluator
 
 from .. import arguments
 from ..model import ImplicitModel
+from .fold import for_reference
 from .graph import GraphInput, PreparedModel, load_onnx, prepare, with_sorted_nodes
 from .lower import from_onnx
 
@@ -112,10 +112,7 @@ def run_onnxruntime(
 
 def run_reference(prepared: PreparedModel, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """The ONNX reference evaluator in float64 on the prepared (float64, sorted) copy."""
-    model = prepared.model
-    if prepared.opset < 14 and any(node.op_type == "BatchNormalization" for node in model.graph.node):
-        model = version_converter.convert_version(model, 14)
-    evaluator = ReferenceEvaluator(model)
+    evaluator = ReferenceEvaluator(for_reference(prepared.model, prepared.opset))
     return _per_sample(lambda sample: evaluator.run(None, sample), prepared.inputs, feeds, np.float64)
 
 

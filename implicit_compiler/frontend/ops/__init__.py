@@ -11,5 +11,6 @@ from . import (  # noqa: F401
     recurrent,
     resize,
     shape,
+    softmax,
     standardize,
 )
