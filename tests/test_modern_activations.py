@@ -4,6 +4,7 @@ a Lipschitz bound, specs, and training gradients."""
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -22,6 +23,7 @@ from implicit_compiler.analysis.attack import activation_derivative
 from implicit_compiler.errors import AnalysisError, GraphError
 from implicit_compiler.runtime import solve
 
+solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 SELU_ALPHA, SELU_GAMMA = 1.67326319217681884765625, 1.05070102214813232421875
 
 
@@ -139,6 +141,22 @@ def expected_outputs(model: ImplicitModel, spec: str, U: np.ndarray) -> np.ndarr
     return X @ C.T + U @ D.T + model.bias_y.astype(np.float64)
 
 
+PATHS = {
+    "default": {},
+    # one sample by the fused chain kernel (not the program); batches by row groups
+    "steps": {"ONE_SAMPLE_WORK": 0, "TILES_SPARSE_SHARE": -1.0},
+    "tiles": {"TILES_SPARSE_SHARE": math.inf},  # batches by tiles of samples (sample_tiles)
+}
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path(request, monkeypatch):
+    """The runtime's choices of kernel, forced one way or the other."""
+    for name, value in PATHS[request.param].items():
+        monkeypatch.setattr(solve_module, name, value)
+    return request.param
+
+
 def assert_close(result, expected, dtype):
     scale = max(1.0, float(np.abs(expected).max()))
     if dtype == np.float64:
@@ -149,7 +167,7 @@ def assert_close(result, expected, dtype):
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_every_path_matches_the_formula(spec, dtype, rng):
+def test_every_path_matches_the_formula(spec, dtype, rng, path):
     """predict at batch 1 (the one-sample program), 3, 40 and 300 (row groups, sample tiles),
     solve (the fused chain kernels) and solve by Picard iteration (numpy's apply_inplace)."""
     model = one_block_model(spec, dtype, rng)
@@ -168,7 +186,7 @@ def test_every_path_matches_the_formula(spec, dtype, rng):
     "first,second", [("hard_sigmoid(0.2, 0.5)", "selu"), ("gelu", "elu(0.5)"), ("mish", "power(3)")]
 )
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_a_chain_of_two_parameterised_blocks_keeps_each_blocks_parameters(first, second, dtype, rng):
+def test_a_chain_of_two_parameterised_blocks_keeps_each_blocks_parameters(first, second, dtype, rng, path):
     """Block 2 reads block 1 through A: one fused chain, each block with its own alpha and beta."""
     n1, n2 = 16, 12
     A = np.zeros((n1 + n2, n1 + n2))
