@@ -41,7 +41,11 @@ from .graph import FLOAT_TYPES, PreparedModel
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
 # How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
 # store their input as state blocks (how many), linear maps, maxima (relu trees), products.
-BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2}
+BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2, "Abs": 2, "Pow": 1}
+BLOCKS.update(
+    dict.fromkeys(("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign"), 1)
+)
+BLOCKS.update(dict.fromkeys(("HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu"), 1))
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
 PRODUCTS = frozenset({"Mul", "Div"})
@@ -238,7 +242,8 @@ def _node_expressions(
         return kept + stored, lambda name: (size(name) or first) * (density + levels)
     if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
         both = sum(nonzeros[name] for name in read)
-        return 2 * both, lambda name: 2 * (size(name) or both)
+        divisor = nonzeros[read[-1]] if op == "Div" else 0.0  # stored once more, as reciprocal(b)
+        return 2 * both + divisor, lambda name: 2 * (size(name) or both)
     if op in ("Max", "Min") and len(read) > 1:  # b + relu(a - b)
         both = sum(nonzeros[name] for name in read)
         return both, lambda name: nonzeros[read[-1]] + (size(name) or 0.0)

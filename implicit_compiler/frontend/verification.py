@@ -20,6 +20,9 @@ agree with onnxruntime (onnx.reference has bugs too, e.g. ConvTranspose with gro
 bias), the float64 comparison is reported as not trustworthy (``float64_checked`` False, with
 "float64 reference disagrees with onnxruntime" in ``reference_error``) rather than failed.
 
+Where onnx.reference computes in float32 (Erf; the float32 constants of Gelu and HardSwish) it
+is given float64 implementations (``reference_ops``).
+
 The reference evaluator does not implement everything onnxruntime does (e.g. RNN activations
 other than Tanh): when it raises, the float64 comparison is reported as not done
 (``float64_checked`` False, with the reason) and ``passed`` rests on the float32 comparison.
@@ -44,6 +47,7 @@ from .. import arguments
 from ..model import ImplicitModel
 from .graph import GraphInput, PreparedModel, load_onnx, prepare, with_sorted_nodes
 from .lower import from_onnx
+from .reference_ops import REFERENCE_OPS
 
 FLOAT32_RTOL = 1e-4
 FLOAT32_ATOL = 1e-5
@@ -115,7 +119,7 @@ def run_reference(prepared: PreparedModel, feeds: Mapping[str, np.ndarray]) -> l
     model = prepared.model
     if prepared.opset < 14 and any(node.op_type == "BatchNormalization" for node in model.graph.node):
         model = version_converter.convert_version(model, 14)
-    evaluator = ReferenceEvaluator(model)
+    evaluator = ReferenceEvaluator(model, new_ops=REFERENCE_OPS)  # Erf, Gelu, HardSwish in float64
     return _per_sample(lambda sample: evaluator.run(None, sample), prepared.inputs, feeds, np.float64)
 
 
