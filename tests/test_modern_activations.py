@@ -26,7 +26,7 @@ from implicit_compiler.activations import ACTIVATION_NAMES, activation
 from implicit_compiler.analysis import output_bounds, sensitivity, wellposedness
 from implicit_compiler.analysis.attack import activation_derivative
 from implicit_compiler.errors import AnalysisError, GraphError
-from implicit_compiler.runtime import solve
+from implicit_compiler.runtime import one_sample, solve
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 SELU_ALPHA, SELU_GAMMA = 1.67326319217681884765625, 1.05070102214813232421875
@@ -553,3 +553,49 @@ def test_onnx_node_tests_compile_and_match_their_expected_outputs(node_tests, na
             expected = np.asarray(expected, dtype=np.float64)
             scale = max(1.0, float(np.nanmax(np.abs(expected), initial=0)))
             np.testing.assert_allclose(np.reshape(ours, expected.shape), expected, rtol=rtol, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("activation_op", ["HardSigmoid <alpha = 0.3, beta = 0.4>", "Selu", "Gelu", "Mish"])
+def test_structured_blocks_apply_the_activation_with_its_parameters(activation_op, monkeypatch):
+    """A convolution and a dense layer run as structured blocks (direct convolution, BLAS), the
+    activation after them: the one-sample program's ACTIVATE operation (alpha and beta) and
+    numpy's apply_inplace in the steps."""
+    monkeypatch.setattr(importlib.import_module("implicit_compiler.runtime.structured"), "MIN_STRUCTURED_NONZEROS", 16)
+    rng = np.random.default_rng(6)
+    kernel, dense = rng.normal(size=(4, 2, 3, 3)).round(3) / 3, rng.normal(size=(4 * 6 * 6, 5)).round(3) / 8
+    model = parse_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 20]>
+        g (float[N, 2, 6, 6] x) => (float[N, 5] y)
+        <float[4, 2, 3, 3] K = {{{", ".join(map(str, kernel.ravel()))}}},
+         float[144, 5] W = {{{", ".join(map(str, dense.ravel()))}}}, int64[2] shape = {{-1, 144}}> {{
+            c = Conv <pads = [1, 1, 1, 1]> (x, K)
+            a = {activation_op} (c)
+            f = Reshape(a, shape)
+            m = MatMul(f, W)
+            y = {activation_op} (m)
+        }}
+        """
+    )
+    compiled = assert_matches_onnxruntime(model, batch=5)
+    program = solve_module._one_sample_program(compiled)
+    assert program is not None and (program.operations[:, 0] == one_sample.ACTIVATE).sum() == 2
+
+
+@pytest.mark.parametrize(
+    "body", ["y = Gelu(x)", 'y = Gelu <approximate = "tanh"> (x)', "y = Erf(x)", "y = HardSwish(x)"]
+)
+def test_verify_passes_in_float64_where_onnx_reference_computes_in_float32(body):
+    """onnx.reference's Erf is float32 (np.vectorize(..., otypes="f")) and Gelu's and HardSwish's
+    function bodies hold float32 constants: 1e-9 to 3e-8 off in float64. verify uses float64
+    implementations of them (``frontend.reference_ops``), so an exact lowering passes."""
+    model = parse_model(
+        f"""
+        <ir_version: 10, opset_import: ["" : 20]>
+        g (float[N, 3, 4] x) => (float[N, 3, 4] y) {{
+            {body}
+        }}
+        """
+    )
+    report = ic.verify(model, samples=6)
+    assert report.float64_checked and report.passed, report
