@@ -421,6 +421,8 @@ ONNX_UNARY = {
     "Pow-0.5": ("p = Constant <value = float {0.5}> ()\n y = Pow(x, p)", 15, POSITIVE),
     "Pow-1.7": ("p = Constant <value = float {1.7}> ()\n y = Pow(x, p)", 15, POSITIVE),
     "Pow--1": ("p = Constant <value = float {-1}> ()\n y = Pow(x, p)", 15, POSITIVE),
+    "Pow--0.5": ("p = Constant <value = float {-0.5}> ()\n y = Pow(x, p)", 15, POSITIVE),
+    "Pow--2.5": ("p = Constant <value = float {-2.5}> ()\n y = Pow(x, p)", 15, POSITIVE),
     "Pow-0": ("p = Constant <value = float {0}> ()\n y = Pow(x, p)", 15, None),
     "Pow-1": ("p = Constant <value = float {1}> ()\n y = Pow(x, p)", 15, None),
     "Pow-per-element": ("p = Constant <value = float[4] {3, 2, 0.5, 3}> ()\n y = Pow(x, p)", 15, POSITIVE),
@@ -599,3 +601,17 @@ def test_verify_passes_in_float64_where_onnx_reference_computes_in_float32(body)
     )
     report = ic.verify(model, samples=6)
     assert report.float64_checked and report.passed, report
+
+
+def test_pow_takes_one_block_per_distinct_exponent_of_the_matching_activation():
+    model = parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 15]>
+        g (float[N, 3, 4] x) => (float[N, 3, 4] y) {
+            p = Constant <value = float[4] {3, 2, 0.5, -0.5}> ()
+            y = Pow(x, p)
+        }
+        """
+    )
+    compiled = assert_matches_onnxruntime(model, feeds=POSITIVE)
+    assert sorted(str(block.activation) for block in compiled.blocks) == ["power(3.0)", "rsqrt", "sqrt", "square"]

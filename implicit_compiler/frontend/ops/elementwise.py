@@ -8,8 +8,9 @@
                           per element, a power of two, balances the sizes of a/s and b s
     a / b                 b variable: a * reciprocal(b), a reciprocal block then the product
                           above (c / b: a scaling of reciprocal(b))
-    a ** p                p constant: a (p = 1), ones (p = 0), square (2), sqrt (0.5), else
-                          a power(p) block; one block per distinct value of p
+    a ** p                p constant: a (p = 1), ones (p = 0), square (2), sqrt (0.5),
+                          reciprocal (-1), rsqrt (-0.5), else a power(p) block; one block
+                          per distinct value of p
     c ** b                c constant > 0, b variable: exp(ln(c) b), one exp block
     max(a, b)             b + relu(a - b); min(a, b) = a - relu(a - b): one relu block
     Sum(a_1, ..., a_k)    a_1 + ... + a_k
@@ -177,12 +178,12 @@ def lower_pow(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 
 def _power(ctx: LoweringContext, base: Affine, power: float, name: str) -> Affine:
     """base ** power for one exponent: base itself (1), ones (0; ONNX: also 0 ** 0 = 1), a
-    square (2) or sqrt (0.5) block, else a power block."""
+    square (2), sqrt (0.5), reciprocal (-1) or rsqrt (-0.5) block, else a power block."""
     if power == 1:
         return base
     if power == 0:
         return as_affine(np.ones(base.shape), ctx.width)
-    spec = {2.0: "square", 0.5: "sqrt"}.get(power, f"power({power!r})")
+    spec = {2.0: "square", 0.5: "sqrt", -1.0: "reciprocal", -0.5: "rsqrt"}.get(power, f"power({power!r})")
     return ctx.create_block(base, spec, name=name)
 
 
