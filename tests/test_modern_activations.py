@@ -413,6 +413,10 @@ ONNX_UNARY = {
     "HardSigmoid-custom": ("y = HardSigmoid <alpha = 0.45, beta = 0.3> (x)", 17, None),
     "HardSwish": ("y = HardSwish(x)", 17, None),
     "Mish": ("y = Mish(x)", 18, None),
+    "Swish": ("y = Swish(x)", 24, None),
+    "Swish-0.7": ("y = Swish <alpha = 0.7> (x)", 24, None),
+    "Swish--1.5": ("y = Swish <alpha = -1.5> (x)", 24, None),
+    "Swish-0": ("y = Swish <alpha = 0.0> (x)", 24, None),
     "ThresholdedRelu": ("y = ThresholdedRelu(x)", 17, None),
     "ThresholdedRelu-0.4": ("y = ThresholdedRelu <alpha = 0.4> (x)", 17, None),
     "Pow-3": ("p = Constant <value = float {3}> ()\n y = Pow(x, p)", 15, None),
@@ -499,10 +503,11 @@ def test_onnx_ops_refused_say_why(body, error, message):
 
 
 # ------------------------------------------------------------------------------ onnx node tests
-# Of the 105 node tests of onnx 1.23 named after these ops, 71 compile and match (14 of them the
-# expanded bodies of LogSoftmax, three kept here); the others have integer inputs (14), are Celu
-# of opset 28 (newer than lowered) or its float16/bfloat16 data, or expanded function bodies that
-# compare variables (Less, Where: Elu, Selu, ThresholdedRelu), or LogSoftmax itself.
+# Of the 105 node tests of onnx 1.23 named after these ops (test_expand_* aside), 73 compile and
+# match (14 of them the expanded bodies of LogSoftmax, three kept here). The others: integer
+# inputs (11: Div, Pow), LogSoftmax itself (7), expanded bodies that compare variables with
+# Less/Where (9: Elu, Selu, ThresholdedRelu), Celu of opset 28, newer than lowered (3), and Celu's
+# float16/bfloat16 expansions, whose expected data are rounded to half precision (2).
 NODE_TESTS = (
     "test_abs", "test_celu_expanded", "test_div", "test_div_bcast", "test_div_example", "test_elu",
     "test_elu_default", "test_elu_example", "test_erf", "test_exp", "test_exp_example", "test_gelu_default_1",
@@ -518,7 +523,7 @@ NODE_TESTS = (
     "test_selu_example", "test_softplus", "test_softplus_example", "test_softplus_example_expanded_ver18",
     "test_softplus_expanded_ver18", "test_softsign", "test_softsign_example", "test_softsign_example_expanded_ver18",
     "test_softsign_expanded_ver18", "test_sqrt", "test_sqrt_example", "test_thresholdedrelu",
-    "test_thresholdedrelu_default", "test_thresholdedrelu_example",
+    "test_thresholdedrelu_default", "test_thresholdedrelu_example", "test_swish", "test_swish_expanded",
 )  # fmt: skip
 
 

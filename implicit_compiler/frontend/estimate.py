@@ -45,7 +45,7 @@ BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip"
 BLOCKS.update(
     dict.fromkeys(("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign"), 1)
 )
-BLOCKS.update(dict.fromkeys(("HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu"), 1))
+BLOCKS.update(dict.fromkeys(("HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Swish"), 1))
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
 PRODUCTS = frozenset({"Mul", "Div"})

@@ -12,6 +12,7 @@
     Exp, Log, Sqrt, Reciprocal, Erf, Softplus, Softsign, HardSwish, Mish
                      = exp, log, sqrt, reciprocal, erf, ...      one block of that activation
     Gelu(z)          = gelu(z) (approximate 'none'), gelu_tanh(z) ('tanh')
+    Swish(z; alpha)  = silu(alpha z) / alpha                     one silu block (z / 2 if alpha = 0)
     Elu, Selu, Celu, HardSigmoid, ThresholdedRelu
                      = elu(alpha), selu(alpha, gamma), celu(alpha), hard_sigmoid(alpha, beta),
                        thresholded_relu(alpha)                   one block, the node's parameters
@@ -119,6 +120,16 @@ def lower_hard_sigmoid(ctx: LoweringContext, node: NodeView, inputs: list) -> li
     """max(0, min(1, alpha z + beta)): one block."""
     parameters = _float_attribute(node, "alpha"), _float_attribute(node, "beta")
     return _activate(ctx, inputs[0], Activation("hard_sigmoid", *parameters))
+
+
+@lowers("Swish", attributes=("alpha",))
+def lower_swish(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """z sigmoid(alpha z) = silu(alpha z) / alpha: one silu block (z / 2 for alpha = 0)."""
+    z = as_affine(inputs[0], ctx.width)
+    alpha = _float_attribute(node, "alpha")
+    if alpha == 0:
+        return [z.scale(np.full(z.shape, 0.5))]
+    return [ctx.create_block(z.scale(np.full(z.shape, alpha)), "silu").scale(np.full(z.shape, 1 / alpha))]
 
 
 @lowers("ThresholdedRelu", attributes=("alpha",))
