@@ -620,3 +620,12 @@ def test_pow_takes_one_block_per_distinct_exponent_of_the_matching_activation():
     )
     compiled = assert_matches_onnxruntime(model, feeds=POSITIVE)
     assert sorted(str(block.activation) for block in compiled.blocks) == ["power(3.0)", "rsqrt", "sqrt", "square"]
+
+
+def test_training_sensitivity_bounds_refuse_a_non_lipschitz_activation_by_name(rng):
+    from implicit_compiler.training import norm_sensitivity_bound, sensitivity_bound
+
+    module = one_block_model("exp", np.float64, rng).to_torch()
+    for bound in (sensitivity_bound, norm_sensitivity_bound):
+        with pytest.raises(ic.NotWellPosedError, match="needs Lipschitz activations; this model has 'exp'"):
+            bound(module)
