@@ -22,6 +22,7 @@ from onnx.reference import ReferenceEvaluator
 import implicit_compiler as ic
 from implicit_compiler.frontend.fold import for_reference
 from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
+from implicit_compiler.frontend.reference_ops import REFERENCE_OPS
 from implicit_compiler.runtime.batching import flatten_inputs, shape_outputs
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
@@ -83,7 +84,7 @@ def assert_matches_onnxruntime(
     if check_onnxruntime:
         _assert_float32_matches(compiled, model, feeds, input_shapes)
     if check_reference:
-        evaluator = ReferenceEvaluator(_reference_model(model))
+        evaluator = ReferenceEvaluator(_reference_model(model), new_ops=REFERENCE_OPS)
         expected64 = _run_per_sample(lambda s: evaluator.run(None, s), model, feeds, input_shapes, np.float64)
         for ours64 in _predictions(compiled, feeds, np.float64):
             for spec, ours, expected in zip(compiled.outputs, ours64, expected64):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 from onnx_helpers import assert_matches_onnxruntime, parse
 
-import implicit_compiler as ic
-
 CASES = {
     "add-constant-broadcast": "c = Constant <value = float[3, 1] {1, -2, 3}> ()\n y = Add(x, c)",
     "add-constant-first": "c = Constant <value = float[4] {1, -2, 3, 0.5}> ()\n y = Add(c, x)",
@@ -52,13 +50,16 @@ def test_product_uses_two_square_blocks():
     assert [b.activation.name for b in compiled.blocks] == ["relu", "square", "square"]
 
 
-def test_division_by_a_variable_is_refused():
+def test_division_by_a_variable_is_a_reciprocal_and_a_product():
+    """Issue 17: x / (relu(x) + 1) as x * reciprocal(relu(x) + 1) (was refused before)."""
     model = parse(
         """
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 5] x) => (float[N, 5] y) { r = Relu(x)
-            y = Div(x, r) }
+            one = Constant <value = float {1}> ()
+            s = Add(r, one)
+            y = Div(x, s) }
         """
     )
-    with pytest.raises(ic.UnsupportedOpError, match="divisor depends on the model input"):
-        ic.from_onnx(model)
+    compiled = assert_matches_onnxruntime(model)
+    assert [b.activation.name for b in compiled.blocks] == ["relu", "reciprocal", "square", "square"]

@@ -43,7 +43,11 @@ from .graph import FLOAT_TYPES, PreparedModel
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
 # How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
 # store their input as state blocks (how many), linear maps, maxima (relu trees), products.
-BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2}
+BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2, "Abs": 2, "Pow": 1}
+BLOCKS.update(
+    dict.fromkeys(("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign"), 1)
+)
+BLOCKS.update(dict.fromkeys(("HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Swish"), 1))
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Resize", "Upsample"})
 # Resize / Upsample: input elements per output element along each resized axis, by mode.
 RESIZE_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}
@@ -254,7 +258,8 @@ def _node_expressions(
         return _softmax(node, shapes[node.input[0]], first, density, opset)
     if op in PRODUCTS and len(read) > 1:  # two variable operands: (a + b)^2 and (a - b)^2 blocks
         both = sum(nonzeros[name] for name in read)
-        return 2 * both, lambda name: 2 * (size(name) or both)
+        divisor = nonzeros[read[-1]] if op == "Div" else 0.0  # stored once more, as reciprocal(b)
+        return 2 * both + divisor, lambda name: 2 * (size(name) or both)
     if op in STANDARDIZATIONS:
         entries = size(read[0]) or first
         return 3 * first + 4 * entries, lambda name: 3 * (size(name) or entries)

@@ -20,6 +20,9 @@ agree with onnxruntime (onnx.reference has bugs too, e.g. ConvTranspose with gro
 bias), the float64 comparison is reported as not trustworthy (``float64_checked`` False, with
 "float64 reference disagrees with onnxruntime" in ``reference_error``) rather than failed.
 
+Where onnx.reference computes in float32 (Erf; the float32 constants of Gelu and HardSwish) it
+is given float64 implementations (``reference_ops``).
+
 The reference evaluator does not implement everything onnxruntime does (e.g. RNN activations
 other than Tanh): when it raises, the float64 comparison is reported as not done
 (``float64_checked`` False, with the reason) and ``passed`` rests on the float32 comparison.
@@ -44,6 +47,7 @@ from ..model import ImplicitModel
 from .fold import for_reference
 from .graph import GraphInput, PreparedModel, load_onnx, prepare, with_sorted_nodes
 from .lower import from_onnx
+from .reference_ops import REFERENCE_OPS
 
 FLOAT32_RTOL = 1e-4
 FLOAT32_ATOL = 1e-5
@@ -112,7 +116,8 @@ def run_onnxruntime(
 
 def run_reference(prepared: PreparedModel, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """The ONNX reference evaluator in float64 on the prepared (float64, sorted) copy."""
-    evaluator = ReferenceEvaluator(for_reference(prepared.model, prepared.opset))
+    # Erf, Gelu, HardSwish in float64 (onnx.reference computes them in float32)
+    evaluator = ReferenceEvaluator(for_reference(prepared.model, prepared.opset), new_ops=REFERENCE_OPS)
     return _per_sample(lambda sample: evaluator.run(None, sample), prepared.inputs, feeds, np.float64)
 
 

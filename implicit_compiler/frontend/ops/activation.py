@@ -8,6 +8,16 @@
     Clip(z; lo, hi)  = lo + relu(z - lo) - relu(z - hi)          (lo, hi finite)
                      = lo + relu(z - lo)                         (no upper bound)
                      = hi - relu(hi - z)                         (no lower bound)
+    Abs(z)           = relu(z) + relu(-z)                        two relu blocks
+    Exp, Log, Sqrt, Reciprocal, Erf, Softplus, Softsign, HardSwish, Mish
+                     = exp, log, sqrt, reciprocal, erf, ...      one block of that activation
+    Gelu(z)          = gelu(z) (approximate 'none'), gelu_tanh(z) ('tanh')
+    Swish(z; alpha)  = silu(alpha z) / alpha                     one silu block (z / 2 if alpha = 0)
+    Elu, Selu, Celu, HardSigmoid, ThresholdedRelu
+                     = elu(alpha), selu(alpha, gamma), celu(alpha), hard_sigmoid(alpha, beta),
+                       thresholded_relu(alpha)                   one block, the node's parameters
+                                                                 (the schema's defaults, float32
+                                                                 values, where absent)
 
 The slope of PRelu and the bounds of Clip must be constants. Before opset 7 a 1-D PRelu slope
 of C values is per channel (axis 1).
@@ -16,15 +26,116 @@ of C values is per channel (axis 1).
 from __future__ import annotations
 
 import numpy as np
+import onnx
 
+from ...activations import Activation
 from ...errors import GraphError
 from ..context import LoweringContext, NodeView, Value
 from ..registry import lowers
 from .common import as_affine, optional_input, require_constant
 
 
-def _activate(ctx: LoweringContext, value: Value, activation: str) -> list:
+def _activate(ctx: LoweringContext, value: Value, activation: str | Activation) -> list:
     return [ctx.create_block(as_affine(value, ctx.width), activation)]
+
+
+def _float_attribute(node: NodeView, name: str) -> float:
+    """The node's float attribute, or its schema's default where absent: the float32 value
+    (0.2 as 0.20000000298...) that onnxruntime and onnx.reference use."""
+    value = node.attr(name)
+    if value is None:
+        schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=node.opset, domain="")
+        value = onnx.helper.get_attribute_value(schema.attributes[name].default_value)
+    return float(value)
+
+
+def _register_unary(op_type: str, activation: str) -> None:
+    """One block of ``activation`` for an op without attributes (but opset 1's consumed_inputs)."""
+
+    def lower(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+        return _activate(ctx, inputs[0], activation)
+
+    lower.__name__ = f"lower_{activation}"
+    lower.__doc__ = f"{activation}(z): one block."
+    lowers(op_type, attributes=("consumed_inputs",))(lower)
+
+
+for _op_type, _activation in {
+    "Exp": "exp",
+    "Log": "log",
+    "Sqrt": "sqrt",
+    "Reciprocal": "reciprocal",
+    "Erf": "erf",
+    "Softplus": "softplus",
+    "Softsign": "softsign",
+    "HardSwish": "hard_swish",
+    "Mish": "mish",
+}.items():
+    _register_unary(_op_type, _activation)
+
+
+@lowers("Abs", attributes=("consumed_inputs",))
+def lower_abs(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """|z| = relu(z) + relu(-z): two relu blocks."""
+    z = as_affine(inputs[0], ctx.width)
+    output = node.proto.output[0]
+    positive = ctx.create_block(z, "relu", name=f"{output}/positive")
+    negative = ctx.create_block(-z, "relu", name=f"{output}/negative")
+    return [positive + negative]
+
+
+@lowers("Gelu", attributes=("approximate",))
+def lower_gelu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """gelu(z) = z Phi(z), or its tanh approximation (approximate='tanh'): one block."""
+    approximate = node.attr("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise node.unsupported("approximate", approximate, "expected 'none' or 'tanh'")
+    return _activate(ctx, inputs[0], "gelu" if approximate == "none" else "gelu_tanh")
+
+
+@lowers("Elu", attributes=("alpha", "consumed_inputs"))
+def lower_elu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """elu(z) with the node's alpha: one block."""
+    return _activate(ctx, inputs[0], Activation("elu", _float_attribute(node, "alpha")))
+
+
+@lowers("Selu", attributes=("alpha", "gamma", "consumed_inputs"))
+def lower_selu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """selu(z) with the node's alpha and gamma: one block."""
+    parameters = _float_attribute(node, "alpha"), _float_attribute(node, "gamma")
+    return _activate(ctx, inputs[0], Activation("selu", *parameters))
+
+
+@lowers("Celu", attributes=("alpha",))
+def lower_celu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """celu(z) = max(z, 0) + min(0, alpha (exp(z / alpha) - 1)): one block."""
+    alpha = _float_attribute(node, "alpha")
+    if alpha == 0:
+        raise node.unsupported("alpha", alpha, "Celu divides by alpha: expected a non-zero alpha")
+    return _activate(ctx, inputs[0], Activation("celu", alpha))
+
+
+@lowers("HardSigmoid", attributes=("alpha", "beta", "consumed_inputs"))
+def lower_hard_sigmoid(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """max(0, min(1, alpha z + beta)): one block."""
+    parameters = _float_attribute(node, "alpha"), _float_attribute(node, "beta")
+    return _activate(ctx, inputs[0], Activation("hard_sigmoid", *parameters))
+
+
+@lowers("Swish", attributes=("alpha",))
+def lower_swish(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """z sigmoid(alpha z) = silu(alpha z) / alpha: one silu block (z / 2 for alpha = 0)."""
+    z = as_affine(inputs[0], ctx.width)
+    alpha = _float_attribute(node, "alpha")
+    if alpha == 0:
+        return [z.scale(np.full(z.shape, 0.5))]
+    return [ctx.create_block(z.scale(np.full(z.shape, alpha)), "silu").scale(np.full(z.shape, 1 / alpha))]
+
+
+@lowers("ThresholdedRelu", attributes=("alpha",))
+def lower_thresholded_relu(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """z where z > alpha, else 0: one block."""
+    return _activate(ctx, inputs[0], Activation("thresholded_relu", _float_attribute(node, "alpha")))
 
 
 @lowers("Relu")

@@ -6,10 +6,16 @@
     a * b                 both variable: a*b = ((a/s + b s)^2 - (a/s - b s)^2) / 4, two
                           ``square`` blocks, exact (used by gates and by composition); s
                           per element, a power of two, balances the sizes of a/s and b s
+    a / b                 b variable: a * reciprocal(b), a reciprocal block then the product
+                          above (c / b: a scaling of reciprocal(b))
+    a ** p                p constant: a (p = 1), ones (p = 0), square (2), sqrt (0.5),
+                          reciprocal (-1), rsqrt (-0.5), else a power(p) block; one block
+                          per distinct value of p
+    c ** b                c constant > 0, b variable: exp(ln(c) b), one exp block
     max(a, b)             b + relu(a - b); min(a, b) = a - relu(a - b): one relu block
     Sum(a_1, ..., a_k)    a_1 + ... + a_k
 
-Division by a variable tensor is not affine and is refused.
+A power with a variable base and a variable exponent is refused.
 """
 
 from __future__ import annotations
@@ -119,17 +125,66 @@ def lower_mul(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 
 @lowers("Div", attributes=BROADCAST_ATTRIBUTES)
 def lower_div(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """a / c as a * (1 / c); division by a variable is refused."""
+    """a / c as a * (1 / c); a / b as a * reciprocal(b) (a reciprocal block and a product)."""
     a, b = inputs
     if isinstance(b, Affine):
-        raise UnsupportedOpError(
-            f"{node.where}: the divisor depends on the model input; division by a variable tensor "
-            "is not affine. Only division by constants is supported"
-        )
+        shape = _broadcast_shape(node, a, b)
+        reciprocal = ctx.create_block(b.broadcast_to(shape), "reciprocal", name=f"{node.proto.output[0]}/reciprocal")
+        return [multiply(ctx, node, a, reciprocal)]
     divisor = np.asarray(b, dtype=np.float64)
     if (divisor == 0).any():
         raise GraphError(f"{node.where}: division by a constant that holds zeros")
     return [multiply(ctx, node, a, 1.0 / divisor)]
+
+
+@lowers("Pow", attributes=BROADCAST_ATTRIBUTES)
+def lower_pow(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """a ** p for constant exponents p (a power block per distinct p; square for 2, sqrt for 0.5),
+    or c ** b = exp(ln(c) b) for a constant base c > 0."""
+    base, exponent = inputs
+    shape = _broadcast_shape(node, base, exponent)
+    output = node.proto.output[0]
+    if isinstance(base, Affine) and not isinstance(exponent, Affine):
+        exponents = np.broadcast_to(np.asarray(exponent, dtype=np.float64), shape)
+        if not np.isfinite(exponents).all():
+            raise UnsupportedOpError(f"{node.where}: the exponent holds NaN or inf; expected finite exponents")
+        base = base.broadcast_to(shape)
+        values = np.unique(exponents)
+        if values.size == 1:
+            return [_power(ctx, base, float(values[0]), output)]
+        # one block per distinct exponent over the elements that have it, then back in place
+        flat, flat_exponents = base.reshape((base.size,)), exponents.ravel()
+        groups = [np.flatnonzero(flat_exponents == value) for value in values]
+        parts = [
+            _power(ctx, flat.take(ids), float(v), f"{output}/power{k}")
+            for k, (v, ids) in enumerate(zip(values, groups))
+        ]
+        position = np.empty(base.size, dtype=np.int64)
+        position[np.concatenate(groups)] = np.arange(base.size)
+        return [Affine.concatenate(parts, ctx.width).take(position.reshape(shape))]
+    if not isinstance(base, Affine):
+        constant = np.broadcast_to(np.asarray(base, dtype=np.float64), shape)
+        if not (constant > 0).all() or not np.isfinite(constant).all():
+            raise UnsupportedOpError(
+                f"{node.where}: a variable exponent needs a constant base > 0 (c ** b = exp(ln(c) b)); "
+                f"this base holds {float(constant.min()):g}"
+            )
+        return [ctx.create_block(exponent.broadcast_to(shape).scale(np.log(constant)), "exp", name=output)]
+    raise UnsupportedOpError(
+        f"{node.where}: both the base and the exponent depend on the model input; only a constant "
+        "exponent, or a constant base > 0, is supported"
+    )
+
+
+def _power(ctx: LoweringContext, base: Affine, power: float, name: str) -> Affine:
+    """base ** power for one exponent: base itself (1), ones (0; ONNX: also 0 ** 0 = 1), a
+    square (2), sqrt (0.5), reciprocal (-1) or rsqrt (-0.5) block, else a power block."""
+    if power == 1:
+        return base
+    if power == 0:
+        return as_affine(np.ones(base.shape), ctx.width)
+    spec = {2.0: "square", 0.5: "sqrt", -1.0: "reciprocal", -0.5: "rsqrt"}.get(power, f"power({power!r})")
+    return ctx.create_block(base, spec, name=name)
 
 
 @lowers("Neg", attributes=("consumed_inputs",))

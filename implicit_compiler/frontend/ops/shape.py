@@ -44,8 +44,8 @@ MOVEMENT_OPS = {
 }
 FOLD_ONLY_OPS = (
     "Constant", "ConstantOfShape", "Range", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
-    "Not", "And", "Or", "Floor", "Ceil", "Round", "Sqrt", "Pow", "Exp", "Log", "Reciprocal", "ReduceProd",
-    "NonZero", "Mod", "Abs", "CumSum", "ReduceMin", "ArgMax", "ArgMin",
+    "Not", "And", "Or", "Floor", "Ceil", "Round", "ReduceProd", "NonZero", "Mod", "CumSum", "ReduceMin", "ArgMax",
+    "ArgMin",
 )  # fmt: skip
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
@@ -193,6 +193,19 @@ def lower_cast(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
             f"{node.where}: casting a value computed from the model input to {name} rounds it, which is not affine"
         )
     return [inputs[0]]
+
+
+@lowers("CastLike", attributes=("saturate", "round_mode"))
+def lower_cast_like(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
+    """A cast to the type of a float value (e.g. the constants of the expanded function bodies of
+    Elu, Selu, HardSigmoid, Gelu cast like x): the value unchanged; to an integer type, refused."""
+    value, target = inputs
+    if isinstance(target, Affine) or np.asarray(target).dtype.kind == "f":
+        return [value]
+    raise UnsupportedOpError(
+        f"{node.where}: casting a value computed from the model input like the {np.asarray(target).dtype} "
+        "tensor rounds it, which is not affine"
+    )
 
 
 @lowers("Shape", attributes=("start", "end"))
