@@ -230,14 +230,14 @@ def _conv_then(tail: str, opset: int = 17) -> onnx.ModelProto:
 
 
 def test_unsupported_ops_are_all_listed_before_any_node_is_lowered():
-    model = _conv_then("s = Softmax <axis = 1> (r)\n t = Relu(s)\n y = LRN <size = 3> (t)")
+    model = _conv_then("s = Hardmax <axis = 1> (r)\n t = Relu(s)\n y = LRN <size = 3> (t)")
     lowered = []
     with pytest.raises(ic.UnsupportedOpError) as caught:
         ic.from_onnx(model, progress=lambda done, total, name: lowered.append(name))
     assert lowered == [], f"nodes were lowered before the refusal: {lowered}"
     message = str(caught.value)
     assert "2 nodes cannot be lowered" in message, message
-    assert "node 'Softmax_2' (Softmax, opset 17)" in message and "node 'LRN_4' (LRN, opset 17)" in message
+    assert "node 'Hardmax_2' (Hardmax, opset 17)" in message and "node 'LRN_4' (LRN, opset 17)" in message
     assert message.count("Supported ops:") == 1 and "Conv" in message.split("Supported ops:")[1]
     assert "\n" not in message  # the CLI prints the first line only
 
@@ -280,8 +280,8 @@ def test_refused_attribute_values_are_found_before_lowering(tail, refused):
 
 
 def test_unsupported_op_and_attribute_together_give_unsupported_op_error():
-    model = _conv_then("s = Softmax <axis = 1> (r)\n y = Relu <bogus = 1> (s)")
-    with pytest.raises(ic.UnsupportedOpError, match=r"(?s)2 nodes.*Softmax.*attribute bogus=1 is not supported"):
+    model = _conv_then("s = Hardmax <axis = 1> (r)\n y = Relu <bogus = 1> (s)")
+    with pytest.raises(ic.UnsupportedOpError, match=r"(?s)2 nodes.*Hardmax.*attribute bogus=1 is not supported"):
         ic.from_onnx(model)
 
 
