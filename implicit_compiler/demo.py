@@ -82,7 +82,14 @@ def _timed(function, repeats: int = 5):
 
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
-ZOO_MODELS = ("lenet5.onnx", "resnet20.onnx", "lstm_classifier.onnx")
+ZOO_MODELS = ("lenet5.onnx", "resnet20.onnx", "lstm_classifier.onnx", "vit.onnx", "vit_legacy.onnx")
+# the held-out digits of each classifier: (model, loader in zoo/data.py)
+CLASSIFIERS = (
+    ("lenet5.onnx", "load_digits_32x32"),
+    ("lstm_classifier.onnx", "load_digits_8x8"),
+    ("vit.onnx", "load_digits_32x32"),
+    ("vit_legacy.onnx", "load_digits_32x32"),
+)
 
 
 def zoo_section(samples: int, figures: Path | None) -> bool:
@@ -128,8 +135,9 @@ def zoo_section(samples: int, figures: Path | None) -> bool:
 
 
 def held_out_accuracy(compiled: dict[str, ImplicitModel]) -> bool:
-    """Held-out digits accuracy of the implicit LeNet-5 and LSTM classifier next to the ONNX
-    models' (onnxruntime); True when they are equal."""
+    """Held-out digits accuracy of the implicit classifiers (LeNet-5, the LSTM, the vision
+    transformer as both exporters wrote it) next to the ONNX models' (onnxruntime); True when
+    they are equal."""
     try:
         sys.path.insert(0, str(ZOO))
         import data  # zoo/data.py: numpy + scikit-learn
@@ -141,8 +149,8 @@ def held_out_accuracy(compiled: dict[str, ImplicitModel]) -> bool:
     import onnxruntime
 
     equal = True
-    for name, loader in (("lenet5.onnx", data.load_digits_32x32), ("lstm_classifier.onnx", data.load_digits_8x8)):
-        _, _, images, labels = loader()
+    for name, loader in CLASSIFIERS:
+        _, _, images, labels = getattr(data, loader)()
         session = onnxruntime.InferenceSession(str(ZOO / name), providers=["CPUExecutionProvider"])
         onnx_accuracy = float((session.run(None, {"input": images})[0].argmax(axis=1) == labels).mean())
         implicit = compiled[name].predict(images.astype(np.float64))
