@@ -1,4 +1,5 @@
-"""The zoo models in implicit form: LeNet-5 (trained) and ResNet20 (random weights, real BN)."""
+"""The zoo models in implicit form: LeNet-5 (trained), ResNet20 (random weights, real BN), the LSTM
+classifier and the vision transformer (trained)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,27 @@ def test_lstm_classifier_verifies_and_keeps_its_held_out_accuracy():
     recorded = json.loads((ZOO / "zoo.json").read_text())["models"]["lstm_classifier"]["heldout_accuracy"]
     assert math.isclose((implicit_predictions == labels).mean(), recorded["onnxruntime"], abs_tol=1e-12)
     assert sp.triu(model.A).nnz == 0, "unrolled over 8 steps: strictly lower triangular"
+
+
+@pytest.mark.parametrize("name", ["vit", "vit_legacy"])
+def test_vision_transformer_verifies_and_keeps_its_held_out_accuracy(digits, name):
+    """Attention (Q K^T and P V as square blocks), softmax, LayerNorm (as the op, and as the
+    legacy exporter's ReduceMean/Pow/Sqrt/Div) and GELU (Erf), exported by each torch exporter."""
+    path = ZOO / f"{name}.onnx"
+    report = ic.verify(path, samples=6)
+    assert report.passed and report.float64_checked and report.batch_checked, report
+    _, _, images, labels = digits
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_predictions = session.run(None, {"input": images})[0].argmax(axis=1)
+    model = ic.from_onnx(path)
+    assert any(block.activation.name == "square" for block in model.blocks)
+    implicit_predictions = model.predict(images.astype(np.float64)).argmax(axis=1)
+    assert (implicit_predictions == onnx_predictions).all()
+    float32 = model.astype(np.float32).predict(images).argmax(axis=1)
+    assert (float32 == onnx_predictions).all()
+    recorded = json.loads((ZOO / "zoo.json").read_text())["models"][name]["heldout_accuracy"]["onnxruntime"]
+    accuracy = (implicit_predictions == labels).mean()
+    assert accuracy > 0.95 and math.isclose(accuracy, recorded, abs_tol=1e-12)
 
 
 def _mac_count(path: Path) -> int:
