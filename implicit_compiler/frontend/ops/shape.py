@@ -18,6 +18,7 @@ are constant and refused otherwise.
 from __future__ import annotations
 
 import numpy as np
+import onnx.defs
 from onnx import NodeProto, TensorProto, helper
 
 from ...errors import GraphError, UnsupportedOpError
@@ -40,7 +41,7 @@ MOVEMENT_OPS = {
     "Expand": (),
     "Tile": (),
     "DepthToSpace": ("blocksize", "mode"),
-    "SpaceToDepth": ("blocksize",),
+    "SpaceToDepth": ("blocksize", "mode"),  # mode: from opset 28 on
 }
 FOLD_ONLY_OPS = (
     "Constant", "ConstantOfShape", "Range", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
@@ -79,8 +80,28 @@ def _movement_lowering(op_type: str):
     return lower_movement
 
 
+def check_block_mode(node: NodeView) -> None:
+    """DepthToSpace's and SpaceToDepth's ``mode`` must be one the schema defines: the reference
+    evaluator runs any other DepthToSpace mode as CRD, and before opset 28 SpaceToDepth has no
+    mode (its blocks are ordered DCR), so that a mode there would silently change the result."""
+    mode = node.attr("mode")
+    if mode is None:
+        return
+    schema = onnx.defs.get_schema(node.op_type, max_inclusive_version=node.opset, domain="")
+    if "mode" not in schema.attributes:
+        raise node.unsupported(
+            "mode",
+            mode,
+            f"version {schema.since_version} of {node.op_type} has no mode attribute (it orders blocks DCR): "
+            "remove it, or convert the model to an opset whose version has one (28 or newer)",
+        )
+    if mode not in ("DCR", "CRD"):
+        raise node.unsupported("mode", mode, f"{node.op_type} orders blocks 'DCR' (the default) or 'CRD'")
+
+
 for _op, _attributes in MOVEMENT_OPS.items():
-    lowers(_op, attributes=_attributes)(_movement_lowering(_op))
+    _check = check_block_mode if _op in ("DepthToSpace", "SpaceToDepth") else None
+    lowers(_op, attributes=_attributes, check=_check)(_movement_lowering(_op))
 
 
 def _stacked(ctx: LoweringContext, values: list[Value | None]) -> tuple[Affine, list[np.ndarray | None]]:
@@ -232,5 +253,25 @@ def _fold_only(op_type: str):
     return lower_constant_only
 
 
+def check_mod(node: NodeView) -> None:
+    """Mod's fmod picks the quotient's rounding, floor (0) or truncation (1); the reference
+    evaluator would fold any other value as 0."""
+    fmod = node.attr("fmod", 0)
+    if fmod not in (0, 1):
+        raise node.unsupported("fmod", fmod, "Mod's fmod is 0 (floor) or 1 (truncation)")
+
+
+def check_range(node: NodeView) -> None:
+    """Range-27's stash_type, the type float16 and bfloat16 ranges are accumulated in, is FLOAT
+    or DOUBLE, the two the reference evaluator computes (without effect here: constants are
+    folded in float64); any other value is refused rather than guessed."""
+    stash_type = node.attr("stash_type", TensorProto.FLOAT)
+    if stash_type not in (TensorProto.FLOAT, TensorProto.DOUBLE):
+        raise node.unsupported(
+            "stash_type", stash_type, f"Range accumulates in FLOAT ({TensorProto.FLOAT}, the default) or DOUBLE"
+        )
+
+
+FOLD_CHECKS = {"Mod": check_mod, "Range": check_range}
 for _op in FOLD_ONLY_OPS:
-    lowers(_op, attributes=None)(_fold_only(_op))
+    lowers(_op, attributes=None, check=FOLD_CHECKS.get(_op))(_fold_only(_op))
