@@ -172,11 +172,18 @@ def balancing_scales(sizes_a: np.ndarray, sizes_b: np.ndarray) -> np.ndarray:
     return np.exp2(np.where(sized, exponent, 0.0))
 
 
-def typical_size(phi: Activation, size: np.ndarray) -> np.ndarray:
+def typical_size(phi: Activation, size: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
     """The size of phi(z) for |z| ~ size: tanh and sigmoid saturate at 1, square squares, exp
     exponentiates (capped short of overflow), ...; rectifier-like activations keep the size
-    (times their slope for z < 0 when larger than 1). Only a scale for balancing products."""
+    (times their slope for z < 0 when larger than 1). Only a scale for balancing products.
+
+    ``offset``: z's constant term. exp(z) then has the size exp(offset), the middle in log scale
+    of exp(offset -/+ spread): a softmax written out as exp(z - max z) / sum is at most 1 however
+    large z is (exp(size) would give its 1e4 logits e^700 and lose every digit of the division).
+    """
     name = phi.name
+    if name == "exp" and offset is not None:
+        return np.exp(np.clip(offset, -700.0, 700.0)) * np.ones_like(size)
     if name in ("tanh", "erf", "softsign"):
         return np.minimum(size, 1.0)
     if name in ("sigmoid", "hard_sigmoid"):
@@ -214,7 +221,8 @@ def output_sizes(model: ImplicitModel) -> np.ndarray:
         for _ in range(CYCLIC_SIZE_SWEEPS if component.cyclic else 1):
             for block in (model.blocks[i] for i in component.blocks):
                 rows = block.slice
-                states[rows] = typical_size(block.activation, np.sqrt(A2[rows] @ states**2 + fixed[rows]))
+                row_sizes = np.sqrt(A2[rows] @ states**2 + fixed[rows])
+                states[rows] = typical_size(block.activation, row_sizes, model.bias_x[rows].astype(np.float64))
     squares = squared(model.C) @ states**2 + squared(model.D).sum(axis=1) + model.bias_y.astype(np.float64) ** 2
     return np.sqrt(squares)
 

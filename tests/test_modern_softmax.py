@@ -299,6 +299,10 @@ NODE_TESTS = [
     for op in ("softmax", "logsoftmax")
     for case in ("axis_0", "axis_1", "axis_2", "negative_axis", "default_axis", "large_number")
 ] + ["test_softmax_example", "test_logsoftmax_example_1"]
+# ... and their expansions into ReduceMax/Sub/Exp/ReduceSum/Div (/Log): exp states of a shifted
+# input, a division by their sum (a reciprocal block and a product: the product's balancing
+# must see that exp(z - max z) is at most 1, not exp of the 1e4 logits of large_number)
+NODE_TESTS += [f"{name}_expanded{suffix}" for name in NODE_TESTS for suffix in ("", "_ver18")]
 
 
 @pytest.fixture(scope="module")

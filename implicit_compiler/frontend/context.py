@@ -97,7 +97,7 @@ class _PendingBlock:
         """The states' typical sizes (``variable_sizes``) from the sizes of their rows."""
         if self.known_size is not None:
             return np.full(self.size, self.known_size)
-        return typical_size(self.activation, row_sizes)
+        return typical_size(self.activation, row_sizes, self.offset)
 
 
 @dataclass
