@@ -26,6 +26,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx_helpers import assert_matches_onnxruntime, random_inputs
 
 import implicit_compiler as ic
+from implicit_compiler.frontend.batch_axis import check_batch_independence
 from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
 from implicit_compiler.frontend.optable import FOLDED_BEGIN, FOLDED_END
 from implicit_compiler.frontend.patterns import (
@@ -516,3 +517,12 @@ def test_readme_lists_the_folded_patterns():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split(FOLDED_BEGIN, 1)[1].split(FOLDED_END, 1)[0].strip()
     assert table == folded_patterns_table(), "run: python -m implicit_compiler.frontend.optable --update README.md"
+
+
+def test_folded_layer_norm_over_the_batch_axis_is_refused():
+    """A LayerNorm chain over every axis, the batch axis too, mixes samples: folded, it is still
+    refused by the batch-axis check (as its ReduceMeans were)."""
+    prepared = prepare(layer_norm_graph((1, 8), (-2, -1)))
+    assert [fold.op_type for fold in fold_patterns(prepared, only_lowerable=False)] == ["LayerNormalization"]
+    with pytest.raises(ic.UnsupportedAttributeError, match="batch axis"):
+        check_batch_independence(prepared)
