@@ -169,10 +169,13 @@ class _Graph:
         self.graph_outputs = {value.name for value in prepared.graph.output}
         self.constants = dict(prepared.constants)
         for i, node in enumerate(self.nodes):
-            if node.op_type == "Constant":
+            if node.op_type == "Constant" and [a.name for a in node.attribute] == ["value"]:
+                self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+            elif node.op_type == "Constant":
                 for name, value in zip(node.output, evaluate_constant_node(NodeView(node, prepared.opset, i), [])):
                     self.constants[name] = value
-        self.shapes = _static_shapes(prepared)
+        self.prepared = prepared
+        self._shapes: dict[str, tuple[int, ...]] | None = None
         self.opset = prepared.opset
         self.new_constants: dict[str, np.ndarray] = {}
         self.names = {name for node in self.nodes for name in (*node.input, *node.output)} | set(self.constants)
@@ -197,6 +200,13 @@ class _Graph:
                 if name in self.graph_outputs or not set(self.readers.get(name, ())) <= nodes:
                     return False
         return True
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Static shapes, inferred once, when a match first needs them."""
+        if self._shapes is None:
+            self._shapes = _static_shapes(self.prepared)
+        return self._shapes
 
     def same_shape(self, a: str, b: str) -> bool:
         return self.shapes.get(a) is not None and self.shapes.get(a) == self.shapes.get(b)
