@@ -51,6 +51,7 @@ from .context import NodeView
 from .fold import evaluate_constant_node
 from .graph import PreparedModel
 from .ops.bilinear import parse_equation
+from .registry import PATTERN_DOMAIN
 
 BATCH_SIZES = (2, 3)
 # Initializers above this many values are given to shape inference by shape only (their values
@@ -389,12 +390,13 @@ def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) 
             contracted = (1 - position) if not node.attr(transposed, 0) else position
             if axis is not None and axis == contracted:
                 _refuse(node, axis, f"Gemm sums over axis {axis} of operand {position}", "contract feature axes only")
-    if op == "LayerNormalization" and first is not None and rank(inputs[0]) is not None:
+    folded_norm = node.proto.domain == PATTERN_DOMAIN and op == "LayerNormalization"  # patterns.py: axes
+    if op == "LayerNormalization" and not folded_norm and first is not None and rank(inputs[0]) is not None:
         normalized = node.attr("axis", -1) % rank(inputs[0])
         if first >= normalized:
             what = f"LayerNormalization normalizes over axes {normalized}.."
             _refuse(node, first, what, "normalize over feature axes only (an axis after the batch axis)")
-    if op in REDUCTIONS and first is not None:
+    if (op in REDUCTIONS or folded_norm) and first is not None:
         reduced = _reduced_axes(node, constant, rank(inputs[0]))
         if reduced is None or first in reduced:
             _refuse(node, first, f"{op} reduces over it", "reduce over feature axes only")

@@ -32,6 +32,7 @@ from .estimate import available_memory_bytes, check_model_fits
 from .expression import Affine
 from .fold import evaluate_constant_node
 from .graph import PreparedModel, load_onnx, prepare
+from .patterns import fold_patterns
 from .registry import REGISTRY, Lowering, find_lowering
 
 # Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
@@ -96,6 +97,7 @@ def from_onnx(
     dtype = _compile_dtype(dtype)
     proto = load_onnx(model)
     prepared = prepare(proto, input_shapes)
+    fold_patterns(prepared)  # exporters' GELU, SiLU, LayerNorm... chains: one op each
     _check_single_assignment(prepared)
     _check_lowerable(prepared)
     check_batch_independence(prepared)

@@ -44,6 +44,10 @@ class Lowering:
 
 
 REGISTRY: dict[tuple[str, int], Lowering] = {}
+# The private domain of the ops frontend.patterns folds exporters' decompositions into, and their
+# lowerings by op name (filled by that module).
+PATTERN_DOMAIN = "ai.implicit_compiler.patterns"
+PATTERN_LOWERINGS: dict[str, Lowering] = {}
 
 
 def since_versions(op_type: str) -> list[int]:
@@ -86,6 +90,8 @@ def lowers(
 
 def find_lowering(op_type: str, domain: str, opset: int, where: str) -> Lowering:
     """The lowering for an op at an opset, or UnsupportedOpError saying why there is none."""
+    if domain == PATTERN_DOMAIN and op_type in PATTERN_LOWERINGS:
+        return PATTERN_LOWERINGS[op_type]
     if domain not in ("", "ai.onnx"):
         raise UnsupportedOpError(
             f"{where}: operators of domain {domain!r} are not supported; only the default ONNX domain is"
