@@ -48,6 +48,7 @@ BLOCKS.update(
     dict.fromkeys(("Exp", "Log", "Sqrt", "Reciprocal", "Erf", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign"), 1)
 )
 BLOCKS.update(dict.fromkeys(("HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Swish"), 1))
+BLOCKS.update(dict.fromkeys(("Silu", "GeluTanh"), 1))  # the folded patterns (``patterns``) without an ONNX op
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Resize", "Upsample"})
 # Resize / Upsample: input elements per output element along each resized axis, by mode.
 RESIZE_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}

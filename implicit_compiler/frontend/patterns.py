@@ -238,7 +238,14 @@ def _static_shapes(prepared: PreparedModel) -> dict[str, tuple[int, ...]]:
 
 # ------------------------------------------------------------------------------ matching
 def _is(value: np.ndarray | None, exact: float) -> bool:
-    """A one-element constant that rounds to the same float32 as ``exact``."""
+    """A one-element constant equal to ``exact`` (in float64: a fold must compute what the graph
+    computes, to the last bit of its constants; a float32-rounded sqrt(2/pi) is not folded)."""
+    return value is not None and value.size == 1 and float(value.ravel()[0]) == exact
+
+
+def _near(value: np.ndarray | None, exact: float) -> bool:
+    """A one-element constant that rounds to the same float32 as ``exact`` (GELU's sqrt 2, which
+    the fold keeps as the graph has it: ``_match_gelu``)."""
     return value is not None and value.size == 1 and np.float32(value.ravel()[0]) == np.float32(exact)
 
 
@@ -288,7 +295,7 @@ def _two_variables(graph: _Graph, root: onnx.NodeProto, scale: float):
         return None
     used: set[int] = set()
     product, variables = _product(graph, _factors(graph, root.output[0], used, top=True))
-    if len(variables) != 2 or product is None or np.float32(product) != np.float32(scale):
+    if len(variables) != 2 or product is None or product != scale:
         return None
     return used, [(variables[0], variables[1]), (variables[1], variables[0])]
 
@@ -312,14 +319,17 @@ def _match_gelu(graph: _Graph, root: onnx.NodeProto):
         if erf is None:
             continue
         div, mul = graph.produced(erf.input[0], "Div"), graph.produced(erf.input[0], "Mul")
-        if div is not None and div.input[0] == x and _is(graph.const(div.input[1]), math.sqrt(2)):
+        if div is not None and div.input[0] == x and _near(graph.const(div.input[1]), math.sqrt(2)):
             nodes.add(graph.index[id(div)])
-        elif mul is not None and x in mul.input and _is(graph.const(_other(mul, x)), math.sqrt(0.5)):
+            divisor = float(graph.const(div.input[1]).ravel()[0])
+        elif mul is not None and x in mul.input and _near(graph.const(_other(mul, x)), math.sqrt(0.5)):
             nodes.add(graph.index[id(mul)])
+            divisor = 1.0 / float(graph.const(_other(mul, x)).ravel()[0])
         else:
             continue
         if graph.same_shape(x, root.output[0]):
-            return nodes, _private_node("Gelu", root, [x]), {}
+            name = graph.fresh(f"{root.name or root.output[0]}/gelu_divisor")
+            return nodes, _private_node("Gelu", root, [x, name]), {name: np.array(divisor)}
     return None
 
 
@@ -335,7 +345,7 @@ def _match_gelu_tanh(graph: _Graph, root: onnx.NodeProto):
         if tanh is None or len(graph.readers.get(tanh.input[0], ())) != 1:
             continue
         outer, inner = _product(graph, _factors(graph, tanh.input[0], nodes, top=True))
-        if outer is None or np.float32(outer) != np.float32(SQRT_HALF_PI) or len(inner) != 1:
+        if outer is None or outer != SQRT_HALF_PI or len(inner) != 1:
             continue
         add = graph.produced(inner[0], "Add")
         if add is None or x not in add.input or len(graph.readers.get(inner[0], ())) != 1:
@@ -345,7 +355,7 @@ def _match_gelu_tanh(graph: _Graph, root: onnx.NodeProto):
         if len(graph.readers.get(cubic, ())) != 1:
             continue
         factor, powers = _product(graph, _factors(graph, cubic, nodes, top=True))
-        if factor is None or np.float32(factor) != np.float32(GELU_CUBIC) or powers != [x, x, x]:
+        if factor is None or factor != GELU_CUBIC or powers != [x, x, x]:
             continue
         if graph.same_shape(x, root.output[0]):
             return nodes, _private_node("GeluTanh", root, [x]), {}
@@ -534,12 +544,12 @@ def _function(op_type: str, opset: int) -> onnx.FunctionProto:
             helper.make_node("HardSigmoid", ["X"], ["h"], alpha=1 / 6, beta=0.5),
             helper.make_node("Mul", ["X", "h"], ["Y"]),
         ]
-    elif op_type == "Gelu":  # x Phi(x) = x (1 + erf(x / sqrt 2)) / 2
+    elif op_type == "Gelu":  # x (1 + erf(x / c)) / 2, c the graph's (float32-rounded) sqrt 2
+        inputs = ["X", "C"]
         body = [
-            constant("r", math.sqrt(0.5)),
             constant("one", 1.0),
             constant("half", 0.5),
-            helper.make_node("Mul", ["X", "r"], ["z"]),
+            helper.make_node("Div", ["X", "C"], ["z"]),
             helper.make_node("Erf", ["z"], ["e"]),
             helper.make_node("Add", ["e", "one"], ["a"]),
             helper.make_node("Mul", ["X", "half"], ["h"]),
@@ -606,7 +616,8 @@ def standard_node(node: onnx.NodeProto) -> onnx.NodeProto:
         extra = {"approximate": "tanh" if node.op_type == "GeluTanh" else "none"}
     else:
         extra = {}
-    return helper.make_node(op_type, list(node.input), list(node.output), name=node.name, **extra)
+    inputs = list(node.input)[:1] if node.op_type == "Gelu" else list(node.input)  # (Gelu's divisor: _delegate)
+    return helper.make_node(op_type, inputs, list(node.output), name=node.name, **extra)
 
 
 def _delegate(private: str) -> Lowering:
@@ -634,7 +645,14 @@ def _delegate(private: str) -> Lowering:
             lowering.check(standard_view)
 
     def lower(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-        return standard(node).function(ctx, view(node), inputs)
+        if private != "Gelu":
+            return standard(node).function(ctx, view(node), inputs)
+        # x (1 + erf(x / c)) / 2 = a gelu(x / a) exactly, a = c / sqrt 2: the graph's own c (its
+        # float32 sqrt 2 would leave the exact gelu 5e-8 away from what the graph computes)
+        x = as_affine(inputs[0], ctx.width)
+        a = float(np.asarray(inputs[1]).ravel()[0]) / math.sqrt(2)
+        (y,) = standard(node).function(ctx, view(node), [x.scale(np.full(x.shape, 1 / a))])
+        return [as_affine(y, ctx.width).scale(np.full(x.shape, a))]
 
     lower.__doc__ = f"{private}: the lowering of {op_type}-{version}."
     attributes = {"LayerNormalization": ("axes", "epsilon")}.get(private, ())
