@@ -31,8 +31,9 @@ TOKENS, WIDTH, BATCH = 8, 16, 3
 EXPORTERS = ["legacy", "dynamo"]
 
 
-def _export(module: torch.nn.Module, example: torch.Tensor, exporter: str) -> onnx.ModelProto:
-    """The module in eval mode exported with a dynamic batch axis 0."""
+def _export(module: torch.nn.Module, example: torch.Tensor, exporter: str, opset: int | None = None) -> onnx.ModelProto:
+    """The module in eval mode exported with a dynamic batch axis 0 (the legacy exporter at
+    ``opset``, its default where None)."""
     module.eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -45,8 +46,16 @@ def _export(module: torch.nn.Module, example: torch.Tensor, exporter: str) -> on
             result = module(example)
         outputs = [f"y{i}" for i in range(len(result) if isinstance(result, tuple) else 1)]
         axes = {"x": {0: "N"}, **{name: {0: "N"} for name in outputs}}
+        options = {} if opset is None else {"opset_version": opset}
         torch.onnx.export(
-            module, (example,), buffer, input_names=["x"], output_names=outputs, dynamic_axes=axes, dynamo=False
+            module,
+            (example,),
+            buffer,
+            input_names=["x"],
+            output_names=outputs,
+            dynamic_axes=axes,
+            dynamo=False,
+            **options,
         )
     return onnx.load_from_string(buffer.getvalue())
 
@@ -116,6 +125,16 @@ def test_transformer_encoder_layer_with_a_dynamic_batch(activation, norm_first, 
     module = _Encoder(activation, norm_first)
     model = _export(module, torch.randn(2, TOKENS, WIDTH), exporter)
     _check_batch(module, model, (TOKENS, WIDTH), 1e-9 if exporter == "legacy" else 1e-7)
+
+
+def test_transformer_encoder_layer_at_opset_14_with_layer_norm_written_out():
+    """Before opset 17 the legacy exporter writes LayerNorm as ReduceMean, Sub, Pow, Sqrt, Div."""
+    torch.manual_seed(2)
+    module = _Encoder("relu", False)
+    model = _export(module, torch.randn(2, TOKENS, WIDTH), "legacy", opset=14)
+    ops = {node.op_type for node in model.graph.node}
+    assert "LayerNormalization" not in ops and {"ReduceMean", "Pow", "Sqrt"} <= ops
+    _check_batch(module, model, (TOKENS, WIDTH), 1e-9)
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
