@@ -285,8 +285,8 @@ def test_torch_export_of_softmax_layers(name, dynamo):
 @pytest.mark.parametrize("dynamo", EXPORTERS, ids=EXPORTER_IDS)
 def test_torch_export_of_multihead_attention(dynamo):
     """nn.MultiheadAttention(batch_first=True) in eval mode, exported for one sample (a static
-    batch of 1): both exporters fold the batch into the heads (a Reshape to (N * heads, S, d)),
-    which the batch check refuses for a dynamic batch."""
+    batch of 1); with a dynamic batch (the batch folded into the heads, (N * heads, S, d)) it is
+    tested in test_modern_attention."""
     torch.manual_seed(0)
     model = _export(_SelfAttention(), torch.randn(1, 4, 8), dynamo, dynamic_batch=False)
     assert "Softmax" in {node.op_type for node in model.graph.node}

@@ -29,6 +29,22 @@ a rule per lowering would have to be written (and kept right) for every op. Inst
    one slice along a batch axis (``ConstantOfShape(Shape(x))``, an RNN's zero initial state) is
    the same for every sample and may be read anywhere.
 
+Merged batch axes. Attention as torch exports it reshapes (S, N, E) to (S, N * heads, d) and
+(S, N, heads, d) to (S * N, E): the batch axis becomes one factor of a merged axis of size
+``outer * N * inner`` (``outer``, ``inner`` fixed; both shapes give its size 2k, then 3k). In
+row-major order a value whose batch factor sits there is laid out as (P, N, Q) (P: every index
+before the factor, Q: every index after it), so sample n's values are the same P x Q block at
+every batch size, and a Reshape (Flatten, Squeeze, Unsqueeze) that keeps the row-major order keeps
+that block exactly when its output splits into the same (P, N, Q) around one axis: that axis then
+holds the batch as (P / before, N, Q / after). Per sample this is what the batch-1 lowering
+computes, so such a merge is followed (its ``outer``, ``inner`` recorded), through the ops in
+``SLICEWISE`` (which treat every index of a batch-like axis alone: elementwise ops, MatMul and Gemm
+not contracting it, Softmax, reductions and LayerNormalization over other axes, Transpose, Gather
+and Slice along other axes), until a Reshape splits it back to a batch axis of its own. Anything
+else reading a merged axis is refused, as is a graph output with one, or a merging Reshape whose
+target is computed from the batch size yet the same at both sizes (``Shape(x)[0] // 2``, which
+the two sizes cannot tell apart from a constant).
+
 Only inputs whose batch axis the model leaves dynamic are checked: a model declaring a static
 batch of 1 is defined for one sample only and applying it per sample is its meaning. So is a
 graph that does not run at other batch sizes after the offending node (a Reshape to one
@@ -54,6 +70,10 @@ from .ops.bilinear import parse_equation
 from .registry import PATTERN_DOMAIN
 
 BATCH_SIZES = (2, 3)
+# A third batch size at which the constants read from the batch size are also evaluated (from the
+# shapes at 2 and 3, without inference): one the same at 2 and 3 but not at this size
+# (``Shape(x)[0] // 2``) depends on the batch size in a way the two sizes do not show.
+PROBE_SIZE = 5
 # Initializers above this many values are given to shape inference by shape only (their values
 # can only matter to shapes when they are small, e.g. a Reshape target).
 SMALL_INITIALIZER = 4096
@@ -89,6 +109,22 @@ REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "Re
 RECURRENT = frozenset({"RNN", "GRU", "LSTM"})
 NORMALIZED_ALONG_AXIS = frozenset({"Softmax", "LogSoftmax"})
 SIZE_READERS = frozenset({"Shape", "Size"})
+# Ops that keep the row-major order of their first operand (a merged batch axis is followed through
+# them by its position in that order).
+REORDERS_NOTHING = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+# Ops that treat every index of a batch-like axis alone, mapping it to the same index of their
+# output: a merged batch axis is followed through them with its layout. (The axis it may not be,
+# e.g. the one a reduction reduces, is checked by ``_check_op_axes`` as for a batch axis.)
+ELEMENTWISE = frozenset(
+    {
+        "Abs", "Add", "Cast", "Ceil", "Clip", "Cos", "Div", "Dropout", "Elu", "Equal", "Erf", "Exp", "Floor",
+        "Gelu", "Greater", "HardSigmoid", "HardSwish", "Identity", "LeakyRelu", "Less", "Log", "Max", "Mean",
+        "Min", "Mish", "Mul", "Neg", "Not", "Pow", "PRelu", "Reciprocal", "Relu", "Round", "Selu", "Sigmoid",
+        "Sign", "Sin", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tanh", "Where",
+    }
+)  # fmt: skip
+SLICEWISE = ELEMENTWISE | REDUCTIONS | {"MatMul", "Gemm", "Softmax", "LogSoftmax", "LayerNormalization", "Transpose"}
+SLICEWISE |= {"Gather", "Slice"}
 # onnx's data propagation gives up on much shape arithmetic (even an Identity): the shape
 # operands it could not follow are evaluated here and handed back to shape inference as
 # constants, at most this many times.
@@ -104,12 +140,13 @@ def check_batch_independence(prepared: PreparedModel) -> None:
         return
     names = {i.name for i in batched_inputs}
     known: list[dict[str, np.ndarray]] = [{} for _ in BATCH_SIZES]
-    for _ in range(MAX_INFERENCE_ROUNDS):
+    for round_ in range(MAX_INFERENCE_ROUNDS):
         shapes = [_inferred_shapes(prepared, size, values) for size, values in zip(BATCH_SIZES, known)]
-        walk = _Walk(prepared, shapes, names)
+        walk = _Walk(prepared, shapes, names, pending=True)
         walk.run()
         found = walk.shape_operand_values()
-        if all(set(new) <= set(old) for new, old in zip(found, known)):
+        if round_ == MAX_INFERENCE_ROUNDS - 1 or all(set(new) <= set(old) for new, old in zip(found, known)):
+            _Walk(prepared, shapes, names).run()
             return
         known = [{**old, **new} for old, new in zip(known, found)]
 
@@ -117,12 +154,21 @@ def check_batch_independence(prepared: PreparedModel) -> None:
 class _Walk:
     """One pass over the sorted nodes, tracking batched values and batch-size dependent constants."""
 
-    def __init__(self, prepared: PreparedModel, shapes: list[Shapes], batched: set[str]) -> None:
+    def __init__(self, prepared: PreparedModel, shapes: list[Shapes], batched: set[str], pending=False) -> None:
         self.prepared = prepared
+        # before the last round of inference: a merge seen from operands of unknown shape is left
+        # for a later round (where their shapes may be known) rather than refused
+        self.pending = pending
         self.shapes = shapes
         self.batched = set(batched)
         self.sized: dict[str, list[np.ndarray]] = {}  # constants that depend on the batch size
         self.per_sample: set[str] = set()  # of those, the ones only repeated along a batch axis
+        # constants read from the batch size that are the same at both sizes (``Shape(x)[0] // 2``)
+        self.derived: set[str] = set()
+        self.probes: dict[str, np.ndarray] = {}  # constants read from the batch size, at PROBE_SIZE
+        # batched values whose batch axis is merged with others: (outer, inner) sizes around it
+        self.layouts: dict[str, tuple[int, int]] = {}
+        self.merged_by: dict[str, str] = {}  # the node that merged each one's batch axis
         self.producers = {out: index for index, node in enumerate(prepared.graph.node) for out in node.output if out}
         self.constants: dict[str, np.ndarray | None] = dict(prepared.constants)
 
@@ -134,7 +180,7 @@ class _Walk:
                     self._read_sizes(node)
                 else:
                     self._check_batched_node(node)
-            elif any(name in self.sized for name in proto.input):
+            elif any(name in self.sized or name in self.derived for name in proto.input):
                 self._propagate_sizes(node)
         for output in self.prepared.graph.output:
             if self.reads_batch_size(output.name):
@@ -171,6 +217,7 @@ class _Walk:
                     "when compiling; compute it from feature dimensions only (the batch axis is the sample axis)"
                 )
         axes = {name: self.batch_axis(name) for name in node.proto.input if name in self.batched}
+        self._check_merged_operands(node, axes)
         _check_op_axes(node, axes, self._constant, self.rank)
         for name in node.proto.output:
             if name:
@@ -251,7 +298,20 @@ class _Walk:
 
     def _check_output(self, node: NodeView, name: str, input_axes: dict[str, int | None]) -> None:
         before, after = (shapes.get(name) for shapes in self.shapes)
-        if before is None or after is None or self._batch_axis_of(before, after) is not None:
+        if before is None or after is None:
+            return
+        found = _merged_axis_of(before, after)
+        layout = self._output_layout(node, name, found)
+        if (
+            self.pending
+            and layout is None
+            and any(self.batch_axis(n) is None for n in node.proto.input if n in self.batched)
+        ):
+            return
+        if found is not None and layout is not None:
+            if layout != (1, 1):
+                self.layouts[name] = layout
+                self.merged_by[name] = self.merged_by.get(node.proto.input[0], node.where)
             return
         where = ", ".join(f"{n!r} at axis {a}" for n, a in input_axes.items() if a is not None) or "its input"
         if before == after:
@@ -266,12 +326,78 @@ class _Walk:
             "declare a static batch of 1"
         )
 
+    def _output_layout(self, node: NodeView, name: str, found: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The (outer, inner) sizes around the batch factor of the output's batch axis ((1, 1): an
+        axis of its own), or None where the node is not known to keep every sample's block whole."""
+        if found is None:
+            return None
+        axis, k = found
+        if node.op_type in REORDERS_NOTHING:
+            layout = self._reshaped_layout(node, name, axis)
+        else:
+            layouts = {self.layout(n) for n in node.proto.input if n in self.batched}
+            known = layouts - {None}
+            if len(known) > 1 or (None in layouts and known - {(1, 1)}):
+                return None  # operands merged differently (or not known): their indices do not line up
+            layout = known.pop() if known else (1, 1)
+        if layout is None or layout[0] * layout[1] != k:
+            return None
+        if layout != (1, 1) and any(output.name == name for output in self.prepared.graph.output):
+            return None  # the graph's output would not have the (N, ...) shape the compiled model gives
+        return layout
+
+    def _reshaped_layout(self, node: NodeView, name: str, axis: int) -> tuple[int, int] | None:
+        """Where a row-major-order-keeping op puts the batch factor (see the module docstring): the
+        input is (P, N, Q) in row-major order; the output must be (P, N, Q) around ``axis``."""
+        source = node.proto.input[0]
+        shape, out_shape = self.shapes[0].get(source), self.shapes[0].get(name)
+        source_axis, layout = self.batch_axis(source), self.layout(source)
+        if shape is None or source_axis is None or layout is None or out_shape is None:
+            return (1, 1)  # not known: only an output with a batch axis of its own is taken
+        outer, inner = layout
+        prefix = int(np.prod(shape[:source_axis], dtype=np.int64)) * outer
+        suffix = inner * int(np.prod(shape[source_axis + 1 :], dtype=np.int64))
+        before = int(np.prod(out_shape[:axis], dtype=np.int64))
+        after = int(np.prod(out_shape[axis + 1 :], dtype=np.int64))
+        if prefix % before or suffix % after:
+            return None
+        result = (prefix // before, suffix // after)
+        if (layout != (1, 1) or result != (1, 1)) and node.op_type == "Reshape":
+            target = node.proto.input[1] if len(node.proto.input) > 1 else ""
+            if target in self.derived:
+                return None  # read from the batch size yet the same at both: not known at others
+        return result
+
+    def _check_merged_operands(self, node: NodeView, axes: dict[str, int | None]) -> None:
+        """A merged batch axis may only reach the ops known to keep its slices apart."""
+        if node.op_type in SLICEWISE or node.op_type in REORDERS_NOTHING:
+            return
+        for name, axis in axes.items():
+            if name in self.layouts:
+                outer, inner = self.layouts[name]
+                raise GraphError(
+                    f"{node.where}: the batch axis of operand {name!r} is merged with other axes (axis {axis}, "
+                    f"{outer} x N x {inner} values, merged at {self.merged_by.get(name)}) and {node.op_type} is "
+                    "not known to keep the slices of such an axis apart, so samples could mix. Split the batch "
+                    "axis back out (a Reshape to (N, ...)) before this op; or, for a model meant for one "
+                    "sample, declare a static batch of 1"
+                )
+
+    def layout(self, name: str) -> tuple[int, int] | None:
+        """A batched value's (outer, inner) around its batch factor, None where its shapes are unknown."""
+        if self.batch_axis(name) is None:
+            return None
+        return self.layouts.get(name, (1, 1))
+
     def batch_axis(self, name: str) -> int | None:
         """The value's batch axis, None when shape inference does not know its shapes."""
         before, after = (shapes.get(name) for shapes in self.shapes)
         if before is None or after is None:
             return None
-        return self._batch_axis_of(before, after)
+        found = _merged_axis_of(before, after)
+        if found is None or (found[1] != 1 and name not in self.layouts):
+            return None
+        return found[0]
 
     def rank(self, name: str) -> int | None:
         shape = self.shapes[0].get(name)
@@ -295,6 +421,11 @@ class _Walk:
             if shape is None:
                 return  # unknown shape: nothing to track (verify still runs a batch)
             results.append(evaluate_constant_node(node, [np.zeros(shape, dtype=np.float64)])[0])
+        found = _merged_axis_of(*(shapes.get(node.proto.input[0]) for shapes in self.shapes))
+        if found is not None:
+            probe = list(self.shapes[0][node.proto.input[0]])
+            probe[found[0]] = found[1] * PROBE_SIZE
+            self.probes[node.proto.output[0]] = evaluate_constant_node(node, [np.zeros(probe, dtype=np.float64)])[0]
         self._record(node.proto.output[0], results)
 
     def _propagate_sizes(self, node: NodeView) -> None:
@@ -307,10 +438,33 @@ class _Walk:
             ]
             if any(value is None for name, value in zip(node.proto.input, inputs) if name):
                 return
+            if not any(name in self.sized for name in node.proto.input):
+                try:  # only constants the same at both sizes: followed to mark what they give
+                    per_size.append(evaluate_constant_node(node, inputs))
+                except GraphError:
+                    return
+                continue
             per_size.append(evaluate_constant_node(node, inputs))
+        self._propagate_probe(node)
         for position, name in enumerate(node.proto.output):
             if name:
                 self._record(name, [values[position] for values in per_size])
+
+    def _propagate_probe(self, node: NodeView) -> None:
+        """The node's outputs at PROBE_SIZE, where every operand read from the batch size has one."""
+        names = node.proto.input
+        if not all(name in self.probes for name in names if name in self.sized or name in self.derived):
+            return
+        inputs = [
+            self.probes[name] if name in self.probes else (self._constant(name) if name else None) for name in names
+        ]
+        try:
+            values = evaluate_constant_node(node, inputs)
+        except GraphError:  # (e.g. shape arithmetic that only fits the sizes inferred)
+            return
+        for name, value in zip(node.proto.output, values):
+            if name:
+                self.probes[name] = value
 
     def _record(self, name: str, values: list[np.ndarray]) -> None:
         """Keep a constant that differs between the batch sizes; one that only repeats the same
@@ -319,6 +473,9 @@ class _Walk:
         first, second = values
         if first.shape == second.shape and np.array_equal(first, second):
             self.constants[name] = first
+            probe = self.probes.get(name)
+            if probe is None or probe.shape != first.shape or not np.array_equal(probe, first):
+                self.derived.add(name)
             return
         self.sized[name] = values
         axis = self._batch_axis_of(first.shape, second.shape)
@@ -355,6 +512,20 @@ class _Walk:
             if out:
                 self.constants[out] = value
         return self.constants[name]
+
+
+def _merged_axis_of(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> tuple[int, int] | None:
+    """(axis, k) where only that axis changes, from 2k to 3k (k = 1: a batch axis of its own)."""
+    if before is None or after is None or len(before) != len(after):
+        return None
+    changed = [axis for axis, (b, a) in enumerate(zip(before, after)) if b != a]
+    if len(changed) != 1:
+        return None
+    axis = changed[0]
+    k, rest = divmod(before[axis], BATCH_SIZES[0])
+    if rest or k < 1 or after[axis] != BATCH_SIZES[1] * k:
+        return None
+    return axis, k
 
 
 def _repeats_along(value: np.ndarray, axis: int) -> bool:
