@@ -46,6 +46,20 @@ def parse(text: str) -> onnx.ModelProto:
     return model
 
 
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 17) -> onnx.ModelProto:
+    """A checked model of ``nodes`` (onnx.helper), IR version 8, default domain at ``opset``."""
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def float_value(name: str, shape) -> onnx.ValueInfoProto:
+    """A float32 graph input or output."""
+    return onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+
+
 def random_inputs(model: onnx.ModelProto, batch: int = 4, seed: int = 0, input_shapes=None) -> dict[str, np.ndarray]:
     """Per input (batch, *sample_shape) float64 values, half uniform [-2, 2], half normal."""
     rng = np.random.default_rng(seed)

@@ -12,17 +12,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
-from onnx_helpers import assert_matches_onnxruntime
+from onnx_helpers import assert_matches_onnxruntime, float_value
 
 import implicit_compiler as ic
 from implicit_compiler.frontend.graph import to_float64
 
 RNG = np.random.default_rng(17)
 FLOAT32_RTOL, FLOAT32_ATOL = 1e-4, 1e-5  # verify's float32 criterion
-
-
-def _float(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
 def _weight(name, shape):
@@ -33,7 +29,7 @@ def _norm_model(op, shape, attributes, weights, opset, outputs=("y",)):
     """One normalization node on x of shape (N, *shape), N dynamic; weights: initializers."""
     node = helper.make_node(op, ["x", *(w.name for w in weights)], list(outputs), **attributes)
     graph = helper.make_graph(
-        [node], "g", [_float("x", ["N", *shape])], [_float(name, None) for name in outputs], list(weights)
+        [node], "g", [float_value("x", ["N", *shape])], [float_value(name, None) for name in outputs], list(weights)
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
@@ -134,8 +130,8 @@ def test_group_normalization_at_opset_18_reads_scale_per_group():
         helper.make_graph(
             [helper.make_node("GroupNormalization", ["x", "scale", "bias"], ["y"], num_groups=2)],
             "g",
-            [_float("x", ["N", 4, 3])],
-            [_float("y", None)],
+            [float_value("x", ["N", 4, 3])],
+            [float_value("y", None)],
             weights,
         ),
         opset_imports=[helper.make_opsetid("", 18)],
@@ -153,7 +149,9 @@ def test_group_count_that_does_not_divide_the_channels_is_refused():
 
 def test_scale_fed_as_a_runtime_input_is_refused():
     node = helper.make_node("LayerNormalization", ["x", "scale"], ["y"])
-    graph = helper.make_graph([node], "g", [_float("x", ["N", 4]), _float("scale", [4])], [_float("y", None)])
+    graph = helper.make_graph(
+        [node], "g", [float_value("x", ["N", 4]), float_value("scale", [4])], [float_value("y", None)]
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     with pytest.raises(ic.GraphError, match=r"Scale \(input 1\) depends on the model input"):
         ic.from_onnx(model)

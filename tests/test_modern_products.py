@@ -10,23 +10,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnx_helpers import assert_matches_onnxruntime
+from onnx_helpers import assert_matches_onnxruntime, float_value, make_model
 
 import implicit_compiler as ic
 
 RNG = np.random.default_rng(17)
-
-
-def _model(nodes, inputs, outputs, initializers=(), opset=17):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, list(initializers))
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def _float(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
 def _weight(name, shape, scale=1.0):
@@ -59,8 +47,8 @@ def _attention_head(tokens=6, width=5, head=4, scales=(1.0, 1.0, 1.0), opset=17)
         _weight("Wv", (width, head), v_scale),
         _constant("scale", np.float32(1 / np.sqrt(head))),
     ]
-    outputs = [_float("scores", ["N", tokens, tokens]), _float("out", ["N", tokens, head])]
-    return _model(nodes, [_float("x", ["N", tokens, width])], outputs, initializers, opset)
+    outputs = [float_value("scores", ["N", tokens, tokens]), float_value("out", ["N", tokens, head])]
+    return make_model(nodes, [float_value("x", ["N", tokens, width])], outputs, initializers, opset)
 
 
 def test_attention_head_q_kt_and_p_v():
@@ -113,8 +101,8 @@ def _multi_head_attention(tokens, width, heads, head, einsum=False) -> onnx.Mode
         _constant("join", np.array([0, tokens, heads * head], dtype=np.int64)),
         _constant("scale", np.float32(1 / np.sqrt(head))),
     ]
-    outputs = [_float("out", ["N", tokens, heads * head])]
-    return _model(nodes, [_float("x", ["N", tokens, width])], outputs, initializers, opset=13)
+    outputs = [float_value("out", ["N", tokens, heads * head])]
+    return make_model(nodes, [float_value("x", ["N", tokens, width])], outputs, initializers, opset=13)
 
 
 @pytest.mark.parametrize("einsum", [False, True], ids=["matmul", "einsum"])
@@ -171,24 +159,24 @@ GEMM_CASES = {
 @pytest.mark.parametrize("attributes,a_shape,b_shape,c", list(GEMM_CASES.values()), ids=list(GEMM_CASES))
 def test_gemm_of_two_variables(attributes, a_shape, b_shape, c):
     """A and B (and C) graph inputs of static shape: each a whole sample."""
-    inputs = [_float("a", a_shape), _float("b", b_shape)]
+    inputs = [float_value("a", a_shape), float_value("b", b_shape)]
     initializers = []
     if c == "variable":
-        inputs.append(_float("c", [1, 4]))
+        inputs.append(float_value("c", [1, 4]))
     elif c == "constant":
         initializers.append(_weight("c", (3, 4)))
     names = ["a", "b"] + (["c"] if c else [])
     node = helper.make_node("Gemm", names, ["y"], **attributes)
-    assert_matches_onnxruntime(_model([node], inputs, [_float("y", [3, 4])], initializers))
+    assert_matches_onnxruntime(make_model([node], inputs, [float_value("y", [3, 4])], initializers))
 
 
 def test_gemm_of_a_batched_input_and_a_weight_fed_as_input():
     """A weight fed as a runtime input (not an initializer) is now a per-sample input, and the
     product goes through square blocks (it used to be refused)."""
-    model = _model(
+    model = make_model(
         [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)],
-        [_float("x", ["N", 4]), _float("W", [3, 4])],
-        [_float("y", ["N", 3])],
+        [float_value("x", ["N", 4]), float_value("W", [3, 4])],
+        [float_value("y", ["N", 3])],
     )
     compiled = assert_matches_onnxruntime(model)
     assert [spec.name for spec in compiled.inputs] == ["x", "W"]
@@ -210,7 +198,7 @@ MATMUL_CASES = {
 @pytest.mark.parametrize("a_shape,b_shape,y_shape", list(MATMUL_CASES.values()), ids=list(MATMUL_CASES))
 def test_matmul_of_two_variables_broadcasts_like_numpy(a_shape, b_shape, y_shape):
     node = helper.make_node("MatMul", ["a", "b"], ["y"])
-    model = _model([node], [_float("a", a_shape), _float("b", b_shape)], [_float("y", y_shape)])
+    model = make_model([node], [float_value("a", a_shape), float_value("b", b_shape)], [float_value("y", y_shape)])
     assert_matches_onnxruntime(model)
 
 
@@ -221,13 +209,15 @@ def test_matmul_of_two_batched_values():
         helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
         helper.make_node("MatMul", ["t", "xt"], ["y"]),
     ]
-    model = _model(nodes, [_float("x", ["N", 2, 3])], [_float("y", ["N", 2, 2])])
+    model = make_model(nodes, [float_value("x", ["N", 2, 3])], [float_value("y", ["N", 2, 2])])
     assert_matches_onnxruntime(model)
 
 
 def test_a_product_over_the_batch_axis_is_refused():
     node = helper.make_node("Einsum", ["x", "z"], ["y"], equation="bi,cj->bj", name="mixes")
-    model = _model([node], [_float("x", ["N", 3]), _float("z", ["N", 2])], [_float("y", ["N", 2])], opset=13)
+    model = make_model(
+        [node], [float_value("x", ["N", 3]), float_value("z", ["N", 2])], [float_value("y", ["N", 2])], opset=13
+    )
     with pytest.raises(ic.UnsupportedAttributeError, match=r"'mixes' \(Einsum.*sums over axis 0 of operand 1"):
         ic.from_onnx(model)
 
@@ -257,8 +247,8 @@ EINSUM_CASES = {
 def test_einsum_of_variables(equation, shapes, y_shape):
     names = [f"x{index}" for index in range(len(shapes))]
     node = helper.make_node("Einsum", names, ["y"], equation=equation)
-    inputs = [_float(name, shape) for name, shape in zip(names, shapes)]
-    assert_matches_onnxruntime(_model([node], inputs, [_float("y", y_shape)], opset=13))
+    inputs = [float_value(name, shape) for name, shape in zip(names, shapes)]
+    assert_matches_onnxruntime(make_model([node], inputs, [float_value("y", y_shape)], opset=13))
 
 
 @pytest.mark.parametrize(
@@ -270,7 +260,9 @@ def test_einsum_with_a_constant_operand_is_a_linear_map(equation, constant_first
     y_shape = {"bse": ["N", 5, 3], "bes": ["N", 3, 5], "bs": ["N", 5]}[equation.split("->")[1]]
     names = ["W", "x"] if constant_first else ["x", "W"]
     node = helper.make_node("Einsum", names, ["y"], equation=equation)
-    model = _model([node], [_float("x", ["N", 5, 4])], [_float("y", y_shape)], [_weight("W", weight_shape)], 13)
+    model = make_model(
+        [node], [float_value("x", ["N", 5, 4])], [float_value("y", y_shape)], [_weight("W", weight_shape)], 13
+    )
     compiled = assert_matches_onnxruntime(model)
     assert compiled.n == 0, "a linear map makes no states"
 
@@ -278,8 +270,8 @@ def test_einsum_with_a_constant_operand_is_a_linear_map(equation, constant_first
 def test_einsum_of_three_operands_with_a_constant_between_two_variables():
     """Contracted left to right: x W is a linear map, (x W) z a product of two variables."""
     node = helper.make_node("Einsum", ["x", "W", "z"], ["y"], equation="ij,jk,kl->il")
-    inputs = [_float("x", [2, 3]), _float("z", [4, 2])]
-    model = _model([node], inputs, [_float("y", [2, 2])], [_weight("W", (3, 4))], opset=13)
+    inputs = [float_value("x", [2, 3]), float_value("z", [4, 2])]
+    model = make_model([node], inputs, [float_value("y", [2, 2])], [_weight("W", (3, 4))], opset=13)
     compiled = assert_matches_onnxruntime(model)
     assert sum(block.size for block in compiled.blocks) == 2 * 2 * 4 * 2, "squares of the one product"
 
@@ -290,8 +282,8 @@ def test_einsum_of_three_operands_with_a_constant_between_two_variables():
 )
 def test_malformed_einsum_equations_are_graph_errors(equation, message):
     node = helper.make_node("Einsum", ["x", "z"] if "," in equation else ["x"], ["y"], equation=equation)
-    inputs = [_float("x", [3, 3])] + ([_float("z", [3, 3])] if "," in equation else [])
-    graph = helper.make_graph([node], "g", inputs, [_float("y", None)])
+    inputs = [float_value("x", [3, 3])] + ([float_value("z", [3, 3])] if "," in equation else [])
+    graph = helper.make_graph([node], "g", inputs, [float_value("y", None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(ic.GraphError, match=message):
         ic.from_onnx(model)

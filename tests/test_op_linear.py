@@ -3,23 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from onnx_helpers import assert_matches_onnxruntime
-
-
-def _model(nodes, inputs, outputs, initializers, opset=17):
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
-
-def _float(name, shape):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
-
+from onnx import helper, numpy_helper
+from onnx_helpers import assert_matches_onnxruntime, float_value, make_model
 
 RNG = np.random.default_rng(7)
 
@@ -46,19 +32,23 @@ def test_gemm_variants(attributes, weight_shape, bias_shape):
         initializers.append(_weight("b", bias_shape))
         inputs.append("b")
     node = helper.make_node("Gemm", inputs, ["y"], **attributes)
-    assert_matches_onnxruntime(_model([node], [_float("x", ["N", 5])], [_float("y", ["N", 3])], initializers))
+    assert_matches_onnxruntime(
+        make_model([node], [float_value("x", ["N", 5])], [float_value("y", ["N", 3])], initializers)
+    )
 
 
 def test_gemm_trans_a_on_a_column_input():
     """transA with a (5, 1) input: the batch-1 column is transposed to a row."""
     node = helper.make_node("Gemm", ["x", "W", "b"], ["y"], transA=1)
-    model = _model([node], [_float("x", [5, 1])], [_float("y", [1, 3])], [_weight("W", (5, 3)), _weight("b", (3,))])
+    model = make_model(
+        [node], [float_value("x", [5, 1])], [float_value("y", [1, 3])], [_weight("W", (5, 3)), _weight("b", (3,))]
+    )
     assert_matches_onnxruntime(model)
 
 
 def test_gemm_with_constant_left_operand():
     node = helper.make_node("Gemm", ["W", "x"], ["y"], transB=1)
-    model = _model([node], [_float("x", [1, 5])], [_float("y", [4, 1])], [_weight("W", (4, 5))])
+    model = make_model([node], [float_value("x", [1, 5])], [float_value("y", [4, 1])], [_weight("W", (4, 5))])
     assert_matches_onnxruntime(model)
 
 
@@ -75,12 +65,14 @@ def test_matmul_variants(x_shape, w_shape, y_shape):
     x_shape = ["N", *x_shape[1:]]
     y_shape = ["N", *y_shape[1:]]
     node = helper.make_node("MatMul", ["x", "W"], ["y"])
-    assert_matches_onnxruntime(_model([node], [_float("x", x_shape)], [_float("y", y_shape)], [_weight("W", w_shape)]))
+    assert_matches_onnxruntime(
+        make_model([node], [float_value("x", x_shape)], [float_value("y", y_shape)], [_weight("W", w_shape)])
+    )
 
 
 def test_matmul_constant_on_the_left():
     node = helper.make_node("MatMul", ["W", "x"], ["y"])
-    model = _model([node], [_float("x", [1, 6, 3])], [_float("y", [1, 4, 3])], [_weight("W", (4, 6))])
+    model = make_model([node], [float_value("x", [1, 6, 3])], [float_value("y", [1, 4, 3])], [_weight("W", (4, 6))])
     assert_matches_onnxruntime(model)
 
 
@@ -93,7 +85,7 @@ def test_mlp_is_nilpotent_and_blocks_are_named_after_values():
         helper.make_node("Gemm", ["r2", "W3"], ["y"]),
     ]
     initializers = [_weight("W1", (8, 5)), _weight("b1", (8,)), _weight("W2", (8, 7)), _weight("W3", (7, 2))]
-    model = _model(nodes, [_float("x", ["N", 5])], [_float("y", ["N", 2])], initializers)
+    model = make_model(nodes, [float_value("x", ["N", 5])], [float_value("y", ["N", 2])], initializers)
     compiled = assert_matches_onnxruntime(model, batch=16)
     assert [(b.name, b.size, b.activation.name) for b in compiled.blocks] == [("r1", 8, "relu"), ("r2", 7, "relu")]
     assert compiled.A.nnz == 8 * 7 and compiled.B.nnz == 8 * 5 and compiled.C.nnz == 7 * 2
@@ -106,6 +98,8 @@ def test_product_of_two_variable_tensors_goes_through_square_blocks():
     """It used to be refused; now each of the 2 * 3 * 2 products a_ik b_kj is two square states
     (tests/test_modern_products.py covers the forms)."""
     node = helper.make_node("MatMul", ["x", "z"], ["y"], name="bilinear")
-    model = _model([node], [_float("x", ["N", 2, 3]), _float("z", ["N", 3, 2])], [_float("y", ["N", 2, 2])], [])
+    model = make_model(
+        [node], [float_value("x", ["N", 2, 3]), float_value("z", ["N", 3, 2])], [float_value("y", ["N", 2, 2])], []
+    )
     compiled = assert_matches_onnxruntime(model)
     assert [(block.activation.name, block.size) for block in compiled.blocks] == [("square", 12), ("square", 12)]
