@@ -280,19 +280,28 @@ def compare(model, path: Path, xs: list[np.ndarray]) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def output_files(description: str, argv: list[str] | None, names: tuple[str, ...]):
+    """The export scripts' command line (--overwrite, --out-dir): the output folder (made) and
+    its ``<name>.onnx`` files, or None (said on stderr) when one exists without --overwrite."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--overwrite", action="store_true", help="replace existing .onnx files")
     parser.add_argument("--out-dir", type=Path, default=ZOO_DIR, help="where to write the .onnx files and zoo.json")
     args = parser.parse_args(argv)
-
     out = args.out_dir.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    files = {"lenet5": out / "lenet5.onnx", "resnet20": out / "resnet20.onnx"}
-    existing = [str(p) for p in files.values() if p.exists()]
+    files = {name: out / f"{name}.onnx" for name in names}
+    existing = [str(path) for path in files.values() if path.exists()]
     if existing and not args.overwrite:
         print("refusing to overwrite " + ", ".join(existing) + " (pass --overwrite)", file=sys.stderr)
+        return None
+    return out, files
+
+
+def main(argv: list[str] | None = None) -> int:
+    found = output_files(__doc__.split("\n")[0], argv, ("lenet5", "resnet20"))
+    if found is None:
         return 1
+    out, files = found
 
     import torch
 

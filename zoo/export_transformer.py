@@ -18,7 +18,6 @@ files are never replaced unless ``--overwrite`` is given.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -78,18 +77,10 @@ def export_legacy(model, example, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--overwrite", action="store_true", help="replace existing .onnx files")
-    parser.add_argument("--out-dir", type=Path, default=ZOO_DIR, help="where to write the .onnx files and zoo.json")
-    args = parser.parse_args(argv)
-
-    out = args.out_dir.resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"vit": out / "vit.onnx", "vit_legacy": out / "vit_legacy.onnx"}
-    existing = [str(p) for p in files.values() if p.exists()]
-    if existing and not args.overwrite:
-        print("refusing to overwrite " + ", ".join(existing) + " (pass --overwrite)", file=sys.stderr)
+    found = export.output_files(__doc__.split("\n")[0], argv, ("vit", "vit_legacy"))
+    if found is None:
         return 1
+    out, files = found
 
     import torch
 

@@ -307,17 +307,23 @@ def _private_node(op_type: str, root: onnx.NodeProto, inputs: list[str], **attri
     )
 
 
-def _match_gelu(graph: _Graph, root: onnx.NodeProto):
-    """x * (1 + Erf(x / sqrt 2)) * 0.5, or with Erf(x * (1 / sqrt 2))."""
+def _half_x_one_plus(graph: _Graph, root: onnx.NodeProto, op_type: str):
+    """For a root 0.5 * x * (1 + op_type(...)) (GELU's two forms): each reading (x, the nodes
+    matched so far, the op_type node), x being either of the root's two variables."""
     found = _two_variables(graph, root, 0.5)
     if found is None:
-        return None
+        return
     used, orders = found
     for x, t in orders:
         nodes = set(used)
-        erf = _one_plus(graph, t, "Erf", nodes)
-        if erf is None:
-            continue
+        gate = _one_plus(graph, t, op_type, nodes)
+        if gate is not None:
+            yield x, nodes, gate
+
+
+def _match_gelu(graph: _Graph, root: onnx.NodeProto):
+    """x * (1 + Erf(x / sqrt 2)) * 0.5, or with Erf(x * (1 / sqrt 2))."""
+    for x, nodes, erf in _half_x_one_plus(graph, root, "Erf"):
         div, mul = graph.produced(erf.input[0], "Div"), graph.produced(erf.input[0], "Mul")
         if div is not None and div.input[0] == x and _near(graph.const(div.input[1]), math.sqrt(2)):
             nodes.add(graph.index[id(div)])
@@ -335,14 +341,8 @@ def _match_gelu(graph: _Graph, root: onnx.NodeProto):
 
 def _match_gelu_tanh(graph: _Graph, root: onnx.NodeProto):
     """x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 * x^3))) * 0.5."""
-    found = _two_variables(graph, root, 0.5)
-    if found is None:
-        return None
-    used, orders = found
-    for x, t in orders:
-        nodes = set(used)
-        tanh = _one_plus(graph, t, "Tanh", nodes)
-        if tanh is None or len(graph.readers.get(tanh.input[0], ())) != 1:
+    for x, nodes, tanh in _half_x_one_plus(graph, root, "Tanh"):
+        if len(graph.readers.get(tanh.input[0], ())) != 1:
             continue
         outer, inner = _product(graph, _factors(graph, tanh.input[0], nodes, top=True))
         if outer is None or outer != SQRT_HALF_PI or len(inner) != 1:
