@@ -214,7 +214,6 @@ def triangular_reference(model: ImplicitModel) -> np.ndarray:
 
 
 def test_lenet5_matches_triangular_solve_and_finite_differences(rng):
-    pytest.importorskip("onnx")
     model = ic.from_onnx(str(ZOO / "lenet5.onnx"))
     assert {str(b.activation) for b in model.blocks} <= {"relu", "identity"}
     assert sp.triu(model.A).nnz == 0  # strictly lower triangular
@@ -232,7 +231,6 @@ def test_lenet5_matches_triangular_solve_and_finite_differences(rng):
 
 @pytest.mark.slow
 def test_resnet20_matches_triangular_solve():
-    pytest.importorskip("onnx")
     model = ic.from_onnx(str(ZOO / "resnet20.onnx"))
     report = sensitivity(model)
     assert report.valid and report.matrix.shape == (10, 3072)

@@ -38,7 +38,6 @@ def _export(module: torch.nn.Module, example: torch.Tensor, exporter: str, opset
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            pytest.importorskip("onnxscript")
             shapes = ({0: torch.export.Dim("N")},)
             return torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=shapes, verbose=False).model_proto
         buffer = io.BytesIO()

@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx_helpers import assert_matches_onnxruntime, float_value
@@ -255,7 +256,6 @@ def test_sensitivity_says_rsqrt_voids_the_bound():
 
 # ----------------------------------------------------------------------------- torch exports
 def _torch_export(module, shape, dynamo, opset):
-    torch = pytest.importorskip("torch")
     module.eval()
     with torch.no_grad():
         for parameter in module.parameters():
@@ -264,7 +264,6 @@ def _torch_export(module, shape, dynamo, opset):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            pytest.importorskip("onnxscript")
             program = torch.onnx.export(
                 module, example, dynamo=True, dynamic_shapes=({0: torch.export.Dim("N")},), input_names=["x"]
             )
@@ -278,7 +277,6 @@ def _torch_export(module, shape, dynamo, opset):
 
 
 def _torch_modules():
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     return {
         "layer-norm-last-axis": (torch.nn.LayerNorm(8), (2, 5, 8)),

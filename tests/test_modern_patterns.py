@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx_helpers import assert_matches_onnxruntime, random_inputs
@@ -141,13 +142,11 @@ def layer_norm_graph(shape=(1, 3, 4, 5), axes=(-2, -1), eps=1e-5, opset=20, seco
 
 
 def _torch_export(module, shape, opset=14, dynamo=False) -> onnx.ModelProto:
-    torch = pytest.importorskip("torch")
     module = module.eval()
     example = (torch.randn(*shape),)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            pytest.importorskip("onnxscript")
             return torch.onnx.export(module, example, dynamo=True, verbose=False).model_proto
         buffer = io.BytesIO()
         torch.onnx.export(
@@ -250,23 +249,11 @@ def assert_standard_matches(prepared, rtol: float = 1e-12) -> None:
         assert np.abs(functions.run(None, sample)[0] - expected).max() <= rtol * max(np.abs(expected).max(), 1.0)
 
 
-def assert_compiles_exactly(model: onnx.ModelProto, op_type: str, exact_constants: bool) -> None:
-    """End to end, where the registry lowers ``op_type``: against onnxruntime (float32) and
-    onnx.reference (float64, 1e-9) of the original when the fold keeps its constants exactly,
-    else of the rewritten graph (its functions hold the exact constants the fold uses; the
-    original's float32 ones are within 1e-7, checked by assert_rewrite_matches)."""
-    if not pattern_lowerable(op_type):
-        pytest.skip(f"the registry has no lowering for {op_type} yet (another branch of issue 17 adds it)")
-    compiled = assert_matches_onnxruntime(model, check_reference=exact_constants)
-    if not exact_constants:
-        prepared, _ = _fold(model)
-        samples = _samples(model)
-        expected = ReferenceEvaluator(prepared.model)
-        for sample in samples:
-            want = expected.run(None, sample)[0]
-            ours = compiled.predict(sample)
-            ours = ours[compiled.outputs[0].name] if isinstance(ours, dict) else ours
-            assert np.abs(np.reshape(ours, want.shape) - want).max() <= 1e-9 * max(np.abs(want).max(), 1e-300)
+def assert_compiles_exactly(model: onnx.ModelProto, op_type: str) -> None:
+    """End to end: the fold's target is lowered, and the compiled model matches onnxruntime
+    (float32) and onnx.reference (float64, 1e-9) of the original graph."""
+    assert pattern_lowerable(op_type)
+    assert_matches_onnxruntime(model)
 
 
 def _ops(prepared) -> list[str]:
@@ -437,28 +424,28 @@ def test_layer_norm_with_square_exponent_three_is_not_folded():
 
 # ------------------------------------------------------------------------------ torch exports
 TORCH_CASES = {
-    "gelu": (lambda nn: nn.GELU(), "Gelu", True),  # its float32 sqrt 2 kept (a gelu(x / a))
-    "silu": (lambda nn: nn.SiLU(), "Silu", True),
-    "mish": (lambda nn: nn.Mish(), "Mish", True),
-    "layer_norm": (lambda nn: nn.LayerNorm(8), "LayerNormalization", True),
+    "gelu": (lambda nn: nn.GELU(), "Gelu"),  # its float32 sqrt 2 kept (a gelu(x / a))
+    "silu": (lambda nn: nn.SiLU(), "Silu"),
+    "mish": (lambda nn: nn.Mish(), "Mish"),
+    "layer_norm": (lambda nn: nn.LayerNorm(8), "LayerNormalization"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(TORCH_CASES))
 def test_torch_legacy_exports_are_folded(name):
-    nn = pytest.importorskip("torch").nn
-    make, op_type, exact = TORCH_CASES[name]
+    nn = torch.nn
+    make, op_type = TORCH_CASES[name]
     model = _torch_export(make(nn), (2, 6, 8), opset=14)
     prepared, folds = _fold(model)
     assert [fold.op_type for fold in folds] == [op_type] and _ops(prepared) == [op_type]
-    assert_rewrite_matches(model, prepared, float64_rtol=1e-12 if exact else 1e-7)
-    assert_compiles_exactly(model, op_type, exact)
+    assert_rewrite_matches(model, prepared, float64_rtol=1e-12)
+    assert_compiles_exactly(model, op_type)
 
 
 def test_torch_exports_of_hardswish_and_gelu_tanh_compile_exactly():
     """torch writes HardSwish itself at opset >= 14; x * HardSigmoid(x; float32 1/6) before, and
     GELU-tanh with float32 constants: those chains are not folded, lowered as written."""
-    nn = pytest.importorskip("torch").nn
+    nn = torch.nn
     model = _torch_export(nn.Hardswish(), (2, 8), opset=14)
     assert [node.op_type for node in model.graph.node] == ["HardSwish"]
     for module, opset in ((nn.Hardswish(), 13), (nn.GELU(approximate="tanh"), 14)):
@@ -471,7 +458,7 @@ def test_torch_exports_of_hardswish_and_gelu_tanh_compile_exactly():
 def test_torch_dynamo_export_of_silu_is_folded():
     """The dynamo exporter writes Gelu, Mish, LayerNormalization and HardSwish as ONNX ops, but
     SiLU as Sigmoid and Mul."""
-    nn = pytest.importorskip("torch").nn
+    nn = torch.nn
     model = _torch_export(nn.SiLU(), (2, 8), dynamo=True)
     prepared, folds = _fold(model)
     assert [fold.op_type for fold in folds] == ["Silu"]
@@ -481,7 +468,6 @@ def test_torch_dynamo_export_of_silu_is_folded():
 
 
 def test_torch_transformer_encoder_layer_folds_its_gelu_and_layer_norms():
-    torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(
         d_model=16, nhead=2, dim_feedforward=32, activation="gelu", batch_first=True

@@ -19,6 +19,7 @@ import onnx
 import onnx.parser
 import onnxruntime
 import pytest
+import torch
 from onnx import TensorProto, helper, numpy_helper, version_converter
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops import op_resize
@@ -28,11 +29,6 @@ import implicit_compiler as ic
 from implicit_compiler.errors import GraphError, UnsupportedAttributeError, UnsupportedOpError
 from implicit_compiler.frontend.estimate import estimate_nonzeros
 from implicit_compiler.frontend.graph import prepare, to_float64, with_sorted_nodes
-
-try:
-    import torch
-except ImportError:  # the tests of torch exports are skipped
-    torch = None
 
 SHAPE = [2, 3, 4, 6]  # (C, H, W) per sample; N dynamic
 
@@ -453,7 +449,6 @@ def export(net, dynamo: bool) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
-            pytest.importorskip("onnxscript")
             program = torch.onnx.export(net.eval(), (x,), dynamo=True, dynamic_shapes=({0: torch.export.Dim("N")},))
             return program.model_proto
         buffer = io.BytesIO()
@@ -464,7 +459,6 @@ def export(net, dynamo: bool) -> onnx.ModelProto:
         return onnx.load_from_string(buffer.getvalue())
 
 
-@pytest.mark.skipif(torch is None, reason="torch is not installed")
 @pytest.mark.parametrize(
     "layer,dynamo",
     [
@@ -483,7 +477,6 @@ def test_torch_exports_of_upsample_and_interpolate(layer, dynamo):
     assert np.abs(compiled.predict(x) - expected).max() <= 1e-9 * np.abs(expected).max()
 
 
-@pytest.mark.skipif(torch is None, reason="torch is not installed")
 @pytest.mark.parametrize("layer", ["upsample-bilinear", "interpolate-size-bicubic"])
 def test_a_cnn_with_resize_at_the_newest_opset_onnx_defines(layer):
     """The legacy export (opset 20) converted to the newest opset the installed onnx knows: its

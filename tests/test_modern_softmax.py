@@ -255,7 +255,6 @@ class _SelfAttention(torch.nn.Module):
 def _export(module: torch.nn.Module, x: torch.Tensor, dynamo: bool, dynamic_batch: bool) -> onnx.ModelProto:
     module.eval()
     if dynamo:
-        pytest.importorskip("onnxscript")
         shapes = ({0: torch.export.Dim("N")},) if dynamic_batch else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -6,16 +6,12 @@ import warnings
 
 import numpy as np
 import pytest
+from sklearn.datasets import make_classification, make_regression
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
-pytest.importorskip("torch")
-pytest.importorskip("sklearn")
-
-from sklearn.datasets import make_classification, make_regression  # noqa: E402
-from sklearn.exceptions import ConvergenceWarning  # noqa: E402
-from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
-
-from implicit_compiler import ImplicitModel  # noqa: E402
-from implicit_compiler.training.estimators import (  # noqa: E402
+from implicit_compiler import ImplicitModel
+from implicit_compiler.training.estimators import (
     ImplicitClassifier,
     ImplicitRegressor,
     standardize_model,
