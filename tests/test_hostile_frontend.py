@@ -373,7 +373,7 @@ def light_outcomes() -> dict:
 @pytest.mark.parametrize(
     "name,expected",
     [
-        ("alexnet", "UnsupportedOpError"), ("densenet121", "ModelTooLargeError"), ("inception_v1", "UnsupportedOpError"),
+        ("bvlc_alexnet", "UnsupportedOpError"), ("densenet121", "ModelTooLargeError"), ("inception_v1", "UnsupportedOpError"),
         ("inception_v2", "ModelTooLargeError"), ("resnet50", "ModelTooLargeError"), ("shufflenet", "ModelTooLargeError"),
         ("squeezenet", "ModelTooLargeError"), ("vgg19", "ModelTooLargeError"), ("zfnet512", "UnsupportedOpError"),
     ],
