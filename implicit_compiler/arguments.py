@@ -43,6 +43,15 @@ def real(value: Any, name: str, expected: str = "a finite number", finite: bool 
     return number
 
 
+def choice(value: Any, choices: tuple[str, ...], name: str) -> str:
+    """``value`` when it is one of the strings ``choices``."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"{name}: expected one of {', '.join(choices)}, got {value!r} ({type(value).__name__})")
+    if value not in choices:
+        raise ArgumentValueError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _unwrapped(value: Any) -> Any:
     """A 0-d numpy array as its scalar (np.array(0.5) is a number to the user)."""
     return value.item() if isinstance(value, np.ndarray) and value.ndim == 0 else value

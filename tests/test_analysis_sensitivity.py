@@ -171,7 +171,7 @@ def test_invalid_sensitivity(rng, make, message):
     assert np.isinf(report.matrix).all() and report.matrix.shape == (model.q, model.p)
     assert report.perron_frobenius >= 1
     with pytest.raises(AnalysisError, match=message):
-        output_bounds(model, np.zeros(model.p), 0.1)
+        output_bounds(model, np.zeros(model.p), 0.1, method="sensitivity")
 
 
 def test_output_shapes_and_sigma_forms(rng):

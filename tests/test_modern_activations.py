@@ -287,7 +287,7 @@ def test_analyses_say_a_non_lipschitz_activation_voids_their_bounds(spec, rng):
     report = sensitivity(model)
     assert not report.valid and "not Lipschitz" in report.reason and f"({activation(spec)})" in report.reason
     with pytest.raises(AnalysisError, match="not Lipschitz"):
-        output_bounds(model, np.full((1, model.p), 0.1), 0.01)
+        output_bounds(model, np.full((1, model.p), 0.1), 0.01, method="sensitivity")
     loop = model_with_blocks(0.1 * np.eye(3)[[1, 2, 0]], [("loop", 3, spec)], p=2, q=2)
     (component,) = wellposedness(loop).components
     assert component.well_posed is None and "non-Lipschitz" in component.reason
@@ -299,7 +299,7 @@ def test_output_bounds_contain_the_predictions_of_a_lipschitz_activation(spec, r
     inside the bounds (float32, where the rounding margin matters)."""
     model = one_block_model(spec, np.float32, rng)
     center = rng.uniform(-1, 1, size=(1, model.p)).astype(np.float32)
-    bounds = output_bounds(model, center, 0.05)
+    bounds = output_bounds(model, center, 0.05, method="sensitivity")
     samples = (center + rng.uniform(-0.05, 0.05, size=(2000, model.p))).astype(np.float32)
     y = model.predict(samples)
     assert (y >= bounds.lower).all() and (y <= bounds.upper).all()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .. import arguments
-from ..errors import AnalysisError
+from ..errors import AnalysisError, ArgumentValueError
 from ..model import ImplicitModel
 from ..runtime.batching import flatten_inputs
 from ..runtime.plan import Component, execution_order
@@ -72,16 +72,21 @@ class OutputBounds:
 
     Attributes:
         center: y(u0) in the model's dtype, (batch, q) or (q,) for one sample.
-        lower: y(u0) - S sigma - margin rounded down, float64, same shape (margin: the
-            rounding of the predictions, ``rounding_margin``).
-        upper: y(u0) + S sigma + margin rounded up, float64, same shape.
-        margin: the bound on rounding and solver error included in lower and upper, float64.
+        lower: the method's lower bound minus the margin, rounded down, float64, same shape.
+        upper: the method's upper bound plus the margin, rounded up, float64, same shape.
+        margin: the bound on rounding and solver error included in lower and upper (the
+            rounding of the predictions in the model's dtype, ``rounding_margin``), float64.
+        method: "crown", "ibp" or "sensitivity".
+        condition: why the bounds hold here (the method and the condition it needs, with the
+            numbers: acyclic, or lambda_pf(Lambda |A_cc|) < 1 on each loop).
     """
 
     center: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
     margin: np.ndarray
+    method: str = "sensitivity"
+    condition: str = ""
 
 
 def sensitivity(model: ImplicitModel) -> SensitivityReport:
@@ -146,43 +151,130 @@ def weighted_sensitivity(
     return rows, reason, radius
 
 
+METHODS = ("crown", "ibp", "sensitivity")
+
+
 def output_bounds(
-    model: ImplicitModel, u0: Any, sigma: Any, sensitivity_report: SensitivityReport | None = None
+    model: ImplicitModel,
+    u0: Any,
+    sigma: Any,
+    sensitivity_report: SensitivityReport | None = None,
+    method: str | None = None,
 ) -> OutputBounds:
-    """Componentwise bounds on y over the box |u - u0| <= sigma: y(u0) -/+ (S sigma + margin),
-    rounded outward; the margin bounds the rounding of predictions in the model's dtype, so that
-    ``model.predict`` of any sample in the box (default tolerance) lies within the bounds.
+    """Componentwise bounds on y over the box |u - u0| <= sigma, rounded outward; the margin
+    bounds the rounding of predictions in the model's dtype, so that ``model.predict`` of any
+    sample in the box (default tolerance) lies within the bounds.
+
+    Methods (``analysis.crown``, ``analysis.interval``):
+        "crown": linear relaxations back-substituted through the blocks (intermediate bounds
+            by the same pass), loops through the relaxed fixed-point equation; the tightest.
+        "ibp": interval bounds, block by block; loops by their interval fixed point.
+        "sensitivity": y(u0) -/+ S sigma, S = ``sensitivity(model)``: one matrix for every box,
+            valid where the model is Lipschitz, the loosest.
+    crown and ibp hold for any activation whose pre-activations stay in its domain over the box
+    (square, exp, ... included) and, on each cyclic component, when lambda_pf(Lambda |A_cc|) < 1.
 
     Args:
         model: the implicit model.
         u0: the center, one sample or a batch (anything ``model.solve`` takes).
         sigma: the box radius: a scalar, one value per input (p,), or shaped like one sample.
-        sensitivity_report: a precomputed ``sensitivity(model)``, to bound many boxes at the cost of one.
+        sensitivity_report: a precomputed ``sensitivity(model)``, to bound many boxes at the
+            cost of one (method "sensitivity").
+        method: "crown", "ibp" or "sensitivity"; None: "sensitivity" when a sensitivity_report
+            is given, "crown" otherwise.
 
     Raises:
-        AnalysisError: the sensitivity is not valid, or sigma is negative or misshaped.
+        AnalysisError: the method's condition does not hold (named, with the numbers), or sigma
+            is negative or misshaped.
+        ArgumentValueError: an unknown method.
     """
     arguments.real_values(sigma, "sigma")
-    report = sensitivity(model) if sensitivity_report is None else sensitivity_report
-    check_report_shape(model, report)
-    if not report.valid:
-        raise AnalysisError(f"no output bounds: the sensitivity is {report.reason}")
+    if method is None:
+        method = "sensitivity" if sensitivity_report is not None else "crown"
+    method = arguments.choice(method, METHODS, "method")
+    if sensitivity_report is not None and method != "sensitivity":
+        raise ArgumentValueError(
+            f"sensitivity_report is only used by method='sensitivity', got method={method!r}; drop one of them"
+        )
     radius = per_input(model, sigma, "sigma")
     if (radius < 0).any():
         raise AnalysisError(f"sigma: expected nonnegative radii, got minimum {radius.min():.6g}")
     solution = model.solve(u0)
     center = np.asarray(solution.y, dtype=np.float64)
-    state = np.atleast_2d(np.asarray(solution.x, dtype=np.float64))  # (batch, n), n = 0 included
-    inputs = np.abs(flatten_inputs(model.inputs, u0)[0].astype(np.float64))
-    margin = rounding_margin(model, state, inputs, radius, solution.error).reshape(center.shape)
-    reach = report.matrix @ radius + margin
-    lower = np.nextafter(center - reach, -np.inf)
-    upper = np.nextafter(center + reach, np.inf)
-    return OutputBounds(solution.y, lower, upper, margin)
+    inputs = flatten_inputs(model.inputs, u0)[0].astype(np.float64)
+    if method == "sensitivity":
+        report = sensitivity(model) if sensitivity_report is None else sensitivity_report
+        check_report_shape(model, report)
+        if not report.valid:
+            raise AnalysisError(f"no output bounds: the sensitivity is {report.reason}")
+        state = np.atleast_2d(np.asarray(solution.x, dtype=np.float64))  # (batch, n), n = 0 included
+        margin = rounding_margin(model, state, np.abs(inputs), radius, solution.error).reshape(center.shape)
+        reach = report.matrix @ radius + margin
+        low, high, condition = center - reach, center + reach, f"sensitivity: {report.reason}"
+    else:
+        low, high, margin, condition = _relaxed_bounds(model, inputs, radius, method, solution.error)
+        low, high, margin = (value.reshape(center.shape) for value in (low, high, margin))
+    lower = np.nextafter(low, -np.inf)
+    upper = np.nextafter(high, np.inf)
+    return OutputBounds(solution.y, lower, upper, margin, method, condition)
+
+
+def _relaxed_bounds(model: ImplicitModel, inputs: np.ndarray, radius: np.ndarray, method: str, solver_error: float):
+    """(lower - margin, upper + margin, margin, condition) by CROWN or IBP, (batch, q) each."""
+    from .crown import crown_bounds
+    from .interval import Structure, interval_bounds
+    from .relaxation import local_lipschitz
+
+    structure = Structure.of(model)
+    if method == "crown":
+        lower, upper, bounds = crown_bounds(structure, inputs, radius)
+    else:
+        bounds = interval_bounds(structure, inputs, radius)
+        lower, upper = _output_intervals(structure, bounds, inputs, radius)
+    reach = np.maximum(np.abs(bounds.low), np.abs(bounds.high))
+    lipschitz = np.zeros(model.n)
+    for block in model.blocks:
+        lipschitz[block.slice] = local_lipschitz(
+            block.activation, bounds.pre_low[:, block.slice], bounds.pre_high[:, block.slice]
+        ).max(axis=0, initial=0.0)
+        if np.isinf(lipschitz[block.slice]).any():
+            raise AnalysisError(
+                f"no output bounds: block {block.name!r} ({block.activation}) jumps at {block.activation.alpha:g} "
+                "inside its pre-activation range over the box, so rounding a prediction near it can move it by "
+                "the jump; use a smaller box or a continuous activation"
+            )
+    margin = rounding_margin(model, None, np.abs(inputs), radius, solver_error, reach=reach, lipschitz=lipschitz)
+    loops = structure.loops
+    what = "linear relaxations back-substituted through the blocks" if method == "crown" else "interval bounds"
+    condition = f"{method}: {what}; " + (
+        f"{len(loops)} cyclic component(s), each with lambda_pf(Lambda |A_cc|) < 1 (checked), bounded through "
+        "its fixed point"
+        if loops
+        else "the model is acyclic"
+    )
+    return lower - margin, upper + margin, margin, condition
+
+
+def _output_intervals(structure, bounds, inputs: np.ndarray, radius: np.ndarray):
+    """y = C x + D u + b_y over the state intervals and the box, (batch, q) each."""
+    model = structure.model
+    x_mid, x_rad = 0.5 * (bounds.low + bounds.high), 0.5 * (bounds.high - bounds.low)
+    C, D = model.C, model.D
+    middle = (C @ x_mid.T).T + (D @ inputs.T).T + model.bias_y
+    reach = (abs(C) @ x_rad.T).T + abs(D) @ radius
+    size = (abs(C) @ np.abs(x_mid).T).T + (abs(D) @ np.abs(inputs).T).T + np.abs(model.bias_y) + reach
+    pad = _gamma(np.diff(C.indptr) + np.diff(D.indptr) + 2, float(np.finfo(np.float64).eps) / 2) * size
+    return middle - reach - pad, middle + reach + pad
 
 
 def rounding_margin(
-    model: ImplicitModel, state: np.ndarray, inputs: np.ndarray, radius: np.ndarray, solver_error: float
+    model: ImplicitModel,
+    state: np.ndarray | None,
+    inputs: np.ndarray,
+    radius: np.ndarray,
+    solver_error: float,
+    reach: np.ndarray | None = None,
+    lipschitz: np.ndarray | None = None,
 ) -> np.ndarray:
     """A bound, per sample and output, on how far rounding in the model's dtype can move two
     predictions (the center's and a sample's in the box) from the exact outputs: (batch, q).
@@ -205,13 +297,20 @@ def rounding_margin(
     sensitivity-weighted sizes of the states: negligible beside S sigma unless sigma is within
     some ulps of u (LeNet-5, sigma 0.01: 6e-4 of the width in float32, 1e-14 in float64). For
     cyclic models it holds for predictions at the default tolerance.
+
+    CROWN and IBP pass ``reach`` (their bounds on |x| over the box, (batch, n)) and
+    ``lipschitz`` (each state's largest |phi'| over its pre-activation bounds, (n,)) instead of
+    the global ones; their own float64 arithmetic (sums of products over the same rows, with
+    slopes within those constants) has errors of the same form in float64, covered by the safety
+    factor.
     """
     roundoff = float(np.finfo(model.dtype).eps) / 2
     components = execution_order(model)
     A, B, C, D = (abs(m.astype(np.float64, copy=False)) for m in (model.A, model.B, model.C, model.D))
-    lipschitz = lipschitz_per_state(model)
-    spread = solve_identity_minus(model, A, lipschitz * (B @ radius), row_scale=lipschitz, components=components)
-    reach = np.abs(state) + spread
+    if reach is None:
+        lipschitz = lipschitz_per_state(model)
+        spread = solve_identity_minus(model, A, lipschitz * (B @ radius), row_scale=lipschitz, components=components)
+        reach = np.abs(state) + spread
     reach_inputs = inputs + radius
     gamma_x = _gamma(np.diff(model.A.indptr) + np.diff(model.B.indptr) + 2, roundoff)
     gamma_y = _gamma(np.diff(model.C.indptr) + np.diff(model.D.indptr) + 2, roundoff)

@@ -1,0 +1,302 @@
+"""Linear relaxation bounds (CROWN) on the implicit form, acyclic and cyclic parts alike.
+
+To bound a linear function g = Lambda x + Omega u + c of the state from below over the box
+|u - u0| <= sigma, the components are walked in reverse execution order. At component k,
+Lambda_k x_k is replaced by something linear in k's pre-activation z_k:
+
+- acyclic k (x_k = phi(z_k)): with the lines a_lo z + b_lo <= phi(z) <= a_hi z + b_hi on z's
+  bounds (``relaxation.linear_relaxation``), Lambda_k x_k >= (Lambda_k^+ a_lo + Lambda_k^- a_hi) z_k
+  + Lambda_k^+ b_lo + Lambda_k^- b_hi (Lambda^+ / Lambda^-: the positive / negative entries);
+- a loop k (x_k = phi(A_kk x_k + w_k)), two ways, both sound, the tighter kept per bound:
+  "system": with one slope per state, phi(z) = s z + e, e in [e_lo, e_hi] on z's bounds
+  (``relaxation.parallel_relaxation``), every solution obeys x_k = S (A_kk x_k + w_k) + e,
+  that is x_k = (I - S A_kk)^{-1} (S w_k + e), so with mu = (I - S A_kk)^{-T} Lambda_k^T (one
+  sparse solve per sample, for all rows at once): Lambda_k x_k = mu^T S w_k + mu^T e >=
+  mu^T S w_k + mu^+ e_lo + mu^- e_hi. I - S A_kk is invertible: |S| <= Lambda and
+  lambda_pf(Lambda |A_kk|) < 1 (checked by the interval bounds);
+  "blocks": block by block in the loop's order as if acyclic, the terms a block reads from
+  itself and from later blocks of its loop (the feedback) taken at their interval bounds.
+
+Then z_k = A_k,rest x + B_k u + b_k moves the coefficients onto earlier components, the
+inputs and the constant. At the end Omega u >= Omega u0 - |Omega| sigma. Upper bounds are
+minus the lower bounds of -g.
+
+Intermediate bounds: each block's pre-activations are first bounded by intervals
+(``interval``), then, where the relaxation is not exact there (relu and leaky relu rows whose
+bounds straddle 0; every row of the other nonlinear activations), by this same backward pass
+("blocks") from z's own rows, and the tighter of the two is kept. A block reading only the
+inputs is exact by intervals already. A loop starts from its interval fixed point and is then
+narrowed by such passes over its blocks (``interval.refine_loop``): where the feedback is weak
+(a network closed by a small gain) its bounds approach the open network's.
+
+The work is batched over samples and rows, in chunks of at most ``CHUNK_VALUES`` coefficients
+(chunked along rows when one sample's rows are too many). Everything is in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import scipy.sparse.linalg as spla
+
+from .interval import StateBounds, Structure, interval_bounds
+from .relaxation import Lines, linear_relaxation, parallel_relaxation
+
+CHUNK_VALUES = 1 << 23  # float64 coefficients held per chunk (64 MiB)
+DENSE_FRACTION = 0.15  # coefficient matrices denser than this are kept as dense arrays
+
+
+class Relaxations:
+    """The relaxations of the parts, from the current bounds: ``Lines`` per part (cached until
+    ``forget``), and per loop (s, e_lo, e_hi, LU factors of I - S A_kk per sample)."""
+
+    def __init__(self, structure: Structure, bounds: StateBounds | None = None):
+        self.structure = structure
+        self.bounds = bounds
+        self._lines: dict[int, Lines] = {}
+        self._loops: dict[int, tuple] = {}
+        self._dense: dict[int, np.ndarray | None] = {}
+
+    def forget(self, index: int) -> None:
+        self._lines.pop(index, None)
+
+    def lines(self, index: int) -> Lines:
+        if index not in self._lines:
+            part = self.structure.parts[index]
+            states = part.rows.states
+            low, high = self.bounds.pre_low[:, states], self.bounds.pre_high[:, states]
+            self._lines[index] = linear_relaxation(part.activation, low, high)
+        return self._lines[index]
+
+    def loop(self, number: int) -> tuple:
+        if number not in self._loops:
+            loop = self.structure.loops[number]
+            pieces = []
+            for index in loop.parts:
+                part = self.structure.parts[index]
+                states = part.rows.states
+                low, high = self.bounds.pre_low[:, states], self.bounds.pre_high[:, states]
+                pieces.append(parallel_relaxation(part.activation, low, high))
+            slope, e_lo, e_hi = (np.concatenate(values, axis=1) for values in zip(*pieces))
+            matrix = loop.rows.feedback[0][1]
+            identity = sp.eye_array(loop.rows.size, format="csc")
+            factors = [spla.splu(sp.csc_array(identity - matrix.multiply(row[:, None]))) for row in slope]
+            self._loops[number] = (slope, e_lo, e_hi, factors)
+        return self._loops[number]
+
+    def dense_form(self, matrix: sp.csr_array) -> np.ndarray | None:
+        """``matrix`` as a dense array when it is denser than ``DENSE_FRACTION`` (cached), else None."""
+        key = id(matrix)
+        if key not in self._dense:
+            dense = matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]
+            self._dense[key] = matrix.toarray() if dense else None
+        return self._dense[key]
+
+
+def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray):
+    """(lower, upper) of y over the boxes |u - center[i]| <= radius, each (batch, q), with the
+    state bounds used (``StateBounds``, for the rounding margin)."""
+    relaxations = Relaxations(structure)
+
+    def refine(index: int, bounds: StateBounds, low: np.ndarray, high: np.ndarray):
+        relaxations.bounds = bounds
+        relaxations.forget(index)
+        part = structure.parts[index]
+        rows = _rows_to_refine(part, low, high)
+        if rows.size:
+            start = {j: sp.csr_array(block[rows]) for j, block in part.rows.sources + part.rows.feedback}
+            tight_low, tight_high = _bound_linear(
+                relaxations, index - 1, start, sp.csr_array(part.rows.B[rows]), part.rows.bias[rows], center, radius,
+                "blocks",
+            )  # fmt: skip
+            low[:, rows] = np.maximum(low[:, rows], tight_low)
+            high[:, rows] = np.minimum(high[:, rows], tight_high)
+        return low, high
+
+    bounds = interval_bounds(structure, center, radius, refine=refine)
+    relaxations = Relaxations(structure, bounds)
+    model = structure.model
+    start = {index: sp.csr_array(model.C[:, part.rows.states]) for index, part in enumerate(structure.parts)}
+    start = {index: block for index, block in start.items() if block.nnz}
+    arguments = (relaxations, len(structure.parts) - 1, start, model.D, model.bias_y, center, radius)
+    lower, upper = _bound_linear(*arguments, "blocks")
+    if structure.loops:
+        other_lower, other_upper = _bound_linear(*arguments, "system")
+        lower, upper = np.maximum(lower, other_lower), np.minimum(upper, other_upper)
+    return lower, upper, bounds
+
+
+def _rows_to_refine(part, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Local rows whose relaxation is not exact over [low, high] in some sample."""
+    name = part.activation.name
+    if name == "identity":
+        return np.zeros(0, dtype=np.int64)
+    if name in ("relu", "leaky_relu"):
+        return np.flatnonzero(((low < 0) & (high > 0)).any(axis=0))
+    return np.arange(part.rows.size)
+
+
+def _bound_linear(relaxations, last, start, input_matrix, constant, center, radius, loops):
+    """Lower and upper bounds of g = sum_j start[j] x_j + input_matrix u + constant, (batch, rows),
+    back-substituted from part ``last`` down; coefficients on parts after ``last`` (a block's
+    feedback) are taken at their interval bounds. ``loops``: "blocks" or "system"."""
+    structure = relaxations.structure
+    rows, batch = input_matrix.shape[0], center.shape[0]
+    upstream = sum(structure.parts[j].rows.size for j in range(last + 1)) + center.shape[1] + 1
+    lower, upper = np.empty((batch, rows)), np.empty((batch, rows))
+    row_chunk = max(1, min(rows, CHUNK_VALUES // (2 * upstream)))
+    constant = np.asarray(constant, dtype=np.float64)
+    for first_row in range(0, rows, row_chunk):
+        chunk_rows = slice(first_row, min(rows, first_row + row_chunk))
+        signed = {j: sp.csr_array(sp.vstack([m[chunk_rows], -m[chunk_rows]])) for j, m in start.items()}
+        signed_inputs = sp.csr_array(sp.vstack([input_matrix[chunk_rows], -input_matrix[chunk_rows]]))
+        signed_constant = np.concatenate([constant[chunk_rows], -constant[chunk_rows]])
+        count = 2 * (chunk_rows.stop - chunk_rows.start)
+        sample_chunk = max(1, CHUNK_VALUES // (count * upstream))
+        for first in range(0, batch, sample_chunk):
+            samples = slice(first, min(batch, first + sample_chunk))
+            walk = _Walk(relaxations, samples, count, center[samples], loops)
+            bound = walk.run(last, signed, signed_inputs, signed_constant, radius)
+            half = count // 2
+            lower[samples, chunk_rows] = bound[:, :half]
+            upper[samples, chunk_rows] = -bound[:, half:]
+    return lower, upper
+
+
+class _Walk:
+    """One backward pass for a chunk of samples: the coefficients of all samples stacked
+    row-wise (sample-major), as CSR while they are sparse (convolutions reach few states) and
+    dense beyond ``DENSE_FRACTION``."""
+
+    def __init__(self, relaxations: Relaxations, samples: slice, count: int, center: np.ndarray, loops: str):
+        self.relaxations, self.structure = relaxations, relaxations.structure
+        self.samples, self.count, self.center, self.loops = samples, count, center, loops
+        self.batch = center.shape[0]
+        self.sample_of_row = np.repeat(np.arange(self.batch), count)
+
+    def run(self, last, start, input_coefficients, constant, radius) -> np.ndarray:
+        """Lower bounds of the rows, (samples, count)."""
+        structure = self.structure
+        coefficients = {j: _densify(_tile(value, self.batch)) for j, value in start.items()}
+        self.inputs = _densify(_tile(input_coefficients, self.batch))
+        self.total = np.tile(constant, self.batch)
+        for j in [j for j in coefficients if j > last]:  # a block's feedback: at its intervals
+            self._concretize(j, coefficients.pop(j))
+        index = last
+        while index >= 0:
+            part = structure.parts[index]
+            if part.loop is not None and self.loops == "system":
+                loop = structure.loops[part.loop]
+                self._through_loop(loop, part.loop, coefficients)
+                index = loop.parts.start - 1
+                continue
+            if index in coefficients:
+                through = self._through_lines(self.relaxations.lines(index), coefficients.pop(index))
+                self._push(part.rows, through, coefficients)
+                for j, block in part.rows.feedback:
+                    self._concretize(j, _times(through, block, self.relaxations))
+            index -= 1
+        inputs = self.inputs
+        if sp.issparse(inputs):
+            entry_rows = np.repeat(np.arange(inputs.shape[0]), np.diff(inputs.indptr))
+            values = inputs.data * self.center[self.sample_of_row[entry_rows], inputs.indices]
+            nominal = np.bincount(entry_rows, values, minlength=inputs.shape[0])
+            spread = abs(inputs) @ radius
+        else:
+            nominal = np.einsum("rp,rp->r", inputs, self.center[self.sample_of_row])
+            spread = np.abs(inputs) @ radius
+        return (nominal - spread + self.total).reshape(self.batch, self.count)
+
+    def _push(self, rows, through, coefficients) -> None:
+        """Coefficients on z = sum_j A_j x_j + B u + b moved onto the sources, inputs and constant."""
+        for source, block in rows.sources:
+            coefficients[source] = _densify(_add(coefficients.get(source), _times(through, block, self.relaxations)))
+        self.inputs = _densify(_add(self.inputs, _times(through, rows.B, self.relaxations)))
+        self.total += through @ rows.bias
+
+    def _concretize(self, index: int, weights) -> None:
+        """Lambda x_j >= Lambda^+ x_low + Lambda^- x_high at part j's interval bounds."""
+        states = self.structure.parts[index].rows.states
+        bounds = self.relaxations.bounds
+        low, high = bounds.low[self.samples][:, states], bounds.high[self.samples][:, states]
+        self.total += _weighted(weights, low, high, self.sample_of_row)
+
+    def _through_lines(self, lines: Lines, weights):
+        """The coefficients on z of Lambda x >= (Lambda^+ a_lo + Lambda^- a_hi) z + Lambda^+ b_lo +
+        Lambda^- b_hi; the intercepts' part is added to the total."""
+        samples, rows = self.samples, self.sample_of_row
+        self.total += _weighted(weights, lines.lower_intercept[samples], lines.upper_intercept[samples], rows)
+        lower_slope, upper_slope = lines.lower_slope[samples], lines.upper_slope[samples]
+        if sp.issparse(weights):
+            entry_rows = np.repeat(np.arange(weights.shape[0]), np.diff(weights.indptr))
+            at = (rows[entry_rows], weights.indices)
+            slope = np.where(weights.data > 0, lower_slope[at], upper_slope[at])
+            return sp.csr_array((weights.data * slope, weights.indices, weights.indptr), shape=weights.shape)
+        return weights * np.where(weights > 0, lower_slope[rows], upper_slope[rows])
+
+    def _through_loop(self, loop, number: int, coefficients) -> None:
+        """mu = (I - S A_kk)^{-T} Lambda_k^T per sample; mu^+ e_lo + mu^- e_hi added to the
+        total; S mu pushed onto w_k = A_k,rest x + B u + b."""
+        slope, e_lo, e_hi, factors = self.relaxations.loop(number)
+        pieces = []
+        for index in loop.parts:
+            weights = coefficients.pop(index, None)
+            size = self.structure.parts[index].rows.size
+            if weights is None:
+                pieces.append(np.zeros((self.batch * self.count, size)))
+            else:
+                pieces.append(weights.toarray() if sp.issparse(weights) else weights)
+        weights = np.concatenate(pieces, axis=1)
+        mu = np.empty_like(weights)
+        for k, sample in enumerate(range(self.samples.start, self.samples.stop)):
+            rows = slice(k * self.count, (k + 1) * self.count)
+            mu[rows] = factors[sample].solve(np.ascontiguousarray(weights[rows].T), trans="T").T
+        samples = self.samples
+        self.total += _weighted(mu, e_lo[samples], e_hi[samples], self.sample_of_row)
+        self._push(loop.rows, mu * slope[samples][self.sample_of_row], coefficients)
+
+
+def _weighted(weights, low: np.ndarray, high: np.ndarray, sample_of_row: np.ndarray) -> np.ndarray:
+    """Per row r: sum_m (weights^+ low + weights^- high)[r, m], low/high of row r's sample."""
+    if sp.issparse(weights):
+        entry_rows = np.repeat(np.arange(weights.shape[0]), np.diff(weights.indptr))
+        at = (sample_of_row[entry_rows], weights.indices)
+        values = weights.data * np.where(weights.data > 0, low[at], high[at])
+        return np.bincount(entry_rows, values, minlength=weights.shape[0])
+    return np.einsum("rm,rm->r", np.maximum(weights, 0), low[sample_of_row]) + np.einsum(
+        "rm,rm->r", np.minimum(weights, 0), high[sample_of_row]
+    )
+
+
+def _tile(matrix: sp.csr_array, times: int) -> sp.csr_array:
+    """The rows of ``matrix`` repeated ``times`` times (one copy per sample)."""
+    return sp.csr_array(sp.vstack([matrix] * times)) if times > 1 else matrix
+
+
+def _densify(matrix):
+    """A dense array when ``matrix`` is sparse but denser than ``DENSE_FRACTION``."""
+    if sp.issparse(matrix) and matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]:
+        return matrix.toarray()
+    return matrix
+
+
+def _add(left, right):
+    if left is None:
+        return right
+    if sp.issparse(left) and sp.issparse(right):
+        return sp.csr_array(left + right)
+    if sp.issparse(left):
+        left = left.toarray()
+    if sp.issparse(right):
+        right = right.toarray()
+    return left + right
+
+
+def _times(coefficients, matrix: sp.csr_array, relaxations: Relaxations):
+    """coefficients @ matrix: sparse by sparse stays sparse; dense by a dense-ish matrix by BLAS."""
+    if sp.issparse(coefficients):
+        return sp.csr_array(coefficients @ matrix)
+    dense = relaxations.dense_form(matrix)
+    if dense is not None:
+        return coefficients @ dense
+    return np.asarray(matrix.T @ coefficients.T).T
