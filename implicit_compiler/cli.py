@@ -284,6 +284,45 @@ def command_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_bounds(args: argparse.Namespace) -> int:
+    from . import viz
+    from .analysis import certify_robustness, output_bounds
+
+    saved = _numpy_path(args.save, ".npz") if args.save else None
+    if saved:
+        _check_writable(saved, args.overwrite)
+    if args.output:
+        _check_writable(Path(args.output), args.overwrite, folder_needed=False)  # viz creates folders
+    model = _load_model(args.model, args)
+    u0 = np.load(args.input, allow_pickle=False)
+    start = time.perf_counter()
+    bounds = output_bounds(model, u0, args.eps, method=args.method)
+    seconds = time.perf_counter() - start
+    lower, upper, center = (np.atleast_2d(a) for a in (bounds.lower, bounds.upper, bounds.center))
+    print(f"{bounds.method} bounds over |u - u0| <= {args.eps:g}, {lower.shape[0]} sample(s) in {seconds:.2f} s")
+    print(f"  {bounds.condition}")
+    print(f"  mean width {float(np.mean(upper - lower)):.6g}, largest {float(np.max(upper - lower, initial=0)):.6g}")
+    verdicts = None
+    if model.q >= 2 and args.method != "sensitivity":
+        verdicts = certify_robustness(model, u0, args.eps, method=args.method).verdicts
+    np.set_printoptions(precision=5, suppress=True, threshold=200, linewidth=120)
+    for index in range(min(lower.shape[0], args.show)):
+        verdict = f" - {verdicts[index]}" if verdicts else ""
+        print(f"sample {index}{verdict}")
+        print(f"  nominal {center[index]}\n  lower   {lower[index]}\n  upper   {upper[index]}")
+    if verdicts:
+        counts = {name: verdicts.count(name) for name in dict.fromkeys(verdicts)}
+        print("verdicts: " + ", ".join(f"{count} {name}" for name, count in counts.items()))
+    if saved:
+        arrays = {"lower": lower, "upper": upper, "center": center, "margin": np.atleast_2d(bounds.margin)}
+        _save_arrays(saved, arrays, args.overwrite)
+        print(f"wrote {saved}")
+    if args.output:
+        viz.bounds_plot(bounds, args.output, overwrite=args.overwrite)
+        print(f"wrote {args.output}")
+    return EXIT_OK
+
+
 def command_ops(args: argparse.Namespace) -> int:
     from .frontend import supported_ops_table
 
@@ -392,6 +431,16 @@ def build_parser() -> argparse.ArgumentParser:
     model_argument(sub)
     sub.add_argument("-o", "--output", help="a PNG with one image per output")
     sub.add_argument("--save-matrix", metavar="S.npy", help="save the q x p matrix as .npy")
+    sub.add_argument("--overwrite", action="store_true")
+
+    sub = add("bounds", command_bounds, "certified output bounds over the box |u - u0| <= eps (CROWN by default)")
+    model_argument(sub)
+    sub.add_argument("input", help=".npy with u0: one sample or a batch")
+    sub.add_argument("--eps", type=float, required=True, help="the l_inf radius of the box")
+    sub.add_argument("--method", choices=("crown", "ibp", "sensitivity"), default="crown")
+    sub.add_argument("--show", type=int, default=5, help="samples to print (default 5)")
+    sub.add_argument("-o", "--output", help="a PNG of the first sample's bounds per output beside its nominal outputs")
+    sub.add_argument("--save", metavar="BOUNDS.npz", help="save lower, upper, center and margin")
     sub.add_argument("--overwrite", action="store_true")
 
     sub = add("compose", command_compose, "compose saved models: cascade, parallel, add, multiply, feedback")

@@ -567,6 +567,61 @@ def _figure(size_px: tuple[int, int]) -> Figure:
     return figure
 
 
+def bounds_plot(
+    bounds: Any,
+    path: str | Path,
+    *,
+    sample: int = 0,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Draw certified output bounds per class beside the nominal outputs of one sample.
+
+    Args:
+        bounds: an ``OutputBounds`` (``analysis.output_bounds``).
+        path: where to write the PNG (parent folders are created).
+        sample: which sample of a batch.
+        class_names: one label per output (default 0..q-1).
+        title: the figure title (default: the method).
+        overwrite: replace an existing file; by default an existing file (or symbolic link) is
+            left as it is and ``OverwriteError`` raised.
+
+    Returns:
+        The path written, 1200 x 750 pixels.
+
+    Raises:
+        ShapeError: no such sample, or class_names do not match the outputs.
+    """
+    path = _check_target(path, overwrite)
+    arrays = (bounds.center, bounds.lower, bounds.upper)
+    center, lower, upper = (np.atleast_2d(np.asarray(a, dtype=np.float64)) for a in arrays)
+    if not 0 <= sample < center.shape[0]:
+        raise ShapeError(f"sample: expected an index in [0, {center.shape[0]}), got {sample}")
+    center, lower, upper = center[sample], lower[sample], upper[sample]
+    names = [str(k) for k in range(center.size)] if class_names is None else [str(name) for name in class_names]
+    if len(names) != center.size:
+        raise ShapeError(f"expected {center.size} class names (one per output), got {len(names)}")
+    figure = _figure(RESIDUAL_SIZE_PX)
+    axes = figure.add_subplot()
+    positions = np.arange(center.size)
+    best = int(center.argmax())
+    colors = ["tab:red" if k == best else "tab:blue" for k in positions]
+    axes.vlines(positions, lower, upper, colors=colors, linewidth=6, alpha=0.45, label="certified bounds")
+    axes.scatter(positions, center, color="black", zorder=3, s=18, label="nominal output")
+    robust = lower[best] > np.delete(upper, best).max(initial=-np.inf)
+    axes.axhline(lower[best], color="tab:red", linestyle=":", linewidth=1.0, label="lower bound of the top class")
+    axes.set_xticks(positions, names)
+    axes.set_xlabel("output")
+    axes.set_ylabel("value over the box")
+    method = getattr(bounds, "method", "")
+    verdict = "robust (bounds separate)" if robust else "bounds overlap"
+    axes.set_title(title or f"{method} bounds, sample {sample}: {verdict}")
+    axes.grid(True, axis="y", alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save(figure, path, overwrite)
+
+
 def _check_target(path: str | Path, overwrite: bool) -> Path:
     """Refuse an existing path before drawing; a dangling symbolic link counts as existing."""
     path = Path(path)

@@ -273,3 +273,92 @@ def test_method_argument(rng):
     assert output_bounds(model, np.zeros(3), 0.1, sensitivity_report=report).method == "sensitivity"
     with pytest.raises(ArgumentValueError, match="sensitivity_report is only used"):
         output_bounds(model, np.zeros(3), 0.1, sensitivity_report=report, method="crown")
+
+
+# ----------------------------------------------------------------------------- robustness
+def test_robustness_margins_hold_and_beat_differences_of_bounds(rng):
+    """Lower bounds of y_c - y_j: no sample goes below; as CROWN rows they are at least as tight
+    as lower_c - upper_j; a wrong label is reported as misclassified."""
+    from implicit_compiler.analysis import certify_robustness
+
+    model = mlp(rng, (4, 16, 16, 3), ["relu", "relu"])
+    centers = rng.normal(size=(5, 4))
+    eps = 0.05
+    report = certify_robustness(model, centers, eps)
+    bounds = output_bounds(model, centers, eps)
+    for k in range(5):
+        c = report.labels[k]
+        y = model.predict(box(rng, centers[k], eps))
+        differences = y[:, [c]] - y
+        others = np.arange(3) != c
+        assert (differences[:, others] >= report.margins[k, others]).all()
+        assert (report.margins[k, others] >= bounds.lower[k, c] - bounds.upper[k, others] - 1e-9).all()
+        if report.verdicts[k] == "robust":
+            assert (y.argmax(axis=1) == c).all()
+    assert report.verdicts == tuple("robust" if (m > 0).all() else "not proved" for m in report.margins)
+    wrong = certify_robustness(model, centers[:1], eps, labels=(report.predictions[0] + 1) % 3)
+    assert wrong.verdicts == ("misclassified",)
+
+
+def test_the_plot_of_bounds(rng, tmp_path):
+    from implicit_compiler import viz
+    from implicit_compiler.errors import OverwriteError
+
+    model = mlp(rng, (4, 8, 3), ["relu"])
+    bounds = output_bounds(model, rng.normal(size=(2, 4)), 0.1)
+    path = viz.bounds_plot(bounds, tmp_path / "b.png", sample=1)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(OverwriteError):
+        viz.bounds_plot(bounds, tmp_path / "b.png")
+
+
+# ----------------------------------------------------------------------------- the zoo's LeNet-5
+@pytest.fixture(scope="module")
+def lenet5_digits():
+    import sys
+    from pathlib import Path
+
+    import implicit_compiler as ic
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "zoo"))
+    from data import load_digits_32x32
+
+    _, _, images, labels = load_digits_32x32()
+    return ic.from_onnx(root / "zoo" / "lenet5.onnx"), images[:2].astype(np.float64), labels[:2]
+
+
+def test_lenet5_crown_bounds_hold_in_float32(lenet5_digits, rng):
+    model, images, _ = lenet5_digits
+    model = model.astype(np.float32)
+    eps = 0.01
+    bounds = output_bounds(model, images[:1], eps)
+    samples = images[:1] + rng.uniform(-eps, eps, size=(400, *images.shape[1:]))
+    samples[:2] = images[:1] + eps * np.sign(rng.normal(size=(2, *images.shape[1:])))
+    assert_contains(bounds, model.predict(samples.astype(np.float32)).reshape(-1, 10)[:, None, :][:, 0])
+    ibp = output_bounds(model, images[:1], eps, method="ibp")
+    assert (bounds.upper - bounds.lower).mean() <= 0.5 * (ibp.upper - ibp.lower).mean()
+
+
+def test_lenet5_in_a_feedback_loop_keeps_the_open_networks_bounds(lenet5_digits, rng):
+    """The issue's target: LeNet-5 closed by u = v + K y (lambda_pf(|A'|) = 0.9, the gain of
+    scripts/demo_feedback.py): valid CROWN bounds, within 2x of the open network's widths."""
+    import implicit_compiler as ic
+    from implicit_compiler.analysis import perron_frobenius_eigenvalue
+
+    model, images, _ = lenet5_digits
+    pattern = np.random.default_rng(0).normal(size=(model.p, model.q)) / np.sqrt(model.p)
+    low, high = 0.0, 1e-3  # bisection on the gain for lambda_pf(|A'|) = 0.9
+    for _ in range(30):
+        middle = (low + high) / 2
+        value = perron_frobenius_eigenvalue(abs(ic.feedback(model, middle * pattern).A))
+        low, high = (middle, high) if value < 0.9 else (low, middle)
+    closed = ic.feedback(model, low * pattern)
+    eps = 0.01
+    open_bounds = output_bounds(model, images[:1], eps)
+    closed_bounds = output_bounds(closed, images[:1], eps)
+    assert "cyclic component" in closed_bounds.condition
+    samples = images[:1] + rng.uniform(-eps, eps, size=(200, *images.shape[1:]))
+    assert_contains(closed_bounds, closed.predict(samples, tol=1e-12))
+    ratio = (closed_bounds.upper - closed_bounds.lower).mean() / (open_bounds.upper - open_bounds.lower).mean()
+    assert ratio <= 2.0, ratio

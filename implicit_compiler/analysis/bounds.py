@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from .. import arguments
 from ..errors import AnalysisError, ArgumentValueError
@@ -212,25 +213,33 @@ def output_bounds(
         reach = report.matrix @ radius + margin
         low, high, condition = center - reach, center + reach, f"sensitivity: {report.reason}"
     else:
-        low, high, margin, condition = _relaxed_bounds(model, inputs, radius, method, solution.error)
+        low, high, margin, condition = relaxed_bounds(model, inputs, radius, method, solution.error)
         low, high, margin = (value.reshape(center.shape) for value in (low, high, margin))
     lower = np.nextafter(low, -np.inf)
     upper = np.nextafter(high, np.inf)
     return OutputBounds(solution.y, lower, upper, margin, method, condition)
 
 
-def _relaxed_bounds(model: ImplicitModel, inputs: np.ndarray, radius: np.ndarray, method: str, solver_error: float):
-    """(lower - margin, upper + margin, margin, condition) by CROWN or IBP, (batch, q) each."""
+def relaxed_bounds(
+    model: ImplicitModel,
+    inputs: np.ndarray,
+    radius: np.ndarray,
+    method: str,
+    solver_error: float,
+    objective: np.ndarray | None = None,
+):
+    """(lower - margin, upper + margin, margin, condition) of R y by CROWN or IBP, (batch, r)
+    each; R = ``objective`` (r, q), the identity by default."""
     from .crown import crown_bounds
     from .interval import Structure, interval_bounds
     from .relaxation import local_lipschitz
 
     structure = Structure.of(model)
     if method == "crown":
-        lower, upper, bounds = crown_bounds(structure, inputs, radius)
+        lower, upper, bounds = crown_bounds(structure, inputs, radius, objective)
     else:
         bounds = interval_bounds(structure, inputs, radius)
-        lower, upper = _output_intervals(structure, bounds, inputs, radius)
+        lower, upper = _output_intervals(structure, bounds, inputs, radius, objective)
     reach = np.maximum(np.abs(bounds.low), np.abs(bounds.high))
     lipschitz = np.zeros(model.n)
     for block in model.blocks:
@@ -244,6 +253,8 @@ def _relaxed_bounds(model: ImplicitModel, inputs: np.ndarray, radius: np.ndarray
                 "the jump; use a smaller box or a continuous activation"
             )
     margin = rounding_margin(model, None, np.abs(inputs), radius, solver_error, reach=reach, lipschitz=lipschitz)
+    if objective is not None:
+        margin = margin @ np.abs(objective).T
     loops = structure.loops
     what = "linear relaxations back-substituted through the blocks" if method == "crown" else "interval bounds"
     condition = f"{method}: {what}; " + (
@@ -255,14 +266,15 @@ def _relaxed_bounds(model: ImplicitModel, inputs: np.ndarray, radius: np.ndarray
     return lower - margin, upper + margin, margin, condition
 
 
-def _output_intervals(structure, bounds, inputs: np.ndarray, radius: np.ndarray):
-    """y = C x + D u + b_y over the state intervals and the box, (batch, q) each."""
+def _output_intervals(structure, bounds, inputs: np.ndarray, radius: np.ndarray, objective=None):
+    """R y = R C x + R D u + R b_y over the state intervals and the box, (batch, r) each."""
     model = structure.model
     x_mid, x_rad = 0.5 * (bounds.low + bounds.high), 0.5 * (bounds.high - bounds.low)
-    C, D = model.C, model.D
-    middle = (C @ x_mid.T).T + (D @ inputs.T).T + model.bias_y
+    R = sp.csr_array(sp.eye_array(model.q) if objective is None else objective)
+    C, D, bias = sp.csr_array(R @ model.C), sp.csr_array(R @ model.D), R @ model.bias_y
+    middle = (C @ x_mid.T).T + (D @ inputs.T).T + bias
     reach = (abs(C) @ x_rad.T).T + abs(D) @ radius
-    size = (abs(C) @ np.abs(x_mid).T).T + (abs(D) @ np.abs(inputs).T).T + np.abs(model.bias_y) + reach
+    size = (abs(C) @ np.abs(x_mid).T).T + (abs(D) @ np.abs(inputs).T).T + np.abs(bias) + reach
     pad = _gamma(np.diff(C.indptr) + np.diff(D.indptr) + 2, float(np.finfo(np.float64).eps) / 2) * size
     return middle - reach - pad, middle + reach + pad
 

@@ -93,9 +93,11 @@ class Relaxations:
         return self._dense[key]
 
 
-def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray):
-    """(lower, upper) of y over the boxes |u - center[i]| <= radius, each (batch, q), with the
-    state bounds used (``StateBounds``, for the rounding margin)."""
+def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, objective: np.ndarray | None = None):
+    """(lower, upper) of R y over the boxes |u - center[i]| <= radius, each (batch, r), with
+    the state bounds used (``StateBounds``, for the rounding margin); R = ``objective`` (r, q),
+    the identity by default (margins y_i - y_j bound tighter as rows of R than as differences
+    of bounds)."""
     relaxations = Relaxations(structure)
 
     def refine(index: int, bounds: StateBounds, low: np.ndarray, high: np.ndarray):
@@ -116,9 +118,11 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray):
     bounds = interval_bounds(structure, center, radius, refine=refine)
     relaxations = Relaxations(structure, bounds)
     model = structure.model
-    start = {index: sp.csr_array(model.C[:, part.rows.states]) for index, part in enumerate(structure.parts)}
+    R = sp.csr_array(sp.eye_array(model.q) if objective is None else objective)
+    C, D = sp.csr_array(R @ model.C), sp.csr_array(R @ model.D)
+    start = {index: sp.csr_array(C[:, part.rows.states]) for index, part in enumerate(structure.parts)}
     start = {index: block for index, block in start.items() if block.nnz}
-    arguments = (relaxations, len(structure.parts) - 1, start, model.D, model.bias_y, center, radius)
+    arguments = (relaxations, len(structure.parts) - 1, start, D, R @ model.bias_y, center, radius)
     lower, upper = _bound_linear(*arguments, "blocks")
     if structure.loops:
         other_lower, other_upper = _bound_linear(*arguments, "system")
