@@ -88,7 +88,7 @@ def _check_op_axes(node: NodeView, axes: dict[str, int | None], constant, rank) 
             contracted = (1 - position) if not node.attr(transposed, 0) else position
             if axis is not None and axis == contracted:
                 _refuse(node, axis, f"Gemm sums over axis {axis} of operand {position}", "contract feature axes only")
-    folded_norm = node.proto.domain == PATTERN_DOMAIN and op == "LayerNormalization"  # patterns.py: axes
+    folded_norm = node.proto.domain == PATTERN_DOMAIN and op == "LayerNormalization"  # patterns/layer_norm.py: axes
     if op == "LayerNormalization" and not folded_norm and first is not None and rank(inputs[0]) is not None:
         normalized = node.attr("axis", -1) % rank(inputs[0])
         if first >= normalized:
