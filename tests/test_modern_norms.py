@@ -96,6 +96,26 @@ def test_size_of_layer_normalization():
         print(f"LayerNorm {shape} axis {axis}: n={compiled.n} nnz(A)={compiled.A.nnz} nnz(B)={compiled.B.nnz}")
 
 
+def test_long_centred_rows_are_kept_as_states():
+    """LayerNorm of a dense MatMul's output (rows of 32 non-zeros): three blocks read the centred
+    values, so they are kept as identity states (one copy of the long rows) and the squares and
+    log_positive rows read one state each; a short input (x itself) stays folded."""
+    w = numpy_helper.from_array(RNG.standard_normal((32, 32)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("LayerNormalization", ["h", "s"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "g", [float_value("x", ["N", 4, 32])], [float_value("y", None)], [w, _weight("s", (32,))]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled = assert_matches_onnxruntime(model)
+    blocks = {block.name: block for block in compiled.blocks}
+    assert blocks["y/centred"].activation.name == "identity" and blocks["y/centred"].size == 4 * 32
+    A = compiled.A.tocsr()
+    for name in ("y/centred_squared", "y/log_positive", "y/log_negative"):
+        assert np.all(np.diff(A.indptr[blocks[name].start : blocks[name].stop + 1]) == 1), name
+    short = _norm_model("LayerNormalization", (4, 32), dict(axis=-1), [_weight("s", (32,))], 17)
+    assert "y/centred" not in {block.name for block in ic.from_onnx(short).blocks}
+
+
 def test_size_estimate_of_layer_normalization_is_within_twice_the_model():
     from implicit_compiler.frontend.estimate import estimate_nonzeros
     from implicit_compiler.frontend.graph import prepare

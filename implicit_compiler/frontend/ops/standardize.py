@@ -15,7 +15,9 @@ Per group of entries x_1..x_k:
                                         folding it into every centred row would cost more
                                         non-zeros, ``FOLD_GROWTH_LIMIT``: one state saves k - 1
                                         non-zeros in each of 3k rows)
-    c_j = x_j - mu                      linear
+    c_j = x_j - mu                      linear (kept as an identity state per entry when its
+                                        rows are long, ``FOLD_GROWTH_LIMIT``: three blocks read
+                                        them, e.g. a transformer's residual stream)
     q_j = c_j^2                         one ``square`` state per entry
     v   = (1/k) sum q_j                 linear (the centred form: no E[x^2] - E[x]^2 cancellation)
     l   = log(v + eps)                  one ``log`` state per group; L = -l/2 = log rsqrt(v + eps)
@@ -28,8 +30,8 @@ with r = rsqrt(v + eps). For c_j > 0 the first exp is c_j r and the second f r (
 way round for c_j < 0; both f r at c_j = 0): the absolute error is at most f r <= 2**-1022 /
 sqrt(eps), below anything float32 or float64 can hold next to a standardized value of size ~1.
 
-States: 5k + 1 per group (+1 with a mean state; + 1, an rsqrt, where LayerNormalization's
-InvStdDev output is used), e.g. LayerNorm over 32 features: 162 per token. (Through the square
+States: 5k + 1 per group (+1 with a mean state, +k with centred states; + 1, an rsqrt, where
+LayerNormalization's InvStdDev output is used), e.g. LayerNorm over 32 features: 162 per token. (Through the square
 identity, c_j r = ((c_j/s + r s)^2 - q_j/s^2 - r^2 s^2) / 2, it was 2k + 2: 66 per token.)
 
 Precision: the product is formed in the log domain, so its relative error does not depend on
@@ -82,6 +84,8 @@ def standardize(
     if _keep_mean_as_state(flat, k):
         mean = ctx.create_block(mean, "identity", name=f"{name}/mean")
     centred = flat.reshape((groups, k)) - _per_entry(mean, k)
+    if _keep_centred_as_states(centred):
+        centred = ctx.create_block(centred, "identity", name=f"{name}/centred")
     squares = ctx.create_block(centred, "square", name=f"{name}/centred_squared")
     variance = squares.reshape((x.size,)).map(_group_means(groups, k), (groups,)).shift(epsilon)
     log_variance = ctx.create_block(variance, "log", name=f"{name}/log_variance")
@@ -107,6 +111,15 @@ def _keep_mean_as_state(flat: Affine, k: int) -> bool:
     holds the whole group's rows, kept each holds its own entry's and the mean state."""
     folded = 3 * k * flat.coefficients.nnz
     kept = flat.coefficients.nnz + 3 * (flat.coefficients.nnz + flat.size)
+    return folded > FOLD_GROWTH_LIMIT * kept
+
+
+def _keep_centred_as_states(centred: Affine) -> bool:
+    """Whether an identity state per entry for c_j costs fewer non-zeros: three blocks read the
+    centred rows (the squares and the two log_positive blocks), each a copy of them when folded;
+    kept, one copy and three reads of one state. (A residual stream's rows hold hundreds.)"""
+    folded = 3 * centred.coefficients.nnz
+    kept = centred.coefficients.nnz + 3 * centred.size
     return folded > FOLD_GROWTH_LIMIT * kept
 
 
