@@ -39,7 +39,13 @@ silu              z sigmoid(z)                           ~ 1.0998
 mish              z tanh(softplus(z))                    ~ 1.0885
 power(p)          z**p (NaN for z < 0 and p not whole)   1 if p = 1, 0 if p = 0, else inf
 thresholded_relu  z if z > a else 0                      1 if a = 0, else inf (a jump)
+log_positive      log(max(z, 2**-1022))                  inf
 ================= ====================================== =========================
+
+``log_positive`` is log where z is positive and log(2**-1022) ~ -708.4 (float64's smallest
+normal number: above it lies every positive float32) where it is not, so that its states are
+never -inf nor NaN (NaN stays NaN): the normalizations take the log of a centred value c and of
+-c, one of them <= 0, and exponentiate it plus a log scale (``frontend.ops.standardize``).
 
 Every phi is evaluated in float64 (and rounded to the model's dtype), in numerically stable
 forms. Outside its domain phi gives what IEEE arithmetic and ONNX give (log(-1) = NaN,
@@ -66,6 +72,7 @@ ACTIVATION_NAMES = (
     "identity", "relu", "leaky_relu", "tanh", "sigmoid", "square",
     "exp", "log", "reciprocal", "sqrt", "rsqrt", "erf", "gelu", "gelu_tanh", "elu", "selu", "celu",
     "softplus", "softsign", "hard_sigmoid", "hard_swish", "silu", "mish", "power", "thresholded_relu",
+    "log_positive",
 )  # fmt: skip
 
 # The parameters of each parameterised activation, with their defaults (those of ONNX; None:
@@ -81,6 +88,8 @@ PARAMETERS = {
 }
 
 GELU_TANH_SCALE = math.sqrt(2 / math.pi)
+# log_positive(z) = log(max(z, LOG_POSITIVE_FLOOR)): the smallest normal float64, 2**-1022
+LOG_POSITIVE_FLOOR = float(np.finfo(np.float64).tiny)
 GELU_TANH_CUBIC = 0.044715
 
 # sup |phi'| of the smooth activations without a closed form, maximised numerically (scipy,
@@ -143,7 +152,7 @@ class Activation:
             return alpha
         if name == "thresholded_relu" and alpha == 0:
             return 1.0
-        return math.inf  # square, exp, log, reciprocal, sqrt, rsqrt, other powers, jumps
+        return math.inf  # square, exp, log, log_positive, reciprocal, sqrt, rsqrt, other powers, jumps
 
     @property
     def positively_homogeneous(self) -> bool:
@@ -237,6 +246,8 @@ def _evaluate(name: str, z: np.ndarray, alpha: float | None, beta: float | None)
         return np.power(z, alpha)
     if name == "thresholded_relu":
         return np.where(z > alpha, z, 0.0)
+    if name == "log_positive":  # (np.maximum keeps NaN)
+        return np.log(np.maximum(z, LOG_POSITIVE_FLOOR))
     raise AssertionError(name)  # pragma: no cover - the old activations are in apply_inplace
 
 
@@ -272,6 +283,7 @@ def _derivative(name: str, z: np.ndarray, alpha: float | None, beta: float | Non
         "silu": lambda: special.expit(z) * (1 + z * special.expit(-z)),
         "power": lambda: alpha * np.power(z, alpha - 1) if alpha != 0 else 0 * one,
         "thresholded_relu": lambda: (z > alpha) * one,
+        "log_positive": lambda: np.where(z > LOG_POSITIVE_FLOOR, 1.0 / z, 0.0),
     }
     if name in simple:
         return np.asarray(simple[name](), dtype=np.float64) * one

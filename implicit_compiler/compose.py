@@ -32,7 +32,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from . import arguments
-from .activations import Activation
+from .activations import LOG_POSITIVE_FLOOR, Activation
 from .errors import ArgumentTypeError, NotWellPosedError, ShapeError
 from .model import ImplicitModel, StateBlock, TensorSpec
 
@@ -193,6 +193,7 @@ def typical_size(phi: Activation, size: np.ndarray, offset: np.ndarray | None = 
             "square": lambda: size**2,
             "exp": lambda: np.exp(np.minimum(size, 700.0)),
             "log": lambda: np.abs(np.log(size)),
+            "log_positive": lambda: np.abs(np.log(np.maximum(size, LOG_POSITIVE_FLOOR))),
             "reciprocal": lambda: 1.0 / size,
             "sqrt": lambda: np.sqrt(size),
             "rsqrt": lambda: 1.0 / np.sqrt(size),

@@ -26,6 +26,7 @@ from implicit_compiler.activations import ACTIVATION_NAMES, activation
 from implicit_compiler.analysis import output_bounds, sensitivity, wellposedness
 from implicit_compiler.analysis.attack import activation_derivative
 from implicit_compiler.errors import AnalysisError, GraphError
+from implicit_compiler.model import StateBlock, TensorSpec
 from implicit_compiler.runtime import one_sample, solve
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
@@ -62,6 +63,7 @@ REFERENCE = {
     "power(0.5)": (np.sqrt, False),
     "power(1.5)": (lambda z: z**1.5, False),
     "thresholded_relu(0.7)": (lambda z: np.where(z > 0.7, z, 0), True),
+    "log_positive": (lambda z: np.where(z > 2.0**-1022, np.log(np.abs(z)), math.log(2.0**-1022)), True),
 }
 SPECS = list(REFERENCE)
 
@@ -110,6 +112,10 @@ def test_phi_matches_the_formula(spec, dtype, rng):
         ("log", 0.0, -math.inf),
         ("reciprocal", 0.0, math.inf),
         ("exp", 1000.0, math.inf),
+        ("log_positive", 0.0, math.log(2.0**-1022)),
+        ("log_positive", -math.inf, math.log(2.0**-1022)),
+        ("log_positive", 1e-300, math.log(1e-300)),
+        ("log_positive", 1e-310, math.log(2.0**-1022)),  # (a subnormal float64)
     ],
 )
 def test_stable_forms_far_out(spec, z, expected):
@@ -235,6 +241,29 @@ def test_a_domain_error_gives_nan_predictions_on_every_path(rng):
         assert np.isnan(y[:, 0]).all() and np.allclose(y[:, 1], 1.0)
 
 
+def test_log_positive_is_finite_below_its_floor_and_keeps_nan_on_every_path(path):
+    """log_positive of -inf, -1, 0 and a float32 subnormal: log(2**-1022) and log(z) (every
+    positive float32 lies above the floor), never -inf; NaN stays NaN, in the compiled kernels
+    (one sample, row groups, sample tiles) as in numpy. -inf and NaN come from a log block
+    (inputs must be finite): x1 = u, x2 = log(u[:2]), x3 = log_positive([x1, x2])."""
+    floor = math.log(2.0**-1022)
+    u = [0.0, -1.0, 1e-45, 2.0]
+    A = np.zeros((12, 12))
+    A[6:, :6] = np.eye(6)
+    B = np.vstack([np.eye(4), np.eye(4)[:2], np.zeros((6, 4))])
+    blocks = (StateBlock("u", 0, 4, "identity", (4,)), StateBlock("log", 4, 6, "log", (2,)),
+              StateBlock("floored", 6, 12, "log_positive", (6,)))  # fmt: skip
+    C = np.hstack([np.zeros((6, 6)), np.eye(6)])
+    specs = ((TensorSpec("u", (4,)),), (TensorSpec("y", (6,)),))
+    model = ImplicitModel(sp.csr_array(A), B, C, np.zeros((6, 4)), None, None, blocks, *specs)
+    for dtype in (np.float64, np.float32):
+        expected = [floor, floor, math.log(dtype(1e-45)), math.log(2.0), floor, math.nan]
+        for batch in (1, 3, 40, 300):
+            with np.errstate(all="ignore"):
+                y = model.astype(dtype).predict(np.tile(np.array(u, dtype=dtype), (batch, 1)))
+            np.testing.assert_allclose(y, np.tile(np.array(expected, dtype=dtype), (batch, 1)), rtol=1e-7)
+
+
 # --------------------------------------------------------------------- derivatives and Lipschitz
 @pytest.mark.parametrize("spec", SPECS)
 def test_derivative_matches_central_differences(spec, rng):
@@ -254,7 +283,9 @@ def test_lipschitz_constant_is_the_largest_slope(spec):
     1e-8 and never exceeds it. inf: the slope grows past any bound (or phi jumps)."""
     phi = activation(spec)
     if not math.isfinite(phi.lipschitz):
-        assert spec in ("exp", "log", "reciprocal", "sqrt", "rsqrt") or spec.startswith(("power", "thresholded"))
+        assert spec in ("exp", "log", "log_positive", "reciprocal", "sqrt", "rsqrt") or spec.startswith(
+            ("power", "thresholded")
+        )
         return
     grid = np.linspace(-40, 40, 800_001)
     slopes = np.abs(phi.derivative(grid))
@@ -279,7 +310,7 @@ def test_lipschitz_constants_in_closed_form(spec, lipschitz):
     assert activation(spec).lipschitz == pytest.approx(lipschitz, rel=1e-15)
 
 
-@pytest.mark.parametrize("spec", ["exp", "log", "sqrt", "reciprocal", "power(3)"])
+@pytest.mark.parametrize("spec", ["exp", "log", "sqrt", "reciprocal", "power(3)", "log_positive"])
 def test_analyses_say_a_non_lipschitz_activation_voids_their_bounds(spec, rng):
     """As for 'square': sensitivity not valid (naming the block), output_bounds refused, and a
     loop through it not shown well-posed; never a finite bound."""
@@ -379,6 +410,31 @@ def test_training_gradients_match_finite_differences(spec, rng):
 
     inputs = torch.tensor(rng.uniform(-1, 1, size=(4, p)), requires_grad=True)
     assert torch.autograd.gradcheck(predict, (*values, inputs), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_training_gradients_of_log_positive_match_finite_differences(rng):
+    """gradcheck through ImplicitModule for log_positive (its log grows without bound, so not in
+    a loop: identity states x1 = B1 u + b1 read through A by x2 = log_positive(A x1 + B2 u + b2));
+    two of x2's pre-activations stay above the floor (slope 1/z), two below (slope 0)."""
+    A = np.zeros((7, 7))
+    A[3:, :3] = rng.uniform(-0.2, 0.2, size=(4, 3))
+    blocks = (StateBlock("x1", 0, 3, "identity", (3,)), StateBlock("x2", 3, 7, "log_positive", (4,)))
+    specs = ((TensorSpec("u", (3,)),), (TensorSpec("y", (2,)),))
+    bias_x = np.concatenate([rng.normal(size=3), [2.0, 2.5, -2.0, -3.0]])
+    B, C, D = rng.uniform(-0.2, 0.2, size=(7, 3)), rng.normal(size=(2, 7)), rng.normal(size=(2, 3))
+    model = ImplicitModel(sp.csr_array(A), B, C, D, bias_x, rng.normal(size=2), blocks, *specs)
+    module = model.to_torch(tol=1e-14)
+    weights = ("A_values", "B_values", "bias_x", "C_values", "D_values", "bias_y")
+    values = tuple(getattr(module, name).detach().clone().requires_grad_(True) for name in weights)
+
+    def predict(*tensors):
+        *parameters, inputs = tensors
+        return torch.func.functional_call(module, dict(zip(weights, parameters)), (inputs,))
+
+    inputs = torch.tensor(rng.uniform(-1, 1, size=(4, 3)), requires_grad=True)
+    assert torch.autograd.gradcheck(predict, (*values, inputs), eps=1e-6, atol=1e-6, rtol=1e-5)
+    bias_gradient = torch.autograd.grad(predict(*values, inputs).sum(), values[2])[0]
+    assert (bias_gradient[3:5] != 0).all() and (bias_gradient[5:] == 0).all()
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -1,4 +1,4 @@
-"""Exporters' decompositions folded into one op (frontend/patterns.py), issue 17.
+"""Exporters' decompositions folded into one op (frontend/patterns/), issue 17.
 
 For each pattern: a graph built with onnx.helper and real torch exports (legacy exporter at
 opset 14, dynamo where it decomposes). The rewrite is counted (it finds each pattern, and

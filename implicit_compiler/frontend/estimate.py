@@ -58,8 +58,9 @@ MAXIMA = frozenset({"MaxPool", "GlobalMaxPool", "ReduceMax"})
 # Softmax and LogSoftmax: the exp blocks reading the logits (``ops.softmax``).
 SOFTMAXES = {"Softmax": 2, "LogSoftmax": 1}
 PRODUCTS = frozenset({"Mul", "Div"})
-# Layer, instance and group normalization (``ops.standardize``): per entry the input's rows in
-# the mean, the centred square and the product's square, and about 4 more; out: 3 per entry.
+# Layer, instance and group normalization (``ops.standardize``): the input's rows in the mean,
+# the centred rows read by three blocks (or kept once, as states read three times), and per
+# entry about 5 more (the exp rows, the variance's log); out: 2 per entry.
 STANDARDIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "GroupNormalization"})
 # Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
 # (the gates' products in LSTM and GRU): measured on tests/recurrent-models.
@@ -263,7 +264,8 @@ def _node_expressions(
         return 2 * both + divisor, lambda name: 2 * (size(name) or both)
     if op in STANDARDIZATIONS:
         entries = size(read[0]) or first
-        return 3 * first + 4 * entries, lambda name: 3 * (size(name) or entries)
+        centred = min(3 * (first + entries), first + 4 * entries)
+        return first + centred + 5 * entries, lambda name: 2 * (size(name) or entries)
     if op in ("Max", "Min") and len(read) > 1:  # b + relu(a - b)
         both = sum(nonzeros[name] for name in read)
         return both, lambda name: nonzeros[read[-1]] + (size(name) or 0.0)

@@ -14,7 +14,7 @@ from . import supported_ops_table
 from .patterns import folded_patterns_table
 
 BEGIN, END = "<!-- ops-table -->", "<!-- /ops-table -->"
-# the decompositions folded before lowering (frontend/patterns.py), a second table
+# the decompositions folded before lowering (frontend/patterns/), a second table
 FOLDED_BEGIN, FOLDED_END = "<!-- folded-patterns -->", "<!-- /folded-patterns -->"
 
 

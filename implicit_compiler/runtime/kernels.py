@@ -44,7 +44,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a dependency; kept importable without it
     numba = None
 
-from ..activations import ACTIVATION_NAMES, GELU_TANH_CUBIC, GELU_TANH_SCALE
+from ..activations import ACTIVATION_NAMES, GELU_TANH_CUBIC, GELU_TANH_SCALE, LOG_POSITIVE_FLOOR
 
 # An activation's code: its place in ACTIVATION_NAMES (identity 0, relu 1, leaky_relu 2, tanh 3,
 # sigmoid 4, square 5, exp 6, ...: the kernels test code == 1 for relu, code > 1 for "not
@@ -70,6 +70,8 @@ _SILU = ACTIVATION_CODES["silu"]
 _MISH = ACTIVATION_CODES["mish"]
 _POWER = ACTIVATION_CODES["power"]
 _THRESHOLDED_RELU = ACTIVATION_CODES["thresholded_relu"]
+_LOG_POSITIVE = ACTIVATION_CODES["log_positive"]
+_LOG_OF_FLOOR = math.log(LOG_POSITIVE_FLOOR)
 
 
 def available() -> bool:
@@ -148,6 +150,8 @@ if numba is not None:
             return math.pow(z, alpha)
         if code == _THRESHOLDED_RELU:
             return z if z > alpha else 0.0
+        if code == _LOG_POSITIVE:  # NaN stays NaN (neither comparison holds)
+            return math.log(z) if z > LOG_POSITIVE_FLOOR else (_LOG_OF_FLOOR if z <= LOG_POSITIVE_FLOOR else z)
         return math.nan
 
     def _forward_chain_single(  # pragma: no cover - jitted
