@@ -23,7 +23,7 @@ from implicit_compiler.errors import AnalysisError, ArgumentValueError
 ACTIVATIONS = [
     "identity", "relu", "leaky_relu(0.1)", "leaky_relu(-0.5)", "leaky_relu(2.0)", "tanh", "sigmoid", "square",
     "exp", "gelu", "gelu_tanh", "silu", "mish", "softplus", "softsign", "elu", "selu", "celu", "erf",
-    "hard_sigmoid", "hard_swish", "power(3)", "power(2)",
+    "hard_sigmoid", "hard_swish", "power(3)", "power(2)", "log_positive",
 ]  # fmt: skip
 POSITIVE_DOMAIN = ["log", "sqrt", "rsqrt", "reciprocal", "power(0.5)", "power(-1.5)"]
 

@@ -35,17 +35,17 @@ from functools import cache
 import numpy as np
 from scipy import optimize
 
-from ..activations import Activation
+from ..activations import LOG_POSITIVE_FLOOR, Activation
 
 WIDEN_ULPS = 16  # float64 ulps of the values in a relaxation, added outward
 _EPS = float(np.finfo(np.float64).eps)
 
 MONOTONE = frozenset(
     {"identity", "relu", "tanh", "sigmoid", "exp", "log", "sqrt", "rsqrt", "erf", "softplus", "softsign", "celu",
-     "hard_sigmoid"}
+     "hard_sigmoid", "log_positive"}
 )  # fmt: skip
 CONVEX = frozenset({"square", "exp", "softplus", "relu"})
-CONCAVE = frozenset({"log", "sqrt"})
+CONCAVE = frozenset({"log", "sqrt", "log_positive"})  # log_positive: above its floor
 
 
 class DomainError(ValueError):
@@ -109,6 +109,9 @@ def linear_relaxation(phi: Activation, low: np.ndarray, high: np.ndarray) -> Lin
             lines = convex_lines
         elif name in CONCAVE:
             lines = concave_lines
+            if name == "log_positive":  # concave above its floor only (constant below it: a kink)
+                constant = (np.zeros_like(low), smallest, np.zeros_like(low), largest)
+                lines = tuple(np.where(low > LOG_POSITIVE_FLOOR, a, b) for a, b in zip(lines, constant))
         else:
             slope = np.minimum(phi.derivative(low), phi.derivative(high))
             across = (slope, at_low - slope * low, slope, at_high - slope * high)
