@@ -39,6 +39,7 @@ silu              z sigmoid(z)                           ~ 1.0998
 mish              z tanh(softplus(z))                    ~ 1.0885
 power(p)          z**p (NaN for z < 0 and p not whole)   1 if p = 1, 0 if p = 0, else inf
 thresholded_relu  z if z > a else 0                      1 if a = 0, else inf (a jump)
+heaviside(h)      1 if z > 0, h if z = 0, else 0 (NaN: 0) inf (a jump)
 ================= ====================================== =========================
 
 Every phi is evaluated in float64 (and rounded to the model's dtype), in numerically stable
@@ -66,6 +67,7 @@ ACTIVATION_NAMES = (
     "identity", "relu", "leaky_relu", "tanh", "sigmoid", "square",
     "exp", "log", "reciprocal", "sqrt", "rsqrt", "erf", "gelu", "gelu_tanh", "elu", "selu", "celu",
     "softplus", "softsign", "hard_sigmoid", "hard_swish", "silu", "mish", "power", "thresholded_relu",
+    "heaviside",
 )  # fmt: skip
 
 # The parameters of each parameterised activation, with their defaults (those of ONNX; None:
@@ -78,6 +80,7 @@ PARAMETERS = {
     "hard_sigmoid": (0.2, 0.5),
     "thresholded_relu": (1.0,),
     "power": (None,),  # the exponent
+    "heaviside": (None,),  # the value at 0: 0 for a strict comparison (a < b), 1 for a <= b
 }
 
 GELU_TANH_SCALE = math.sqrt(2 / math.pi)
@@ -237,6 +240,8 @@ def _evaluate(name: str, z: np.ndarray, alpha: float | None, beta: float | None)
         return np.power(z, alpha)
     if name == "thresholded_relu":
         return np.where(z > alpha, z, 0.0)
+    if name == "heaviside":  # (not numpy's heaviside: a comparison with NaN is false, so NaN -> 0)
+        return np.where(z > 0, 1.0, np.where(z == 0, alpha, 0.0))
     raise AssertionError(name)  # pragma: no cover - the old activations are in apply_inplace
 
 
@@ -272,6 +277,7 @@ def _derivative(name: str, z: np.ndarray, alpha: float | None, beta: float | Non
         "silu": lambda: special.expit(z) * (1 + z * special.expit(-z)),
         "power": lambda: alpha * np.power(z, alpha - 1) if alpha != 0 else 0 * one,
         "thresholded_relu": lambda: (z > alpha) * one,
+        "heaviside": lambda: 0 * one,  # (a jump at 0: no derivative there; 0 everywhere else)
     }
     if name in simple:
         return np.asarray(simple[name](), dtype=np.float64) * one

@@ -52,6 +52,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..errors import GraphError, UnsupportedOpError
+from . import select_patterns
 from .context import LoweringContext, NodeView
 from .estimate import _shapes_model
 from .fold import evaluate_constant_node
@@ -75,7 +76,7 @@ FOLDED = (
     ("Mish: x * Tanh(Softplus(x))", "Mish"),
     ("HardSwish: x * HardSigmoid(x; 1/6, 1/2)", "HardSwish"),
     ("LayerNorm: (x - mean) / Sqrt(mean((x - mean)^2) + eps) [* scale] [+ bias]", "LayerNormalization"),
-)
+) + select_patterns.FOLDED
 SQRT_HALF_PI = math.sqrt(2 / math.pi)
 INTS = onnx.AttributeProto.INTS
 GELU_CUBIC = 0.044715
@@ -519,6 +520,7 @@ MATCHERS = (
     _unary_gate("Silu", ("Sigmoid",)),
     _unary_gate("Mish", ("Tanh", "Softplus")),
     _unary_gate("HardSwish", ("HardSigmoid",), _hard_sigmoid_of_hard_swish),
+    *select_patterns.MATCHERS,  # Elu, Selu, ThresholdedRelu from their ONNX function bodies
 )
 
 
@@ -526,6 +528,8 @@ MATCHERS = (
 def _function(op_type: str, opset: int) -> onnx.FunctionProto:
     """The model-local function defining a private op, in float64 (the prepared model's type),
     in ops of the model's own opset."""
+    if op_type in select_patterns.FUNCTIONS:
+        return select_patterns.FUNCTIONS[op_type](opset)
 
     def constant(name: str, value: float) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value), name))

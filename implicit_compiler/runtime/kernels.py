@@ -70,6 +70,7 @@ _SILU = ACTIVATION_CODES["silu"]
 _MISH = ACTIVATION_CODES["mish"]
 _POWER = ACTIVATION_CODES["power"]
 _THRESHOLDED_RELU = ACTIVATION_CODES["thresholded_relu"]
+_HEAVISIDE = ACTIVATION_CODES["heaviside"]
 
 
 def available() -> bool:
@@ -148,6 +149,8 @@ if numba is not None:
             return math.pow(z, alpha)
         if code == _THRESHOLDED_RELU:
             return z if z > alpha else 0.0
+        if code == _HEAVISIDE:
+            return 1.0 if z > 0 else (alpha if z == 0 else 0.0)
         return math.nan
 
     def _forward_chain_single(  # pragma: no cover - jitted

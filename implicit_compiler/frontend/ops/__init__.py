@@ -10,6 +10,7 @@ from . import (  # noqa: F401
     pooling,
     recurrent,
     resize,
+    select,
     shape,
     softmax,
     standardize,
