@@ -103,6 +103,7 @@ SAMPLE_AXIS_ZERO = frozenset(
         "SpaceToDepth",
         "InstanceNormalization",
         "GroupNormalization",
+        "LRN",
     }
 )
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
@@ -123,6 +124,7 @@ ELEMENTWISE = frozenset(
         "Sign", "Sin", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tanh", "Where",
     }
 )  # fmt: skip
+ELEMENTWISE |= {"And", "CastLike", "GreaterOrEqual", "LessOrEqual", "Or", "ThresholdedRelu"}  # (ops/select.py)
 SLICEWISE = ELEMENTWISE | REDUCTIONS | {"MatMul", "Gemm", "Softmax", "LogSoftmax", "LayerNormalization", "Transpose"}
 SLICEWISE |= {"Gather", "Slice"}
 # onnx's data propagation gives up on much shape arithmetic (even an Identity): the shape
