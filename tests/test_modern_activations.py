@@ -62,6 +62,9 @@ REFERENCE = {
     "power(0.5)": (np.sqrt, False),
     "power(1.5)": (lambda z: z**1.5, False),
     "thresholded_relu(0.7)": (lambda z: np.where(z > 0.7, z, 0), True),
+    # comparisons on variables (ops/select.py): a < b is heaviside(0)(b - a), a <= b heaviside(1)
+    "heaviside(0.0)": (lambda z: np.heaviside(z, 0.0), True),
+    "heaviside(1.0)": (lambda z: np.heaviside(z, 1.0), True),
 }
 SPECS = list(REFERENCE)
 
@@ -254,7 +257,9 @@ def test_lipschitz_constant_is_the_largest_slope(spec):
     1e-8 and never exceeds it. inf: the slope grows past any bound (or phi jumps)."""
     phi = activation(spec)
     if not math.isfinite(phi.lipschitz):
-        assert spec in ("exp", "log", "reciprocal", "sqrt", "rsqrt") or spec.startswith(("power", "thresholded"))
+        assert spec in ("exp", "log", "reciprocal", "sqrt", "rsqrt") or spec.startswith(
+            ("power", "thresholded", "heaviside")
+        )
         return
     grid = np.linspace(-40, 40, 800_001)
     slopes = np.abs(phi.derivative(grid))

@@ -89,6 +89,9 @@ SHAPE_OPERANDS: dict[str, frozenset[int]] = {
     "Split": frozenset({1}),
     "Resize": frozenset({3}),  # sizes (opset 11 on): F.interpolate(size=...) writes Shape(x)[:2] + (h, w)
 }
+# Operands read for their element type only (CastLike's target: the constants of onnx's function
+# bodies are cast like x), never as data: a batched one does not make the output batched.
+TYPE_OPERANDS: dict[str, int] = {"CastLike": 1}
 # Ops that read axis 0 as the sample axis N (N, C, spatial...).
 SAMPLE_AXIS_ZERO = frozenset(
     {
@@ -177,7 +180,8 @@ class _Walk:
     def run(self) -> None:
         for index, proto in enumerate(self.prepared.graph.node):
             node = NodeView(proto, self.prepared.opset, index)
-            if any(name in self.batched for name in proto.input):
+            data = [name for position, name in enumerate(proto.input) if position != TYPE_OPERANDS.get(proto.op_type)]
+            if any(name in self.batched for name in data):
                 if proto.op_type in SIZE_READERS:
                     self._read_sizes(node)
                 else:
