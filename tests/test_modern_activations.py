@@ -511,7 +511,7 @@ def test_onnx_ops_refused_say_why(body, error, message):
 # Of the 105 node tests of onnx 1.23 named after these ops (test_expand_* aside), 73 compile and
 # match (14 of them the expanded bodies of LogSoftmax, three kept here). The others: integer
 # inputs (11: Div, Pow), LogSoftmax itself (7), expanded bodies that compare variables with
-# Less/Where (9: Elu, Selu, ThresholdedRelu), Celu of opset 28, newer than lowered (3), and Celu's
+# Less/Where (9: Elu, Selu, ThresholdedRelu; folded now, tested in test_modern_select.py), Celu of opset 28, newer than lowered (3), and Celu's
 # float16/bfloat16 expansions, whose expected data are rounded to half precision (2).
 NODE_TESTS = (
     "test_abs", "test_celu_expanded", "test_div", "test_div_bcast", "test_div_example", "test_elu",
