@@ -292,3 +292,13 @@ def test_onnx_node_tests_compile_and_match(node_tests, name):
         )
     if "expanded" in name:
         assert len(compiled.blocks) == 1
+
+
+def test_heaviside_blocks_survive_save_and_load(tmp_path, rng):
+    """The comparison's activation (with its value at 0) is written and read back."""
+    compiled = ic.from_onnx(_model("c = LessOrEqual(x, z)\ny = Where(c, x, z)"))
+    compiled.save(str(tmp_path / "select.npz"))
+    loaded = ic.load(tmp_path / "select.npz")
+    assert _blocks(loaded) == _blocks(compiled) and "heaviside(1.0)" in _blocks(loaded)
+    feeds = _tied_feeds(rng)
+    np.testing.assert_array_equal(loaded.predict(feeds), compiled.predict(feeds))
