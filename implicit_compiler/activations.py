@@ -100,7 +100,7 @@ _LIPSCHITZ = {
 class Activation:
     """A componentwise activation: a name from ``ACTIVATION_NAMES`` and its parameters
     (``PARAMETERS``): alpha (leaky_relu, elu, celu, selu, hard_sigmoid, thresholded_relu; the
-    exponent of power) and beta (selu's gamma, hard_sigmoid's beta)."""
+    exponent of power; heaviside's value at 0) and beta (selu's gamma, hard_sigmoid's beta)."""
 
     name: str
     alpha: float | None = None

@@ -1,8 +1,9 @@
 """Comparisons, logic and Where on values computed from the model input.
 
 A boolean is held as a float expression that is 1 where it is true and 0 where it is false (a
-Cast of it to a float type is then the expression unchanged, as ``shape.lower_cast`` does), made
-by the ``heaviside(h)`` activation, phi(z) = 1 for z > 0, h at z = 0, 0 for z < 0 or NaN:
+Cast of it to a float type is then the expression unchanged, as ``shape.lower_cast`` does, and a
+boolean graph output is predicted as 0.0 / 1.0), made by the ``heaviside(h)`` activation,
+phi(z) = 1 for z > 0, h at z = 0, 0 for z < 0 or NaN:
 
     Less(a, b)            heaviside(0)(b - a)          a < b  iff  b - a > 0
     LessOrEqual(a, b)     heaviside(1)(b - a)          a <= b iff  b - a >= 0
@@ -30,10 +31,11 @@ rare and the model computes it rather than silently something else):
   then false where ONNX says true (strict comparisons agree: false). A comparison with NaN is
   false in both.
 - Where(c, p, q) = q + c (p - q) needs finite p and q: where p or q is infinite (or p - q
-  overflows) the product gives inf - inf = NaN where ONNX gives the selected branch. With both
-  branches finite it is exact up to rounding: c = 0 gives q exactly; c = 1 gives p up to a few
-  ulps of |p| + |q| (the square identity and q + (p - q)), well inside float64's 1e-9 and
-  float32's tolerances unless |q| is far larger than |p|.
+  overflows) the product gives inf - inf = NaN where ONNX gives the selected branch (a NaN in
+  either branch likewise). With both branches finite it is exact up to rounding: c = 0 gives q
+  exactly; c = 1 gives p up to a few ulps of |p| + |q| (q + (p - q)), times how far |p - q| is
+  from the size the product was balanced for at compile time (as every product here): well
+  inside float64's 1e-9 and float32's tolerances unless |q| is far larger than |p|.
 """
 
 from __future__ import annotations
