@@ -1,0 +1,351 @@
+"""auto_LiRPA 0.3 IBP and CROWN bounds of an ONNX network on l_inf boxes: the reference of issue 18.
+
+    .venv-lirpa/bin/python scripts/lirpa/reference.py NET.onnx INPUTS.npy --eps 0.001 0.01
+        [--methods IBP CROWN] [--dtype auto|float32|float64] [--repeat 3] [--threads 1]
+        [--json out.json]
+
+Runs only in the separate reference environment made by ``scripts/setup_lirpa`` (auto_LiRPA 0.3
+pins torch < 1.13; ``shims`` lets it run on torch 2.13 and numpy 2); the package never imports
+it. Steps:
+
+1. The ONNX graph is rebuilt as a torch module from its own weights (``OnnxModule``: Gemm,
+   MatMul, Add, Sub, Mul, Div, Relu, Sigmoid, Tanh, Conv, MaxPool, AveragePool, Flatten,
+   Reshape, Constant), and checked against onnxruntime (float32) on every input: the max abs
+   difference is printed and must be below ``--atol``.
+2. For each eps and method, ``BoundedModule.compute_bounds`` (auto_LiRPA's default options) on
+   the box |u - u0| <= eps (``PerturbationLpNorm(norm=inf, eps)``, no clipping to a valid pixel
+   range: plain boxes), --batch inputs per call (default 1); time per input = the time of all
+   calls / N, best of --repeat passes, with torch on --threads threads. Building the
+   BoundedModule (tracing) is timed apart (build_s) and not included.
+
+   Why one input per call by default: auto_LiRPA 0.3 does not bound the samples of a batch
+   independently. Its CROWN computes intermediate bounds only for the neurons that IBP finds
+   unstable in *some* sample of the batch (``get_unstable_locations`` merges the masks over
+   the batch axis) and keeps IBP's bounds for the others; where a relaxation uses the bounds of
+   stable neurons (MaxPool's), a sample's bound then depends on the other samples in its batch:
+   LeNet-5 CROWN at eps 0.01 has mean width 6.64 one input per call and 5.33 with the 20
+   inputs in one call (which is also slower per input there, as more neurons get CROWN
+   bounds). With --batch 1 each input gets the bound auto_LiRPA gives it alone. ReLU-only nets
+   (the MNIST MLP) get the same widths either way; there batching is faster.
+3. Reported per eps and method: mean width (mean over inputs and outputs of upper - lower),
+   time per input, the dtype used, and the bounds themselves; as JSON to stdout or --json
+   (progress lines go to stderr).
+
+``--dtype auto`` (default) computes in float64 and falls back to float32 for a method that
+fails in float64: auto_LiRPA 0.3's MaxPool CROWN relaxation builds float32 tensors internally
+and fails on float64 inputs (LeNet-5), so LeNet-5's CROWN runs in float32. The result says
+which dtype each row used, and the error that forced the fallback. float32 bounds are not
+rounded outward: they may miss by float32 rounding.
+
+INPUTS.npy holds N samples: shape (N, *input shape without its batch axis), or anything of
+N * (size of one sample) values (reshaped). Exit status 0, or 1 when the torch module disagrees
+with onnxruntime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shims  # noqa: E402,F401,I001  (before auto_LiRPA: puts back what numpy 2 / torch 2.13 removed)
+
+# auto_LiRPA 0.3 decorates functions with torch.jit.script (deprecated in torch 2) and sets
+# warnings.simplefilter("once") on import: swallow what its import warns, keep our filters.
+with warnings.catch_warnings(record=True):
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+
+class OnnxModule(nn.Module):
+    """A torch module that evaluates a single-input, single-output ONNX graph node by node.
+
+    Weights (initializers and Constant nodes) become buffers; each node becomes the torch call
+    that auto_LiRPA traces to its own bounded op. Only the ops of plain feed-forward nets are
+    supported (see ``OPS``); anything else raises NotImplementedError naming the node.
+    """
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        super().__init__()
+        graph = model.graph
+        initializers = {t.name for t in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in initializers]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise NotImplementedError(f"expected one input and one output, got {len(inputs)} and {len(graph.output)}")
+        self.input_name, self.output_name = inputs[0].name, graph.output[0].name
+        self._buffers_by_name: dict[str, str] = {}
+        for tensor in graph.initializer:
+            self._add_constant(tensor.name, numpy_helper.to_array(tensor))
+        self.nodes = []
+        for node in graph.node:
+            attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if node.op_type == "Constant":
+                self._add_constant(node.output[0], numpy_helper.to_array(attributes["value"]))
+                continue
+            if node.op_type not in OPS:
+                raise NotImplementedError(f"node {node.name!r}: op {node.op_type} has no torch equivalent here")
+            inputs = list(node.input)
+            if node.op_type == "Reshape":  # a constant shape, read now rather than traced
+                attributes["shape"] = [int(v) for v in getattr(self, self._buffers_by_name[inputs[1]]).tolist()]
+                inputs = inputs[:1]
+            self.nodes.append((node.op_type, inputs, node.output[0], attributes))
+
+    def _add_constant(self, name: str, value: np.ndarray) -> None:
+        key = f"c{len(self._buffers_by_name)}"
+        self._buffers_by_name[name] = key
+        self.register_buffer(key, torch.from_numpy(np.array(value)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = {self.input_name: x}
+
+        def get(name: str):
+            if name in values:
+                return values[name]
+            return getattr(self, self._buffers_by_name[name])
+
+        for op, inputs, output, attributes in self.nodes:
+            values[output] = OPS[op]([get(i) if i else None for i in inputs], attributes)
+        return values[self.output_name]
+
+
+def _gemm(args, attributes):
+    a, b, c = (args + [None])[:3]
+    alpha, beta = attributes.get("alpha", 1.0), attributes.get("beta", 1.0)
+    if attributes.get("transA", 0):
+        a = a.transpose(-1, -2)
+    weight = b if attributes.get("transB", 0) else b.transpose(0, 1)
+    if alpha == 1.0 and beta == 1.0:
+        return F.linear(a, weight, c)  # traced as one Gemm: auto_LiRPA's BoundLinear
+    out = alpha * F.linear(a, weight)
+    return out if c is None else out + beta * c
+
+
+def _symmetric_pads(attributes, op: str) -> list[int]:
+    pads = list(attributes.get("pads", [0, 0, 0, 0]))
+    half = len(pads) // 2
+    if pads[:half] != pads[half:] or attributes.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise NotImplementedError(f"{op}: only explicit symmetric pads are supported, got {pads}")
+    return pads[:half]
+
+
+def _conv(args, attributes):
+    x, w, b = (args + [None])[:3]
+    return F.conv2d(
+        x,
+        w,
+        b,
+        stride=attributes.get("strides", 1),
+        padding=_symmetric_pads(attributes, "Conv"),
+        dilation=attributes.get("dilations", 1),
+        groups=attributes.get("group", 1),
+    )
+
+
+def _max_pool(args, attributes):
+    if attributes.get("dilations", [1, 1]) != [1, 1] or attributes.get("storage_order", 0):
+        raise NotImplementedError("MaxPool: dilations and storage_order are not supported")
+    return F.max_pool2d(
+        args[0],
+        attributes["kernel_shape"],
+        stride=attributes.get("strides", 1),
+        padding=_symmetric_pads(attributes, "MaxPool"),
+        ceil_mode=bool(attributes.get("ceil_mode", 0)),
+    )
+
+
+def _average_pool(args, attributes):
+    return F.avg_pool2d(
+        args[0],
+        attributes["kernel_shape"],
+        stride=attributes.get("strides", 1),
+        padding=_symmetric_pads(attributes, "AveragePool"),
+        ceil_mode=bool(attributes.get("ceil_mode", 0)),
+        count_include_pad=bool(attributes.get("count_include_pad", 0)),
+    )
+
+
+def _flatten(args, attributes):
+    x, axis = args[0], attributes.get("axis", 1)
+    return x.reshape(math.prod(x.shape[:axis]), -1) if axis != 1 else torch.flatten(x, 1)
+
+
+def _reshape(args, attributes):
+    x, shape = args[0], attributes["shape"]
+    if not attributes.get("allowzero", 0):
+        shape = [x.shape[i] if s == 0 else s for i, s in enumerate(shape)]
+    return x.reshape(shape)
+
+
+OPS = {
+    "Gemm": _gemm,
+    "MatMul": lambda args, _: torch.matmul(args[0], args[1]),
+    "Add": lambda args, _: args[0] + args[1],
+    "Sub": lambda args, _: args[0] - args[1],
+    "Mul": lambda args, _: args[0] * args[1],
+    "Div": lambda args, _: args[0] / args[1],
+    "Relu": lambda args, _: F.relu(args[0]),
+    "Sigmoid": lambda args, _: torch.sigmoid(args[0]),
+    "Tanh": lambda args, _: torch.tanh(args[0]),
+    "Conv": _conv,
+    "MaxPool": _max_pool,
+    "AveragePool": _average_pool,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+}
+
+
+def load_inputs(path: Path, model: onnx.ModelProto) -> np.ndarray:
+    """The N samples of INPUTS.npy shaped (N, *sample shape) from the ONNX input's shape."""
+    initializers = {t.name for t in model.graph.initializer}
+    (spec,) = [i for i in model.graph.input if i.name not in initializers]
+    dims = [d.dim_value for d in spec.type.tensor_type.shape.dim][1:]
+    if any(d <= 0 for d in dims):
+        raise NotImplementedError(f"input {spec.name!r}: dynamic dimensions other than the batch axis {dims}")
+    array = np.load(path)
+    size = math.prod(dims)
+    if array.size % size:
+        raise ValueError(f"{path}: {array.size} values are not a whole number of samples of shape {dims}")
+    return array.reshape(-1, *dims)
+
+
+def onnxruntime_outputs(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """onnxruntime's float32 outputs, one sample at a time (some nets fix their batch axis to 1)."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: x[None].astype(np.float32)})[0] for x in inputs])
+
+
+def bounds(module: nn.Module, inputs: np.ndarray, eps: float, method: str, dtype, repeat: int, batch: int) -> dict:
+    """auto_LiRPA's bounds on the boxes |u - u0| <= eps around each input, ``batch`` inputs per
+    compute_bounds call (0: all in one call). Time per input: the best of ``repeat`` passes over
+    all inputs, divided by their number; building the BoundedModules is timed apart."""
+    module = module.to(dtype)
+    x = torch.from_numpy(inputs).to(dtype)
+    chunks = torch.split(x, batch if batch > 0 else len(x))
+    bounded, build = {}, 0.0
+    for chunk in chunks:
+        if len(chunk) not in bounded:
+            start = time.perf_counter()
+            bounded[len(chunk)] = BoundedModule(module, torch.empty_like(chunk), device="cpu")
+            build += time.perf_counter() - start
+    times = []
+    for _ in range(repeat):
+        lowers, uppers, elapsed = [], [], 0.0
+        for chunk in chunks:
+            box = BoundedTensor(chunk, PerturbationLpNorm(norm=float("inf"), eps=eps))
+            start = time.perf_counter()
+            with torch.no_grad():
+                lower, upper = bounded[len(chunk)].compute_bounds(x=(box,), method=method)
+            elapsed += time.perf_counter() - start
+            lowers.append(lower.detach().double())
+            uppers.append(upper.detach().double())
+        times.append(elapsed)
+    lower, upper = torch.cat(lowers).numpy(), torch.cat(uppers).numpy()
+    return {
+        "mean_width": float((upper - lower).mean()),
+        "time_per_input_s": min(times) / len(inputs),
+        "times_s": times,
+        "build_s": build,
+        "batch": len(chunks[0]),
+        "dtype": str(dtype).replace("torch.", ""),
+        "lower": lower.tolist(),
+        "upper": upper.tolist(),
+    }
+
+
+def bounds_with_fallback(module, inputs, eps, method, dtype_option, repeat, batch) -> dict:
+    """``bounds`` in the requested dtype; with 'auto', float64 first and float32 when it fails."""
+    if dtype_option != "auto":
+        return bounds(module, inputs, eps, method, getattr(torch, dtype_option), repeat, batch)
+    try:
+        return bounds(module, inputs, eps, method, torch.float64, repeat, batch)
+    except Exception as error:  # noqa: BLE001  (any failure of auto_LiRPA in float64)
+        result = bounds(module, inputs, eps, method, torch.float32, repeat, batch)
+        result["float64_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx", type=Path, help="the network (.onnx)")
+    parser.add_argument("inputs", type=Path, help="the box centers (.npy), N samples")
+    parser.add_argument("--eps", type=float, nargs="+", default=[0.001, 0.01], help="l_inf radii")
+    parser.add_argument("--methods", nargs="+", default=["IBP", "CROWN"], help="auto_LiRPA methods")
+    parser.add_argument("--dtype", choices=["auto", "float32", "float64"], default="auto")
+    parser.add_argument("--batch", type=int, default=1, help="inputs per compute_bounds call (0: all; default 1)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes per row (the best counts)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--atol", type=float, default=1e-4, help="largest torch-onnxruntime difference allowed")
+    parser.add_argument("--json", type=Path, help="write the results here instead of stdout")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    model = onnx.load(args.onnx)
+    inputs = load_inputs(args.inputs, model)
+    module = OnnxModule(model).eval()
+    with torch.no_grad():
+        ours = module.to(torch.float32)(torch.from_numpy(inputs.astype(np.float32))).numpy()
+    reference = onnxruntime_outputs(args.onnx, inputs)
+    difference = float(np.abs(ours - reference).max())
+    print(
+        f"{args.onnx.name}: torch module vs onnxruntime (float32), {len(inputs)} inputs: max abs diff {difference:.3g}",
+        file=sys.stderr,
+    )
+    if not difference <= args.atol:
+        print(f"the torch module disagrees with onnxruntime by more than --atol {args.atol}", file=sys.stderr)
+        return 1
+
+    rows = []
+    for eps in args.eps:
+        for method in args.methods:
+            result = bounds_with_fallback(
+                module, inputs.astype(np.float64), eps, method, args.dtype, args.repeat, args.batch
+            )
+            rows.append({"eps": eps, "method": method, **result})
+            note = f" (float64 failed: {result['float64_error']})" if "float64_error" in result else ""
+            print(
+                f"  eps {eps:g} {method:>5}: mean width {result['mean_width']:.6g}, "
+                f"{1e3 * result['time_per_input_s']:.3f} ms/input in {result['dtype']}{note}",
+                file=sys.stderr,
+            )
+    output = {
+        "onnx": str(args.onnx),
+        "inputs": int(len(inputs)),
+        "auto_lirpa": _version("auto_LiRPA"),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "batching": (
+            f"{args.batch or len(inputs)} input(s) per compute_bounds call; time per input = the time of all "
+            f"calls / N, best of {args.repeat} passes; BoundedModule construction (tracing) excluded (build_s)"
+        ),
+        "onnxruntime_max_abs_diff": difference,
+        "rows": rows,
+    }
+    text = json.dumps(output)
+    if args.json is None:
+        print(text)
+    else:
+        args.json.write_text(text)
+    return 0
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
