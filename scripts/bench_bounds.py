@@ -144,6 +144,9 @@ def lirpa_bounds(onnx_path: Path, u0: np.ndarray, eps: list[float], repeat: int,
         report = json.loads(output.read_text())
     rows = {}
     for row in report["rows"]:
+        if "error" in row:
+            rows[(row["eps"], row["method"])] = {"error": f"failed ({row['error']})"}
+            continue
         rows[(row["eps"], row["method"])] = {
             "lower": np.asarray(row["lower"]),
             "upper": np.asarray(row["upper"]),

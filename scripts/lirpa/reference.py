@@ -28,7 +28,8 @@ it. Steps:
    MLP 0.742 and 0.765 (a neuron IBP proves stable can get a looser CROWN bound that is not).
    With --batch 1 each input gets the bound auto_LiRPA gives it alone (the issue's figures).
 3. Reported per eps and method: mean width (mean over inputs and outputs of upper - lower),
-   time per input, the dtype used, and the bounds themselves; as JSON to stdout or --json
+   time per input, the dtype used, and the bounds themselves (or the error, where auto_LiRPA
+   fails); as JSON to stdout or --json
    (progress lines go to stderr).
 
 ``--dtype auto`` (default) computes in float64 and falls back to float32 for a method that
@@ -36,6 +37,11 @@ fails in float64: auto_LiRPA 0.3's MaxPool CROWN relaxation builds float32 tenso
 and fails on float64 inputs (LeNet-5), so LeNet-5's CROWN runs in float32. The result says
 which dtype each row used, and the error that forced the fallback. float32 bounds are not
 rounded outward: they may miss by float32 rounding.
+
+Beyond the two nets of issue 18, of the VNN-COMP nets in tests/onnx-corpus it also runs
+oval21's cifar_base_kw and verivital's Convnet_maxpool (IBP and CROWN), ACAS Xu (IBP only:
+auto_LiRPA 0.3's CROWN takes its 4-D input normalization for a convolution's patches and
+fails); the others need Pad or Transpose, or have no batch axis.
 
 INPUTS.npy holds N samples: shape (N, *input shape without its batch axis), or anything of
 N * (size of one sample) values (reshaped). Exit status 0, or 1 when the torch module disagrees
@@ -72,7 +78,7 @@ with warnings.catch_warnings(record=True):
 class OnnxModule(nn.Module):
     """A torch module that evaluates a single-input, single-output ONNX graph node by node.
 
-    Weights (initializers and Constant nodes) become buffers; each node becomes the torch call
+    Weights (initializers and Constant nodes) become frozen parameters; each node becomes the torch call
     that auto_LiRPA traces to its own bounded op. Only the ops of plain feed-forward nets are
     supported (see ``OPS``); anything else raises NotImplementedError naming the node.
     """
@@ -100,12 +106,32 @@ class OnnxModule(nn.Module):
             if node.op_type == "Reshape":  # a constant shape, read now rather than traced
                 attributes["shape"] = [int(v) for v in getattr(self, self._buffers_by_name[inputs[1]]).tolist()]
                 inputs = inputs[:1]
+            if node.op_type in ELEMENTWISE:
+                inputs = [self._without_batch_axis(name) for name in inputs]
             self.nodes.append((node.op_type, inputs, node.output[0], attributes))
 
+    def _without_batch_axis(self, name: str) -> str:
+        """A constant operand of an elementwise op shaped (1, ...) (e.g. ACAS Xu's mean image,
+        subtracted from its (N, 1, 1, 5) input) as the same constant without its leading 1:
+        the same broadcast result against an operand that has the batch axis, and the shape
+        auto_LiRPA's backward broadcasting expects of a constant. Other operands unchanged."""
+        key = self._buffers_by_name.get(name)
+        value = None if key is None else getattr(self, key)
+        if value is None or value.dim() < 2 or value.shape[0] != 1:
+            return name
+        self._add_constant(name + "/no-batch-axis", value[0].detach().numpy())
+        return name + "/no-batch-axis"
+
     def _add_constant(self, name: str, value: np.ndarray) -> None:
+        """Float weights as frozen parameters (auto_LiRPA reads its dtype off the first
+        parameter in places), anything else (shapes, indices) as a buffer."""
         key = f"c{len(self._buffers_by_name)}"
         self._buffers_by_name[name] = key
-        self.register_buffer(key, torch.from_numpy(np.array(value)))
+        tensor = torch.from_numpy(np.array(value))
+        if tensor.is_floating_point():
+            self.register_parameter(key, nn.Parameter(tensor, requires_grad=False))
+        else:
+            self.register_buffer(key, tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values = {self.input_name: x}
@@ -188,6 +214,7 @@ def _reshape(args, attributes):
     return x.reshape(shape)
 
 
+ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
 OPS = {
     "Gemm": _gemm,
     "MatMul": lambda args, _: torch.matmul(args[0], args[1]),
@@ -266,15 +293,24 @@ def bounds(module: nn.Module, inputs: np.ndarray, eps: float, method: str, dtype
 
 
 def bounds_with_fallback(module, inputs, eps, method, dtype_option, repeat, batch) -> dict:
-    """``bounds`` in the requested dtype; with 'auto', float64 first and float32 when it fails."""
-    if dtype_option != "auto":
-        return bounds(module, inputs, eps, method, getattr(torch, dtype_option), repeat, batch)
-    try:
-        return bounds(module, inputs, eps, method, torch.float64, repeat, batch)
-    except Exception as error:  # noqa: BLE001  (any failure of auto_LiRPA in float64)
-        result = bounds(module, inputs, eps, method, torch.float32, repeat, batch)
-        result["float64_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    """``bounds`` in the requested dtype; with 'auto', float64 first and float32 when it fails.
+    When auto_LiRPA fails in every dtype tried, the row is {"error": what it raised}."""
+    dtypes = [torch.float64, torch.float32] if dtype_option == "auto" else [getattr(torch, dtype_option)]
+    errors = {}
+    for dtype in dtypes:
+        try:
+            result = bounds(module, inputs, eps, method, dtype, repeat, batch)
+        except Exception as error:  # noqa: BLE001  (any failure inside auto_LiRPA)
+            errors[str(dtype).replace("torch.", "")] = f"{type(error).__name__}: {_first_line(error)}"
+            continue
+        if errors:
+            result["float64_error"] = errors["float64"]
         return result
+    return {"error": "; ".join(f"{dtype}: {error}" for dtype, error in errors.items())}
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error) else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 module, inputs.astype(np.float64), eps, method, args.dtype, args.repeat, args.batch
             )
             rows.append({"eps": eps, "method": method, **result})
+            if "error" in result:
+                print(f"  eps {eps:g} {method:>5}: failed ({result['error']})", file=sys.stderr)
+                continue
             note = f" (float64 failed: {result['float64_error']})" if "float64_error" in result else ""
             print(
                 f"  eps {eps:g} {method:>5}: mean width {result['mean_width']:.6g}, "

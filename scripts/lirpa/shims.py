@@ -1,9 +1,11 @@
 """Runtime shims that let auto_LiRPA 0.3 (2022, pins torch < 1.13) import and run next to
 numpy 2 and torch 2.13, the versions of the reference environment made by scripts/setup_lirpa.
 
-Import this module before ``auto_LiRPA``; call ``install()`` (done on import). Nothing inside
-site-packages is patched: each shim puts back, at run time, a name that auto_LiRPA 0.3 reaches
-for and that a newer numpy or torch removed, with the same behaviour it had there.
+Import this module before ``auto_LiRPA``: it calls ``install()``, which also imports auto_LiRPA
+(swallowing the warnings its import prints: ``torch.jit.script`` is deprecated in torch 2, and
+it sets ``warnings.simplefilter("once")``). Nothing inside site-packages is patched: each shim
+puts back, at run time, a name that auto_LiRPA 0.3 reaches for and that a newer numpy or torch
+removed or changed, with the same behaviour it had there.
 """
 
 from __future__ import annotations
@@ -63,11 +65,36 @@ def _node_getitem() -> None:
     torch._C.Node.__getitem__ = __getitem__
 
 
+def _named_members() -> None:
+    """``BoundedModule._named_members(get_members_fn, prefix, recurse)`` (auto_LiRPA/
+    bound_general.py overrides torch's to translate names): torch >= 1.13 calls it from
+    ``named_parameters`` with a ``remove_duplicate`` keyword, which the override does not take
+    (CROWN reads ``list(self.parameters())[0].dtype`` when it bounds a node by a full identity,
+    e.g. on ACAS Xu). The override already drops duplicates (its memo), so accept the keyword
+    and ignore it. Needs auto_LiRPA imported: done here, after the shims its import needs."""
+    import warnings
+
+    with warnings.catch_warnings(record=True):  # see the module docstring
+        from auto_LiRPA.bound_general import BoundedModule
+
+    original = BoundedModule._named_members
+    if getattr(original, "_shimmed", False):
+        return
+
+    def _named_members(self, get_members_fn, prefix="", recurse=True, remove_duplicate=True):
+        return original(self, get_members_fn, prefix=prefix, recurse=recurse)
+
+    _named_members._shimmed = True
+    BoundedModule._named_members = _named_members
+
+
 def install() -> None:
-    """Install every shim (idempotent)."""
+    """Install every shim (idempotent): the three auto_LiRPA's import needs, then it, then the
+    one that patches auto_LiRPA itself."""
     _numpy_arraysetops()
     _set_opset_version()
     _node_getitem()
+    _named_members()
 
 
 install()
