@@ -36,8 +36,8 @@ auto_LiRPA: ``scripts/lirpa/reference.py`` run by ``.venv-lirpa/bin/python`` (ma
 ``scripts/setup_lirpa``; without it the rows say how to make it), on the same inputs and
 torch threads; see that script for how it batches (--lirpa-batch, default one input per call:
 auto_LiRPA 0.3's bound of a sample depends on the others in its batch; batching all 20 makes
-the MNIST MLP's CROWN faster per input, LeNet-5's slower) and for its dtypes
-(LeNet-5's CROWN in float32: its MaxPool CROWN fails in float64).
+the MNIST MLP's CROWN faster per input, LeNet-5's slower) and for its dtype (float64 for every
+row, LeNet-5's MaxPool CROWN included, with torch's default dtype set to float64).
 
 Soundness: each box gets --samples uniform samples plus, per output j, the two corners
 u0 +- eps sign(g_j) with g_j the central secant slope of y_j across the box along each input
