@@ -40,6 +40,7 @@ mish              z tanh(softplus(z))                    ~ 1.0885
 power(p)          z**p (NaN for z < 0 and p not whole)   1 if p = 1, 0 if p = 0, else inf
 thresholded_relu  z if z > a else 0                      1 if a = 0, else inf (a jump)
 log_positive      log(max(z, 2**-1022))                  inf
+heaviside(h)      1 if z > 0, h if z = 0, else 0 (NaN: 0) inf (a jump)
 ================= ====================================== =========================
 
 ``log_positive`` is log where z is positive and log(2**-1022) ~ -708.4 (float64's smallest
@@ -73,6 +74,7 @@ ACTIVATION_NAMES = (
     "exp", "log", "reciprocal", "sqrt", "rsqrt", "erf", "gelu", "gelu_tanh", "elu", "selu", "celu",
     "softplus", "softsign", "hard_sigmoid", "hard_swish", "silu", "mish", "power", "thresholded_relu",
     "log_positive",
+    "heaviside",
 )  # fmt: skip
 
 # The parameters of each parameterised activation, with their defaults (those of ONNX; None:
@@ -85,6 +87,7 @@ PARAMETERS = {
     "hard_sigmoid": (0.2, 0.5),
     "thresholded_relu": (1.0,),
     "power": (None,),  # the exponent
+    "heaviside": (None,),  # the value at 0: 0 for a strict comparison (a < b), 1 for a <= b
 }
 
 GELU_TANH_SCALE = math.sqrt(2 / math.pi)
@@ -106,7 +109,7 @@ _LIPSCHITZ = {
 class Activation:
     """A componentwise activation: a name from ``ACTIVATION_NAMES`` and its parameters
     (``PARAMETERS``): alpha (leaky_relu, elu, celu, selu, hard_sigmoid, thresholded_relu; the
-    exponent of power) and beta (selu's gamma, hard_sigmoid's beta)."""
+    exponent of power; heaviside's value at 0) and beta (selu's gamma, hard_sigmoid's beta)."""
 
     name: str
     alpha: float | None = None
@@ -248,6 +251,8 @@ def _evaluate(name: str, z: np.ndarray, alpha: float | None, beta: float | None)
         return np.where(z > alpha, z, 0.0)
     if name == "log_positive":  # (np.maximum keeps NaN)
         return np.log(np.maximum(z, LOG_POSITIVE_FLOOR))
+    if name == "heaviside":  # (not numpy's heaviside: a comparison with NaN is false, so NaN -> 0)
+        return np.where(z > 0, 1.0, np.where(z == 0, alpha, 0.0))
     raise AssertionError(name)  # pragma: no cover - the old activations are in apply_inplace
 
 
@@ -284,6 +289,7 @@ def _derivative(name: str, z: np.ndarray, alpha: float | None, beta: float | Non
         "power": lambda: alpha * np.power(z, alpha - 1) if alpha != 0 else 0 * one,
         "thresholded_relu": lambda: (z > alpha) * one,
         "log_positive": lambda: np.where(z > LOG_POSITIVE_FLOOR, 1.0 / z, 0.0),
+        "heaviside": lambda: 0 * one,  # (a jump at 0: no derivative there; 0 everywhere else)
     }
     if name in simple:
         return np.asarray(simple[name](), dtype=np.float64) * one

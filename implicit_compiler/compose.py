@@ -186,7 +186,7 @@ def typical_size(phi: Activation, size: np.ndarray, offset: np.ndarray | None = 
         return np.exp(np.clip(offset, -700.0, 700.0)) * np.ones_like(size)
     if name in ("tanh", "erf", "softsign"):
         return np.minimum(size, 1.0)
-    if name in ("sigmoid", "hard_sigmoid"):
+    if name in ("sigmoid", "hard_sigmoid", "heaviside"):
         return np.ones_like(size)
     with np.errstate(divide="ignore", over="ignore"):
         unbounded = {

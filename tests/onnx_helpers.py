@@ -78,7 +78,7 @@ def _run_per_sample(run, model, feeds, input_shapes, dtype):
     count = len(next(iter(feeds.values())))
     outputs = []
     for index in range(count):
-        sample = {i.name: feeds[i.name][index].reshape(i.shape).astype(dtype) for i in inputs}
+        sample = {i.name: np.asarray(feeds[i.name][index]).reshape(i.shape).astype(dtype) for i in inputs}  # (0-d too)
         outputs.append(run(sample))
     return [np.stack([np.asarray(o[k], dtype=np.float64) for o in outputs]) for k in range(len(outputs[0]))]
 

@@ -64,6 +64,9 @@ REFERENCE = {
     "power(1.5)": (lambda z: z**1.5, False),
     "thresholded_relu(0.7)": (lambda z: np.where(z > 0.7, z, 0), True),
     "log_positive": (lambda z: np.where(z > 2.0**-1022, np.log(np.abs(z)), math.log(2.0**-1022)), True),
+    # comparisons on variables (ops/select.py): a < b is heaviside(0)(b - a), a <= b heaviside(1)
+    "heaviside(0.0)": (lambda z: np.heaviside(z, 0.0), True),
+    "heaviside(1.0)": (lambda z: np.heaviside(z, 1.0), True),
 }
 SPECS = list(REFERENCE)
 
@@ -284,7 +287,7 @@ def test_lipschitz_constant_is_the_largest_slope(spec):
     phi = activation(spec)
     if not math.isfinite(phi.lipschitz):
         assert spec in ("exp", "log", "log_positive", "reciprocal", "sqrt", "rsqrt") or spec.startswith(
-            ("power", "thresholded")
+            ("power", "thresholded", "heaviside")
         )
         return
     grid = np.linspace(-40, 40, 800_001)
@@ -562,7 +565,7 @@ def test_onnx_ops_refused_say_why(body, error, message):
 # Of the 105 node tests of onnx 1.23 named after these ops (test_expand_* aside), 73 compile and
 # match (14 of them the expanded bodies of LogSoftmax, three kept here). The others: integer
 # inputs (11: Div, Pow), LogSoftmax itself (7), expanded bodies that compare variables with
-# Less/Where (9: Elu, Selu, ThresholdedRelu), Celu of opset 28, newer than lowered (3), and Celu's
+# Less/Where (9: Elu, Selu, ThresholdedRelu; folded now, tested in test_modern_select.py), Celu of opset 28, newer than lowered (3), and Celu's
 # float16/bfloat16 expansions, whose expected data are rounded to half precision (2).
 NODE_TESTS = (
     "test_abs", "test_celu_expanded", "test_div", "test_div_bcast", "test_div_example", "test_elu",

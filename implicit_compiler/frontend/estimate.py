@@ -49,6 +49,8 @@ BLOCKS.update(
 )
 BLOCKS.update(dict.fromkeys(("HardSigmoid", "HardSwish", "Mish", "ThresholdedRelu", "Swish"), 1))
 BLOCKS.update(dict.fromkeys(("Silu", "GeluTanh"), 1))  # the folded patterns (``patterns``) without an ONNX op
+BLOCKS.update(dict.fromkeys(("Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or"), 1))  # ops.select
+BLOCKS.update({"Equal": 3, "LRN": 4})  # Equal: two comparisons and an And; LRN: square, power, the product's two
 LINEAR_MAPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "Resize", "Upsample"})
 # Resize / Upsample: input elements per output element along each resized axis, by mode.
 RESIZE_TAPS = {"nearest": 1, "linear": 2, "cubic": 4}

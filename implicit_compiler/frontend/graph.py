@@ -9,10 +9,12 @@
 Batch convention: the model is lowered at batch size 1 and applied to each sample. An input's
 batch axis is, in order: the axis ``input_shapes`` marks None; the first dynamic dimension
 (the leading one, or e.g. the batch of a sequence-first RNN's (seq, batch, features)); a static
-leading dimension 1. An input with none of these (a static leading dimension N > 1) has no batch axis:
-the whole tensor is one sample. Any other dynamic dimension needs ``input_shapes``. Graphs that
-would mix samples along a dynamic batch axis are refused before lowering (``batch_axis``); a
-static 0-size input dimension is a ShapeError (there is nothing to compile).
+leading dimension 1. An input with none of these (a static leading dimension N > 1, or a scalar:
+rank 0) has no batch axis: the whole tensor is one sample (a batch of scalars is then an array of
+shape (batch,), as ``predict`` reads a leading batch axis). Any other dynamic dimension needs
+``input_shapes``. Graphs that would mix samples along a dynamic batch axis are refused before
+lowering (``batch_axis``); a static 0-size input dimension is a ShapeError (there is nothing to
+compile).
 """
 
 from __future__ import annotations
@@ -260,14 +262,12 @@ def _fixed_input(value: onnx.ValueInfoProto, override: Sequence[int | None] | No
                     f"fixes it at {found}"
                 )
         declared = [g if g is not None else f for g, f in zip(override, declared)]
-    if not declared:
-        raise GraphError(f"input {value.name!r} is a scalar (rank 0); expected a tensor with a batch axis")
     dynamic = [axis for axis, dim in enumerate(declared) if not isinstance(dim, int) or dim <= 0]
     if marked is not None:
         batch_axis = marked
     elif dynamic:
         batch_axis = dynamic[0]
-    elif declared[0] == 1:
+    elif declared and declared[0] == 1:
         batch_axis = 0
     else:
         batch_axis = None

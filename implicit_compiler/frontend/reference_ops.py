@@ -4,7 +4,10 @@ onnx.reference (1.23) evaluates Erf through ``np.vectorize(math.erf, otypes=["f"
 values even for float64 inputs), and Gelu and HardSwish through their schemas' function bodies,
 whose constants are float32 (1/sqrt(2), sqrt(2/pi), 1/6): 1e-9 to 3e-8 relative error in float64,
 more than the 1e-9 the float64 comparisons allow. These classes compute the ops' definitions in
-the input's dtype; pass ``REFERENCE_OPS`` as ``ReferenceEvaluator(model, new_ops=REFERENCE_OPS)``.
+the input's dtype. LRN's (1.23) sums each window over the batch axis's range instead of the
+channels' (``for c in range(x.shape[0])``: at batch 1 only channel 0 is normalized) and takes only
+4-D inputs: ``LRN`` computes the schema's definition for any (N, C, ...) input. Pass
+``REFERENCE_OPS`` as ``ReferenceEvaluator(model, new_ops=REFERENCE_OPS)``.
 """
 
 from __future__ import annotations
@@ -40,4 +43,18 @@ class HardSwish(OpRun):
         return ((x * np.clip(x / 6 + 0.5, 0, 1)).astype(x.dtype, copy=False),)
 
 
-REFERENCE_OPS = [Erf, Gelu, HardSwish]
+class LRN(OpRun):
+    op_domain = ""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        """x / (bias + alpha / size * sum of x^2 over channels c - floor((size-1)/2) .. c + ceil((size-1)/2))^beta
+        (the evaluator passes the schema's defaults, as float32 scalars: alpha / size in float64 here)."""
+        alpha, beta, bias = float(alpha), float(beta), float(bias)
+        channels, before, after = x.shape[1], (size - 1) // 2, size // 2
+        square_sum = np.zeros_like(x)
+        for c in range(channels):
+            square_sum[:, c] = np.sum(x[:, max(0, c - before) : min(channels, c + after + 1)] ** 2, axis=1)
+        return ((x / (bias + alpha / size * square_sum) ** beta).astype(x.dtype, copy=False),)
+
+
+REFERENCE_OPS = [Erf, Gelu, HardSwish, LRN]

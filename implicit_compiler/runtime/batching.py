@@ -29,7 +29,7 @@ def flatten_inputs(specs: Sequence[TensorSpec], u: Any, check_finite: bool = Tru
         if missing or unknown:
             raise ShapeError(f"inputs: expected names {[s.name for s in specs]}, missing {missing}, unknown {unknown}")
         parts = [_as_float_array(u[spec.name], spec.name, check_finite) for spec in specs]
-    elif _is_sequence_of_tensors(u, len(specs)):
+    elif _is_sequence_of_tensors(u, specs):
         parts = [_as_float_array(value, spec.name, check_finite) for value, spec in zip(u, specs)]
     else:
         array = _as_float_array(u, "u", check_finite)
@@ -39,8 +39,12 @@ def flatten_inputs(specs: Sequence[TensorSpec], u: Any, check_finite: bool = Tru
     return _concatenate(parts, specs)
 
 
-def _is_sequence_of_tensors(u: Any, count: int) -> bool:
-    return count > 1 and isinstance(u, (list, tuple)) and len(u) == count and all(np.ndim(value) > 0 for value in u)
+def _is_sequence_of_tensors(u: Any, specs: Sequence[TensorSpec]) -> bool:
+    """A list with one tensor per input (a number only where the input is a scalar, rank 0: a
+    list of numbers for tensor inputs is one flat sample)."""
+    if len(specs) < 2 or not isinstance(u, (list, tuple)) or len(u) != len(specs):
+        return False
+    return all(np.ndim(value) > 0 or spec.shape == () for value, spec in zip(u, specs))
 
 
 def _concatenate(parts: list[np.ndarray], specs: Sequence[TensorSpec]) -> tuple[np.ndarray, bool]:

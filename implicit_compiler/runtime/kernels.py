@@ -72,6 +72,7 @@ _POWER = ACTIVATION_CODES["power"]
 _THRESHOLDED_RELU = ACTIVATION_CODES["thresholded_relu"]
 _LOG_POSITIVE = ACTIVATION_CODES["log_positive"]
 _LOG_OF_FLOOR = math.log(LOG_POSITIVE_FLOOR)
+_HEAVISIDE = ACTIVATION_CODES["heaviside"]
 
 
 def available() -> bool:
@@ -152,6 +153,8 @@ if numba is not None:
             return z if z > alpha else 0.0
         if code == _LOG_POSITIVE:  # NaN stays NaN (neither comparison holds)
             return math.log(z) if z > LOG_POSITIVE_FLOOR else (_LOG_OF_FLOOR if z <= LOG_POSITIVE_FLOOR else z)
+        if code == _HEAVISIDE:
+            return 1.0 if z > 0 else (alpha if z == 0 else 0.0)
         return math.nan
 
     def _forward_chain_single(  # pragma: no cover - jitted

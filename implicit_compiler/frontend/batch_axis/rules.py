@@ -23,6 +23,9 @@ SHAPE_OPERANDS: dict[str, frozenset[int]] = {
     "Split": frozenset({1}),
     "Resize": frozenset({3}),  # sizes (opset 11 on): F.interpolate(size=...) writes Shape(x)[:2] + (h, w)
 }
+# Operands read for their element type only (CastLike's target: the constants of onnx's function
+# bodies are cast like x), never as data: a batched one does not make the output batched.
+TYPE_OPERANDS: dict[str, int] = {"CastLike": 1}
 # Ops that read axis 0 as the sample axis N (N, C, spatial...).
 SAMPLE_AXIS_ZERO = frozenset(
     {
@@ -37,6 +40,7 @@ SAMPLE_AXIS_ZERO = frozenset(
         "SpaceToDepth",
         "InstanceNormalization",
         "GroupNormalization",
+        "LRN",
     }
 )
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd"})
@@ -57,6 +61,7 @@ ELEMENTWISE = frozenset(
         "Sign", "Sin", "Softplus", "Softsign", "Sqrt", "Sub", "Sum", "Tanh", "Where",
     }
 )  # fmt: skip
+ELEMENTWISE |= {"And", "CastLike", "GreaterOrEqual", "LessOrEqual", "Or", "ThresholdedRelu"}  # (ops/select.py)
 SLICEWISE = ELEMENTWISE | REDUCTIONS | {"MatMul", "Gemm", "Softmax", "LogSoftmax", "LayerNormalization", "Transpose"}
 SLICEWISE |= {"Gather", "Slice"}
 

@@ -9,7 +9,7 @@ from ...errors import GraphError, UnsupportedAttributeError
 from ..context import NodeView
 from ..graph import PreparedModel
 from .merged import _MergedAxes
-from .rules import SHAPE_OPERANDS, SIZE_READERS, _check_op_axes
+from .rules import SHAPE_OPERANDS, SIZE_READERS, TYPE_OPERANDS, _check_op_axes
 from .shapes import BATCH_SIZES, Shapes, _merged_axis_of
 from .sized import _SizedConstants
 
@@ -38,7 +38,8 @@ class _Walk(_MergedAxes, _SizedConstants):
     def run(self) -> None:
         for index, proto in enumerate(self.prepared.graph.node):
             node = NodeView(proto, self.prepared.opset, index)
-            if any(name in self.batched for name in proto.input):
+            data = [name for position, name in enumerate(proto.input) if position != TYPE_OPERANDS.get(proto.op_type)]
+            if any(name in self.batched for name in data):
                 if proto.op_type in SIZE_READERS:
                     self._read_sizes(node)
                 else:

@@ -11,8 +11,8 @@ attribute and opset difference included, are the reference's, not ours.
 Identity, Dropout (inference) and Cast to a float type return the expression unchanged.
 Shape and Size of an expression are constants (the shape at batch size 1: a model is applied
 per sample). Ops that only
-compute shapes (Constant, ConstantOfShape, Range, comparisons...) are folded when their inputs
-are constant and refused otherwise.
+compute shapes (Constant, ConstantOfShape, Range, Floor...) are folded when their inputs
+are constant and refused otherwise (comparisons and Where on variables: ``select``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ...errors import GraphError, UnsupportedOpError
 from ..context import LoweringContext, NodeView, Value
 from ..fold import evaluate_constant_node
 from ..registry import lowers
+from . import select
 from .common import Affine, as_affine, optional_input
 
 MOVEMENT_OPS = {
@@ -44,10 +45,20 @@ MOVEMENT_OPS = {
     "SpaceToDepth": ("blocksize", "mode"),  # mode: from opset 28 on
 }
 FOLD_ONLY_OPS = (
-    "Constant", "ConstantOfShape", "Range", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual",
-    "Not", "And", "Or", "Floor", "Ceil", "Round", "ReduceProd", "NonZero", "Mod", "CumSum", "ReduceMin", "ArgMax",
+    "Constant",
+    "ConstantOfShape",
+    "Range",
+    "Floor",
+    "Ceil",
+    "Round",
+    "ReduceProd",
+    "NonZero",
+    "Mod",
+    "CumSum",
+    "ReduceMin",
+    "ArgMax",
     "ArgMin",
-)  # fmt: skip
+)  # fmt: skip (comparisons, Not, And, Or: ops/select.py)
 FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16)
 
 
@@ -127,10 +138,10 @@ def lower_concat(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 
 @lowers("Where")
 def lower_where(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
-    """Where(c, a, b) with a constant condition: rows of a or b."""
+    """Where(c, a, b): with a constant condition rows of a or b; else b + c (a - b) (select.where)."""
     condition = inputs[0]
     if isinstance(condition, Affine):
-        raise UnsupportedOpError(f"{node.where}: the condition depends on the model input; it must be constant")
+        return [select.where(ctx, node, inputs)]
     stacked, ids = _stacked(ctx, inputs[1:])
     return [stacked.take(evaluate_constant_node(node, [condition, *ids])[0])]
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from .gates import _hard_sigmoid_of_hard_swish, _unary_gate
 from .gelu import _match_gelu, _match_gelu_tanh
 from .layer_norm import _match_layer_norm
+from .select import FOLDED as SELECT_FOLDED
+from .select import MATCHERS as SELECT_MATCHERS
 
 # private op -> (the standard op whose lowering lowers it, its since_version); Silu is ours.
 STANDARD = {
@@ -29,6 +31,7 @@ FOLDED = (
     ("Mish: x * Tanh(Softplus(x))", "Mish"),
     ("HardSwish: x * HardSigmoid(x; 1/6, 1/2)", "HardSwish"),
     ("LayerNorm: (x - mean) / Sqrt(mean((x - mean)^2) + eps) [* scale] [+ bias]", "LayerNormalization"),
+    *SELECT_FOLDED,
 )
 
 # Tried in this order at each node, last nodes first (the largest match wins).
@@ -39,6 +42,7 @@ MATCHERS = (
     _unary_gate("Silu", ("Sigmoid",)),
     _unary_gate("Mish", ("Tanh", "Softplus")),
     _unary_gate("HardSwish", ("HardSigmoid",), _hard_sigmoid_of_hard_swish),
+    *SELECT_MATCHERS,  # Elu, Selu, ThresholdedRelu from their ONNX function bodies (select.py)
 )
 
 

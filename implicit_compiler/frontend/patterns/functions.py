@@ -10,6 +10,7 @@ from onnx import helper, numpy_helper
 from ...errors import GraphError
 from ..registry import PATTERN_DOMAIN
 from .gelu import GELU_CUBIC, SQRT_HALF_PI
+from .select import FUNCTIONS as SELECT_FUNCTIONS
 
 INTS = onnx.AttributeProto.INTS
 
@@ -17,6 +18,8 @@ INTS = onnx.AttributeProto.INTS
 def _function(op_type: str, opset: int) -> onnx.FunctionProto:
     """The model-local function defining a private op, in float64 (the prepared model's type),
     in ops of the model's own opset."""
+    if op_type in SELECT_FUNCTIONS:
+        return SELECT_FUNCTIONS[op_type](opset)
 
     def constant(name: str, value: float) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(value), name))
