@@ -70,7 +70,7 @@ def assert_contains(bounds, y):
 
 
 # ----------------------------------------------------------------------------- relaxations
-@pytest.mark.parametrize("spec", ACTIVATIONS + POSITIVE_DOMAIN + ["thresholded_relu"])
+@pytest.mark.parametrize("spec", ACTIVATIONS + POSITIVE_DOMAIN + ["thresholded_relu", "heaviside(0.0)", "heaviside(1.0)"])
 def test_relaxations_hold_on_a_dense_grid(spec, rng):
     """On random intervals (some straddling 0, some tiny, some flat): the image contains phi on a
     dense grid and is attained there (tight), the lines lie below / above phi, and phi(z) - s z
@@ -84,7 +84,7 @@ def test_relaxations_hold_on_a_dense_grid(spec, rng):
     values = phi(grid)
     smallest, largest = interval_image(phi, low, high)
     assert (values >= smallest[:, None]).all() and (values <= largest[:, None]).all()
-    if spec != "thresholded_relu":  # a jump: the range's ends are limits, not attained on a grid
+    if not spec.startswith(("thresholded_relu", "heaviside")):  # a jump: the range's ends are limits, not attained on a grid
         # the grid misses a kink by up to one step: allow a step's change of phi
         step_change = np.abs(np.diff(values, axis=1)).max(axis=1, initial=0)
         tolerance = 1e-9 * (1 + np.abs(values).max(axis=1)) + step_change
@@ -138,11 +138,12 @@ def test_ibp_equals_enumeration_of_a_separable_layer(rng):
     np.testing.assert_allclose(bounds.lower, y.min(axis=0), rtol=1e-12, atol=1e-12)
 
 
-def test_a_jump_inside_the_box_is_refused(rng):
-    """thresholded_relu(1) jumps at 1: rounding of z there moves a prediction by 1, which no
-    Lipschitz margin covers; bounds are refused where the jump is inside the range."""
-    model = mlp(rng, (3, 8, 2), ["thresholded_relu"])
-    with pytest.raises(AnalysisError, match="'h0'.*jumps"):
+@pytest.mark.parametrize("spec, at", [("thresholded_relu", "1"), ("heaviside(0.0)", "0")])
+def test_a_jump_inside_the_box_is_refused(rng, spec, at):
+    """thresholded_relu(1) jumps at 1, heaviside at 0: rounding of z there moves a prediction by
+    the jump, which no Lipschitz margin covers; bounds are refused where it is inside the range."""
+    model = mlp(rng, (3, 8, 2), [spec])
+    with pytest.raises(AnalysisError, match=f"'h0'.*jumps at {at} "):
         output_bounds(model, np.zeros(3), 5.0)
 
 

@@ -248,7 +248,8 @@ def relaxed_bounds(
         ).max(axis=0, initial=0.0)
         if np.isinf(lipschitz[block.slice]).any():
             raise AnalysisError(
-                f"no output bounds: block {block.name!r} ({block.activation}) jumps at {block.activation.alpha:g} "
+                f"no output bounds: block {block.name!r} ({block.activation}) jumps at "
+                f"{block.activation.alpha if block.activation.name == 'thresholded_relu' else 0:g} "
                 "inside its pre-activation range over the box, so rounding a prediction near it can move it by "
                 "the jump; use a smaller box or a continuous activation"
             )

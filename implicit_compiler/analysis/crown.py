@@ -105,14 +105,12 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
         relaxations.forget(index)
         part = structure.parts[index]
         rows = _rows_to_refine(part, low, high)
-        if rows.size:
-            start = {j: sp.csr_array(block[rows]) for j, block in part.rows.sources + part.rows.feedback}
+        if any(chosen.size for chosen in rows):
+            start = dict(part.rows.sources + part.rows.feedback)
             tight_low, tight_high = _bound_linear(
-                relaxations, index - 1, start, sp.csr_array(part.rows.B[rows]), part.rows.bias[rows], center, radius,
-                "blocks",
-            )  # fmt: skip
-            low[:, rows] = np.maximum(low[:, rows], tight_low)
-            high[:, rows] = np.minimum(high[:, rows], tight_high)
+                relaxations, index - 1, start, part.rows.B, part.rows.bias, center, radius, "blocks", rows
+            )
+            low, high = np.maximum(low, tight_low), np.minimum(high, tight_high)
         return low, high
 
     bounds = interval_bounds(structure, center, radius, refine=refine)
@@ -130,41 +128,66 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
     return lower, upper, bounds
 
 
-def _rows_to_refine(part, low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """Local rows whose relaxation is not exact over [low, high] in some sample."""
+def _rows_to_refine(part, low: np.ndarray, high: np.ndarray) -> list[np.ndarray]:
+    """For each sample, the local rows whose relaxation is not exact over [low, high]."""
     name = part.activation.name
     if name == "identity":
-        return np.zeros(0, dtype=np.int64)
+        return [np.zeros(0, dtype=np.int64)] * low.shape[0]
     if name in ("relu", "leaky_relu"):
-        return np.flatnonzero(((low < 0) & (high > 0)).any(axis=0))
-    return np.arange(part.rows.size)
+        return [np.flatnonzero(row) for row in (low < 0) & (high > 0)]
+    return [np.arange(part.rows.size)] * low.shape[0]
 
 
-def _bound_linear(relaxations, last, start, input_matrix, constant, center, radius, loops):
-    """Lower and upper bounds of g = sum_j start[j] x_j + input_matrix u + constant, (batch, rows),
+def _bound_linear(relaxations, last, start, input_matrix, constant, center, radius, loops, rows=None):
+    """Lower and upper bounds of g = sum_j start[j] x_j + input_matrix u + constant, (batch, r),
     back-substituted from part ``last`` down; coefficients on parts after ``last`` (a block's
-    feedback) are taken at their interval bounds. ``loops``: "blocks" or "system"."""
+    feedback) are taken at their interval bounds. ``loops``: "blocks" or "system". ``rows``: for
+    each sample, the rows of g to bound (the others are left at -inf / inf); None: all."""
     structure = relaxations.structure
-    rows, batch = input_matrix.shape[0], center.shape[0]
+    total_rows, batch = input_matrix.shape[0], center.shape[0]
+    rows = [np.arange(total_rows)] * batch if rows is None else rows
+    lower, upper = np.full((batch, total_rows), -np.inf), np.full((batch, total_rows), np.inf)
+    most = max(chosen.size for chosen in rows)
+    if most == 0:
+        return lower, upper
     upstream = sum(structure.parts[j].rows.size for j in range(last + 1)) + center.shape[1] + 1
-    lower, upper = np.empty((batch, rows)), np.empty((batch, rows))
-    row_chunk = max(1, min(rows, CHUNK_VALUES // (2 * upstream)))
-    constant = np.asarray(constant, dtype=np.float64)
-    for first_row in range(0, rows, row_chunk):
-        chunk_rows = slice(first_row, min(rows, first_row + row_chunk))
-        signed = {j: sp.csr_array(sp.vstack([m[chunk_rows], -m[chunk_rows]])) for j, m in start.items()}
-        signed_inputs = sp.csr_array(sp.vstack([input_matrix[chunk_rows], -input_matrix[chunk_rows]]))
-        signed_constant = np.concatenate([constant[chunk_rows], -constant[chunk_rows]])
-        count = 2 * (chunk_rows.stop - chunk_rows.start)
-        sample_chunk = max(1, CHUNK_VALUES // (count * upstream))
+    padded = {j: _with_zero_row(m) for j, m in start.items()}
+    padded_inputs = _with_zero_row(input_matrix)
+    padded_constant = np.append(np.asarray(constant, dtype=np.float64), 0.0)
+    row_chunk = max(1, min(most, CHUNK_VALUES // (2 * upstream)))
+    for first_row in range(0, most, row_chunk):
+        count = min(row_chunk, most - first_row)
+        sample_chunk = max(1, CHUNK_VALUES // (2 * count * upstream))
         for first in range(0, batch, sample_chunk):
             samples = slice(first, min(batch, first + sample_chunk))
-            walk = _Walk(relaxations, samples, count, center[samples], loops)
-            bound = walk.run(last, signed, signed_inputs, signed_constant, radius)
-            half = count // 2
-            lower[samples, chunk_rows] = bound[:, :half]
-            upper[samples, chunk_rows] = -bound[:, half:]
+            picks = [chosen[first_row : first_row + count] for chosen in rows[samples]]
+            index = np.full((len(picks), count), total_rows)  # the zero row pads
+            for k, pick in enumerate(picks):
+                index[k, : pick.size] = pick
+            index = np.concatenate([index, index], axis=1).reshape(-1)  # +g then -g, per sample
+            sign = np.tile(np.repeat([1.0, -1.0], count), len(picks))
+            signed = {j: _signed_rows(m, index, sign) for j, m in padded.items()}
+            walk = _Walk(relaxations, samples, 2 * count, center[samples], loops)
+            bound = walk.run(last, signed, _signed_rows(padded_inputs, index, sign), sign * padded_constant[index],
+                             radius)  # fmt: skip
+            for k, pick in enumerate(picks):
+                lower[first + k, pick] = bound[k, : pick.size]
+                upper[first + k, pick] = -bound[k, count : count + pick.size]
     return lower, upper
+
+
+def _with_zero_row(matrix) -> sp.csr_array:
+    """``matrix`` (CSR) with one more, empty row (the padding of ``_bound_linear``)."""
+    matrix = sp.csr_array(matrix)
+    indptr = np.append(matrix.indptr, matrix.indptr[-1])
+    return sp.csr_array((matrix.data, matrix.indices, indptr), shape=(matrix.shape[0] + 1, matrix.shape[1]))
+
+
+def _signed_rows(matrix: sp.csr_array, index: np.ndarray, sign: np.ndarray) -> sp.csr_array:
+    """diag(sign) matrix[index], CSR."""
+    picked = sp.csr_array(matrix[index])
+    picked.data *= np.repeat(sign, np.diff(picked.indptr))
+    return picked
 
 
 class _Walk:
@@ -181,9 +204,9 @@ class _Walk:
     def run(self, last, start, input_coefficients, constant, radius) -> np.ndarray:
         """Lower bounds of the rows, (samples, count)."""
         structure = self.structure
-        coefficients = {j: _densify(_tile(value, self.batch)) for j, value in start.items()}
-        self.inputs = _densify(_tile(input_coefficients, self.batch))
-        self.total = np.tile(constant, self.batch)
+        coefficients = {j: _densify(value) for j, value in start.items()}
+        self.inputs = _densify(input_coefficients)
+        self.total = np.array(constant, dtype=np.float64)
         for j in [j for j in coefficients if j > last]:  # a block's feedback: at its intervals
             self._concretize(j, coefficients.pop(j))
         index = last
@@ -270,11 +293,6 @@ def _weighted(weights, low: np.ndarray, high: np.ndarray, sample_of_row: np.ndar
     return np.einsum("rm,rm->r", np.maximum(weights, 0), low[sample_of_row]) + np.einsum(
         "rm,rm->r", np.minimum(weights, 0), high[sample_of_row]
     )
-
-
-def _tile(matrix: sp.csr_array, times: int) -> sp.csr_array:
-    """The rows of ``matrix`` repeated ``times`` times (one copy per sample)."""
-    return sp.csr_array(sp.vstack([matrix] * times)) if times > 1 else matrix
 
 
 def _densify(matrix):

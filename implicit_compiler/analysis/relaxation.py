@@ -159,12 +159,14 @@ def local_lipschitz(phi: Activation, low: np.ndarray, high: np.ndarray) -> np.nd
     """max |phi'| over [low, high]: phi's Lipschitz constant where it has one, otherwise the
     largest |phi'| at the endpoints (the activations without a global constant have a monotone
     |phi'| on each side of their pole or minimum: square, exp, log, sqrt, rsqrt, reciprocal,
-    powers); inf for thresholded_relu's jump inside [low, high]."""
+    powers); inf for thresholded_relu's and heaviside's jumps inside [low, high]."""
     low, high = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
     if math.isfinite(phi.lipschitz):
         return np.full(low.shape, phi.lipschitz)
     if phi.name == "thresholded_relu":
         return np.where((low <= phi.alpha) & (phi.alpha < high), np.inf, 1.0)
+    if phi.name == "heaviside":
+        return np.where((low <= 0) & (high >= 0), np.inf, 0.0)
     _check_domain(phi, low, high)
     slope = np.maximum(np.abs(phi.derivative(low)), np.abs(phi.derivative(high)))
     if phi.name == "power" and 0 < phi.alpha < 1:  # sqrt-like: |phi'| largest at the low end, inf at 0
@@ -212,6 +214,8 @@ def _critical(phi: Activation) -> list[tuple[float, tuple[float, ...]]]:
         return [(0.0, (0.0,))] if alpha > 0 and alpha == round(alpha) and alpha % 2 == 0 else []
     if name == "thresholded_relu":
         return [(alpha, (0.0, alpha))]
+    if name == "heaviside":
+        return [(0.0, (0.0, alpha, 1.0))]
     if name == "hard_swish":
         return [(-1.5, (-0.375,))]
     if name in ("gelu", "gelu_tanh", "silu", "mish"):
