@@ -42,7 +42,7 @@ import scipy.sparse.linalg as spla
 from .interval import StateBounds, Structure, interval_bounds
 from .relaxation import Lines, linear_relaxation, parallel_relaxation
 
-CHUNK_VALUES = 1 << 23  # float64 coefficients held per chunk (64 MiB)
+CHUNK_VALUES = 1 << 24  # float64 coefficients of one dense array per chunk at most (128 MiB)
 DENSE_FRACTION = 0.15  # coefficient matrices denser than this are kept as dense arrays
 
 
@@ -55,7 +55,7 @@ class Relaxations:
         self.bounds = bounds
         self._lines: dict[int, Lines] = {}
         self._loops: dict[int, tuple] = {}
-        self._dense: dict[int, np.ndarray | None] = {}
+        self._dense: dict[int, tuple] = {}
 
     def forget(self, index: int) -> None:
         self._lines.pop(index, None)
@@ -84,13 +84,17 @@ class Relaxations:
             self._loops[number] = (slope, e_lo, e_hi, factors)
         return self._loops[number]
 
-    def dense_form(self, matrix: sp.csr_array) -> np.ndarray | None:
-        """``matrix`` as a dense array when it is denser than ``DENSE_FRACTION`` (cached), else None."""
+    def transposed_forms(self, matrix: sp.csr_array) -> tuple[np.ndarray | None, sp.csr_array | None]:
+        """(matrix^T dense, None) when it is denser than ``DENSE_FRACTION``, else (None, matrix^T
+        as CSR); cached per matrix (and kept alive with it)."""
         key = id(matrix)
         if key not in self._dense:
-            dense = matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]
-            self._dense[key] = matrix.toarray() if dense else None
-        return self._dense[key]
+            if matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]:
+                forms = (np.ascontiguousarray(matrix.toarray().T), None)
+            else:
+                forms = (None, sp.csr_array(matrix.T))
+            self._dense[key] = (matrix, forms)
+        return self._dense[key][1]
 
 
 def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, objective: np.ndarray | None = None):
@@ -191,9 +195,11 @@ def _signed_rows(matrix: sp.csr_array, index: np.ndarray, sign: np.ndarray) -> s
 
 
 class _Walk:
-    """One backward pass for a chunk of samples: the coefficients of all samples stacked
-    row-wise (sample-major), as CSR while they are sparse (convolutions reach few states) and
-    dense beyond ``DENSE_FRACTION``."""
+    """One backward pass for a chunk of samples. The coefficients of all samples are stacked
+    (sample-major, ``count`` rows per sample): as a CSR matrix (rows x states) while sparse
+    (convolutions reach few states), and beyond ``DENSE_FRACTION`` as a dense array stored
+    transposed (states x rows), so that products with A run as A^T @ T on contiguous columns
+    and the per-sample slopes broadcast over a (states, samples, count) view, with no copies."""
 
     def __init__(self, relaxations: Relaxations, samples: slice, count: int, center: np.ndarray, loops: str):
         self.relaxations, self.structure = relaxations, relaxations.structure
@@ -230,8 +236,9 @@ class _Walk:
             nominal = np.bincount(entry_rows, values, minlength=inputs.shape[0])
             spread = abs(inputs) @ radius
         else:
-            nominal = np.einsum("rp,rp->r", inputs, self.center[self.sample_of_row])
-            spread = np.abs(inputs) @ radius
+            by_sample = inputs.reshape(inputs.shape[0], self.batch, self.count)
+            nominal = np.einsum("pbc,bp->bc", by_sample, self.center).reshape(-1)
+            spread = radius @ np.abs(inputs)
         return (nominal - spread + self.total).reshape(self.batch, self.count)
 
     def _push(self, rows, through, coefficients) -> None:
@@ -239,27 +246,30 @@ class _Walk:
         for source, block in rows.sources:
             coefficients[source] = _densify(_add(coefficients.get(source), _times(through, block, self.relaxations)))
         self.inputs = _densify(_add(self.inputs, _times(through, rows.B, self.relaxations)))
-        self.total += through @ rows.bias
+        self.total += through @ rows.bias if sp.issparse(through) else rows.bias @ through
 
     def _concretize(self, index: int, weights) -> None:
         """Lambda x_j >= Lambda^+ x_low + Lambda^- x_high at part j's interval bounds."""
         states = self.structure.parts[index].rows.states
         bounds = self.relaxations.bounds
         low, high = bounds.low[self.samples][:, states], bounds.high[self.samples][:, states]
-        self.total += _weighted(weights, low, high, self.sample_of_row)
+        self.total += self._weighted(weights, low, high)
 
     def _through_lines(self, lines: Lines, weights):
         """The coefficients on z of Lambda x >= (Lambda^+ a_lo + Lambda^- a_hi) z + Lambda^+ b_lo +
         Lambda^- b_hi; the intercepts' part is added to the total."""
-        samples, rows = self.samples, self.sample_of_row
-        self.total += _weighted(weights, lines.lower_intercept[samples], lines.upper_intercept[samples], rows)
+        samples = self.samples
+        self.total += self._weighted(weights, lines.lower_intercept[samples], lines.upper_intercept[samples])
         lower_slope, upper_slope = lines.lower_slope[samples], lines.upper_slope[samples]
         if sp.issparse(weights):
-            entry_rows = np.repeat(np.arange(weights.shape[0]), np.diff(weights.indptr))
-            at = (rows[entry_rows], weights.indices)
-            slope = np.where(weights.data > 0, lower_slope[at], upper_slope[at])
+            at = self._entries(weights, lower_slope.shape[1])
+            slope = np.where(weights.data > 0, lower_slope.take(at), upper_slope.take(at))
             return sp.csr_array((weights.data * slope, weights.indices, weights.indptr), shape=weights.shape)
-        return weights * np.where(weights > 0, lower_slope[rows], upper_slope[rows])
+        view = self._by_sample(weights)
+        upper = upper_slope.T[:, :, None]
+        result = view * upper
+        result += np.maximum(view, 0) * (lower_slope.T[:, :, None] - upper)
+        return result.reshape(weights.shape)
 
     def _through_loop(self, loop, number: int, coefficients) -> None:
         """mu = (I - S A_kk)^{-T} Lambda_k^T per sample; mu^+ e_lo + mu^- e_hi added to the
@@ -270,55 +280,70 @@ class _Walk:
             weights = coefficients.pop(index, None)
             size = self.structure.parts[index].rows.size
             if weights is None:
-                pieces.append(np.zeros((self.batch * self.count, size)))
+                pieces.append(np.zeros((size, self.batch * self.count)))
             else:
-                pieces.append(weights.toarray() if sp.issparse(weights) else weights)
-        weights = np.concatenate(pieces, axis=1)
+                pieces.append(weights.T.toarray() if sp.issparse(weights) else weights)
+        weights = np.concatenate(pieces, axis=0)
         mu = np.empty_like(weights)
         for k, sample in enumerate(range(self.samples.start, self.samples.stop)):
-            rows = slice(k * self.count, (k + 1) * self.count)
-            mu[rows] = factors[sample].solve(np.ascontiguousarray(weights[rows].T), trans="T").T
+            columns = slice(k * self.count, (k + 1) * self.count)
+            mu[:, columns] = factors[sample].solve(np.ascontiguousarray(weights[:, columns]), trans="T")
         samples = self.samples
-        self.total += _weighted(mu, e_lo[samples], e_hi[samples], self.sample_of_row)
-        self._push(loop.rows, mu * slope[samples][self.sample_of_row], coefficients)
+        self.total += self._weighted(mu, e_lo[samples], e_hi[samples])
+        through = (self._by_sample(mu) * slope[samples].T[:, :, None]).reshape(mu.shape)
+        self._push(loop.rows, through, coefficients)
 
+    def _entry_rows(self, matrix: sp.csr_array) -> np.ndarray:
+        return np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
 
-def _weighted(weights, low: np.ndarray, high: np.ndarray, sample_of_row: np.ndarray) -> np.ndarray:
-    """Per row r: sum_m (weights^+ low + weights^- high)[r, m], low/high of row r's sample."""
-    if sp.issparse(weights):
-        entry_rows = np.repeat(np.arange(weights.shape[0]), np.diff(weights.indptr))
-        at = (sample_of_row[entry_rows], weights.indices)
-        values = weights.data * np.where(weights.data > 0, low[at], high[at])
-        return np.bincount(entry_rows, values, minlength=weights.shape[0])
-    return np.einsum("rm,rm->r", np.maximum(weights, 0), low[sample_of_row]) + np.einsum(
-        "rm,rm->r", np.minimum(weights, 0), high[sample_of_row]
-    )
+    def _entries(self, matrix: sp.csr_array, states: int) -> np.ndarray:
+        """For each stored entry of a CSR (rows, states) matrix, its flat index into a C-ordered
+        (samples, states) array of its row's sample."""
+        return self.sample_of_row[self._entry_rows(matrix)] * states + matrix.indices
+
+    def _by_sample(self, dense: np.ndarray) -> np.ndarray:
+        """A transposed dense coefficient array (states, rows) viewed as (states, samples, count)."""
+        return dense.reshape(dense.shape[0], self.batch, self.count)
+
+    def _weighted(self, weights, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """Per row: sum over states of weights^+ low + weights^- high, low / high (samples, states)
+        of the row's sample."""
+        if sp.issparse(weights):
+            at = self._entries(weights, low.shape[1])
+            values = weights.data * np.where(weights.data > 0, low.take(at), high.take(at))
+            return np.bincount(self._entry_rows(weights), values, minlength=weights.shape[0])
+        view = self._by_sample(weights)
+        value = np.einsum("mbc,bm->bc", np.maximum(view, 0), low) + np.einsum("mbc,bm->bc", np.minimum(view, 0), high)
+        return value.reshape(-1)
 
 
 def _densify(matrix):
-    """A dense array when ``matrix`` is sparse but denser than ``DENSE_FRACTION``."""
+    """A sparse (rows, states) matrix denser than ``DENSE_FRACTION`` as a dense (states, rows) array."""
     if sp.issparse(matrix) and matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]:
-        return matrix.toarray()
+        return matrix.T.toarray()
     return matrix
 
 
 def _add(left, right):
+    """The sum of two coefficient matrices (either form; None: nothing yet)."""
     if left is None:
         return right
     if sp.issparse(left) and sp.issparse(right):
         return sp.csr_array(left + right)
     if sp.issparse(left):
-        left = left.toarray()
+        left = left.T.toarray()
     if sp.issparse(right):
-        right = right.toarray()
+        right = right.T.toarray()
     return left + right
 
 
 def _times(coefficients, matrix: sp.csr_array, relaxations: Relaxations):
-    """coefficients @ matrix: sparse by sparse stays sparse; dense by a dense-ish matrix by BLAS."""
+    """coefficients @ matrix in the coefficients' form: sparse by sparse (SpGEMM), or for a dense
+    (states, rows) array matrix^T @ it (BLAS where the matrix is dense-ish, else scipy's CSR
+    kernel on contiguous columns)."""
     if sp.issparse(coefficients):
         return sp.csr_array(coefficients @ matrix)
-    dense = relaxations.dense_form(matrix)
+    dense, transposed = relaxations.transposed_forms(matrix)
     if dense is not None:
-        return coefficients @ dense
-    return np.asarray(matrix.T @ coefficients.T).T
+        return dense @ coefficients
+    return transposed @ coefficients
