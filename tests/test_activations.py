@@ -54,8 +54,9 @@ def test_positive_homogeneity_flag_is_true_exactly_when_it_holds(spec):
 
 
 def test_spec_strings_round_trip():
+    required = {"power": "power(3)", "heaviside": "heaviside(0.5)"}  # no default exponent / value at 0
     for name in ACTIVATION_NAMES:
-        phi = activation("power(3)" if name == "power" else name)  # power has no default exponent
+        phi = activation(required.get(name, name))
         assert activation(phi.to_spec()) == phi
     assert activation("leaky_relu").alpha == 0.01
     assert activation(" leaky_relu( 0.3 ) ") == ic.Activation("leaky_relu", 0.3)
