@@ -50,6 +50,12 @@ rounded outward with a margin for the rounding of the predictions.
 
 Targets printed (issue 18): ours-crown / auto_LiRPA-crown width <= 1.5, ours-crown / ours-ibp
 width <= 0.5, ours-crown / auto_LiRPA-crown time per input <= 2.
+
+Then: the MNIST MLP's VNN-COMP-style verdicts (robust / not proved, ``certify_robustness``) at
+the 2021 radii (--verdict-eps), and LeNet-5 closed in the feedback loop of
+scripts/demo_feedback.py: its CROWN widths against the open network's (target <= 2x), checked
+by --loop-samples samples per box (around the first --loop-inputs digits: each sample is a
+solve of the loop).
 """
 
 from __future__ import annotations
@@ -240,6 +246,63 @@ def print_table(title: str, eps: float, rows: list[dict], samples: int) -> None:
             print(f"  target {label} <= {target:g}: {ratio:.3g} ({'met' if ratio <= target else 'not met'})")
 
 
+def verdicts(args) -> list[dict]:
+    """VNN-COMP 2021's MNIST properties: is each input's label kept over its l_inf box? The
+    corpus has the network but not the properties' .vnnlib files (nor MNIST's images): the
+    verdicts are for our 20 digits at the 2021 radii (0.02 and 0.05), labelled by the net."""
+    from implicit_compiler.analysis import certify_robustness
+
+    title, path = NETS["mnist_mlp"]
+    model = ic.from_onnx(path)
+    u0 = inputs_for("mnist_mlp", args.inputs, args.mnist_layout)
+    rows = []
+    print(f"\n{title}: VNN-COMP-style verdicts (CROWN), {len(u0)} digits, labels = the net's predictions")
+    for eps in args.verdict_eps:
+        start = time.perf_counter()
+        report = certify_robustness(model, u0, eps)
+        seconds = time.perf_counter() - start
+        counts = {name: report.verdicts.count(name) for name in ("robust", "not proved")}
+        print(f"  eps {eps:g}: {counts['robust']} robust, {counts['not proved']} not proved ({seconds:.2f} s)")
+        rows.append({"net": "mnist_mlp", "eps": eps, "verdicts": list(report.verdicts)})
+    return rows
+
+
+def feedback_loop(args, rng) -> list[dict]:
+    """LeNet-5 closed by u = v + K y as in scripts/demo_feedback.py (lambda_pf(|A'|) = 0.9):
+    CROWN bounds of the loop against the open network's, each checked by --loop-samples
+    uniform samples per box (issue 18: valid, and within 2x of the open network's widths)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from demo_feedback import closed_loop, gain_for_eigenvalue
+
+    title, path = NETS["lenet5"]
+    lenet = ic.from_onnx(path)
+    pattern = np.random.default_rng(0).normal(size=(lenet.p, lenet.q)) / np.sqrt(lenet.p)
+    gain, eigenvalue = gain_for_eigenvalue(lenet, pattern, 0.9)
+    closed = closed_loop(lenet, pattern, gain)
+    u0 = inputs_for("lenet5", args.loop_inputs, args.mnist_layout)
+    print(f"\n{title} in a feedback loop (gain {gain:.4g}, lambda_pf(|A'|) = {eigenvalue:.4f}), {len(u0)} inputs")
+    rows = []
+    for eps in args.eps:
+        start = time.perf_counter()
+        loop_bounds = output_bounds(closed, u0, eps, method="crown")
+        seconds = time.perf_counter() - start
+        open_bounds = output_bounds(lenet, u0, eps, method="crown")
+        samples = u0[:, None] + rng.uniform(-eps, eps, size=(len(u0), args.loop_samples, *u0.shape[1:]))
+        outputs = closed.predict(samples.reshape(-1, *u0.shape[1:]), tol=1e-12).reshape(len(u0), args.loop_samples, -1)
+        violations, checks, excess = soundness(outputs, loop_bounds.lower, loop_bounds.upper)
+        loop_width = float((loop_bounds.upper - loop_bounds.lower).mean())
+        open_width = float((open_bounds.upper - open_bounds.lower).mean())
+        ratio = loop_width / open_width
+        print(
+            f"  eps {eps:g}: loop {loop_width:.6g} vs open {open_width:.6g}: {ratio:.3g}x "
+            f"(target <= 2: {'met' if ratio <= 2 else 'not met'}); {1e3 * seconds / len(u0):.1f} ms/input; "
+            f"violations {violations}/{checks}" + (f" (max {excess:.2g})" if violations else "")
+        )
+        rows.append({"net": "lenet5_loop", "eps": eps, "loop_width": loop_width, "open_width": open_width,
+                     "violations": violations, "checks": checks})  # fmt: skip
+    return rows
+
+
 def without_bounds(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in ("lower", "upper")}
 
@@ -263,11 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="of the uniform samples")
     parser.add_argument("--json", type=Path, help="also save the rows here")
+    parser.add_argument(
+        "--verdict-eps", nargs="*", type=float, default=[0.02, 0.05], help="radii of the MNIST MLP's verdicts"
+    )
+    parser.add_argument("--loop-samples", type=int, default=2000, help="samples per box of the feedback loop")
+    parser.add_argument("--loop-inputs", type=int, default=5, help="box centers of the feedback loop (default 5)")
+    parser.add_argument("--no-loop", action="store_true", help="skip the LeNet-5 feedback loop")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(args.seed)
     rows = []
     for net in args.nets:
         rows += measure_net(net, args, rng)
+    if "mnist_mlp" in args.nets and args.verdict_eps:
+        rows += verdicts(args)
+    if "lenet5" in args.nets and not args.no_loop:
+        rows += feedback_loop(args, rng)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": {**vars(args), "json": str(args.json)}, "rows": rows}, indent=1))

@@ -70,7 +70,9 @@ def assert_contains(bounds, y):
 
 
 # ----------------------------------------------------------------------------- relaxations
-@pytest.mark.parametrize("spec", ACTIVATIONS + POSITIVE_DOMAIN + ["thresholded_relu", "heaviside(0.0)", "heaviside(1.0)"])
+@pytest.mark.parametrize(
+    "spec", ACTIVATIONS + POSITIVE_DOMAIN + ["thresholded_relu", "heaviside(0.0)", "heaviside(1.0)"]
+)
 def test_relaxations_hold_on_a_dense_grid(spec, rng):
     """On random intervals (some straddling 0, some tiny, some flat): the image contains phi on a
     dense grid and is attained there (tight), the lines lie below / above phi, and phi(z) - s z
@@ -84,7 +86,9 @@ def test_relaxations_hold_on_a_dense_grid(spec, rng):
     values = phi(grid)
     smallest, largest = interval_image(phi, low, high)
     assert (values >= smallest[:, None]).all() and (values <= largest[:, None]).all()
-    if not spec.startswith(("thresholded_relu", "heaviside")):  # a jump: the range's ends are limits, not attained on a grid
+    if not spec.startswith(
+        ("thresholded_relu", "heaviside")
+    ):  # a jump: the range's ends are limits, not attained on a grid
         # the grid misses a kink by up to one step: allow a step's change of phi
         step_change = np.abs(np.diff(values, axis=1)).max(axis=1, initial=0)
         tolerance = 1e-9 * (1 + np.abs(values).max(axis=1)) + step_change

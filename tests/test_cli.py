@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "zoo" / "lenet5.onnx"
 SMALL = ROOT / "tests" / "onnx-corpus" / "vnncomp" / "vnncomp2021_mnistfc_mnist-net_256x2.onnx"
-COMMANDS = ("compile", "info", "verify", "spy", "wellposed", "sensitivity", "compose", "run", "ops")
+COMMANDS = ("compile", "info", "verify", "spy", "wellposed", "sensitivity", "bounds", "compose", "run", "ops")
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -86,6 +86,30 @@ def test_sensitivity_writes_image_and_matrix(lenet_npz, tmp_path):
     assert result.returncode == 0, result.stderr
     assert np.load(matrix).shape == (10, 1024) and (np.load(matrix) >= 0).all()
     assert matplotlib.image.imread(image).shape[1] == 1200
+
+
+def test_bounds_prints_verdicts_and_writes_plot_and_arrays(lenet_npz, tmp_path):
+    """CROWN bounds of two digits: the verdicts, a PNG, the arrays; each bound holds for onnxruntime's
+    outputs at the box's corners along the sign of a random direction, and nothing is overwritten."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "zoo"))
+    from data import load_digits_32x32
+
+    _, _, images, _ = load_digits_32x32()
+    u0, image, saved = tmp_path / "u0.npy", tmp_path / "b.png", tmp_path / "b.npz"
+    np.save(u0, images[:2])
+    result = cli("bounds", lenet_npz, u0, "--eps", "0.01", "-o", image, "--save", saved)
+    assert result.returncode == 0, result.stderr
+    assert "crown bounds" in result.stdout and "verdicts:" in result.stdout and "robust" in result.stdout
+    assert matplotlib.image.imread(image).shape[1] == 1200
+    arrays = np.load(saved)
+    session = onnxruntime.InferenceSession(str(LENET))
+    corners = images[:2] + 0.01 * np.sign(np.random.default_rng(0).normal(size=images[:2].shape))
+    y = session.run(None, {session.get_inputs()[0].name: corners.astype(np.float32)})[0]
+    assert (arrays["lower"] <= y).all() and (y <= arrays["upper"]).all()
+    again = cli("bounds", lenet_npz, u0, "--eps", "0.01", "-o", image)
+    assert again.returncode == 2 and "exists" in again.stderr
 
 
 def test_compose_and_wellposed_exit_codes(lenet_npz, tmp_path):

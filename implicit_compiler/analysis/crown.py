@@ -35,6 +35,7 @@ The work is batched over samples and rows, in chunks of at most ``CHUNK_VALUES``
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
@@ -259,17 +260,18 @@ class _Walk:
         """The coefficients on z of Lambda x >= (Lambda^+ a_lo + Lambda^- a_hi) z + Lambda^+ b_lo +
         Lambda^- b_hi; the intercepts' part is added to the total."""
         samples = self.samples
-        self.total += self._weighted(weights, lines.lower_intercept[samples], lines.upper_intercept[samples])
         lower_slope, upper_slope = lines.lower_slope[samples], lines.upper_slope[samples]
         if sp.issparse(weights):
+            self.total += self._weighted(weights, lines.lower_intercept[samples], lines.upper_intercept[samples])
             at = self._entries(weights, lower_slope.shape[1])
             slope = np.where(weights.data > 0, lower_slope.take(at), upper_slope.take(at))
             return sp.csr_array((weights.data * slope, weights.indices, weights.indptr), shape=weights.shape)
-        view = self._by_sample(weights)
-        upper = upper_slope.T[:, :, None]
-        result = view * upper
-        result += np.maximum(view, 0) * (lower_slope.T[:, :, None] - upper)
-        return result.reshape(weights.shape)
+        through = np.empty_like(weights)
+        _relax_dense(
+            self._by_sample(weights), lower_slope, lines.lower_intercept[samples], upper_slope,
+            lines.upper_intercept[samples], self._by_sample(through), self.total.reshape(self.batch, self.count),
+        )  # fmt: skip
+        return through
 
     def _through_loop(self, loop, number: int, coefficients) -> None:
         """mu = (I - S A_kk)^{-T} Lambda_k^T per sample; mu^+ e_lo + mu^- e_hi added to the
@@ -317,6 +319,26 @@ class _Walk:
         return value.reshape(-1)
 
 
+@numba.njit(cache=True, nogil=True)  # (jitted: coverage cannot see inside)
+def _relax_dense(weights, lower_slope, lower_intercept, upper_slope, upper_intercept, through, total):
+    """One pass over the (states, samples, count) weights: the relaxed coefficients on z into
+    ``through`` (a_lo where the weight is positive, a_hi where not) and the intercepts' part
+    added to ``total`` (samples, count); the slopes and intercepts are (samples, states)."""
+    states, samples, count = weights.shape
+    for m in range(states):
+        for b in range(samples):
+            a_lo, b_lo = lower_slope[b, m], lower_intercept[b, m]
+            a_hi, b_hi = upper_slope[b, m], upper_intercept[b, m]
+            for c in range(count):
+                w = weights[m, b, c]
+                if w > 0:
+                    through[m, b, c] = w * a_lo
+                    total[b, c] += w * b_lo
+                else:
+                    through[m, b, c] = w * a_hi
+                    total[b, c] += w * b_hi
+
+
 def _densify(matrix):
     """A sparse (rows, states) matrix denser than ``DENSE_FRACTION`` as a dense (states, rows) array."""
     if sp.issparse(matrix) and matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]:
@@ -331,10 +353,9 @@ def _add(left, right):
     if sp.issparse(left) and sp.issparse(right):
         return sp.csr_array(left + right)
     if sp.issparse(left):
-        left = left.T.toarray()
-    if sp.issparse(right):
-        right = right.T.toarray()
-    return left + right
+        left, right = right, left
+    left += right.T.toarray() if sp.issparse(right) else right  # (a dense left is always ours to change)
+    return left
 
 
 def _times(coefficients, matrix: sp.csr_array, relaxations: Relaxations):
