@@ -205,15 +205,22 @@ def command_wellposed(args: argparse.Namespace) -> int:
     return EXIT_OK if report.well_posed else EXIT_CHECK_FAILED
 
 
+def _check_targets(arrays: str | None, suffix: str, image: str | None, overwrite: bool) -> Path | None:
+    """Refuse existing outputs before any work: the arrays' file as numpy will name it (returned)
+    and the PNG (viz creates its folders)."""
+    path = _numpy_path(arrays, suffix) if arrays else None
+    if path:
+        _check_writable(path, overwrite)
+    if image:
+        _check_writable(Path(image), overwrite, folder_needed=False)
+    return path
+
+
 def command_sensitivity(args: argparse.Namespace) -> int:
     from . import viz
     from .analysis import sensitivity
 
-    matrix_path = _numpy_path(args.save_matrix, ".npy") if args.save_matrix else None
-    if matrix_path:
-        _check_writable(matrix_path, args.overwrite)
-    if args.output:
-        _check_writable(Path(args.output), args.overwrite, folder_needed=False)  # viz creates folders
+    matrix_path = _check_targets(args.save_matrix, ".npy", args.output, args.overwrite)
     model = _load_model(args.model, args)
     start = time.perf_counter()
     report = sensitivity(model)
@@ -288,11 +295,7 @@ def command_bounds(args: argparse.Namespace) -> int:
     from . import viz
     from .analysis import certify_robustness, output_bounds
 
-    saved = _numpy_path(args.save, ".npz") if args.save else None
-    if saved:
-        _check_writable(saved, args.overwrite)
-    if args.output:
-        _check_writable(Path(args.output), args.overwrite, folder_needed=False)  # viz creates folders
+    saved = _check_targets(args.save, ".npz", args.output, args.overwrite)
     model = _load_model(args.model, args)
     u0 = np.load(args.input, allow_pickle=False)
     start = time.perf_counter()

@@ -367,3 +367,26 @@ def test_lenet5_in_a_feedback_loop_keeps_the_open_networks_bounds(lenet5_digits,
     assert_contains(closed_bounds, closed.predict(samples, tol=1e-12))
     ratio = (closed_bounds.upper - closed_bounds.lower).mean() / (open_bounds.upper - open_bounds.lower).mean()
     assert ratio <= 2.0, ratio
+
+
+# ----------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize("method", ["crown", "ibp", "sensitivity"])
+def test_an_empty_batch_and_a_stateless_model(method, rng):
+    model = mlp(rng, (3, 4, 2), ["relu"])
+    assert output_bounds(model, np.zeros((0, 3)), 0.1, method=method).lower.shape == (0, 2)
+    D = rng.normal(size=(2, 3))
+    stateless = ImplicitModel(
+        sp.csr_array((0, 0)), sp.csr_array((0, 3)), sp.csr_array((2, 0)), D, None, None, (),
+        (TensorSpec("u", (3,)),), (TensorSpec("y", (2,)),),
+    )  # fmt: skip
+    bounds = output_bounds(stateless, np.zeros(3), 0.1, method=method)
+    np.testing.assert_allclose(bounds.upper, 0.1 * np.abs(D).sum(axis=1), rtol=1e-12)
+
+
+def test_bounds_that_overflow_are_refused_not_nan(rng):
+    model = mlp(rng, (3, 4, 2), ["exp"])
+    model = ImplicitModel(
+        model.A, model.B * 1e4, model.C, model.D, model.bias_x, model.bias_y, model.blocks, model.inputs, model.outputs
+    )
+    with pytest.raises(AnalysisError, match="overflow"):
+        output_bounds(model, np.ones(3), 1.0)

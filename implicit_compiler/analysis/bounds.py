@@ -235,11 +235,17 @@ def relaxed_bounds(
     from .relaxation import local_lipschitz
 
     structure = Structure.of(model)
-    if method == "crown":
-        lower, upper, bounds = crown_bounds(structure, inputs, radius, objective)
-    else:
-        bounds = interval_bounds(structure, inputs, radius)
-        lower, upper = _output_intervals(structure, bounds, inputs, radius, objective)
+    with np.errstate(all="ignore"):  # an overflow becomes inf or NaN: NaN is refused below
+        if method == "crown":
+            lower, upper, bounds = crown_bounds(structure, inputs, radius, objective)
+        else:
+            bounds = interval_bounds(structure, inputs, radius)
+            lower, upper = _output_intervals(structure, bounds, inputs, radius, objective)
+    if np.isnan(lower).any() or np.isnan(upper).any() or np.isnan(bounds.low).any() or np.isnan(bounds.high).any():
+        raise AnalysisError(
+            "no output bounds: the bounds overflow float64 over this box (an activation's range is infinite there, "
+            "e.g. exp of a large pre-activation); use a smaller box"
+        )
     reach = np.maximum(np.abs(bounds.low), np.abs(bounds.high))
     lipschitz = np.zeros(model.n)
     for block in model.blocks:

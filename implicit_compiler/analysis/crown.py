@@ -152,7 +152,7 @@ def _bound_linear(relaxations, last, start, input_matrix, constant, center, radi
     total_rows, batch = input_matrix.shape[0], center.shape[0]
     rows = [np.arange(total_rows)] * batch if rows is None else rows
     lower, upper = np.full((batch, total_rows), -np.inf), np.full((batch, total_rows), np.inf)
-    most = max(chosen.size for chosen in rows)
+    most = max((chosen.size for chosen in rows), default=0)
     if most == 0:
         return lower, upper
     upstream = sum(structure.parts[j].rows.size for j in range(last + 1)) + center.shape[1] + 1

@@ -268,21 +268,35 @@ def refine_loop(structure: Structure, loop: Loop, bounds: StateBounds, center, r
 
 def pre_activation(structure: Structure, rows: Rows, bounds: StateBounds, center, radius, with_feedback=False):
     """(low, high) of z = A x + B u + b for ``rows`` from the current bounds, (batch, size):
-    the sources only (w, for a loop), or with the feedback too."""
-    middle = (rows.B @ center.T).T + rows.bias
-    reach = np.broadcast_to(abs(rows.B) @ radius, middle.shape).copy()
-    size = (abs(rows.B) @ np.abs(center).T).T + np.abs(rows.bias) + reach
+    the sources only (w, for a loop), or with the feedback too. Each end is its own sum (A^+
+    x_low + A^- x_high + ... for the low end), widened by the rounding of that sum alone (g_k
+    times the sum of its terms' magnitudes), so a sum of nonnegative terms (a variance) keeps a
+    nonnegative lower bound however wide its upper one."""
+    low, high, size_low, size_high = _ends(rows.B, center - radius, center + radius)
+    low += rows.bias
+    high += rows.bias
+    size_low += np.abs(rows.bias)
+    size_high += np.abs(rows.bias)
     for source, block in rows.sources + (rows.feedback if with_feedback else ()):
         states = structure.parts[source].rows.states
-        x_low, x_high = bounds.low[:, states], bounds.high[:, states]
-        x_mid, x_rad = 0.5 * (x_low + x_high), 0.5 * (x_high - x_low)
-        absolute = abs(block)
-        middle += (block @ x_mid.T).T
-        spread = (absolute @ x_rad.T).T
-        reach += spread
-        size += (absolute @ np.abs(x_mid).T).T + spread
-    pad = rows.gamma * size + 4 * _ROUNDOFF * np.abs(middle)
-    return middle - reach - pad, middle + reach + pad
+        for total, part in zip(
+            (low, high, size_low, size_high), _ends(block, bounds.low[:, states], bounds.high[:, states])
+        ):
+            total += part
+    return low - rows.gamma * size_low, high + rows.gamma * size_high
+
+
+def _ends(matrix: sp.csr_array, low: np.ndarray, high: np.ndarray):
+    """For (batch, columns) low and high: the ends M^+ low + M^- high and M^+ high + M^- low,
+    and the sums of their terms' magnitudes, each (batch, rows)."""
+    positive, negative = matrix.maximum(0), matrix.minimum(0)
+    magnitude = abs(negative)
+    return (
+        (positive @ low.T + negative @ high.T).T,
+        (positive @ high.T + negative @ low.T).T,
+        (positive @ np.abs(low).T + magnitude @ np.abs(high).T).T,
+        (positive @ np.abs(high).T + magnitude @ np.abs(low).T).T,
+    )
 
 
 def set_part_bounds(structure: Structure, index: int, bounds: StateBounds, low, high, narrow=False) -> None:

@@ -74,7 +74,12 @@ def interval_image(phi: Activation, low: np.ndarray, high: np.ndarray) -> tuple[
         for value in values:
             smallest = np.where(inside, np.minimum(smallest, value), smallest)
             largest = np.where(inside, np.maximum(largest, value), largest)
-    return _widen(smallest, largest, np.maximum(np.abs(smallest), np.abs(largest)))
+    pad = WIDEN_ULPS * _EPS  # each end by ulps of its own value (phi's evaluation there)
+    tiny = np.finfo(np.float64).tiny
+    smallest, largest = smallest - pad * np.abs(smallest) - tiny, largest + pad * np.abs(largest) + tiny
+    if _nonnegative(phi):  # (so that sums of them, a variance, stay provably >= 0)
+        smallest = np.maximum(smallest, 0.0)
+    return smallest, largest
 
 
 def linear_relaxation(phi: Activation, low: np.ndarray, high: np.ndarray) -> Lines:
@@ -183,9 +188,7 @@ def _evaluate(phi: Activation, z: np.ndarray) -> np.ndarray:
 def _check_domain(phi: Activation, low: np.ndarray, high: np.ndarray) -> None:
     """Raise DomainError where [low, high] leaves phi's domain or touches a pole."""
     name, alpha = phi.name, phi.alpha
-    if name in ("log", "rsqrt"):
-        bad, what = low <= 0, "z > 0"
-    elif name == "sqrt":
+    if name in ("log", "rsqrt", "sqrt"):  # (log and rsqrt at 0 itself: -inf / inf, bounds but no numbers)
         bad, what = low < 0, "z >= 0"
     elif name == "reciprocal":
         bad, what = (low <= 0) & (high >= 0), "z != 0 (a pole at 0)"
@@ -201,6 +204,15 @@ def _check_domain(phi: Activation, low: np.ndarray, high: np.ndarray) -> None:
             f"{phi} needs {what}, but its pre-activation ranges over "
             f"[{np.ravel(low)[index]:.6g}, {np.ravel(high)[index]:.6g}] (entry {index})"
         )
+
+
+def _nonnegative(phi: Activation) -> bool:
+    """phi(z) >= 0 for every z where it is defined."""
+    if phi.name == "power":
+        return phi.alpha == round(phi.alpha) and phi.alpha % 2 == 0 or phi.alpha != round(phi.alpha)
+    if phi.name == "heaviside":
+        return phi.alpha >= 0
+    return phi.name in ("relu", "square", "exp", "sigmoid", "softplus", "sqrt", "rsqrt", "hard_sigmoid")
 
 
 def _critical(phi: Activation) -> list[tuple[float, tuple[float, ...]]]:
