@@ -238,3 +238,51 @@ def test_iterative_path_gives_the_same_gradient(rng, monkeypatch):
     g = J.T @ objective(1, 2, 3)
     assert result.predicted_change == pytest.approx(g @ result.perturbation, rel=1e-9)
     assert result.predicted_change == pytest.approx(0.2 * np.abs(g[result.support]).sum(), rel=1e-9)
+
+
+# ----------------------------------------------------------------------------- the relaxed program
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"sample{s}")
+def test_relaxed_program_bounds_every_perturbation_of_its_support(mlp, seed):
+    """lp='relaxed': its upper_bound is above f's change at every corner and at random points
+    of the support's box (numpy's forward pass, not ours); lp='auto' is at least as strong as
+    the linearized attack."""
+    rng = np.random.default_rng(200 + seed)
+    model = mlp.implicit()
+    u0 = rng.normal(size=6)
+    logits = mlp.forward(u0[None])[0]
+    reference, target = (int(i) for i in np.argsort(-logits)[:2])
+    k, sigma = 3, 0.6
+    relaxed = sparse_attack(model, u0, target, k, sigma, reference=reference, lp="relaxed")
+    check_constraints(relaxed, u0, k, sigma)
+    assert relaxed.lp == "relaxed"
+    c = objective(target, reference, 3)
+    f = lambda u: mlp.forward(np.atleast_2d(u)) @ c
+    support = relaxed.support
+    deltas = np.zeros((2**k + 500, 6))
+    deltas[: 2**k, support] = np.array(list(itertools.product([-sigma, sigma], repeat=k)))
+    deltas[2**k :, support] = rng.uniform(-sigma, sigma, size=(500, k))
+    changes = f(u0 + deltas) - f(u0)
+    assert changes.max() <= relaxed.upper_bound + 1e-6
+    assert relaxed.actual_change == pytest.approx(float((f(relaxed.perturbed_input) - f(u0))[0]))
+    linearized = sparse_attack(model, u0, target, k, sigma, reference=reference)
+    best = sparse_attack(model, u0, target, k, sigma, reference=reference, lp="auto")
+    assert linearized.upper_bound is None and linearized.lp == "linearized"
+    assert best.actual_change >= linearized.actual_change - 1e-12
+    assert best.actual_change <= best.upper_bound + 1e-6
+
+
+def test_relaxed_program_is_exact_on_a_linear_model(rng):
+    model = build(contractive(rng, 5, 0.5), "identity", 6, 3)
+    u0 = rng.normal(size=6)
+    result = sparse_attack(model, u0, 1, 3, 0.4, reference=0, lp="relaxed")
+    assert result.upper_bound == pytest.approx(result.actual_change, rel=1e-6, abs=1e-9)
+    linearized = sparse_attack(model, u0, 1, 3, 0.4, reference=0)
+    assert result.actual_change == pytest.approx(linearized.actual_change, rel=1e-9)
+
+
+def test_lp_argument_is_checked(rng):
+    model = build(contractive(rng, 5, 0.5), "relu", 6, 3)
+    from implicit_compiler.errors import ArgumentValueError
+
+    with pytest.raises(ArgumentValueError, match="lp: expected one of linearized, relaxed, auto"):
+        sparse_attack(model, np.zeros(6), 1, 2, 0.1, lp="exact")
