@@ -390,3 +390,31 @@ def test_bounds_that_overflow_are_refused_not_nan(rng):
     )
     with pytest.raises(AnalysisError, match="overflow"):
         output_bounds(model, np.ones(3), 1.0)
+
+
+@pytest.mark.parametrize("stride, pads, dilation", [(1, 0, 1), (2, 1, 1), (1, 2, 2), (2, 0, 2)])
+def test_transposed_convolution_equals_the_matrix_product(stride, pads, dilation, rng):
+    """CROWN's transposed convolution (found in B by runtime.structured) is B^T @ T exactly."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import implicit_compiler as ic
+    from implicit_compiler.analysis.crown import Relaxations, _convolution_transposed
+    from implicit_compiler.analysis.interval import Structure
+
+    weight = rng.normal(size=(4, 3, 3, 3))
+    node = helper.make_node("Conv", ["x", "w"], ["z"], strides=[stride] * 2, pads=[pads] * 4, dilations=[dilation] * 2)
+    relu = helper.make_node("Relu", ["z"], ["y"])
+    graph = helper.make_graph(
+        [node, relu], "conv", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 15, 15])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )  # fmt: skip
+    model = ic.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    structure = Structure.of(model)
+    relaxations = Relaxations(structure)
+    (part,) = structure.parts
+    kind, convolution = relaxations.transposed_forms(part.rows.B)
+    assert kind == "convolution"
+    T = rng.normal(size=(part.rows.size, 300))  # more rows than one ROW_BLOCK
+    np.testing.assert_allclose(_convolution_transposed(convolution, T), part.rows.B.T @ T, rtol=1e-12, atol=1e-12)

@@ -40,6 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from ..runtime.structured import MIN_STRUCTURED_NONZEROS, Convolution, find_convolution
 from .interval import StateBounds, Structure, interval_bounds
 from .relaxation import Lines, linear_relaxation, parallel_relaxation
 
@@ -57,6 +58,18 @@ class Relaxations:
         self._lines: dict[int, Lines] = {}
         self._loops: dict[int, tuple] = {}
         self._dense: dict[int, tuple] = {}
+        # the tensor shapes a block of A (or B) maps between, where both are known
+        self._shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        inputs = structure.model.inputs
+        input_shape = inputs[0].shape if len(inputs) == 1 else None
+        for part in structure.parts:
+            if part.shape is None:
+                continue
+            for source, block in part.rows.sources:
+                if structure.parts[source].shape is not None:
+                    self._shapes[id(block)] = (part.shape, structure.parts[source].shape)
+            if input_shape is not None:
+                self._shapes[id(part.rows.B)] = (part.shape, input_shape)
 
     def forget(self, index: int) -> None:
         self._lines.pop(index, None)
@@ -85,15 +98,23 @@ class Relaxations:
             self._loops[number] = (slope, e_lo, e_hi, factors)
         return self._loops[number]
 
-    def transposed_forms(self, matrix: sp.csr_array) -> tuple[np.ndarray | None, sp.csr_array | None]:
-        """(matrix^T dense, None) when it is denser than ``DENSE_FRACTION``, else (None, matrix^T
-        as CSR); cached per matrix (and kept alive with it)."""
+    def transposed_forms(self, matrix: sp.csr_array):
+        """How to compute matrix^T @ T for a dense T (cached per matrix, kept alive with it):
+        ("convolution", the ``Convolution`` the matrix is) when it is one (found and checked by
+        ``runtime.structured.find_convolution``: the same linear map), ("dense", matrix^T) when
+        it is denser than ``DENSE_FRACTION``, else ("sparse", matrix^T as CSR)."""
         key = id(matrix)
         if key not in self._dense:
-            if matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]:
-                forms = (np.ascontiguousarray(matrix.toarray().T), None)
+            convolution = None
+            if key in self._shapes and matrix.nnz >= MIN_STRUCTURED_NONZEROS:
+                out_shape, in_shape = self._shapes[key]
+                convolution = find_convolution(matrix, slice(0, matrix.shape[1]), out_shape, in_shape)
+            if convolution is not None:
+                forms = ("convolution", convolution)
+            elif matrix.nnz > DENSE_FRACTION * matrix.shape[0] * matrix.shape[1]:
+                forms = ("dense", np.ascontiguousarray(matrix.toarray().T))
             else:
-                forms = (None, sp.csr_array(matrix.T))
+                forms = ("sparse", sp.csr_array(matrix.T))
             self._dense[key] = (matrix, forms)
         return self._dense[key][1]
 
@@ -360,11 +381,60 @@ def _add(left, right):
 
 def _times(coefficients, matrix: sp.csr_array, relaxations: Relaxations):
     """coefficients @ matrix in the coefficients' form: sparse by sparse (SpGEMM), or for a dense
-    (states, rows) array matrix^T @ it (BLAS where the matrix is dense-ish, else scipy's CSR
-    kernel on contiguous columns)."""
+    (states, rows) array matrix^T @ it: a transposed convolution where the matrix is one,
+    BLAS where it is dense-ish, else scipy's CSR kernel."""
     if sp.issparse(coefficients):
         return sp.csr_array(coefficients @ matrix)
-    dense, transposed = relaxations.transposed_forms(matrix)
-    if dense is not None:
-        return dense @ coefficients
-    return transposed @ coefficients
+    kind, form = relaxations.transposed_forms(matrix)
+    if kind == "convolution":
+        return _convolution_transposed(form, coefficients)
+    return form @ coefficients
+
+
+ROW_BLOCK = 256  # rows of coefficients per pass of the transposed convolution (kept in cache)
+
+
+def _convolution_transposed(convolution: Convolution, T: np.ndarray) -> np.ndarray:
+    """M^T @ T for M the convolution (Co Ho Wo, C H W): T (Co Ho Wo, r) -> (C H W, r), by
+    ``_add_windows`` in blocks of ``ROW_BLOCK`` columns. Against scipy's CSR kernel on the
+    same products: LeNet-5's CROWN bounds of 20 digits took 1.39-1.43 s against 1.46-1.52 at eps
+    0.001, and 2.75-2.76 against 3.08-3.11 at eps 0.01 (AMD EPYC, 1 thread, alternated)."""
+    (C, H, W), (Co, Ho, Wo) = convolution.in_shape, convolution.out_shape
+    kh, kw = convolution.kernel
+    weight = convolution.weight.reshape(Co, C, kh, kw)
+    rows = T.shape[1]
+    source = T.reshape(Co, Ho, Wo, rows)
+    result = np.empty((C, H, W, rows))
+    geometry = np.array([*convolution.stride, *convolution.dilation, *convolution.pads], dtype=np.int64)
+    for first in range(0, rows, ROW_BLOCK):
+        last = min(rows, first + ROW_BLOCK)
+        block = np.zeros((C, H, W, last - first))  # contiguous: the innermost loop vectorizes
+        _add_windows(weight, np.ascontiguousarray(source[..., first:last]), block, geometry)
+        result[..., first:last] = block
+    return result.reshape(C * H * W, rows)
+
+
+@numba.njit(cache=True, nogil=True)  # (jitted: coverage cannot see inside)
+def _add_windows(weight, source, result, geometry):
+    """result[c, h, w] += K[co, c, i, j] source[co, ho, wo] for h = s_h ho + d_h i - p_h and
+    w = s_w wo + d_w j - p_w inside the image: the adjoint of the convolution, each source
+    vector read once and added into the kernel's window (contiguous vectors of rows)."""
+    sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
+    Co, C, kh, kw = weight.shape
+    _, Ho, Wo, rows = source.shape
+    H, W = result.shape[1], result.shape[2]
+    for co in range(Co):
+        for ho in range(Ho):
+            for wo in range(Wo):
+                for c in range(C):
+                    for i in range(kh):
+                        h = sh * ho + dh * i - ph
+                        if h < 0 or h >= H:
+                            continue
+                        for j in range(kw):
+                            w = sw * wo + dw * j - pw
+                            value = weight[co, c, i, j]
+                            if w < 0 or w >= W or value == 0:
+                                continue
+                            for t in range(rows):
+                                result[c, h, w, t] += value * source[co, ho, wo, t]

@@ -70,12 +70,15 @@ class Rows:
 
 @dataclass(frozen=True)
 class Part:
-    """One block: its rows, its activation and name, and its loop (index into ``Structure.loops``)."""
+    """One block (or, in a loop cut at the state level, the block's states of one level): its
+    rows, activation, name, loop (index into ``Structure.loops``) and tensor shape (the block's,
+    when the part is the whole block; else None)."""
 
     rows: Rows
     activation: Activation
     name: str
     loop: int | None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,9 @@ class Structure:
         parts = []
         for index, (block, states, number) in enumerate(pieces):
             rows = _rows(model, states, part_of, part_states, own=index)
-            parts.append(Part(rows, model.blocks[block].activation, model.blocks[block].name, number))
+            whole = states.size == model.blocks[block].size
+            shape = model.blocks[block].shape if whole else None
+            parts.append(Part(rows, model.blocks[block].activation, model.blocks[block].name, number, shape))
         loops = []
         for members in loops_states:
             states = np.concatenate([part_states[index] for index in members])
