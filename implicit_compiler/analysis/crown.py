@@ -1,10 +1,10 @@
 """Linear relaxation bounds (CROWN) on the implicit form, acyclic and cyclic parts alike.
 
 To bound a linear function g = Lambda x + Omega u + c of the state from below over the box
-|u - u0| <= sigma, the components are walked in reverse execution order. At component k,
-Lambda_k x_k is replaced by something linear in k's pre-activation z_k:
+|u - u0| <= sigma, the blocks are walked in reverse execution order (``interval.Structure``'s
+parts). At block k, Lambda_k x_k is replaced by something linear in k's pre-activation z_k:
 
-- acyclic k (x_k = phi(z_k)): with the lines a_lo z + b_lo <= phi(z) <= a_hi z + b_hi on z's
+- k outside loops (x_k = phi(z_k)): with the lines a_lo z + b_lo <= phi(z) <= a_hi z + b_hi on z's
   bounds (``relaxation.linear_relaxation``), Lambda_k x_k >= (Lambda_k^+ a_lo + Lambda_k^- a_hi) z_k
   + Lambda_k^+ b_lo + Lambda_k^- b_hi (Lambda^+ / Lambda^-: the positive / negative entries);
 - a loop k (x_k = phi(A_kk x_k + w_k)), two ways, both sound, the tighter kept per bound:
@@ -17,8 +17,8 @@ Lambda_k x_k is replaced by something linear in k's pre-activation z_k:
   "blocks": block by block in the loop's order as if acyclic, the terms a block reads from
   itself and from later blocks of its loop (the feedback) taken at their interval bounds.
 
-Then z_k = A_k,rest x + B_k u + b_k moves the coefficients onto earlier components, the
-inputs and the constant. At the end Omega u >= Omega u0 - |Omega| sigma. Upper bounds are
+Then z_k = A_k,rest x + B_k u + b_k moves the coefficients onto earlier blocks, the inputs
+and the constant. At the end Omega u >= Omega u0 - |Omega| sigma. Upper bounds are
 minus the lower bounds of -g.
 
 Intermediate bounds: each block's pre-activations are first bounded by intervals
@@ -52,12 +52,12 @@ class Relaxations:
     """The relaxations of the parts, from the current bounds: ``Lines`` per part (cached until
     ``forget``), and per loop (s, e_lo, e_hi, LU factors of I - S A_kk per sample)."""
 
-    def __init__(self, structure: Structure, bounds: StateBounds | None = None):
+    def __init__(self, structure: Structure, bounds: StateBounds | None = None, products: dict | None = None):
         self.structure = structure
         self.bounds = bounds
         self._lines: dict[int, Lines] = {}
         self._loops: dict[int, tuple] = {}
-        self._dense: dict[int, tuple] = {}
+        self._products: dict[int, tuple] = {} if products is None else products  # transposed_forms' cache
         # the tensor shapes a block of A (or B) maps between, where both are known
         self._shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         inputs = structure.model.inputs
@@ -104,7 +104,7 @@ class Relaxations:
         ``runtime.structured.find_convolution``: the same linear map), ("dense", matrix^T) when
         it is denser than ``DENSE_FRACTION``, else ("sparse", matrix^T as CSR)."""
         key = id(matrix)
-        if key not in self._dense:
+        if key not in self._products:
             convolution = None
             if key in self._shapes and matrix.nnz >= MIN_STRUCTURED_NONZEROS:
                 out_shape, in_shape = self._shapes[key]
@@ -115,8 +115,8 @@ class Relaxations:
                 forms = ("dense", np.ascontiguousarray(matrix.toarray().T))
             else:
                 forms = ("sparse", sp.csr_array(matrix.T))
-            self._dense[key] = (matrix, forms)
-        return self._dense[key][1]
+            self._products[key] = (matrix, forms)
+        return self._products[key][1]
 
 
 def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, objective: np.ndarray | None = None):
@@ -140,7 +140,7 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
         return low, high
 
     bounds = interval_bounds(structure, center, radius, refine=refine)
-    relaxations = Relaxations(structure, bounds)
+    relaxations = Relaxations(structure, bounds, relaxations._products)  # the final bounds, the same products
     model = structure.model
     R = sp.csr_array(sp.eye_array(model.q) if objective is None else objective)
     C, D = sp.csr_array(R @ model.C), sp.csr_array(R @ model.D)
