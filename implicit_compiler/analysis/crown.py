@@ -41,7 +41,7 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
 from ..runtime.structured import MIN_STRUCTURED_NONZEROS, Convolution, find_convolution
-from .interval import StateBounds, Structure, interval_bounds
+from .interval import StateBounds, Structure, intersect, interval_bounds
 from .relaxation import Lines, linear_relaxation, parallel_relaxation
 
 CHUNK_VALUES = 1 << 24  # float64 coefficients of one dense array per chunk at most (128 MiB)
@@ -136,7 +136,7 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
             tight_low, tight_high = _bound_linear(
                 relaxations, index - 1, start, part.rows.B, part.rows.bias, center, radius, "blocks", rows
             )
-            low, high = np.maximum(low, tight_low), np.minimum(high, tight_high)
+            low, high = intersect(low, high, tight_low, tight_high)
         return low, high
 
     bounds = interval_bounds(structure, center, radius, refine=refine)

@@ -263,12 +263,19 @@ def refine_loop(structure: Structure, loop: Loop, bounds: StateBounds, center, r
             rows = structure.parts[index].rows
             low, high = pre_activation(structure, rows, bounds, center, radius, with_feedback=True)
             low, high = refine(index, bounds, low, high)
-            low = np.maximum(low, bounds.pre_low[:, rows.states])
-            high = np.minimum(high, bounds.pre_high[:, rows.states])
+            low, high = intersect(low, high, bounds.pre_low[:, rows.states], bounds.pre_high[:, rows.states])
             set_part_bounds(structure, index, bounds, low, high, narrow=True)
         after = float(np.sum(bounds.pre_high[:, states] - bounds.pre_low[:, states]))
         if not after < (1 - LOOP_PASS_GAIN) * before:
             break
+
+
+def intersect(low, high, other_low, other_high):
+    """The intersection of two valid intervals; where rounding leaves it empty (the true value
+    lies within ulps of both), the first interval."""
+    new_low, new_high = np.maximum(low, other_low), np.minimum(high, other_high)
+    empty = new_low > new_high
+    return np.where(empty, low, new_low), np.where(empty, high, new_high)
 
 
 def pre_activation(structure: Structure, rows: Rows, bounds: StateBounds, center, radius, with_feedback=False):
