@@ -20,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import ImplicitModel, StateBlock, TensorSpec, __version__, load
+from .analysis import output_bounds
 
 
 def feedforward_network(rng: np.random.Generator, sizes=(16, 64, 64, 32, 4)) -> tuple[ImplicitModel, list]:
@@ -130,8 +131,38 @@ def zoo_section(samples: int, figures: Path | None) -> bool:
                 viz.spy(model, figures / f"{stem}_spy_whole.png", whole=True, title=title, overwrite=True)
             print(f"{'':<20} spy plot(s) in {figures}/ ({time.perf_counter() - start:.2f} s)")
     passed &= held_out_accuracy(compiled)
+    bounds_section(compiled["lenet5.onnx"], figures)
     print()
     return passed
+
+
+def bounds_section(lenet: ImplicitModel, figures: Path | None, eps: float = 0.01, count: int = 5) -> None:
+    """Certified bounds of LeNet-5 over l_inf boxes around held-out digits: CROWN against the
+    global sensitivity bound, and the robustness verdicts."""
+    from . import viz
+    from .analysis import certify_robustness, output_bounds
+
+    sys.path.insert(0, str(ZOO))
+    try:
+        import data  # zoo/data.py: numpy + scikit-learn
+    except ImportError as error:
+        print(f"certified bounds skipped: {error} (scripts/demo installs scikit-learn)")
+        return
+    finally:
+        sys.path.remove(str(ZOO))
+    images = data.load_digits_32x32()[2][:count].astype(np.float64)
+    start = time.perf_counter()
+    crown = output_bounds(lenet, images, eps)
+    seconds = time.perf_counter() - start
+    sensitivity_width = float(np.mean(output_bounds(lenet, images, eps, method="sensitivity").upper - crown.center))
+    verdicts = certify_robustness(lenet, images, eps).verdicts
+    print(
+        f"lenet5 certified bounds over |u - u0| <= {eps:g} ({count} digits, {seconds:.2f} s): mean width "
+        f"{float(np.mean(crown.upper - crown.lower)):.3g} (CROWN) against {2 * sensitivity_width:.3g} (sensitivity); "
+        f"verdicts: {verdicts.count('robust')} robust, {verdicts.count('not proved')} not proved"
+    )
+    if figures is not None:
+        viz.bounds_plot(crown, figures / "lenet5_bounds.png", overwrite=True)
 
 
 def held_out_accuracy(compiled: dict[str, ImplicitModel]) -> bool:
@@ -207,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             f"|x - phi(Ax+Bu+b)| = {fixed_point_gap:.1e}, {seconds * 1e3:.1f} ms"
         )
     print(f"  cyclic components solved by auto: {[names for names, _ in result.component_histories] or 'none'}")
+    center, eps = u[0], 0.05
+    bounds = output_bounds(closed, center, eps)
+    samples = closed.predict(center + rng.uniform(-eps, eps, size=(1000, closed.p)))
+    inside = bool(((samples >= bounds.lower) & (samples <= bounds.upper)).all())
+    print(
+        f"  certified bounds over |u - u0| <= {eps:g} ({bounds.condition.split(';')[0]}): mean width "
+        f"{float(np.mean(bounds.upper - bounds.lower)):.3g}; 1,000 samples inside: {inside}"
+    )
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "closed_loop.npz"
@@ -214,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         reloaded = load(path)
         same = all((getattr(reloaded, m) != getattr(closed, m)).nnz == 0 for m in "ABCD")
         print(f"\nsaved and reloaded {path.name} ({path.stat().st_size / 1024:.0f} KiB): matrices identical: {same}")
-    return 0 if passed and same else 1
+    return 0 if passed and same and inside else 1
 
 
 if __name__ == "__main__":
