@@ -299,15 +299,17 @@ def command_bounds(args: argparse.Namespace) -> int:
     model = _load_model(args.model, args)
     u0 = np.load(args.input, allow_pickle=False)
     start = time.perf_counter()
-    bounds = output_bounds(model, u0, args.eps, method=args.method)
+    verdicts = None
+    if model.q >= 2 and args.method != "sensitivity":  # the verdicts' pass bounds the outputs too
+        report = certify_robustness(model, u0, args.eps, method=args.method)
+        bounds, verdicts = report.bounds, report.verdicts
+    else:
+        bounds = output_bounds(model, u0, args.eps, method=args.method)
     seconds = time.perf_counter() - start
     lower, upper, center = (np.atleast_2d(a) for a in (bounds.lower, bounds.upper, bounds.center))
     print(f"{bounds.method} bounds over |u - u0| <= {args.eps:g}, {lower.shape[0]} sample(s) in {seconds:.2f} s")
     print(f"  {bounds.condition}")
     print(f"  mean width {float(np.mean(upper - lower)):.6g}, largest {float(np.max(upper - lower, initial=0)):.6g}")
-    verdicts = None
-    if model.q >= 2 and args.method != "sensitivity":
-        verdicts = certify_robustness(model, u0, args.eps, method=args.method).verdicts
     np.set_printoptions(precision=5, suppress=True, threshold=200, linewidth=120)
     for index in range(min(lower.shape[0], args.show)):
         verdict = f" - {verdicts[index]}" if verdicts else ""

@@ -418,3 +418,17 @@ def test_transposed_convolution_equals_the_matrix_product(stride, pads, dilation
     assert kind == "convolution"
     T = rng.normal(size=(part.rows.size, 300))  # more rows than one ROW_BLOCK
     np.testing.assert_allclose(_convolution_transposed(convolution, T), part.rows.B.T @ T, rtol=1e-12, atol=1e-12)
+
+
+def test_the_verdicts_bound_the_outputs_as_output_bounds_does(rng):
+    """certify_robustness's own output bounds (the same pass as its margins) are output_bounds'."""
+    from implicit_compiler.analysis import certify_robustness
+
+    model = mlp(rng, (4, 12, 3), ["relu"])
+    centers = rng.normal(size=(3, 4))
+    for method in ("crown", "ibp"):
+        report = certify_robustness(model, centers, 0.05, method=method)
+        bounds = output_bounds(model, centers, 0.05, method=method)
+        np.testing.assert_array_equal(report.bounds.lower, bounds.lower)
+        np.testing.assert_array_equal(report.bounds.upper, bounds.upper)
+        assert report.bounds.method == method

@@ -55,6 +55,9 @@ from ..runtime.batching import flatten_inputs
 from ..runtime.plan import Component, execution_order
 from ._block_solve import solve_identity_minus
 from .bounds import SensitivityReport, check_report_shape, per_input, weighted_sensitivity
+from .crown import crown_bounds
+from .interval import Structure
+from .relaxation import linear_relaxation
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,10 +209,6 @@ def sparse_attack(
 def _relaxed_program(model: ImplicitModel, u: np.ndarray, x: np.ndarray, c: np.ndarray, support, lower, upper):
     """(delta, the optimum of f(u0 + delta) - f(u0), linprog's message) of the relaxed program
     (module docstring) over the box of the support; x: the state at u0."""
-    from .crown import crown_bounds
-    from .interval import Structure
-    from .relaxation import linear_relaxation
-
     if support.size == 0:
         return np.zeros(model.p), 0.0, "empty support: no input can move the objective (all scores are 0)"
     center, radius = u.copy(), np.zeros(model.p)

@@ -44,6 +44,9 @@ from ._block_solve import (
     scale_rows,
     solve_identity_minus,
 )
+from .crown import crown_bounds
+from .interval import Structure, interval_bounds
+from .relaxation import local_lipschitz
 from .spectral import perron_frobenius_eigenvalue
 
 ROUNDING_SAFETY = 2.0  # on the first-order rounding bound of ``rounding_margin``
@@ -214,10 +217,13 @@ def output_bounds(
         low, high, condition = center - reach, center + reach, f"sensitivity: {report.reason}"
     else:
         low, high, margin, condition = relaxed_bounds(model, inputs, radius, method, solution.error)
-        low, high, margin = (value.reshape(center.shape) for value in (low, high, margin))
-    lower = np.nextafter(low, -np.inf)
-    upper = np.nextafter(high, np.inf)
-    return OutputBounds(solution.y, lower, upper, margin, method, condition)
+    return rounded_outward(solution.y, low, high, margin, method, condition)
+
+
+def rounded_outward(center: np.ndarray, low, high, margin, method: str, condition: str) -> OutputBounds:
+    """``OutputBounds`` with low and high (margin included) rounded outward, shaped like center."""
+    low, high, margin = (np.reshape(value, np.shape(center)) for value in (low, high, margin))
+    return OutputBounds(center, np.nextafter(low, -np.inf), np.nextafter(high, np.inf), margin, method, condition)
 
 
 def relaxed_bounds(
@@ -230,10 +236,6 @@ def relaxed_bounds(
 ):
     """(lower - margin, upper + margin, margin, condition) of R y by CROWN or IBP, (batch, r)
     each; R = ``objective`` (r, q), the identity by default."""
-    from .crown import crown_bounds
-    from .interval import Structure, interval_bounds
-    from .relaxation import local_lipschitz
-
     structure = Structure.of(model)
     with np.errstate(all="ignore"):  # an overflow becomes inf or NaN: NaN is refused below
         if method == "crown":

@@ -20,7 +20,7 @@ from .. import arguments
 from ..errors import AnalysisError
 from ..model import ImplicitModel
 from ..runtime.batching import flatten_inputs
-from .bounds import per_input, relaxed_bounds
+from .bounds import OutputBounds, per_input, relaxed_bounds, rounded_outward
 
 VERDICTS = ("robust", "not proved", "misclassified")
 
@@ -36,6 +36,8 @@ class RobustnessReport:
         verdicts: "robust", "not proved" or "misclassified" per sample.
         method: "crown" or "ibp".
         condition: why the bounds hold (see ``OutputBounds.condition``).
+        bounds: the outputs' own bounds over the same boxes (``output_bounds``'), from the same
+            pass: its intermediate bounds serve both.
     """
 
     labels: np.ndarray
@@ -44,6 +46,7 @@ class RobustnessReport:
     verdicts: tuple[str, ...]
     method: str
     condition: str
+    bounds: OutputBounds
 
     @property
     def robust(self) -> np.ndarray:
@@ -72,7 +75,7 @@ def certify_robustness(
     if (radius < 0).any():
         raise AnalysisError(f"eps: expected nonnegative radii, got minimum {radius.min():.6g}")
     inputs = flatten_inputs(model.inputs, u0)[0].astype(np.float64)
-    solution = model.solve(inputs)
+    solution = model.solve(u0)
     scores = np.atleast_2d(np.asarray(solution.y, dtype=np.float64))
     predictions = scores.argmax(axis=1)
     labels = predictions if labels is None else np.broadcast_to(np.asarray(labels), predictions.shape)
@@ -80,11 +83,13 @@ def certify_robustness(
         raise AnalysisError(f"labels: expected class indices in [0, {model.q}), got {labels!r}")
     q = model.q
     pairs = np.array([(i, j) for i in range(q) for j in range(q) if i != j])
-    objective = np.zeros((len(pairs), q))
-    objective[np.arange(len(pairs)), pairs[:, 0]] = 1.0
-    objective[np.arange(len(pairs)), pairs[:, 1]] = -1.0
-    lower, _, _, condition = relaxed_bounds(model, inputs, radius, method, solution.error, objective)
-    lower = np.nextafter(lower, -np.inf)
+    differences = np.zeros((len(pairs), q))
+    differences[np.arange(len(pairs)), pairs[:, 0]] = 1.0
+    differences[np.arange(len(pairs)), pairs[:, 1]] = -1.0
+    objective = np.vstack([np.eye(q), differences])  # the outputs, then every y_i - y_j
+    low, high, margin, condition = relaxed_bounds(model, inputs, radius, method, solution.error, objective)
+    bounds = rounded_outward(solution.y, low[:, :q], high[:, :q], margin[:, :q], method, condition)
+    lower = np.nextafter(low[:, q:], -np.inf)
     margins = np.full((inputs.shape[0], q), np.inf)
     for row, (i, j) in enumerate(pairs):
         chosen = labels == i
@@ -93,4 +98,4 @@ def certify_robustness(
         "misclassified" if label != prediction else "robust" if (margin > 0).all() else "not proved"
         for label, prediction, margin in zip(labels, predictions, margins)
     )
-    return RobustnessReport(labels.copy(), predictions, margins, verdicts, method, condition)
+    return RobustnessReport(labels.copy(), predictions, margins, verdicts, method, condition, bounds)
