@@ -28,7 +28,7 @@ sum of the absolute terms), so that rounding cannot exclude an exact value.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import networkx as nx
 import numpy as np
@@ -98,6 +98,15 @@ class Structure:
     model: ImplicitModel
     parts: tuple[Part, ...]
     loops: tuple[Loop, ...]
+    _signed: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def signed(self, matrix: sp.csr_array) -> tuple[sp.csr_array, sp.csr_array, sp.csr_array]:
+        """(M^+, M^-, |M^-|) of one of the structure's matrices, split once (cached, kept alive)."""
+        key = id(matrix)
+        if key not in self._signed:
+            negative = matrix.minimum(0)
+            self._signed[key] = (matrix, (matrix.maximum(0), negative, abs(negative)))
+        return self._signed[key][1]
 
     @classmethod
     def of(cls, model: ImplicitModel) -> Structure:
@@ -284,7 +293,7 @@ def pre_activation(structure: Structure, rows: Rows, bounds: StateBounds, center
     x_low + A^- x_high + ... for the low end), widened by the rounding of that sum alone (g_k
     times the sum of its terms' magnitudes), so a sum of nonnegative terms (a variance) keeps a
     nonnegative lower bound however wide its upper one."""
-    low, high, size_low, size_high = _ends(rows.B, center - radius, center + radius)
+    low, high, size_low, size_high = _ends(structure, rows.B, center - radius, center + radius)
     low += rows.bias
     high += rows.bias
     size_low += np.abs(rows.bias)
@@ -292,17 +301,16 @@ def pre_activation(structure: Structure, rows: Rows, bounds: StateBounds, center
     for source, block in rows.sources + (rows.feedback if with_feedback else ()):
         states = structure.parts[source].rows.states
         for total, part in zip(
-            (low, high, size_low, size_high), _ends(block, bounds.low[:, states], bounds.high[:, states])
+            (low, high, size_low, size_high), _ends(structure, block, bounds.low[:, states], bounds.high[:, states])
         ):
             total += part
     return low - rows.gamma * size_low, high + rows.gamma * size_high
 
 
-def _ends(matrix: sp.csr_array, low: np.ndarray, high: np.ndarray):
+def _ends(structure: Structure, matrix: sp.csr_array, low: np.ndarray, high: np.ndarray):
     """For (batch, columns) low and high: the ends M^+ low + M^- high and M^+ high + M^- low,
     and the sums of their terms' magnitudes, each (batch, rows)."""
-    positive, negative = matrix.maximum(0), matrix.minimum(0)
-    magnitude = abs(negative)
+    positive, negative, magnitude = structure.signed(matrix)
     return (
         (positive @ low.T + negative @ high.T).T,
         (positive @ high.T + negative @ low.T).T,
@@ -322,7 +330,7 @@ def set_part_bounds(structure: Structure, index: int, bounds: StateBounds, low, 
     except DomainError as error:
         raise AnalysisError(f"no bound on block {part.name!r}: {error}; the box is too large for this model") from None
     if narrow:
-        x_low, x_high = np.maximum(x_low, bounds.low[:, states]), np.minimum(x_high, bounds.high[:, states])
+        x_low, x_high = intersect(x_low, x_high, bounds.low[:, states], bounds.high[:, states])
     bounds.low[:, states], bounds.high[:, states] = x_low, x_high
 
 
@@ -373,13 +381,13 @@ def enclose_loop(structure: Structure, loop: Loop, bounds: StateBounds, center, 
                     float(np.abs(bounds.high[:, states] - old_high).max(initial=0)))  # fmt: skip
         if moved <= REFINE_TOLERANCE * max(scale, math.ulp(1.0)):
             break
-    low, high = _loop_pre_activation(loop, bounds, w_low, w_high)
+    low, high = _loop_pre_activation(structure, loop, bounds, w_low, w_high)
     bounds.pre_low[:, states], bounds.pre_high[:, states] = low, high
 
 
 def _loop_step(structure: Structure, loop: Loop, bounds: StateBounds, w_low, w_high) -> None:
     """X <- X n phi(A_cc X + W), part by part."""
-    low, high = _loop_pre_activation(loop, bounds, w_low, w_high)
+    low, high = _loop_pre_activation(structure, loop, bounds, w_low, w_high)
     offset = 0
     for index in loop.parts:
         size = structure.parts[index].rows.size
@@ -388,17 +396,14 @@ def _loop_step(structure: Structure, loop: Loop, bounds: StateBounds, w_low, w_h
         offset += size
 
 
-def _loop_pre_activation(loop: Loop, bounds: StateBounds, w_low, w_high):
-    """z = A_cc X + W for the loop's current box X and the interval W of the rest."""
-    matrix = loop.rows.feedback[0][1]
-    x_low, x_high = bounds.low[:, loop.rows.states], bounds.high[:, loop.rows.states]
-    x_mid, x_rad = 0.5 * (x_low + x_high), 0.5 * (x_high - x_low)
-    absolute = abs(matrix)
-    w_mid, w_rad = 0.5 * (w_low + w_high), 0.5 * (w_high - w_low)
-    middle = (matrix @ x_mid.T).T + w_mid
-    reach = (absolute @ x_rad.T).T + w_rad
-    pad = loop.rows.gamma * ((absolute @ np.abs(x_mid).T).T + np.abs(w_mid) + reach) + 4 * _ROUNDOFF * np.abs(middle)
-    return middle - reach - pad, middle + reach + pad
+def _loop_pre_activation(structure: Structure, loop: Loop, bounds: StateBounds, w_low, w_high):
+    """z = A_cc X + W for the loop's current box X and the interval W of the rest (each end its
+    own sum, as ``pre_activation``'s)."""
+    states = loop.rows.states
+    low, high, size_low, size_high = _ends(structure, loop.rows.feedback[0][1], bounds.low[:, states],
+                                           bounds.high[:, states])  # fmt: skip
+    gamma = loop.rows.gamma
+    return low + w_low - gamma * (size_low + np.abs(w_low)), high + w_high + gamma * (size_high + np.abs(w_high))
 
 
 def _gamma(terms: np.ndarray) -> np.ndarray:
