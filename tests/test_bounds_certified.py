@@ -417,7 +417,7 @@ def test_transposed_convolution_equals_the_matrix_product(stride, pads, dilation
     kind, convolution = relaxations.transposed_forms(part.rows.B)
     assert kind == "convolution"
     T = rng.normal(size=(part.rows.size, 300))  # more rows than one ROW_BLOCK
-    np.testing.assert_allclose(_convolution_transposed(convolution, T), part.rows.B.T @ T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(_convolution_transposed(convolution, T, 7), part.rows.B.T @ T, rtol=1e-12, atol=1e-12)
 
 
 def test_the_verdicts_bound_the_outputs_as_output_bounds_does(rng):

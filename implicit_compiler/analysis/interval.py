@@ -40,6 +40,8 @@ from ..activations import Activation
 from ..errors import AnalysisError
 from ..model import ImplicitModel
 from ..runtime.plan import execution_order
+from .max_tree import Maxima, MaxTrees, find_max_trees
+from .max_tree import pre_activation_bounds as max_pre_activation
 from .relaxation import DomainError, interval_image
 from .spectral import perron_frobenius_eigenvalue
 
@@ -99,6 +101,7 @@ class Structure:
     parts: tuple[Part, ...]
     loops: tuple[Loop, ...]
     _signed: dict = field(default_factory=dict, compare=False, repr=False)
+    max_trees: MaxTrees | None = field(default=None, compare=False, repr=False)  # its maxima (``max_tree``)
 
     def signed(self, matrix: sp.csr_array) -> tuple[sp.csr_array, sp.csr_array, sp.csr_array]:
         """(M^+, M^-, |M^-|) of one of the structure's matrices, split once (cached, kept alive)."""
@@ -142,7 +145,7 @@ class Structure:
             rows = Rows(rows.states, rows.sources, ((members.start, loop_block),), rows.B, rows.bias, rows.gamma)
             names = ", ".join(dict.fromkeys(parts[index].name for index in members))
             loops.append(Loop(members, rows, names))
-        return cls(model, tuple(parts), tuple(loops))
+        return cls(model, tuple(parts), tuple(loops), max_trees=find_max_trees(model, parts))
 
 
 def _state_levels(model: ImplicitModel, component) -> list[tuple[np.ndarray, bool]]:
@@ -213,6 +216,7 @@ class StateBounds:
     pre_high: np.ndarray
     low: np.ndarray
     high: np.ndarray
+    maxima: Maxima = field(default_factory=Maxima)  # the max levels' maxima (``max_tree``)
 
     @classmethod
     def empty(cls, batch: int, n: int) -> StateBounds:
@@ -251,9 +255,17 @@ def interval_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray
             index = loop.parts.stop
             continue
         low, high = pre_activation(structure, part.rows, bounds, center, radius)
-        if refine is not None and part.rows.sources:
+        level = structure.max_trees.levels.get(index)
+        output = structure.max_trees.outputs.get(index)
+        if level is not None:
+            low, high = intersect(low, high, *max_pre_activation(level, bounds.maxima, bounds.low, bounds.high))
+        elif output is not None:
+            low, high = intersect(low, high, *bounds.maxima.of(*output, bounds.low, bounds.high))
+        elif refine is not None and part.rows.sources:
             low, high = refine(index, bounds, low, high)
         set_part_bounds(structure, index, bounds, low, high)
+        if level is not None:
+            bounds.maxima.record(level, part.rows.states, bounds.low, bounds.high)
         index += 1
     return bounds
 

@@ -55,12 +55,15 @@ class DomainError(ValueError):
 @dataclass(frozen=True)
 class Lines:
     """lower_slope z + lower_intercept <= phi(z) <= upper_slope z + upper_intercept on [l, h],
-    each array shaped like l."""
+    each array shaped like l. ``upper_negative_slope`` (a max level's, ``max_tree``): where
+    given, the upper line is upper_slope z^+ + upper_negative_slope z^- + upper_intercept, with
+    z^+ / z^- the positive / negative terms of z's row."""
 
     lower_slope: np.ndarray
     lower_intercept: np.ndarray
     upper_slope: np.ndarray
     upper_intercept: np.ndarray
+    upper_negative_slope: np.ndarray | None = None
 
 
 def interval_image(phi: Activation, low: np.ndarray, high: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
