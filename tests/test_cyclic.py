@@ -261,6 +261,22 @@ def test_safeguard_restarts_keep_anderson_near_picard(rng):
     assert auto.iterations <= picard.iterations + 3
 
 
+@pytest.mark.parametrize("acceleration", ["anderson", "broyden"])
+def test_an_overshooting_step_does_not_send_the_iteration_round_in_a_cycle(acceleration):
+    """A relu loop with repeated rows (as Frank-Wolfe's vertices make them), ||A||_inf = 0.95:
+    Anderson's second step overshoots to all-negative pre-activations, where g is 0, the start;
+    going on from there repeated the same three steps until max_iter. After a restart the
+    iteration goes on from the iterate before the overshoot (its plain step) and converges to
+    the fixed point (root finding on x = relu(A x + u))."""
+    r1, r2, r3 = [0, 0, 0.855, 0.095, 0, 0, 0, 0], [0, 0.57, 0, 0, 0, 0, 0, 0.38], [0, 0, 0.855, -0.095, 0, 0, 0, 0]
+    A = np.array([r1, r2, r1, r3, r2, r1, r2, r2])
+    model = ImplicitModel.from_matrices(A, np.eye(8), np.eye(8), np.zeros((8, 8)), activation="relu")
+    u = np.array([[0.759, -1.472, 1.087, 0.869, -0.535, 0.791, -0.676, -1.643]])
+    expected = root_fixed_point(A, np.eye(8), np.zeros(8), u, NUMPY_PHI["relu"])
+    solution = model.solve(u, acceleration=acceleration)
+    np.testing.assert_allclose(solution.x, expected, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.slow
 def test_readme_feedback_example_runs_as_written(monkeypatch):
     """The README's composition example: its loop is well-posed, rescales and predicts."""

@@ -374,13 +374,30 @@ class _SampleState:
         slot, self.filled = self.slot, min(self.filled + 1, self.memory)
         self.slot = (slot + 1) % self.memory
         if self.method == "broyden":
-            return self._broyden_step(x, gx, *previous, slot)
-        mixed = np.empty_like(gx)
-        kernels.anderson(
-            self.ring_f, self.ring_g, self.gram, slot, self.filled, x, gx, *previous, self.accelerating[:k],
-            self.flags[2, :k], self.maxima_out[4, :k], self.rate[:k], TRUST, TRUST_RATE, regularization, mixed,
-        )  # fmt: skip
+            mixed = self._broyden_step(x, gx, *previous, slot)
+        else:
+            mixed = np.empty_like(gx)
+            kernels.anderson(
+                self.ring_f, self.ring_g, self.gram, slot, self.filled, x, gx, *previous, self.accelerating[:k],
+                self.flags[2, :k], self.maxima_out[4, :k], self.rate[:k], TRUST, TRUST_RATE, regularization, mixed,
+            )  # fmt: skip
+        restart = self.flags[2, :k]
+        if restart.any():
+            self._step_back(restart, mixed, previous)
         return mixed
+
+    def _step_back(self, restart: np.ndarray, mixed: np.ndarray, previous: tuple[np.ndarray, np.ndarray]) -> None:
+        """Samples whose residual grew past twice their best (their history is dropped) go on
+        from the iterate before: its plain step g(x_prev), as if the step that overshot had not
+        been taken. Going on from the overshot iterate instead can cycle: on a relu model whose
+        Anderson step overshoots to all-negative pre-activations, g of it is 0, the start, and
+        the same steps repeat forever."""
+        px, pg = previous
+        mixed[:, restart] = pg[:, restart]
+        x, gx = self.previous
+        x, gx = x.copy(), gx.copy()
+        x[:, restart], gx[:, restart] = px[:, restart], pg[:, restart]
+        self.previous = (x, gx)
 
     def _broyden_step(self, x, gx, px, pg, slot: int) -> np.ndarray:
         """Broyden's ("good") method on F(x) = g(x) - x per sample, its inverse Jacobian

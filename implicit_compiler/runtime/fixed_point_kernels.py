@@ -227,6 +227,9 @@ def take_columns(a, keep):  # pragma: no cover - jitted
     return out
 
 
+_LARGEST = float(np.finfo(np.float64).max)  # a relative residual that overflows: the largest, not divergence
+
+
 @_compiled
 def assess(
     x, gx, px, pg, groups, seen, out, has_previous, rates, slot, filled, best, since_best, accelerating, constants,
@@ -236,13 +239,15 @@ def assess(
     more than one group ``block_maxima``), then from them, in one pass over the samples:
 
     constants = (tiny, secant floor, exact floor, tol, stall floor, stall iterations,
-    accelerate-from, block floor) as float64. Per column j: residual = max|g - x| /
-    max(max|g|, tiny); the secant ratio max|g - pg| / max|x - px| enters the rate window
-    ``rates`` at ``slot`` (the last ratio repeated for a step at the rounding floor); rate = the
-    window's max over its ``filled`` slots after that; error = residual / (1 - rate) (inf for
-    rate >= 1), or the ``watched`` quantities' estimated error when larger, and 0 at the exact
-    floor; best / since_best and the Anderson switch are updated. flags[0] done (error <= tol),
-    flags[1] stuck at the rounding floor, flags[2] restart (residual > twice the best).
+    accelerate-from, block floor) as float64. Per column j: residual = max|g - x| / max(max|g|,
+    tiny) (at most the largest float: g(x) = 0 exactly from x != 0 is a large step, not an
+    overflow; only iterates that are not finite are); the secant ratio max|g - pg| / max|x - px|
+    enters the rate window ``rates`` at ``slot`` (the last ratio repeated for a step at the
+    rounding floor); rate = the window's max over its ``filled`` slots after that; error =
+    residual / (1 - rate) (inf for rate >= 1), or the ``watched`` quantities' estimated error
+    when larger, and 0 at the exact floor; best / since_best and the Anderson switch are
+    updated. flags[0] done (error <= tol), flags[1] stuck at the rounding floor, flags[2]
+    restart (residual > twice the best).
     Samples ``finished`` (stopped, still swept until the rest are compacted) are left out: no
     flag, no acceleration. Returns (largest residual, all finite, any done, any stuck)."""
     if groups.size > 2:
@@ -264,9 +269,9 @@ def assess(
             continue
         scale = out[1, j] if out[1, j] > tiny else tiny
         r = out[0, j] / scale
+        if not r <= _LARGEST:  # finite iterates (else ``finite`` is already False), g(x) = 0 exactly
+            r = _LARGEST
         residual[j] = r
-        if not np.isfinite(r):
-            finite = False
         worst = r if r > worst else worst
         if has_previous:
             dx = out[2, j]
