@@ -198,6 +198,17 @@ def test_estimator_learns_a_teacher_and_reports_gaps_and_nonzeros():
     assert model.model_.A.toarray().__abs__().sum(axis=1).max() <= 0.95 * (1 + 1e-12)
 
 
+def test_warm_start_keeps_most_of_the_given_a(recorded_steps):
+    X, y = teacher_data(2, 120)
+    start = ImplicitRegressor(n_states=10, max_epochs=3, random_state=0).fit(X, y).model_
+    tuned = ImplicitRegressor(solver="frank_wolfe", init_model=start, max_epochs=1, batch_size=40, random_state=0)
+    tuned.fit(X, y)
+    # 3 steps from t = 3: gamma 2/5, 2/6, 2/7, so (3/5)(4/6)(5/7) = 2/7 of the start remains in A
+    before, after = start.A.toarray(), tuned.model_.A.toarray()
+    assert tuned.frank_wolfe_history_.step_size == (2 / 7,)
+    assert np.all(np.count_nonzero(after, axis=1) >= np.count_nonzero(before, axis=1))  # the start is kept
+
+
 def test_classifier_with_frank_wolfe():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(200, 4))

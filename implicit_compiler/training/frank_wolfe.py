@@ -34,7 +34,8 @@ how far A is from stationary.
 Training an implicit model (``optimize``, run by the estimators with ``solver="frank_wolfe"``).
 The gradient dL/dA comes from the implicit differentiation of ``ImplicitModule`` (one adjoint
 solve per step). A starts at 0 (a random start would be dense; from 0 the iterates are sparse), or
-at ``init_model``'s A projected into K. Each step, on a mini-batch (``batch_size``; a batch as
+at ``init_model``'s A projected into K; a warm start begins the step count at one epoch's steps
+(gamma_0 = 1 would replace the given A by a vertex). Each step, on a mini-batch (``batch_size``; a batch as
 large as the training set gives the deterministic method, whose gap is then exact):
 
     A  <- (1 - gamma_t) A + gamma_t S(dL/dA),     gamma_t = 2 / (t + 2), t counting steps
@@ -223,17 +224,20 @@ def optimize(
     from .penalties import prox_column_group_lasso_
 
     kappa, indptr = float(estimator.kappa), module.A_pattern.indptr.numpy()
+    batch_size = min(estimator.batch_size, len(train_rows))
+    t = 0
     if estimator.init_model is None:
         with torch.no_grad():
             module.A_values.zero_()  # from 0 the iterates are sparse
+    else:  # a warm start: gamma_0 = 1 would replace the given A by a vertex
+        t = -(-len(train_rows) // batch_size)  # one epoch's steps: the first moves A by 2 / (steps + 2)
     others = [parameter for name, parameter in module.named_parameters() if name != "A_values"]
     optimizer = torch.optim.Adam(others, lr=estimator.learning_rate) if others else None
     step_size = estimator.learning_rate
-    batch_size = min(estimator.batch_size, len(train_rows))
     estimator.loss_curve_, estimator.validation_scores_, estimator.validation_loss_curve_ = [], [], []
     gaps, gammas, counts = [], [], []
     best_loss, best_state, epochs_without_improvement = np.inf, None, 0
-    t, stopped, start = 0, False, time.perf_counter()
+    stopped, start = False, time.perf_counter()
     for epoch in range(1, estimator.max_epochs + 1):
         order = rng.permutation(train_rows)
         total, epoch_gaps = 0.0, []
