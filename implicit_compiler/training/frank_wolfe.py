@@ -221,6 +221,7 @@ def optimize(
     Sets the estimator's ``loss_curve_``, ``validation_loss_curve_``, ``validation_scores_``,
     ``n_iter_``, ``best_loss_`` and ``frank_wolfe_history_`` (a ``FrankWolfeHistory`` per epoch).
     """
+    from .estimators import ADAPTIVE_DECAY, ADAPTIVE_FLOOR
     from .penalties import prox_column_group_lasso_
 
     kappa, indptr = float(estimator.kappa), module.A_pattern.indptr.numpy()
@@ -283,8 +284,8 @@ def optimize(
             break
         if epochs_without_improvement < estimator.n_iter_no_change:
             continue
-        smaller = step_size / 5.0
-        if estimator.learning_rate_schedule == "adaptive" and smaller >= 1e-3 * estimator.learning_rate:
+        smaller = step_size / ADAPTIVE_DECAY
+        if estimator.learning_rate_schedule == "adaptive" and smaller >= ADAPTIVE_FLOOR * estimator.learning_rate:
             step_size, epochs_without_improvement = smaller, 0
             for group in optimizer.param_groups if optimizer is not None else ():
                 group["lr"] = step_size
