@@ -31,7 +31,9 @@ solution, R Phi^T = (W - W*) Phi Phi^T and L - L* = ||(W - W*) Phi||^2 / (2 n), 
 output dimension m_y plays no part). A gradient step of size alpha on an L_s-smooth stretch then
 gives L_{t+1} - L* <= (1 - 2 alpha mu (1 - alpha L_s / 2)) (L_t - L*): a straight line on a log
 scale, whose slope ``pl_rate`` bounds. (The paper's Theorem 1 covers more losses and states its
-own constants; this module reproduces the setting, not its proof.)
+own constants, which we could not check: only its abstract was reachable when this was written,
+and the column softmax is sigma as we recall the paper's. This module reproduces the setting, not
+its proof.)
 
 Gradients, by implicit differentiation (what ``ImplicitModule`` does for x = phi(A x + B u + b)),
 with S = sigma(A), Z = M Phi the equilibria and the adjoint V solving (I - gamma S)^T V = B^T R:
