@@ -50,11 +50,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from .. import arguments
 from ..errors import ShapeError
 from ..model import ImplicitModel
 
 TORCH_DTYPES = ("float64", "float32")
-SOLVERS = ("adam", "sgd")
+SOLVERS = ("adam", "sgd", "frank_wolfe")
 SOLVER_TOLERANCE = {"float64": 1e-6, "float32": 1e-5}  # training solves: gradients need no more
 SCHEDULES = ("constant", "adaptive")
 ADAPTIVE_DECAY = 5.0  # "adaptive": the step size is divided by this on each plateau ...
@@ -127,7 +128,9 @@ class _ImplicitEstimator(BaseEstimator):
             the group lasso on B a feature selection (else D can carry the inputs it drops).
         solver: "adam", or "sgd" (plain stochastic gradient: with ``group_lasso`` each step is then an
             exact proximal gradient step, so the columns whose gradient stays under lambda end exactly
-            zero; Adam's momentum keeps nudging zeroed columns, leaving them small but non-zero).
+            zero; Adam's momentum keeps nudging zeroed columns, leaving them small but non-zero), or
+            "frank_wolfe": Frank-Wolfe steps on A over ||A||_inf <= kappa from A = 0 (sparse A, no
+            projection), Adam on the rest (``frank_wolfe.py``; ``frank_wolfe_history_`` holds the gap).
         learning_rate: the optimizer's (initial) step size.
         learning_rate_schedule: "constant", or "adaptive": when the watched loss has not improved for
             ``n_iter_no_change`` epochs the step size is divided by 5 and training goes on; it stops
@@ -206,8 +209,7 @@ class _ImplicitEstimator(BaseEstimator):
             raise ValueError(f"kappa must be in (0, 1) for a well-posed model, got {self.kappa!r}")
         if self.dtype not in TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {TORCH_DTYPES}, got {self.dtype!r}")
-        if self.solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        arguments.choice(self.solver, SOLVERS, "solver")  # ArgumentValueError / ArgumentTypeError
         if self.learning_rate_schedule not in SCHEDULES:
             raise ValueError(f"learning_rate_schedule must be one of {SCHEDULES}, got {self.learning_rate_schedule!r}")
         if self.structure not in ("dense", "triangular"):
@@ -331,6 +333,10 @@ class _ImplicitEstimator(BaseEstimator):
         """
         from .penalties import prox_column_group_lasso_
 
+        if self.solver == "frank_wolfe":
+            from . import frank_wolfe
+
+            return frank_wolfe.optimize(self, torch, module, inputs, targets, train_rows, validation_rows, rng)
         optimizer_class = torch.optim.Adam if self.solver == "adam" else torch.optim.SGD
         # fused: one kernel per step for all the weights (Adam on 250k float64 values: 0.34 ms
         # against 1.7 ms for the loop over tensors)
