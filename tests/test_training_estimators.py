@@ -33,7 +33,11 @@ def inf_norm(matrix) -> float:
 # torch); scikit-learn itself only runs it with SCIPY_ARRAY_API=1. Every other check passes (the
 # pandas ones included: pandas is in the test extra). No expected_failed_checks.
 NOT_APPLICABLE = ("check_array_api_input",)
-_ALL_CHECKS = parametrize_with_checks([ImplicitRegressor(**QUICK), ImplicitClassifier(**QUICK)])
+# Frank-Wolfe's A (repeated rows, column sums past 1) once made the runtime's Anderson cycle and
+# its adjoint solves stall: the classifier failed 1-4 of these checks, depending on the draw.
+_ALL_CHECKS = parametrize_with_checks(
+    [ImplicitRegressor(**QUICK), ImplicitClassifier(**QUICK), ImplicitClassifier(solver="frank_wolfe", **QUICK)]
+)
 _CHECKS = [(estimator, check) for estimator, check in _ALL_CHECKS.args[1] if check.func.__name__ not in NOT_APPLICABLE]
 
 

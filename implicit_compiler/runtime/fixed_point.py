@@ -387,16 +387,21 @@ class _SampleState:
         return mixed
 
     def _step_back(self, restart: np.ndarray, mixed: np.ndarray, previous: tuple[np.ndarray, np.ndarray]) -> None:
-        """Samples whose residual grew past twice their best (their history is dropped) go on
-        from the iterate before: its plain step g(x_prev), as if the step that overshot had not
-        been taken. Going on from the overshot iterate instead can cycle: on a relu model whose
-        Anderson step overshoots to all-negative pre-activations, g of it is 0, the start, and
-        the same steps repeat forever."""
+        """Samples whose residual grew past twice their best (their history is dropped) after an
+        accelerated step go on from the iterate before: its plain step g(x_prev), as if the step
+        that overshot had not been taken. Going on from the overshot iterate instead can cycle:
+        on a relu model whose Anderson step overshoots to all-negative pre-activations, g of it
+        is 0, the start, and the same steps repeat forever. After a plain step (x = g(x_prev))
+        the growth is the map's own (a non-normal linear map grows before it contracts, as an
+        adjoint A^T D does): it goes on from there."""
         px, pg = previous
-        mixed[:, restart] = pg[:, restart]
         x, gx = self.previous
+        back = restart & np.any(x != pg, axis=0)
+        if not back.any():
+            return
+        mixed[:, back] = pg[:, back]
         x, gx = x.copy(), gx.copy()
-        x[:, restart], gx[:, restart] = px[:, restart], pg[:, restart]
+        x[:, back], gx[:, back] = px[:, back], pg[:, back]
         self.previous = (x, gx)
 
     def _broyden_step(self, x, gx, px, pg, slot: int) -> np.ndarray:
