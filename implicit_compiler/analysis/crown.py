@@ -69,14 +69,14 @@ class Relaxations:
     """The relaxations of the parts, from the current bounds: ``Lines`` per part (cached until
     ``forget``), and per loop (s, e_lo, e_hi, LU factors of I - S A_kk per sample)."""
 
-    def __init__(self, structure: Structure, bounds: StateBounds | None = None, products: dict | None = None):
+    def __init__(self, structure: Structure, bounds: StateBounds | None = None):
         self.structure = structure
         self.bounds = bounds
         self._lines: dict[int, Lines] = {}
         self._loops: dict[int, tuple] = {}
         self._max_outputs: dict[int, tuple] = {}
         self._places = None
-        self._products: dict[int, tuple] = {} if products is None else products  # transposed_forms' cache
+        self._products: dict[int, tuple] = structure.products  # transposed_forms' cache, kept with the structure
         # the tensor shapes a block of A (or B) maps between, where both are known
         self._shapes: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         inputs = structure.model.inputs
@@ -179,7 +179,7 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
         return low, high
 
     bounds = interval_bounds(structure, center, radius, refine=refine)
-    relaxations = Relaxations(structure, bounds, relaxations._products)  # the final bounds, the same products
+    relaxations = Relaxations(structure, bounds)  # the final bounds
     model = structure.model
     R = sp.csr_array(sp.eye_array(model.q) if objective is None else objective)
     C, D = sp.csr_array(R @ model.C), sp.csr_array(R @ model.D)

@@ -101,6 +101,7 @@ class Structure:
     parts: tuple[Part, ...]
     loops: tuple[Loop, ...]
     _signed: dict = field(default_factory=dict, compare=False, repr=False)
+    products: dict = field(default_factory=dict, compare=False, repr=False)  # ``crown.Relaxations``' cache
     max_trees: MaxTrees | None = field(default=None, compare=False, repr=False)  # its maxima (``max_tree``)
 
     def signed(self, matrix: sp.csr_array) -> tuple[sp.csr_array, sp.csr_array, sp.csr_array]:
@@ -113,7 +114,14 @@ class Structure:
 
     @classmethod
     def of(cls, model: ImplicitModel) -> Structure:
-        model = model.astype(np.float64)
+        """The structure of ``model`` (kept in the model's cache with what it caches itself:
+        bounding the same model again starts from it)."""
+        if "bounds_structure" not in model._cache:
+            model._cache["bounds_structure"] = cls._made(model.astype(np.float64))
+        return model._cache["bounds_structure"]
+
+    @classmethod
+    def _made(cls, model: ImplicitModel) -> Structure:
         pieces = []  # (block index, states, loop number or None), in order
         loops_states = []
         for component in execution_order(model):
