@@ -5,6 +5,7 @@ maximum of independent inputs, never against our own output."""
 from __future__ import annotations
 
 import itertools
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
 from implicit_compiler.analysis import output_bounds
 from implicit_compiler.analysis.crown import _sparse_spread
 from implicit_compiler.analysis.interval import Structure
+from implicit_compiler.analysis.max_tree import contenders
 
 
 @pytest.fixture
@@ -134,3 +136,34 @@ def test_the_sparse_spread_equals_the_product(rng):
     spread = _sparse_spread(weights.indptr, weights.indices.astype(np.int64), weights.data,
                             matrix.indptr, matrix.indices.astype(np.int64), matrix.data, radius)  # fmt: skip
     np.testing.assert_allclose(spread, expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("pool", POOLS)
+def test_the_contenders_of_each_window_by_enumeration(pool, rng):
+    """A state's bounds matter to the maxima's relaxations only where it can be the maximum of
+    a window (its upper bound reaches the window's largest lower bound) that another element
+    can be too: checked window by window against the pooling's own windows."""
+    model = ic.from_onnx(conv_pool_net(rng, pool), dtype=np.float64)
+    structure = Structure.of(model)
+    trees = structure.max_trees
+    (leaves_part,) = trees.inputs
+    states = structure.parts[leaves_part].rows.states
+    batch = 3
+    bounds = SimpleNamespace(low=rng.normal(size=(batch, model.n)), high=None)
+    bounds.high = bounds.low + rng.exponential(0.3, size=(batch, model.n))
+    low, high = bounds.low[:, states] - 0.1, bounds.high[:, states] + 0.1
+    needed = contenders(trees, states, low, high, bounds)
+    expected = np.zeros_like(needed)
+    column = {int(state): k for k, state in enumerate(states)}
+    windows = trees.windows
+    sizes = np.diff(windows.indptr)
+    assert sizes.min() >= 2 and sizes.max() == np.prod(pool["kernel_shape"])  # (padding shortens some)
+    for w in range(windows.shape[0]):
+        members = windows.indices[windows.indptr[w] : windows.indptr[w + 1]]
+        at = [column[int(state)] for state in members]
+        for b in range(batch):
+            top = max(low[b, k] for k in at)
+            contending = [k for k in at if high[b, k] >= top]
+            if len(contending) > 1:
+                expected[b, contending] = True
+    np.testing.assert_array_equal(needed, expected)

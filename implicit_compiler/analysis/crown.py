@@ -28,8 +28,9 @@ differences.
 
 Intermediate bounds: each block's pre-activations are first bounded by intervals
 (``interval``), then, where the relaxation is not exact there (relu and leaky relu rows whose
-bounds straddle 0; every row of the other nonlinear activations; every row not known inactive
-of a relu block whose states are maximized, as the maxima's relaxations read their bounds),
+bounds straddle 0; every row of the other nonlinear activations; the rows of a relu block
+whose states are maximized that can be the maximum of a window another element can be too,
+as the maxima's relaxations read their bounds: ``max_tree.contenders``),
 by this same backward pass ("blocks") from z's own rows, and the tighter of the two is kept. A block reading only the
 inputs is exact by intervals already. A loop starts from its interval fixed point and is then
 narrowed by such passes over its blocks (``interval.refine_loop``): where the feedback is weak
@@ -58,7 +59,7 @@ import scipy.sparse.linalg as spla
 
 from ..runtime.structured import MIN_STRUCTURED_NONZEROS, Convolution, find_convolution
 from .interval import StateBounds, Structure, intersect, interval_bounds
-from .max_tree import max_lines, select_leaves
+from .max_tree import contenders, max_lines, select_leaves
 from .relaxation import Lines, linear_relaxation, parallel_relaxation
 
 CHUNK_VALUES = 1 << 24  # float64 coefficients of one dense array per chunk at most (128 MiB)
@@ -169,7 +170,10 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
         relaxations.bounds = bounds
         relaxations.forget(index)
         part = structure.parts[index]
-        rows = _rows_to_refine(part, low, high, index in structure.max_trees.inputs)
+        needed = None
+        if index in structure.max_trees.inputs and part.activation.name == "relu":
+            needed = contenders(structure.max_trees, part.rows.states, np.maximum(low, 0), np.maximum(high, 0), bounds)
+        rows = _rows_to_refine(part, low, high, needed)
         if any(chosen.size for chosen in rows):
             start = dict(part.rows.sources + part.rows.feedback)
             tight_low, tight_high = _bound_linear(
@@ -193,17 +197,18 @@ def crown_bounds(structure: Structure, center: np.ndarray, radius: np.ndarray, o
     return lower, upper, bounds
 
 
-def _rows_to_refine(part, low: np.ndarray, high: np.ndarray, max_input: bool) -> list[np.ndarray]:
+def _rows_to_refine(part, low: np.ndarray, high: np.ndarray, needed: np.ndarray | None) -> list[np.ndarray]:
     """For each sample, the local rows whose relaxation is not exact over [low, high]; for a
-    relu part whose states are maximized (``max_input``), every row not known inactive: the
-    maxima's relaxations read the states' bounds."""
+    relu part whose states are maximized, also the rows that can be a window's maximum
+    (``needed``, ``max_tree.contenders``): the maxima's relaxations read their bounds."""
     name = part.activation.name
     if name == "identity":
         return [np.zeros(0, dtype=np.int64)] * low.shape[0]
-    if name == "relu" and max_input:
-        return [np.flatnonzero(row) for row in high > 0]
     if name in ("relu", "leaky_relu"):
-        return [np.flatnonzero(row) for row in (low < 0) & (high > 0)]
+        unstable = (low < 0) & (high > 0)
+        if needed is not None:
+            unstable |= needed & (high > 0)
+        return [np.flatnonzero(row) for row in unstable]
     return [np.arange(part.rows.size)] * low.shape[0]
 
 

@@ -29,8 +29,10 @@ Bounds (auto_LiRPA's MaxPool relaxation, Xu et al. 2020, on the tree):
   max output's coefficients straight onto the elements, one each, never through the levels.
 
 None of it needs bounds on the tree's differences by back-substitution (LeNet-5's CROWN spent
-a third of its time there before), but the elements' own bounds matter: CROWN refines every
-row of a relu part whose states are maximized that is not known inactive (``crown``).
+a third of its time there before), but the elements' own bounds matter where they can be a
+window's maximum (``contenders``): CROWN refines those rows (``crown``). At LeNet-5's second
+pool that is 1,729 rows of 20 digits at eps 0.001 against 18,853 not known inactive (13,172
+against 20,415 at eps 0.01), for the same bounds.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class MaxTrees:
     second: np.ndarray
     second_single: np.ndarray
     inputs: frozenset
+    windows: sp.csr_array  # (maxima, n): the elements of each made maximum that no level reads
 
 
 def find_max_trees(model, parts) -> MaxTrees:
@@ -83,6 +86,8 @@ def find_max_trees(model, parts) -> MaxTrees:
     operands = [np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=bool), np.full(n, -1, dtype=np.int64),
                 np.zeros(n, dtype=bool)]  # fmt: skip
     levels, outputs, singles = {}, {}, []
+    members = sp.csr_array((n, n))  # a made maximum's state -> its elements (1 each)
+    operand = np.zeros(n, dtype=bool)  # read by a later level
     for index, part in enumerate(parts):
         rows = part.rows
         name = part.activation.name
@@ -107,13 +112,58 @@ def find_max_trees(model, parts) -> MaxTrees:
         for array, values in zip(operands, (level.first, level.first_single, level.second, level.second_single)):
             array[rows.states] = values
         singles.extend((first[first_size == 1], second[second_size == 1]))
+        operand[first[first_size > 1]] = operand[second[second_size > 1]] = True
+        members = members + _elements(rows.states, level, members, n)
         chain_next[rows.states] = second
         chain_size[rows.states] = second_size + 1
     part_of_state = np.full(n, -1, dtype=np.int64)
     for index, part in enumerate(parts):
         part_of_state[part.rows.states] = index
     maximized = np.unique(part_of_state[np.concatenate(singles)]) if singles else []
-    return MaxTrees(levels, outputs, *operands, frozenset(int(index) for index in maximized))
+    made = np.zeros(n, dtype=bool)
+    for index, part in enumerate(parts):
+        made[part.rows.states] = index in levels
+    windows = sp.csr_array(members[np.flatnonzero(made & ~operand)])
+    return MaxTrees(levels, outputs, *operands, frozenset(int(index) for index in maximized), windows)
+
+
+def _elements(states: np.ndarray, level: MaxLevel, members: sp.csr_array, n: int) -> sp.csr_array:
+    """(n, n) with the elements of each row's maximum M = max(M1, M2) in the rows ``states``."""
+    rows = np.arange(states.size)
+    union = sp.csr_array((states.size, n))
+    for state, single in ((level.first, level.first_single), (level.second, level.second_single)):
+        picked = sp.csr_array((np.ones(int(single.sum())), (rows[single], state[single])), shape=(states.size, n))
+        made = sp.csr_array((np.ones(int((~single).sum())), (rows[~single], state[~single])), shape=(states.size, n))
+        union = union + picked + made @ members
+    union.data[:] = 1.0
+    placed = sp.csr_array((np.ones(states.size), (states, rows)), shape=(n, states.size))
+    return sp.csr_array(placed @ union)
+
+
+def contenders(trees: MaxTrees, states: np.ndarray, low: np.ndarray, high: np.ndarray, bounds) -> np.ndarray:
+    """Which of ``states`` (with bounds ``low`` / ``high``, (batch, size); the other states'
+    from ``bounds``) can be the maximum of a window that more than one element can be: the
+    states whose bounds the maxima's relaxations read. A state below another's lower bound in
+    every window of its is never the maximum (tighter bounds keep it so), and a window with one
+    such element is that element."""
+    windows = trees.windows
+    batch = low.shape[0]
+    if windows.nnz == 0:
+        return np.zeros((batch, states.size), dtype=bool)
+    all_low, all_high = bounds.low.copy(), bounds.high.copy()
+    all_low[:, states], all_high[:, states] = low, high
+    starts = windows.indptr[:-1][np.diff(windows.indptr) > 0]
+    entry_window = np.repeat(np.arange(windows.shape[0]), np.diff(windows.indptr))
+    entry_low, entry_high = all_low[:, windows.indices], all_high[:, windows.indices]
+    best_low = np.full((batch, windows.shape[0]), -np.inf)
+    best_low[:, np.diff(windows.indptr) > 0] = np.maximum.reduceat(entry_low, starts, axis=1)
+    contending = entry_high >= best_low[:, entry_window]
+    count = np.zeros((batch, windows.shape[0]))
+    count[:, np.diff(windows.indptr) > 0] = np.add.reduceat(contending.astype(np.float64), starts, axis=1)
+    needed = contending & (count[:, entry_window] > 1)
+    incidence = sp.csr_array((np.ones(windows.nnz), (np.arange(windows.nnz), windows.indices)),
+                             shape=(windows.nnz, all_low.shape[1]))  # fmt: skip
+    return (sp.csr_array(needed.astype(np.float64)) @ incidence).toarray()[:, states] > 0
 
 
 def _maxima(matrix: sp.csr_array, sign: float, chain_next, chain_size):
