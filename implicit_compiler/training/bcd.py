@@ -1,0 +1,523 @@
+"""Training by block-coordinate descent on the Fenchel relaxation of the implicit constraint.
+
+The model (relu only, see below) is x = relu(A x + B u + b_x), y = C x + D u + b_y. Samples are
+columns here: U (p x m), the hidden states X (n x m), targets Y (q x m), m samples.
+
+Fenchel divergence. For f(x) = x^2 / 2 + indicator(x >= 0), the conjugate is
+f*(z) = relu(z)^2 / 2 and grad f*(z) = relu(z). Fenchel-Young gives, componentwise,
+
+    F(x, z) = f(x) + f*(z) - x z = x^2 / 2 + relu(z)^2 / 2 - x z >= 0     (x >= 0),
+
+with equality exactly when x = grad f*(z) = relu(z). So x = relu(A x + B u + b_x) holds if and only
+if x >= 0 and F(x, A x + B u + b_x) = 0 (El Ghaoui, Gu, Travacca, Askari, Tsai, "Implicit Deep
+Learning", SIAM J. Math. Data Sci. 2021, section "Fenchel divergence formulation"). Per hidden unit
+i the divergence averaged over samples is F_i = (1/m) sum_j F(X_ij, Z_ij), Z = A X + B U + b_x 1^T.
+
+Relaxed problem. With theta = (A, B, b_x, C, D, b_y) and dual variables lambda >= 0 (one per unit):
+
+    J(theta, X; lambda) = L(Y, C X + D U + b_y 1^T) + sum_i lambda_i F_i(X, Z)
+                          + (alpha / 2) (||A||_F^2 + ||B||_F^2 + ||C||_F^2 + ||D||_F^2),
+    over X >= 0 and ||A||_inf <= kappa,
+
+where L is (1 / 2m) ||Yhat - Y||_F^2 (regressor, "squared"), the mean binary cross-entropy of
+sigmoid logits ("binary") or the mean softmax cross-entropy ("multiclass"). J is convex in each of
+the blocks (C, D, b_y) and (A, B, b_x) for fixed X (F is convex in z, L in Yhat), which is what the
+paper calls bi-convex; in X it is smooth but convex only when Lambda - Lambda A - A^T Lambda >= 0.
+
+Blocks and their Lipschitz constants (step 1 / L_block; c = the loss curvature: 1 squared, 1/4
+binary since sigmoid' <= 1/4, 1/2 multiclass since ||diag(p) - p p^T||_2 <= 1/2):
+
+- output block (C, D, b_y): the gradient is G W_o^T (+ alpha C, alpha D) with G = dL/dYhat and
+  W_o = [X; U; 1] (without U when D is not trained). Its Hessian is at most (c / m) W_o W_o^T (x) I,
+  so L_out = c sigma_max(W_o)^2 / m + alpha (exact for the squared loss, alpha = 0).
+- hidden block (A, B, b_x): with W = [X; U; 1] and H = Lambda (relu(Z) - X) / m, the gradient is
+  H W^T (+ alpha A, alpha B). Row i's Hessian is (lambda_i / m) W S_i W^T with S_i = diag(Z_ij > 0),
+  so L_hid = max_i lambda_i sigma_max(W)^2 / m + alpha (exact when every Z > 0, lambda constant).
+  After the step A is projected onto ||A||_inf <= kappa (``projection.project_rows_l1``, exact).
+- states X >= 0: the gradient is C^T G + (Lambda (X - Z) + A^T Lambda (relu(Z) - X)) / m. Per
+  sample its Hessian (where defined) is (M + C^T H_L C + A^T Lambda S A) / m with
+  M = Lambda - Lambda A - A^T Lambda, 0 <= H_L <= c I and 0 <= S <= I, so it lies between M / m and
+  K / m, K = M + c C^T C + A^T Lambda A, and L_X = max(lambda_max(K), -lambda_min(M), 0) / m (exact
+  for the squared loss when every Z > 0). The step is projected onto X >= 0.
+
+Each step is a projected gradient step of step 1 / L on an L-smooth block over a convex set, so
+by the descent lemma no step increases J: J is non-increasing along a BCD sweep (states, output,
+hidden, the order of the reference code).
+
+Dual ascent: lambda_i <- lambda_i + dual_learning_rate * F_i, only for the units with
+F_i > tol_fenchel. ``type_of_training``:
+
+- "two_loops": each round runs sweeps until J's relative decrease is at most ``inner_tol`` (or
+  ``max_inner_iter`` sweeps), then one dual step;
+- "one_loop": each round is one sweep and one dual step.
+
+Training starts from the initial model's equilibrium states (F = 0 there). The final model is the
+implicit model with the trained weights: its predictions solve the real equilibrium, not the
+relaxed X; ``BCDHistory.equilibrium_gap`` records ||X - X*||_F / sqrt(m) between the relaxed
+states and the equilibrium states X* of the same weights, each round.
+
+Reference and deviations. The reference is the IDL authors' MATLAB code (classes
+``ImplicitDeepLearning`` / ``UtilitiesIDL``: ``gradient_hidden_var``, ``gradient_parameters_reg``,
+``gradient_parameters_hid``, ``step_size_*``, ``dual_variable_update``). Its gradients are the ones
+above (its loss is (1/m) ||.||_F^2, ours has the 1/2, so its step sizes differ by that factor).
+Where we deviate: (1) its step sizes use max(m, ||X||^2, ||U||^2, ||X U^T||), a cruder bound that
+leaves out the bias column; ours are the blocks' Lipschitz constants derived above; its X step uses
+||A^T A + Lambda - Lambda D + D^T Lambda|| + max(lambda) ||D||^2, whose sign of D^T Lambda does not
+match its own gradient; ours bounds the Hessian by the Loewner interval above; (2) its dual step
+adds a constant ``dual_step`` to every unit whose divergence exceeds the tolerance; ours adds
+``dual_learning_rate * F_i`` there (as the issue states); (3) it also trains the output block by
+exact least squares in some variants; we take gradient steps so that every block is treated alike
+and classification losses work too. Only relu is supported: other activations are refused by the
+estimators (their Fenchel divergence is not derived here).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import numpy as np
+import scipy.sparse as sp
+
+from ..errors import ArgumentValueError
+from ..model import ImplicitModel
+from .projection import project_rows_l1
+
+LOSSES = ("squared", "binary", "multiclass")
+LOSS_CURVATURE = {"squared": 1.0, "binary": 0.25, "multiclass": 0.5}
+TRAINING_TYPES = ("two_loops", "one_loop")
+EQUILIBRIUM_TOL = 1e-12  # Picard iterations stop when the estimated error is under this (relative)
+EQUILIBRIUM_MAX_ITER = 20_000
+
+
+# ------------------------------------------------------------------------------- data types
+@dataclass
+class Weights:
+    """The model's weights as dense float64 arrays (the iterate of the BCD; mutable on purpose)."""
+
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+    bias_x: np.ndarray
+    bias_y: np.ndarray
+
+    def copy(self) -> Weights:
+        return Weights(*(np.array(getattr(self, name)) for name in ("A", "B", "C", "D", "bias_x", "bias_y")))
+
+
+@dataclass(frozen=True)
+class Patterns:
+    """Which entries of A, B, C, D may be non-zero (booleans); the others stay zero."""
+
+    A: np.ndarray
+    B: np.ndarray
+    C: np.ndarray
+    D: np.ndarray
+
+    @classmethod
+    def full(cls, weights: Weights) -> Patterns:
+        return cls(*(np.ones(getattr(weights, name).shape, dtype=bool) for name in "ABCD"))
+
+
+@dataclass(frozen=True)
+class BCDSettings:
+    """The BCD's parameters (see the module docstring)."""
+
+    kappa: float = 0.95
+    alpha: float = 0.0
+    type_of_training: str = "two_loops"
+    rounds: int = 20
+    dual_learning_rate: float = 1.0
+    tol_fenchel: float = 1e-4
+    starting_lambda: float = 1.0
+    max_inner_iter: int = 200
+    inner_tol: float = 1e-4
+    train_feedthrough: bool = True
+    verbose: int = 0
+
+
+@dataclass(frozen=True)
+class Lipschitz:
+    """The Lipschitz constants of the blocks' gradients (steps are their inverses)."""
+
+    states: float
+    output: float
+    hidden: float
+
+
+@dataclass(frozen=True)
+class BCDHistory:
+    """One entry per round (after its sweeps, before its dual step unless said otherwise).
+
+    Attributes:
+        type_of_training: "two_loops" or "one_loop".
+        objective: J(theta, X; lambda) with the round's lambda.
+        loss: the data loss L of the relaxed states X (the objective's first term).
+        fenchel: sum_i F_i(X, Z), the relaxed states' total divergence (per sample).
+        dual_norm: ||lambda||_2 after the round's dual step.
+        equilibrium_loss: the data loss of the real model (its equilibrium states) on the data.
+        equilibrium_gap: ||X - X*||_F / sqrt(m), relaxed against equilibrium states.
+        eval_loss: the real model's data loss on the eval set (empty without one).
+        inner_iterations: sweeps run in the round.
+        seconds: time since training started, at the end of the round.
+    """
+
+    type_of_training: str
+    objective: tuple[float, ...] = ()
+    loss: tuple[float, ...] = ()
+    fenchel: tuple[float, ...] = ()
+    dual_norm: tuple[float, ...] = ()
+    equilibrium_loss: tuple[float, ...] = ()
+    equilibrium_gap: tuple[float, ...] = ()
+    eval_loss: tuple[float, ...] = ()
+    inner_iterations: tuple[int, ...] = ()
+    seconds: tuple[float, ...] = ()
+
+    @property
+    def rounds(self) -> int:
+        return len(self.objective)
+
+
+@dataclass(frozen=True)
+class BCDResult:
+    """What ``train_bcd`` returns: the trained weights, relaxed states, dual variables, history."""
+
+    weights: Weights
+    states: np.ndarray
+    dual: np.ndarray
+    history: BCDHistory
+
+
+@dataclass(frozen=True)
+class Data:
+    """Inputs U (p x m) and targets Y (q x m: values, 0/1 labels, or one-hot rows) with their loss."""
+
+    U: np.ndarray
+    Y: np.ndarray
+    loss: str
+
+    @property
+    def m(self) -> int:
+        return self.U.shape[1]
+
+
+# ------------------------------------------------------------------------------- the divergence
+def fenchel_divergence(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """F(x, z) = x^2 / 2 + relu(z)^2 / 2 - x z, componentwise (>= 0 for x >= 0; 0 iff x = relu(z))."""
+    positive = np.maximum(Z, 0.0)
+    return 0.5 * X * X + 0.5 * positive * positive - X * Z
+
+
+def unit_divergences(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+    """F_i = (1/m) sum_j F(X_ij, Z_ij): one value per hidden unit (row)."""
+    return fenchel_divergence(X, Z).mean(axis=1)
+
+
+def preactivation(weights: Weights, X: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Z = A X + B U + b_x 1^T."""
+    return weights.A @ X + weights.B @ U + weights.bias_x[:, None]
+
+
+def outputs(weights: Weights, X: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Yhat = C X + D U + b_y 1^T."""
+    return weights.C @ X + weights.D @ U + weights.bias_y[:, None]
+
+
+# ------------------------------------------------------------------------------- losses
+def data_loss(loss: str, predicted: np.ndarray, targets: np.ndarray) -> float:
+    """L(Y, Yhat): (1/2m) ||Yhat - Y||_F^2, or the mean (binary / softmax) cross-entropy of logits."""
+    m = predicted.shape[1]
+    if loss == "squared":
+        return 0.5 * float(np.sum((predicted - targets) ** 2)) / m
+    if loss == "binary":  # softplus(y) - t y, computed without overflow
+        return float(np.sum(np.logaddexp(0.0, predicted) - targets * predicted)) / m
+    shifted = predicted - predicted.max(axis=0, keepdims=True)
+    log_normalizer = np.log(np.exp(shifted).sum(axis=0))
+    return float(np.mean(log_normalizer - (shifted * targets).sum(axis=0)))
+
+
+def loss_gradient(loss: str, predicted: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """dL / dYhat (q x m), the 1/m included."""
+    m = predicted.shape[1]
+    if loss == "squared":
+        return (predicted - targets) / m
+    if loss == "binary":
+        return (0.5 * (1.0 + np.tanh(0.5 * predicted)) - targets) / m
+    shifted = np.exp(predicted - predicted.max(axis=0, keepdims=True))
+    return (shifted / shifted.sum(axis=0, keepdims=True) - targets) / m
+
+
+def objective(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0) -> float:
+    """J(theta, X; lambda) of the module docstring."""
+    value = data_loss(data.loss, outputs(weights, X, data.U), data.Y)
+    value += float(dual @ unit_divergences(X, preactivation(weights, X, data.U)))
+    if alpha:
+        value += 0.5 * alpha * sum(float(np.sum(getattr(weights, name) ** 2)) for name in "ABCD")
+    return value
+
+
+# ------------------------------------------------------------------------------- Lipschitz constants
+def lipschitz_constants(
+    weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0, train_feedthrough: bool = True
+) -> Lipschitz:
+    """The blocks' Lipschitz constants at the current point (derivations in the module docstring)."""
+    m, c = data.m, LOSS_CURVATURE[data.loss]
+    ones = np.ones((1, m))
+    hidden_design = np.vstack([X, data.U, ones])
+    output_design = hidden_design if train_feedthrough else np.vstack([X, ones])
+    Lambda = np.diag(dual)
+    M = Lambda - Lambda @ weights.A - weights.A.T @ Lambda
+    K = M + c * weights.C.T @ weights.C + weights.A.T @ Lambda @ weights.A
+    states = max(float(np.linalg.eigvalsh(K)[-1]), -float(np.linalg.eigvalsh(M)[0]), 0.0) / m
+    return Lipschitz(
+        states=states,
+        output=c * _largest_squared_singular_value(output_design) / m + alpha,
+        hidden=float(np.max(dual, initial=0.0)) * _largest_squared_singular_value(hidden_design) / m + alpha,
+    )
+
+
+def _largest_squared_singular_value(matrix: np.ndarray) -> float:
+    """sigma_max(W)^2 = lambda_max(W W^T) (W has few rows and many columns here)."""
+    return float(np.linalg.eigvalsh(matrix @ matrix.T)[-1])
+
+
+# ------------------------------------------------------------------------------- block steps
+def states_step(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, lipschitz: float) -> np.ndarray:
+    """X <- max(0, X - grad_X J / L_X)."""
+    if lipschitz <= 0:
+        return X
+    Z = preactivation(weights, X, data.U)
+    residual = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
+    weighted = dual[:, None]
+    gradient = (
+        weights.C.T @ residual + (weighted * (X - Z) + weights.A.T @ (weighted * (np.maximum(Z, 0.0) - X))) / data.m
+    )
+    return np.maximum(X - gradient / lipschitz, 0.0)
+
+
+def output_step(
+    weights: Weights, X: np.ndarray, data: Data, patterns: Patterns, lipschitz: float, settings: BCDSettings
+) -> Weights:
+    """(C, D, b_y) <- (C, D, b_y) - grad / L_out, on their patterns (D only when it is trained)."""
+    G = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
+    step = 1.0 / lipschitz
+    C = weights.C - step * (G @ X.T + settings.alpha * weights.C) * patterns.C
+    D = weights.D
+    if settings.train_feedthrough:
+        D = weights.D - step * (G @ data.U.T + settings.alpha * weights.D) * patterns.D
+    return replace(weights, C=C, D=D, bias_y=weights.bias_y - step * G.sum(axis=1))
+
+
+def hidden_step(
+    weights: Weights,
+    X: np.ndarray,
+    data: Data,
+    dual: np.ndarray,
+    patterns: Patterns,
+    lipschitz: float,
+    settings: BCDSettings,
+) -> Weights:
+    """(A, B, b_x) <- (A, B, b_x) - grad / L_hid, then A projected onto ||A||_inf <= kappa (on its pattern)."""
+    if lipschitz <= 0:
+        return weights
+    Z = preactivation(weights, X, data.U)
+    H = dual[:, None] * (np.maximum(Z, 0.0) - X) / data.m
+    step = 1.0 / lipschitz
+    A = weights.A - step * (H @ X.T + settings.alpha * weights.A)
+    B = weights.B - step * (H @ data.U.T + settings.alpha * weights.B) * patterns.B
+    return replace(
+        weights,
+        A=project_rows_l1(A, settings.kappa, mask=patterns.A),
+        B=B,
+        bias_x=weights.bias_x - step * H.sum(axis=1),
+    )
+
+
+def bcd_sweep(
+    weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, patterns: Patterns, settings: BCDSettings
+) -> tuple[Weights, np.ndarray]:
+    """One pass over the blocks: states, output, hidden; each with its own 1 / L step."""
+    constants = lipschitz_constants(weights, X, data, dual, settings.alpha, settings.train_feedthrough)
+    X = states_step(weights, X, data, dual, constants.states)
+    constants = lipschitz_constants(weights, X, data, dual, settings.alpha, settings.train_feedthrough)
+    weights = output_step(weights, X, data, patterns, constants.output, settings)
+    weights = hidden_step(weights, X, data, dual, patterns, constants.hidden, settings)
+    return weights, X
+
+
+def dual_step(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, settings: BCDSettings) -> np.ndarray:
+    """lambda_i += dual_learning_rate * F_i where F_i > tol_fenchel."""
+    divergences = unit_divergences(X, preactivation(weights, X, data.U))
+    return dual + settings.dual_learning_rate * np.where(divergences > settings.tol_fenchel, divergences, 0.0)
+
+
+# ------------------------------------------------------------------------------- equilibrium
+def equilibrium_states(weights: Weights, U: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
+    """X* = relu(A X* + B U + b_x) by Picard iteration (a contraction: ||A||_inf < 1).
+
+    Stops when the a-posteriori bound ||X_k - X*||_max <= rate / (1 - rate) ||X_k - X_k-1||_max
+    falls under EQUILIBRIUM_TOL (relative to max(1, ||X_k||_max)), rate = ||A||_inf.
+    """
+    rate = float(np.abs(weights.A).sum(axis=1).max(initial=0.0))
+    if rate >= 1:
+        raise ArgumentValueError(f"equilibrium: ||A||_inf = {rate:.6g} >= 1, the Picard iteration may not converge")
+    drive = weights.B @ U + weights.bias_x[:, None]
+    X = np.maximum(drive, 0.0) if start is None else start
+    factor = rate / (1.0 - rate) if rate > 0 else 0.0
+    for _ in range(EQUILIBRIUM_MAX_ITER):
+        updated = np.maximum(weights.A @ X + drive, 0.0)
+        change = float(np.abs(updated - X).max(initial=0.0))
+        X = updated
+        if factor * change <= EQUILIBRIUM_TOL * max(1.0, float(np.abs(X).max(initial=0.0))):
+            break
+    return X
+
+
+# ------------------------------------------------------------------------------- training
+def check_settings(settings: BCDSettings) -> None:
+    """Typed errors for parameters the BCD cannot take."""
+    if settings.type_of_training not in TRAINING_TYPES:
+        raise ArgumentValueError(f"type_of_training must be one of {TRAINING_TYPES}, got {settings.type_of_training!r}")
+    for name in ("rounds", "max_inner_iter"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ArgumentValueError(f"{name} must be a positive integer, got {value!r}")
+    for name in ("dual_learning_rate", "tol_fenchel", "starting_lambda", "inner_tol", "alpha"):
+        value = getattr(settings, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not np.isfinite(value):
+            raise ArgumentValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if value < 0:
+            raise ArgumentValueError(f"{name} must be >= 0, got {value!r}")
+    if not 0 < settings.kappa < 1:
+        raise ArgumentValueError(f"kappa must be in (0, 1) for a well-posed model, got {settings.kappa!r}")
+
+
+def train_bcd(
+    weights: Weights,
+    data: Data,
+    settings: BCDSettings,
+    patterns: Patterns | None = None,
+    evaluation: Data | None = None,
+) -> BCDResult:
+    """Rounds of BCD sweeps and dual steps from ``weights`` (copied); see the module docstring."""
+    check_settings(settings)
+    if data.loss not in LOSSES:
+        raise ArgumentValueError(f"loss must be one of {LOSSES}, got {data.loss!r}")
+    patterns = Patterns.full(weights) if patterns is None else patterns
+    weights = weights.copy()
+    weights.A = project_rows_l1(weights.A, settings.kappa, mask=patterns.A)
+    X = equilibrium_states(weights, data.U)
+    dual = np.full(weights.A.shape[0], float(settings.starting_lambda))
+    records: dict[str, list] = {name: [] for name in BCDHistory.__dataclass_fields__ if name != "type_of_training"}
+    start = time.perf_counter()
+    for round_index in range(1, settings.rounds + 1):
+        weights, X, sweeps = _inner_loop(weights, X, data, dual, patterns, settings)
+        value = objective(weights, X, data, dual, settings.alpha)
+        Z = preactivation(weights, X, data.U)
+        equilibrium = equilibrium_states(weights, data.U, start=X)
+        records["objective"].append(value)
+        records["loss"].append(data_loss(data.loss, outputs(weights, X, data.U), data.Y))
+        records["fenchel"].append(float(unit_divergences(X, Z).sum()))
+        dual = dual_step(weights, X, data, dual, settings)
+        records["dual_norm"].append(float(np.linalg.norm(dual)))
+        records["equilibrium_loss"].append(data_loss(data.loss, outputs(weights, equilibrium, data.U), data.Y))
+        records["equilibrium_gap"].append(float(np.linalg.norm(X - equilibrium)) / np.sqrt(data.m))
+        if evaluation is not None:
+            eval_states = equilibrium_states(weights, evaluation.U)
+            records["eval_loss"].append(
+                data_loss(evaluation.loss, outputs(weights, eval_states, evaluation.U), evaluation.Y)
+            )
+        records["inner_iterations"].append(sweeps)
+        records["seconds"].append(time.perf_counter() - start)
+        if settings.verbose:
+            _print_round(round_index, settings.rounds, records)
+    history = BCDHistory(settings.type_of_training, **{name: tuple(values) for name, values in records.items()})
+    return BCDResult(weights=weights, states=X, dual=dual, history=history)
+
+
+def _inner_loop(
+    weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, patterns: Patterns, settings: BCDSettings
+) -> tuple[Weights, np.ndarray, int]:
+    """One sweep ("one_loop"), or sweeps until J stops decreasing by more than inner_tol (relative)."""
+    if settings.type_of_training == "one_loop":
+        weights, X = bcd_sweep(weights, X, data, dual, patterns, settings)
+        return weights, X, 1
+    previous = objective(weights, X, data, dual, settings.alpha)
+    for sweep in range(1, settings.max_inner_iter + 1):
+        weights, X = bcd_sweep(weights, X, data, dual, patterns, settings)
+        current = objective(weights, X, data, dual, settings.alpha)
+        if previous - current <= settings.inner_tol * max(abs(previous), np.finfo(np.float64).tiny):
+            return weights, X, sweep
+        previous = current
+    return weights, X, settings.max_inner_iter
+
+
+def _print_round(round_index: int, rounds: int, records: dict[str, list]) -> None:
+    line = (
+        f"round {round_index:>4}/{rounds}: objective {records['objective'][-1]:.6g}, "
+        f"loss {records['loss'][-1]:.6g}, fenchel {records['fenchel'][-1]:.3g}, "
+        f"dual norm {records['dual_norm'][-1]:.3g}, equilibrium loss {records['equilibrium_loss'][-1]:.6g}, "
+        f"gap {records['equilibrium_gap'][-1]:.3g}"
+    )
+    if records["eval_loss"]:
+        line += f", eval loss {records['eval_loss'][-1]:.6g}"
+    print(f"{line} ({records['inner_iterations'][-1]} sweeps, {records['seconds'][-1]:.1f} s)", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------- ImplicitModel glue
+def train_model(
+    model: ImplicitModel,
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    loss: str,
+    settings: BCDSettings,
+    evaluation: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[ImplicitModel, BCDResult]:
+    """Train a one-block relu ``model`` by BCD on rows ``inputs`` (m x p) and ``targets``.
+
+    targets: (m, q) values ("squared"), (m, 1) 0/1 labels ("binary") or (m,) class codes
+    ("multiclass", one-hot against the model's q outputs). The stored patterns of A, B, C, D are
+    kept (entries outside them stay zero). Returns the trained model (same blocks and specs) and
+    the BCD result.
+    """
+    weights = Weights(
+        *(getattr(model, name).toarray().astype(np.float64) for name in "ABCD"),
+        model.bias_x.astype(np.float64),
+        model.bias_y.astype(np.float64),
+    )
+    patterns = Patterns(*(_stored(getattr(model, name)) for name in "ABCD"))
+    data = Data(np.asarray(inputs, dtype=np.float64).T, _target_columns(targets, loss, model.q), loss)
+    eval_data = None
+    if evaluation is not None:
+        eval_inputs, eval_targets = evaluation
+        eval_columns = _target_columns(eval_targets, loss, model.q)
+        eval_data = Data(np.asarray(eval_inputs, dtype=np.float64).T, eval_columns, loss)
+    result = train_bcd(weights, data, settings, patterns, eval_data)
+    return with_weights(model, result.weights), result
+
+
+def with_weights(model: ImplicitModel, weights: Weights) -> ImplicitModel:
+    """``model`` with its stored entries (pattern kept) and biases read from dense ``weights``."""
+    matrices = []
+    for name in "ABCD":
+        pattern = sp.csr_array(getattr(model, name))
+        rows = np.repeat(np.arange(pattern.shape[0]), np.diff(pattern.indptr))
+        data = getattr(weights, name)[rows, pattern.indices].astype(model.dtype)
+        matrices.append(sp.csr_array((data, pattern.indices.copy(), pattern.indptr.copy()), shape=pattern.shape))
+    bias_x, bias_y = weights.bias_x.astype(model.dtype), weights.bias_y.astype(model.dtype)
+    return ImplicitModel(*matrices, bias_x, bias_y, model.blocks, model.inputs, model.outputs)
+
+
+def _stored(matrix: sp.csr_array) -> np.ndarray:
+    """The stored entries of a CSR matrix (explicit zeros included) as a boolean array."""
+    ones = sp.csr_array((np.ones(matrix.nnz, dtype=bool), matrix.indices, matrix.indptr), shape=matrix.shape)
+    return ones.toarray()
+
+
+def _target_columns(targets: np.ndarray, loss: str, q: int) -> np.ndarray:
+    targets = np.asarray(targets)
+    if loss == "multiclass":
+        return np.eye(q)[targets.astype(np.int64).ravel()].T
+    return targets.astype(np.float64).reshape(len(targets), -1).T
