@@ -76,6 +76,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -521,3 +522,78 @@ def _target_columns(targets: np.ndarray, loss: str, q: int) -> np.ndarray:
     if loss == "multiclass":
         return np.eye(q)[targets.astype(np.int64).ravel()].T
     return targets.astype(np.float64).reshape(len(targets), -1).T
+
+
+# ------------------------------------------------------------------------------- estimator glue
+def check_estimator(estimator: Any) -> None:
+    """Typed errors for an ImplicitRegressor / ImplicitClassifier that asks for solver="bcd"."""
+    from ..activations import activation
+
+    try:
+        names = {activation(estimator.activation).name}
+    except Exception as error:  # an unknown spec: let the activation's own error speak
+        raise ArgumentValueError(f"activation: {error}") from error
+    if estimator.init_model is not None:
+        names = {block.activation.name for block in estimator.init_model.blocks}
+    if names != {"relu"}:
+        raise ArgumentValueError(
+            f"solver='bcd' trains relu models only (the Fenchel divergence used is relu's), got activation "
+            f"{', '.join(sorted(names))}; use activation='relu', or solver='adam' for other activations"
+        )
+    if estimator.group_lasso:
+        raise ArgumentValueError(
+            f"solver='bcd' does not apply the group lasso, got group_lasso={estimator.group_lasso!r}; "
+            "use group_lasso=0 with 'bcd', or solver='sgd' for feature selection"
+        )
+    check_settings(estimator_settings(estimator))
+
+
+def estimator_settings(estimator: Any) -> BCDSettings:
+    """The BCD settings of an estimator (max_epochs caps the inner sweeps, tol ends them)."""
+    return BCDSettings(
+        kappa=estimator.kappa,
+        alpha=estimator.alpha,
+        type_of_training=estimator.type_of_training,
+        rounds=estimator.rounds,
+        dual_learning_rate=estimator.dual_learning_rate,
+        tol_fenchel=estimator.tol_fenchel,
+        starting_lambda=estimator.starting_lambda,
+        max_inner_iter=estimator.max_epochs,
+        inner_tol=estimator.tol,
+        train_feedthrough=estimator.feedthrough,
+        verbose=estimator.verbose,
+    )
+
+
+def fit_estimator(
+    estimator: Any,
+    initial: ImplicitModel,
+    X: np.ndarray,
+    targets: np.ndarray,
+    eval_set: tuple[np.ndarray, np.ndarray] | None,
+) -> ImplicitModel:
+    """Train ``initial`` (standardized units) by BCD for an estimator; returns the trained model.
+
+    Sets ``history_``, ``dual_variables_``, ``relaxation_gap_`` (the last ||X - X*||_F / sqrt(m)),
+    ``loss_curve_`` (the real model's training loss per round, BCD units: half the squared error
+    summed over outputs, or the cross-entropy), ``validation_loss_curve_`` (eval loss per round),
+    ``validation_scores_`` (empty), ``n_iter_`` (rounds) and ``best_loss_``.
+    """
+    from sklearn.base import is_regressor
+
+    loss = "squared" if is_regressor(estimator) else ("binary" if targets.dtype.kind == "f" else "multiclass")
+    standardize = lambda values: (values - estimator.input_mean_) / estimator.input_scale_  # noqa: E731
+    evaluation = None if eval_set is None else (standardize(eval_set[0]), eval_set[1])
+    model, result = train_model(
+        initial.astype(np.float64), standardize(X), targets, loss, estimator_settings(estimator), evaluation
+    )
+    history = result.history
+    estimator.history_ = history
+    estimator.dual_variables_ = result.dual
+    estimator.relaxation_gap_ = history.equilibrium_gap[-1]
+    estimator.loss_curve_ = list(history.equilibrium_loss)
+    estimator.validation_loss_curve_ = list(history.eval_loss)
+    estimator.validation_scores_ = []
+    estimator.n_iter_ = history.rounds
+    estimator.best_loss_ = float(min(history.eval_loss or history.equilibrium_loss))
+    return model
