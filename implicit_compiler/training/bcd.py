@@ -284,31 +284,48 @@ def _largest_squared_singular_value(matrix: np.ndarray) -> float:
     return float(np.linalg.eigvalsh(matrix @ matrix.T)[-1])
 
 
+# ------------------------------------------------------------------------------- gradients
+def states_gradient(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray) -> np.ndarray:
+    """grad_X J = C^T G + (Lambda (X - Z) + A^T Lambda (relu(Z) - X)) / m."""
+    Z = preactivation(weights, X, data.U)
+    G = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
+    weighted = dual[:, None]
+    return weights.C.T @ G + (weighted * (X - Z) + weights.A.T @ (weighted * (np.maximum(Z, 0.0) - X))) / data.m
+
+
+def output_gradients(
+    weights: Weights, X: np.ndarray, data: Data, alpha: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grad_C, grad_D, grad_b_y) J = (G X^T + alpha C, G U^T + alpha D, G 1)."""
+    G = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
+    return G @ X.T + alpha * weights.C, G @ data.U.T + alpha * weights.D, G.sum(axis=1)
+
+
+def hidden_gradients(
+    weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grad_A, grad_B, grad_b_x) J = (H X^T + alpha A, H U^T + alpha B, H 1), H = Lambda (relu(Z) - X) / m."""
+    Z = preactivation(weights, X, data.U)
+    H = dual[:, None] * (np.maximum(Z, 0.0) - X) / data.m
+    return H @ X.T + alpha * weights.A, H @ data.U.T + alpha * weights.B, H.sum(axis=1)
+
+
 # ------------------------------------------------------------------------------- block steps
 def states_step(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, lipschitz: float) -> np.ndarray:
     """X <- max(0, X - grad_X J / L_X)."""
     if lipschitz <= 0:
         return X
-    Z = preactivation(weights, X, data.U)
-    residual = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
-    weighted = dual[:, None]
-    gradient = (
-        weights.C.T @ residual + (weighted * (X - Z) + weights.A.T @ (weighted * (np.maximum(Z, 0.0) - X))) / data.m
-    )
-    return np.maximum(X - gradient / lipschitz, 0.0)
+    return np.maximum(X - states_gradient(weights, X, data, dual) / lipschitz, 0.0)
 
 
 def output_step(
     weights: Weights, X: np.ndarray, data: Data, patterns: Patterns, lipschitz: float, settings: BCDSettings
 ) -> Weights:
     """(C, D, b_y) <- (C, D, b_y) - grad / L_out, on their patterns (D only when it is trained)."""
-    G = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
+    grad_C, grad_D, grad_bias = output_gradients(weights, X, data, settings.alpha)
     step = 1.0 / lipschitz
-    C = weights.C - step * (G @ X.T + settings.alpha * weights.C) * patterns.C
-    D = weights.D
-    if settings.train_feedthrough:
-        D = weights.D - step * (G @ data.U.T + settings.alpha * weights.D) * patterns.D
-    return replace(weights, C=C, D=D, bias_y=weights.bias_y - step * G.sum(axis=1))
+    D = weights.D - step * grad_D * patterns.D if settings.train_feedthrough else weights.D
+    return replace(weights, C=weights.C - step * grad_C * patterns.C, D=D, bias_y=weights.bias_y - step * grad_bias)
 
 
 def hidden_step(
@@ -323,16 +340,13 @@ def hidden_step(
     """(A, B, b_x) <- (A, B, b_x) - grad / L_hid, then A projected onto ||A||_inf <= kappa (on its pattern)."""
     if lipschitz <= 0:
         return weights
-    Z = preactivation(weights, X, data.U)
-    H = dual[:, None] * (np.maximum(Z, 0.0) - X) / data.m
+    grad_A, grad_B, grad_bias = hidden_gradients(weights, X, data, dual, settings.alpha)
     step = 1.0 / lipschitz
-    A = weights.A - step * (H @ X.T + settings.alpha * weights.A)
-    B = weights.B - step * (H @ data.U.T + settings.alpha * weights.B) * patterns.B
     return replace(
         weights,
-        A=project_rows_l1(A, settings.kappa, mask=patterns.A),
-        B=B,
-        bias_x=weights.bias_x - step * H.sum(axis=1),
+        A=project_rows_l1(weights.A - step * grad_A, settings.kappa, mask=patterns.A),
+        B=weights.B - step * grad_B * patterns.B,
+        bias_x=weights.bias_x - step * grad_bias,
     )
 
 
