@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from ..errors import ArgumentValueError
 from ..viz import _check_target, _figure, _save
@@ -49,6 +50,7 @@ def plot_bcd_history(history: Any, path: str | Path, *, title: str | None = None
     right.set_title("implicit constraint")
     for axes in (left, right):
         axes.set_xlabel("round")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_yscale("log")
         axes.grid(True, which="both", alpha=0.3)
         axes.legend(fontsize=8)
