@@ -7,10 +7,14 @@ runtime's equilibrium solver.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from implicit_compiler import ImplicitModel
 from implicit_compiler.errors import ArgumentValueError, OverwriteError, ShapeError
@@ -353,3 +357,19 @@ def test_plot_draws_the_history_and_never_overwrites(tmp_path, sine):
     plot_bcd_history(reg.history_, path, overwrite=True, title="again")
     with pytest.raises(ArgumentValueError):
         plot_bcd_history(bcd.BCDHistory("one_loop"), tmp_path / "empty.png")
+
+
+# scikit-learn's suite with solver="bcd" (as tests/test_training_estimators.py does for Adam; the one
+# check left out there, check_array_api_input, is left out here for the same reason).
+BCD_QUICK = dict(n_states=8, solver="bcd", rounds=3, max_epochs=30, random_state=0)
+_ALL_CHECKS = parametrize_with_checks([ImplicitRegressor(**BCD_QUICK), ImplicitClassifier(**BCD_QUICK)])
+_CHECKS = [
+    (estimator, check) for estimator, check in _ALL_CHECKS.args[1] if check.func.__name__ != "check_array_api_input"
+]
+
+
+@pytest.mark.parametrize(_ALL_CHECKS.args[0], _CHECKS, ids=_ALL_CHECKS.kwargs["ids"])
+def test_sklearn_compatible_with_bcd(estimator, check):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        check(estimator)
