@@ -373,3 +373,22 @@ def test_sklearn_compatible_with_bcd(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
+
+
+def test_bcd_fine_tunes_an_init_model_on_its_pattern(sine):
+    """init_model's sparsity pattern is kept: entries outside it stay zero, the fit improves."""
+    X, y, X_val, y_val = sine
+    rng = np.random.default_rng(11)
+    A = np.where(rng.random((10, 10)) < 0.3, rng.normal(size=(10, 10)), 0.0)
+    A *= 0.5 / np.abs(A).sum(axis=1).max()
+    B = np.where(rng.random((10, 1)) < 0.7, rng.normal(size=(10, 1)), 0.0)
+    start = ImplicitModel.from_matrices(A, B, rng.normal(size=(1, 10)), np.zeros((1, 1)), "relu", rng.normal(size=10))
+    before = ImplicitRegressor.from_model(start).score(X_val, y_val)
+    reg = ImplicitRegressor(solver="bcd", rounds=5, init_model=start, random_state=0).fit(X, y)
+    for name in "AB":
+        trained, initial = getattr(reg.model_, name).toarray(), getattr(start, name).toarray()
+        assert not trained[initial == 0].any()
+    assert reg.score(X_val, y_val) > max(before, 0.5)
+    # the weights trained are the model's: the history's last training loss is model_'s own
+    residual = (reg.predict(X) - y) / reg.target_scale_[0]
+    assert reg.history_.equilibrium_loss[-1] == pytest.approx(0.5 * np.mean(residual**2), rel=1e-6)
