@@ -209,6 +209,10 @@ def test_every_block_step_decreases_the_objective(loss):
         values.append(bcd.objective(weights, X, data, dual, settings.alpha))
         weights = bcd.hidden_step(weights, X, data, dual, patterns, constants.hidden, settings)
         values.append(bcd.objective(weights, X, data, dual, settings.alpha))
+    # the sweeps of the inner loop (bcd_sweep, as train_bcd runs them) keep decreasing it
+    for _ in range(30):
+        weights, X = bcd.bcd_sweep(weights, X, data, dual, patterns, settings)
+        values.append(bcd.objective(weights, X, data, dual, settings.alpha))
     steps = np.diff(values)
     assert steps.max() <= 1e-12 * abs(values[0])
     assert values[-1] < 0.5 * values[0]  # and it does decrease

@@ -168,7 +168,8 @@ class _ImplicitEstimator(BaseEstimator):
         starting_lambda: "bcd" only: the dual variables' initial value.
 
     ``fit(X, y, eval_set=(X_val, y_val))`` watches (X_val, y_val): for "bcd" its loss is recorded per
-    round (``history_.eval_loss``); for the gradient solvers it replaces the held-out split.
+    round (``history_.eval_loss``, nothing is selected on it); for the gradient solvers it replaces the
+    held-out split and is watched for early stopping (even with ``early_stopping=False``).
     """
 
     def __init__(
