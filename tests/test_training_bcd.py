@@ -27,13 +27,27 @@ LOSSES = ("squared", "binary", "multiclass")
 
 
 # ------------------------------------------------------------------------------- helpers
-def random_weights(rng, n=4, p=2, q=2, kappa=0.6, bias_x=0.0) -> Weights:
+SLOPES = {"relu": None, "leaky": 0.2, "mixed": "mixed"}
+
+
+def random_weights(rng, n=4, p=2, q=2, kappa=0.6, bias_x=0.0, slopes=None) -> Weights:
+    """Random weights; slopes None (relu), a number (every unit leaky) or "mixed" (alternate relu / 0.3)."""
     A = rng.normal(size=(n, n))
     A *= kappa / np.abs(A).sum(axis=1).max()
+    if slopes == "mixed":
+        slopes = np.where(np.arange(n) % 2 == 0, 0.0, 0.3)
+    elif slopes is not None:
+        slopes = np.full(n, float(slopes))
     return Weights(
         A, rng.normal(size=(n, p)), rng.normal(size=(q, n)), rng.normal(size=(q, p)),
-        rng.normal(size=n) + bias_x, rng.normal(size=q),
+        rng.normal(size=n) + bias_x, rng.normal(size=q), slopes,
     )  # fmt: skip
+
+
+def random_states(rng, weights, m):
+    """States for the weights' units: >= 0 on relu units, any sign on leaky ones."""
+    X = rng.normal(size=(weights.A.shape[0], m))
+    return np.where((weights.slopes == 0)[:, None], np.abs(X), X)
 
 
 def random_data(rng, loss, p=2, q=2, m=6) -> Data:
@@ -47,8 +61,12 @@ def random_data(rng, loss, p=2, q=2, m=6) -> Data:
     return Data(U, Y, loss)
 
 
-def torch_objective(A, B, bx, C, D, by, X, U, Y, dual, loss, alpha):
-    """J written independently in torch: loss + sum_i lambda_i mean_j F(X_ij, Z_ij) + alpha/2 ||W||^2."""
+def torch_objective(A, B, bx, C, D, by, X, U, Y, dual, loss, alpha, slopes=None):
+    """J written independently in torch: loss + sum_i lambda_i mean_j F(X_ij, Z_ij) + alpha/2 ||W||^2.
+
+    F(x, z) = f(x) + f*(z) - x z with f(x) = x^2/2 (x >= 0) or x^2/(2a) (x < 0, leaky units; relu
+    units have x >= 0) and f*(z) = z^2/2 (z >= 0) or a z^2/2 (z < 0).
+    """
     m = U.shape[1]
     Z = A @ X + B @ U + bx[:, None]
     Yhat = C @ X + D @ U + by[:, None]
@@ -58,7 +76,11 @@ def torch_objective(A, B, bx, C, D, by, X, U, Y, dual, loss, alpha):
         value = torch.nn.functional.binary_cross_entropy_with_logits(Yhat, Y, reduction="sum") / m
     else:
         value = torch.nn.functional.cross_entropy(Yhat.T, Y.argmax(dim=0))
-    divergence = 0.5 * X**2 + 0.5 * torch.relu(Z) ** 2 - X * Z
+    a = torch.zeros(X.shape[0], dtype=X.dtype) if slopes is None else torch.as_tensor(slopes)
+    a = a[:, None].expand_as(X)
+    primal = torch.where(X >= 0, 0.5 * X**2, 0.5 * X**2 / torch.where(a > 0, a, 1.0))
+    conjugate = torch.where(Z >= 0, 0.5 * Z**2, 0.5 * a * Z**2)
+    divergence = primal + conjugate - X * Z
     value = value + (dual * divergence.mean(dim=1)).sum()
     return value + 0.5 * alpha * sum((W**2).sum() for W in (A, B, C, D))
 
@@ -83,7 +105,7 @@ def block_hessian_norm(weights, X, data, dual, block, alpha=0.0) -> float:
             parts[name] = piece.reshape(shape)
         return torch_objective(
             parts["A"], parts["B"], parts["bias_x"], parts["C"], parts["D"], parts["bias_y"], parts["X"],
-            U, Y, lam, data.loss, alpha,
+            U, Y, lam, data.loss, alpha, weights.slopes,
         )  # fmt: skip
 
     flat = torch.cat([values[name].reshape(-1) for name in names])
@@ -104,6 +126,35 @@ def test_divergence_matches_its_closed_forms():
     np.testing.assert_allclose(bcd.unit_divergences(X, Z), expected.mean(axis=1), rtol=1e-12)
 
 
+@pytest.mark.parametrize("a", [0.05, 0.3, 1.0])
+def test_leaky_divergence_matches_its_closed_forms(a):
+    rng = np.random.default_rng(12)
+    X, Z = 2 * rng.normal(size=(30, 40)), 2 * rng.normal(size=(30, 40))
+    F = bcd.fenchel_divergence(X, Z, np.full(30, a))
+    expected = np.select(
+        [(X >= 0) & (Z >= 0), (X >= 0) & (Z < 0), (X < 0) & (Z >= 0)],
+        [0.5 * (X - Z) ** 2, 0.5 * X**2 + 0.5 * a * Z**2 - X * Z, X**2 / (2 * a) + 0.5 * Z**2 - X * Z],
+        (X - a * Z) ** 2 / (2 * a),  # both negative: zero exactly at x = a z
+    )
+    np.testing.assert_allclose(F, expected, rtol=1e-12, atol=1e-13)
+    assert F.min() >= -1e-15
+    on_graph = np.where(Z >= 0, Z, a * Z)  # x = leaky_relu(z)
+    assert np.abs(bcd.fenchel_divergence(on_graph, Z, np.full(30, a))).max() < 1e-13
+
+
+def test_divergence_is_zero_exactly_on_leaky_relu_equilibria():
+    rng = np.random.default_rng(13)
+    weights = random_weights(rng, n=12, p=3, q=1, kappa=0.9, slopes=0.2)
+    U = rng.normal(size=(3, 200))
+    model = ImplicitModel.from_matrices(
+        weights.A, weights.B, weights.C, weights.D, "leaky_relu(0.2)", weights.bias_x, weights.bias_y
+    )
+    states = model.solve(U.T, tol=1e-13).x.T
+    assert (states < 0).any()  # the leaky part is used
+    assert np.abs(bcd.fenchel_divergence(states, bcd.preactivation(weights, states, U), weights.slopes)).max() < 1e-12
+    np.testing.assert_allclose(bcd.equilibrium_states(weights, U), states, atol=1e-10)
+
+
 def test_divergence_is_zero_exactly_on_relu_equilibria():
     rng = np.random.default_rng(1)
     weights = random_weights(rng, n=12, p=3, q=1, kappa=0.9)
@@ -122,19 +173,20 @@ def test_divergence_is_zero_exactly_on_relu_equilibria():
     assert bcd.fenchel_divergence(moved, bcd.preactivation(weights, moved, U))[0, 0] > 1e-4
 
 
+@pytest.mark.parametrize("slopes", SLOPES.values(), ids=SLOPES.keys())
 @pytest.mark.parametrize("loss", LOSSES)
-def test_gradients_match_autograd(loss):
+def test_gradients_match_autograd(loss, slopes):
     rng = np.random.default_rng(2)
     q = 1 if loss == "binary" else 3
-    weights = random_weights(rng, n=5, p=3, q=q)
+    weights = random_weights(rng, n=5, p=3, q=q, slopes=slopes)
     data = random_data(rng, loss, p=3, q=q, m=9)
-    X = np.abs(rng.normal(size=(5, 9)))
+    X = random_states(rng, weights, 9)
     dual = rng.uniform(0.5, 3.0, size=5)
     alpha = 0.3
     tensors, X_t, U, Y, lam = as_tensors(weights, X, data, dual)
     value = torch_objective(
         tensors["A"], tensors["B"], tensors["bias_x"], tensors["C"], tensors["D"], tensors["bias_y"],
-        X_t, U, Y, lam, loss, alpha,
+        X_t, U, Y, lam, loss, alpha, weights.slopes,
     )  # fmt: skip
     value.backward()
     assert bcd.objective(weights, X, data, dual, alpha) == pytest.approx(value.item(), rel=1e-12)
@@ -164,15 +216,16 @@ def test_lipschitz_constants_equal_the_hessians_norms_where_they_are_exact():
     assert constants.hidden == pytest.approx(2.5 * sigma**2 / 7, rel=1e-10)
 
 
+@pytest.mark.parametrize("slopes", SLOPES.values(), ids=SLOPES.keys())
 @pytest.mark.parametrize("loss", LOSSES)
 @pytest.mark.parametrize("seed", [4, 5, 6])
-def test_lipschitz_constants_bound_the_hessians(loss, seed):
-    """Any loss, mixed signs of Z, lambda per unit, alpha > 0: each constant bounds its block's Hessian."""
+def test_lipschitz_constants_bound_the_hessians(loss, seed, slopes):
+    """Any loss, mixed signs of Z (and X on leaky units), lambda per unit, alpha > 0: each bounds its Hessian."""
     rng = np.random.default_rng(seed)
     q = 1 if loss == "binary" else 3
-    weights = random_weights(rng, n=4, p=2, q=q, kappa=0.9)
+    weights = random_weights(rng, n=4, p=2, q=q, kappa=0.9, slopes=slopes)
     data = random_data(rng, loss, p=2, q=q, m=8)
-    X = np.abs(rng.normal(size=(4, 8)))
+    X = random_states(rng, weights, 8)
     dual = rng.uniform(0.0, 4.0, size=4)
     constants = bcd.lipschitz_constants(weights, X, data, dual, alpha=0.2)
     for block in ("states", "output", "hidden"):
@@ -189,11 +242,12 @@ def teacher_problem(seed=7, n=6, p=3, m=150):
     return start, Data(U, Y, "squared")
 
 
+@pytest.mark.parametrize("slopes", SLOPES.values(), ids=SLOPES.keys())
 @pytest.mark.parametrize("loss", LOSSES)
-def test_every_block_step_decreases_the_objective(loss):
+def test_every_block_step_decreases_the_objective(loss, slopes):
     rng = np.random.default_rng(8)
     q = 1 if loss == "binary" else 2
-    weights = random_weights(rng, n=6, p=3, q=q, kappa=0.9)
+    weights = random_weights(rng, n=6, p=3, q=q, kappa=0.9, slopes=slopes)
     data = random_data(rng, loss, p=3, q=q, m=40)
     X = bcd.equilibrium_states(weights, data.U) + 0.1
     dual = rng.uniform(0.5, 5.0, size=6)
@@ -331,6 +385,7 @@ def test_gradient_solvers_watch_the_eval_set(sine):
         (dict(tol_fenchel=float("nan")), "tol_fenchel"),
         (dict(starting_lambda=-0.5), "starting_lambda"),
         (dict(activation="tanh"), "tanh"),
+        (dict(activation="leaky_relu(1.5)"), "leaky_relu"),
         (dict(group_lasso=0.1), "group_lasso"),
     ],
 )
@@ -396,3 +451,14 @@ def test_bcd_fine_tunes_an_init_model_on_its_pattern(sine):
     # the weights trained are the model's: the history's last training loss is model_'s own
     residual = (reg.predict(X) - y) / reg.target_scale_[0]
     assert reg.history_.equilibrium_loss[-1] == pytest.approx(0.5 * np.mean(residual**2), rel=1e-6)
+
+
+def test_regressor_bcd_trains_leaky_relu_models(sine):
+    X, y, X_val, y_val = sine
+    reg = ImplicitRegressor(n_states=15, solver="bcd", activation="leaky_relu(0.1)", rounds=10, random_state=0)
+    reg.fit(X, y, eval_set=(X_val, y_val))
+    assert reg.model_.blocks[0].activation.alpha == pytest.approx(0.1)
+    assert reg.score(X_val, y_val) > 0.9
+    assert reg.relaxation_gap_ < 0.2
+    residual = (reg.predict(X_val) - y_val) / reg.target_scale_[0]
+    assert reg.history_.eval_loss[-1] == pytest.approx(0.5 * np.mean(residual**2), rel=1e-6)

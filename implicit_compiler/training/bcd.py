@@ -1,7 +1,7 @@
 """Training by block-coordinate descent on the Fenchel relaxation of the implicit constraint.
 
-The model (relu only, see below) is x = relu(A x + B u + b_x), y = C x + D u + b_y. Samples are
-columns here: U (p x m), the hidden states X (n x m), targets Y (q x m), m samples.
+The model is x = relu(A x + B u + b_x), y = C x + D u + b_y (leaky relu too: see the end). Samples
+are columns here: U (p x m), the hidden states X (n x m), targets Y (q x m), m samples.
 
 Fenchel divergence. For f(x) = x^2 / 2 + indicator(x >= 0), the conjugate is
 f*(z) = relu(z)^2 / 2 and grad f*(z) = relu(z). Fenchel-Young gives, componentwise,
@@ -67,8 +67,17 @@ match its own gradient; ours bounds the Hessian by the Loewner interval above; (
 adds a constant ``dual_step`` to every unit whose divergence exceeds the tolerance; ours adds
 ``dual_learning_rate * F_i`` there (as the issue states); (3) it also trains the output block by
 exact least squares in some variants; we take gradient steps so that every block is treated alike
-and classification losses work too. Only relu is supported: other activations are refused by the
-estimators (their Fenchel divergence is not derived here).
+and classification losses work too.
+
+Leaky relu. For phi(z) = z (z >= 0), a z (z < 0), 0 < a <= 1: phi = grad f* with
+f*(z) = z phi(z) / 2 (z^2 / 2, or a z^2 / 2 below 0, convex), whose conjugate is f(x) = x^2 / 2 for
+x >= 0 and x^2 / (2 a) for x < 0. So F(x, z) = f(x) + f*(z) - x z >= 0 with equality iff
+x = phi(z), and X is free (no projection) on these units. The gradients keep their form with
+relu -> phi and X -> f'(X) (x, or x / a below 0) in the X gradient; f'' is 1 or 1 / a and
+phi' lies in [a, 1], so the X block's Hessian lies between M = Lambda - Lambda A - A^T Lambda +
+A^T Lambda diag(a) A and K = Lambda diag(1 / a) - Lambda A - A^T Lambda + c C^T C + A^T Lambda A
+(over m), and the hidden block's bound is unchanged. Units may mix relu (a = 0) and leaky relu
+(``Weights.slopes``). Other activations are refused by the estimators (no divergence derived).
 """
 
 from __future__ import annotations
@@ -106,9 +115,15 @@ class Weights:
     D: np.ndarray
     bias_x: np.ndarray
     bias_y: np.ndarray
+    slopes: np.ndarray | None = None  # each unit's negative slope a_i: 0 relu, in (0, 1] leaky relu
+
+    def __post_init__(self) -> None:
+        if self.slopes is None:
+            self.slopes = np.zeros(self.A.shape[0])
 
     def copy(self) -> Weights:
-        return Weights(*(np.array(getattr(self, name)) for name in ("A", "B", "C", "D", "bias_x", "bias_y")))
+        names = ("A", "B", "C", "D", "bias_x", "bias_y", "slopes")
+        return Weights(*(np.array(getattr(self, name)) for name in names))
 
 
 @dataclass(frozen=True)
@@ -208,15 +223,35 @@ class Data:
 
 
 # ------------------------------------------------------------------------------- the divergence
-def fenchel_divergence(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
-    """F(x, z) = x^2 / 2 + relu(z)^2 / 2 - x z, componentwise (>= 0 for x >= 0; 0 iff x = relu(z))."""
-    positive = np.maximum(Z, 0.0)
-    return 0.5 * X * X + 0.5 * positive * positive - X * Z
+def activate(Z: np.ndarray, slopes: np.ndarray | None = None) -> np.ndarray:
+    """phi(z) = z for z >= 0, a_i z below (relu: a_i = 0), row i with its unit's slope."""
+    if slopes is None or not slopes.any():
+        return np.maximum(Z, 0.0)
+    return np.where(Z >= 0, Z, slopes[:, None] * Z)
 
 
-def unit_divergences(X: np.ndarray, Z: np.ndarray) -> np.ndarray:
+def fenchel_divergence(X: np.ndarray, Z: np.ndarray, slopes: np.ndarray | None = None) -> np.ndarray:
+    """F(x, z) = f(x) + f*(z) - x z componentwise, >= 0, and 0 exactly where x = phi(z).
+
+    relu (slope 0): x^2 / 2 + relu(z)^2 / 2 - x z, for x >= 0. Leaky relu (slope a in (0, 1]):
+    f(x) = x^2 / 2 (x >= 0) or x^2 / (2 a) (x < 0), f*(z) = z phi(z) / 2. Rows are units.
+    """
+    X, Z = np.asarray(X, dtype=np.float64), np.asarray(Z, dtype=np.float64)
+    conjugate = 0.5 * Z * activate(Z, slopes)
+    if slopes is None or not slopes.any():
+        return 0.5 * X * X + conjugate - X * Z
+    return 0.5 * X * _primal_derivative(X, slopes) + conjugate - X * Z
+
+
+def _primal_derivative(X: np.ndarray, slopes: np.ndarray) -> np.ndarray:
+    """f'(x) = x (x >= 0) or x / a (x < 0); relu rows (a = 0) hold x >= 0 and take x."""
+    safe = np.where(slopes > 0, slopes, 1.0)[:, None]
+    return np.where(X >= 0, X, X / safe)
+
+
+def unit_divergences(X: np.ndarray, Z: np.ndarray, slopes: np.ndarray | None = None) -> np.ndarray:
     """F_i = (1/m) sum_j F(X_ij, Z_ij): one value per hidden unit (row)."""
-    return fenchel_divergence(X, Z).mean(axis=1)
+    return fenchel_divergence(X, Z, slopes).mean(axis=1)
 
 
 def preactivation(weights: Weights, X: np.ndarray, U: np.ndarray) -> np.ndarray:
@@ -256,7 +291,7 @@ def loss_gradient(loss: str, predicted: np.ndarray, targets: np.ndarray) -> np.n
 def objective(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0) -> float:
     """J(theta, X; lambda) of the module docstring."""
     value = data_loss(data.loss, outputs(weights, X, data.U), data.Y)
-    value += float(dual @ unit_divergences(X, preactivation(weights, X, data.U)))
+    value += float(dual @ unit_divergences(X, preactivation(weights, X, data.U), weights.slopes))
     if alpha:
         value += 0.5 * alpha * sum(float(np.sum(getattr(weights, name) ** 2)) for name in "ABCD")
     return value
@@ -279,10 +314,19 @@ def lipschitz_constants(
 
 
 def states_lipschitz(weights: Weights, loss: str, dual: np.ndarray, m: int) -> float:
-    """L_X = max(lambda_max(K), -lambda_min(M), 0) / m (the module docstring); it does not depend on X."""
-    Lambda = np.diag(dual)
-    M = Lambda - Lambda @ weights.A - weights.A.T @ Lambda
-    K = M + LOSS_CURVATURE[loss] * weights.C.T @ weights.C + weights.A.T @ Lambda @ weights.A
+    """L_X = max(lambda_max(K), -lambda_min(M), 0) / m (the module docstring); it does not depend on X.
+
+    With slopes a_i: f'' is 1 or 1 / a_i and phi' in [a_i, 1], so M = Lambda - Lambda A - A^T Lambda
+    + A^T Lambda diag(a) A and K = Lambda diag(1 or 1/a) - Lambda A - A^T Lambda + c C^T C + A^T Lambda A
+    (relu: a_i = 0, f'' = 1 on x >= 0).
+    """
+    slopes = weights.slopes
+    coupling = np.diag(dual) @ weights.A
+    symmetric = coupling + coupling.T
+    curvature = np.where(slopes > 0, 1.0 / np.where(slopes > 0, slopes, 1.0), 1.0)
+    M = np.diag(dual) - symmetric + weights.A.T @ (dual * slopes)[:, None] * weights.A
+    K = np.diag(dual * curvature) - symmetric + LOSS_CURVATURE[loss] * weights.C.T @ weights.C
+    K += weights.A.T @ (dual[:, None] * weights.A)
     return max(float(np.linalg.eigvalsh(K)[-1]), -float(np.linalg.eigvalsh(M)[0]), 0.0) / m
 
 
@@ -296,11 +340,15 @@ def design_gram(X: np.ndarray, U: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- gradients
 def states_gradient(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray) -> np.ndarray:
-    """grad_X J = C^T G + (Lambda (X - Z) + A^T Lambda (relu(Z) - X)) / m."""
+    """grad_X J = C^T G + (Lambda (f'(X) - Z) + A^T Lambda (phi(Z) - X)) / m  (relu: f'(X) = X)."""
     Z = preactivation(weights, X, data.U)
     G = loss_gradient(data.loss, outputs(weights, X, data.U), data.Y)
     weighted = dual[:, None]
-    return weights.C.T @ G + (weighted * (X - Z) + weights.A.T @ (weighted * (np.maximum(Z, 0.0) - X))) / data.m
+    primal = _primal_derivative(X, weights.slopes)
+    return (
+        weights.C.T @ G
+        + (weighted * (primal - Z) + weights.A.T @ (weighted * (activate(Z, weights.slopes) - X))) / data.m
+    )
 
 
 def output_gradients(
@@ -314,18 +362,21 @@ def output_gradients(
 def hidden_gradients(
     weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(grad_A, grad_B, grad_b_x) J = (H X^T + alpha A, H U^T + alpha B, H 1), H = Lambda (relu(Z) - X) / m."""
+    """(grad_A, grad_B, grad_b_x) J = (H X^T + alpha A, H U^T + alpha B, H 1), H = Lambda (phi(Z) - X) / m."""
     Z = preactivation(weights, X, data.U)
-    H = dual[:, None] * (np.maximum(Z, 0.0) - X) / data.m
+    H = dual[:, None] * (activate(Z, weights.slopes) - X) / data.m
     return H @ X.T + alpha * weights.A, H @ data.U.T + alpha * weights.B, H.sum(axis=1)
 
 
 # ------------------------------------------------------------------------------- block steps
 def states_step(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, lipschitz: float) -> np.ndarray:
-    """X <- max(0, X - grad_X J / L_X)."""
+    """X <- X - grad_X J / L_X, projected onto X >= 0 on the relu rows (leaky relu rows are free)."""
     if lipschitz <= 0:
         return X
-    return np.maximum(X - states_gradient(weights, X, data, dual) / lipschitz, 0.0)
+    stepped = X - states_gradient(weights, X, data, dual) / lipschitz
+    relu_rows = weights.slopes == 0
+    stepped[relu_rows] = np.maximum(stepped[relu_rows], 0.0)
+    return stepped
 
 
 def output_step(
@@ -376,13 +427,13 @@ def bcd_sweep(
 
 def dual_step(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, settings: BCDSettings) -> np.ndarray:
     """lambda_i += dual_learning_rate * F_i where F_i > tol_fenchel."""
-    divergences = unit_divergences(X, preactivation(weights, X, data.U))
+    divergences = unit_divergences(X, preactivation(weights, X, data.U), weights.slopes)
     return dual + settings.dual_learning_rate * np.where(divergences > settings.tol_fenchel, divergences, 0.0)
 
 
 # ------------------------------------------------------------------------------- equilibrium
 def equilibrium_states(weights: Weights, U: np.ndarray, start: np.ndarray | None = None) -> np.ndarray:
-    """X* = relu(A X* + B U + b_x) by Picard iteration (a contraction: ||A||_inf < 1).
+    """X* = phi(A X* + B U + b_x) by Picard iteration (a contraction: ||A||_inf < 1, phi 1-Lipschitz).
 
     Stops when the a-posteriori bound ||X_k - X*||_max <= rate / (1 - rate) ||X_k - X_k-1||_max
     falls under EQUILIBRIUM_TOL (relative to max(1, ||X_k||_max)), rate = ||A||_inf.
@@ -391,10 +442,10 @@ def equilibrium_states(weights: Weights, U: np.ndarray, start: np.ndarray | None
     if rate >= 1:
         raise ArgumentValueError(f"equilibrium: ||A||_inf = {rate:.6g} >= 1, the Picard iteration may not converge")
     drive = weights.B @ U + weights.bias_x[:, None]
-    X = np.maximum(drive, 0.0) if start is None else start
+    X = activate(drive, weights.slopes) if start is None else start
     factor = rate / (1.0 - rate) if rate > 0 else 0.0
     for _ in range(EQUILIBRIUM_MAX_ITER):
-        updated = np.maximum(weights.A @ X + drive, 0.0)
+        updated = activate(weights.A @ X + drive, weights.slopes)
         change = float(np.abs(updated - X).max(initial=0.0))
         X = updated
         if factor * change <= EQUILIBRIUM_TOL * max(1.0, float(np.abs(X).max(initial=0.0))):
@@ -465,7 +516,7 @@ def _train_bcd(
         equilibrium = equilibrium_states(weights, data.U, start=X)
         records["objective"].append(value)
         records["loss"].append(data_loss(data.loss, outputs(weights, X, data.U), data.Y))
-        records["fenchel"].append(float(unit_divergences(X, Z).sum()))
+        records["fenchel"].append(float(unit_divergences(X, Z, weights.slopes).sum()))
         dual = dual_step(weights, X, data, dual, settings)
         records["dual_norm"].append(float(np.linalg.norm(dual)))
         records["equilibrium_loss"].append(data_loss(data.loss, outputs(weights, equilibrium, data.U), data.Y))
@@ -521,7 +572,7 @@ def train_model(
     settings: BCDSettings,
     evaluation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[ImplicitModel, BCDResult]:
-    """Train a one-block relu ``model`` by BCD on rows ``inputs`` (m x p) and ``targets``.
+    """Train a relu / leaky relu ``model`` (``unit_slopes``) by BCD on rows ``inputs`` (m x p) and ``targets``.
 
     targets: (m, q) values ("squared"), (m, 1) 0/1 labels ("binary") or (m,) class codes
     ("multiclass", one-hot against the model's q outputs). The stored patterns of A, B, C, D are
@@ -532,6 +583,7 @@ def train_model(
         *(getattr(model, name).toarray().astype(np.float64) for name in "ABCD"),
         model.bias_x.astype(np.float64),
         model.bias_y.astype(np.float64),
+        unit_slopes(model),
     )
     patterns = Patterns(*(_stored(getattr(model, name)) for name in "ABCD"))
     data = Data(np.asarray(inputs, dtype=np.float64).T, _target_columns(targets, loss, model.q), loss)
@@ -556,6 +608,26 @@ def with_weights(model: ImplicitModel, weights: Weights) -> ImplicitModel:
     return ImplicitModel(*matrices, bias_x, bias_y, model.blocks, model.inputs, model.outputs)
 
 
+def unit_slopes(model: ImplicitModel) -> np.ndarray:
+    """Each state's negative slope: 0 for relu blocks, alpha for leaky_relu(alpha) with 0 < alpha <= 1.
+
+    Raises:
+        ArgumentValueError: a block with another activation (or a leaky relu slope outside (0, 1]).
+    """
+    slopes = np.zeros(model.n)
+    for block in model.blocks:
+        name, alpha = block.activation.name, block.activation.alpha
+        if name == "leaky_relu" and 0 < alpha <= 1:
+            slopes[block.start : block.stop] = alpha
+        elif name != "relu":
+            raise ArgumentValueError(
+                f"solver='bcd' trains relu and leaky_relu(alpha), 0 < alpha <= 1, states only (their Fenchel "
+                f"divergence is derived in bcd.py), got activation {block.activation} in block {block.name!r}; "
+                "use activation='relu' or 'leaky_relu(0.1)', or solver='adam' for other activations"
+            )
+    return slopes
+
+
 def _stored(matrix: sp.csr_array) -> np.ndarray:
     """The stored entries of a CSR matrix (explicit zeros included) as a boolean array."""
     ones = sp.csr_array((np.ones(matrix.nnz, dtype=bool), matrix.indices, matrix.indptr), shape=matrix.shape)
@@ -572,19 +644,11 @@ def _target_columns(targets: np.ndarray, loss: str, q: int) -> np.ndarray:
 # ------------------------------------------------------------------------------- estimator glue
 def check_estimator(estimator: Any) -> None:
     """Typed errors for an ImplicitRegressor / ImplicitClassifier that asks for solver="bcd"."""
-    from ..activations import activation
-
-    try:
-        names = {activation(estimator.activation).name}
-    except Exception as error:  # an unknown spec: let the activation's own error speak
-        raise ArgumentValueError(f"activation: {error}") from error
-    if estimator.init_model is not None:
-        names = {block.activation.name for block in estimator.init_model.blocks}
-    if names != {"relu"}:
-        raise ArgumentValueError(
-            f"solver='bcd' trains relu models only (the Fenchel divergence used is relu's), got activation "
-            f"{', '.join(sorted(names))}; use activation='relu', or solver='adam' for other activations"
-        )
+    model = estimator.init_model
+    if model is None:  # a one-state stand-in with the estimator's activation
+        model = ImplicitModel.from_matrices(np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)), np.zeros((1, 1)),
+                                            estimator.activation)  # fmt: skip
+    unit_slopes(model)
     if estimator.group_lasso:
         raise ArgumentValueError(
             f"solver='bcd' does not apply the group lasso, got group_lasso={estimator.group_lasso!r}; "

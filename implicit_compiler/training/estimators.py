@@ -23,7 +23,7 @@ so ``model_.predict(X)`` equals ``predict(X)`` (regressor) or ``decision_functio
 
 Solvers. "adam" (the default; "gradient" is another name for it) and "sgd" are the gradient
 training above. "bcd" trains by block-coordinate descent on the Fenchel relaxation of the
-equilibrium with dual ascent (``bcd.py``, relu only): full-batch block steps of size 1 / L, rounds of
+equilibrium with dual ascent (``bcd.py``, relu and leaky relu): full-batch block steps of size 1 / L, rounds of
 ``type_of_training`` ("two_loops": sweeps until the objective's relative decrease is under ``tol``,
 at most ``max_epochs`` per round, then a dual step; "one_loop": one sweep and one dual step);
 ``rounds``, ``dual_learning_rate``, ``tol_fenchel``, ``starting_lambda``. Its per-round history is
@@ -135,7 +135,7 @@ class _ImplicitEstimator(BaseEstimator):
             for a random start): inputs then reach y only through B and the states, which makes
             the group lasso on B a feature selection (else D can carry the inputs it drops).
         solver: "adam" (alias "gradient"), "bcd" (block-coordinate descent on the Fenchel relaxation,
-            ``bcd.py``: relu only, no group lasso; learning_rate, batch_size, early_stopping and the
+            ``bcd.py``: relu / leaky relu, no group lasso; learning_rate, batch_size, early_stopping and the
             schedule do not apply), or "sgd" (plain stochastic gradient: with ``group_lasso`` each step is then an
             exact proximal gradient step, so the columns whose gradient stays under lambda end exactly
             zero; Adam's momentum keeps nudging zeroed columns, leaving them small but non-zero).
