@@ -462,3 +462,10 @@ def test_regressor_bcd_trains_leaky_relu_models(sine):
     assert reg.relaxation_gap_ < 0.2
     residual = (reg.predict(X_val) - y_val) / reg.target_scale_[0]
     assert reg.history_.eval_loss[-1] == pytest.approx(0.5 * np.mean(residual**2), rel=1e-6)
+
+
+def test_bcd_without_feedthrough_keeps_d_at_zero(sine):
+    X, y, X_val, y_val = sine
+    reg = ImplicitRegressor(n_states=10, solver="bcd", feedthrough=False, rounds=3, random_state=0).fit(X, y)
+    assert not reg.model_.D.toarray().any()
+    assert reg.score(X_val, y_val) > 0.5
