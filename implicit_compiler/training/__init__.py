@@ -5,6 +5,8 @@
   ``ImplicitModel.to_torch()`` and ``ImplicitModel.from_torch(module)`` convert.
 - ``project_rows_l1`` / ``project_inf_norm``: the exact projection onto ||A||_inf <= kappa, which
   keeps a model well-posed during training (``ImplicitModule.project_``).
+- ``bcd``: ``solver="bcd"`` of the estimators, block-coordinate descent on the Fenchel relaxation
+  with dual ascent (``BCDHistory``; ``plot_bcd_history`` draws one).
 - Penalties: ``column_group_lasso`` and ``prox_column_group_lasso_`` (feature selection),
   ``sensitivity_bound`` and ``norm_sensitivity_bound`` (certified robustness).
 
@@ -29,6 +31,7 @@ _TORCH_NAMES = {
     "sensitivity_matrix": "penalties",
 }
 _TORCH_NAMES.update(ImplicitClassifier="estimators", ImplicitRegressor="estimators")  # need scikit-learn
+_TORCH_NAMES.update(BCDHistory="bcd", plot_bcd_history="plots")  # solver="bcd" (numpy) and its figure
 
 
 def __getattr__(name: str):

@@ -21,6 +21,15 @@ regression targets too, t = (Y - nu) / r; the network is trained on (u, t). The 
 so ``model_.predict(X)`` equals ``predict(X)`` (regressor) or ``decision_function(X)`` logits
 (classifier). Zero columns of B stay zero, so the selected features read off ``model_.B``.
 
+Solvers. "adam" (the default; "gradient" is another name for it) and "sgd" are the gradient
+training above. "bcd" trains by block-coordinate descent on the Fenchel relaxation of the
+equilibrium with dual ascent (``bcd.py``, relu and leaky relu): full-batch block steps of size 1 / L, rounds of
+``type_of_training`` ("two_loops": sweeps until the objective's relative decrease is under ``tol``,
+at most ``max_epochs`` per round, then a dual step; "one_loop": one sweep and one dual step);
+``rounds``, ``dual_learning_rate``, ``tol_fenchel``, ``starting_lambda``. Its per-round history is
+``history_`` (``bcd.BCDHistory``; ``plots.plot_bcd_history`` draws it); ``model_`` is the implicit
+model with the trained weights, predicting through the real equilibrium.
+
 Early stopping. With ``early_stopping=True`` a stratified (classifier) or plain split of
 ``validation_fraction`` of the training set is held out; training stops when the validation
 loss has not improved by more than ``tol`` for ``n_iter_no_change`` epochs, and the parameters
@@ -48,14 +57,14 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import check_random_state
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from .. import arguments
 from ..errors import ShapeError
 from ..model import ImplicitModel
 
 TORCH_DTYPES = ("float64", "float32")
-SOLVERS = ("adam", "sgd", "frank_wolfe")
+SOLVERS = ("adam", "sgd", "gradient", "bcd", "frank_wolfe")  # "gradient" is "adam"; see bcd.py, frank_wolfe.py
 SOLVER_TOLERANCE = {"float64": 1e-6, "float32": 1e-5}  # training solves: gradients need no more
 SCHEDULES = ("constant", "adaptive")
 ADAPTIVE_DECAY = 5.0  # "adaptive": the step size is divided by this on each plateau ...
@@ -126,7 +135,9 @@ class _ImplicitEstimator(BaseEstimator):
         feedthrough: train the direct term D (y = C x + D u + b_y). False keeps D as it starts (zero
             for a random start): inputs then reach y only through B and the states, which makes
             the group lasso on B a feature selection (else D can carry the inputs it drops).
-        solver: "adam", or "sgd" (plain stochastic gradient: with ``group_lasso`` each step is then an
+        solver: "adam" (alias "gradient"), "bcd" (block-coordinate descent on the Fenchel relaxation,
+            ``bcd.py``: relu / leaky relu, no group lasso; learning_rate, batch_size, early_stopping and the
+            schedule do not apply), or "sgd" (plain stochastic gradient: with ``group_lasso`` each step is then an
             exact proximal gradient step, so the columns whose gradient stays under lambda end exactly
             zero; Adam's momentum keeps nudging zeroed columns, leaving them small but non-zero), or
             "frank_wolfe": Frank-Wolfe steps on A over ||A||_inf <= kappa from A = 0 (sparse A, no
@@ -152,7 +163,16 @@ class _ImplicitEstimator(BaseEstimator):
             without training.
         dtype: "float64" (default) or "float32", for torch and for ``model_``.
         random_state: seeds the initial model, the validation split and the shuffling.
-        verbose: > 0 prints one line per epoch on stderr.
+        verbose: > 0 prints one line per epoch (per round for "bcd") on stderr.
+        type_of_training: "bcd" only: "two_loops" or "one_loop".
+        rounds: "bcd" only: dual steps (rounds) to run.
+        dual_learning_rate: "bcd" only: lambda_i += dual_learning_rate * F_i where F_i > tol_fenchel.
+        tol_fenchel: "bcd" only: the divergence above which a unit's dual variable grows.
+        starting_lambda: "bcd" only: the dual variables' initial value.
+
+    ``fit(X, y, eval_set=(X_val, y_val))`` watches (X_val, y_val): for "bcd" its loss is recorded per
+    round (``history_.eval_loss``, nothing is selected on it); for the gradient solvers it replaces the
+    held-out split and is watched for early stopping (even with ``early_stopping=False``).
     """
 
     def __init__(
@@ -178,6 +198,11 @@ class _ImplicitEstimator(BaseEstimator):
         dtype: str = "float64",
         random_state: Any = None,
         verbose: int = 0,
+        type_of_training: str = "two_loops",
+        rounds: int = 20,
+        dual_learning_rate: float = 10.0,
+        tol_fenchel: float = 1e-4,
+        starting_lambda: float = 10.0,
     ):
         self.n_states = n_states
         self.activation = activation
@@ -200,6 +225,11 @@ class _ImplicitEstimator(BaseEstimator):
         self.dtype = dtype
         self.random_state = random_state
         self.verbose = verbose
+        self.type_of_training = type_of_training
+        self.rounds = rounds
+        self.dual_learning_rate = dual_learning_rate
+        self.tol_fenchel = tol_fenchel
+        self.starting_lambda = starting_lambda
 
     # Subclasses define: _loss(torch, outputs, targets), _validation_score(outputs, targets),
     # _split_stratify(targets) and the target standardization handed to _train.
@@ -227,6 +257,10 @@ class _ImplicitEstimator(BaseEstimator):
         for name in ("alpha", "group_lasso", "tol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
+        if self.solver == "bcd":
+            from .bcd import check_estimator
+
+            check_estimator(self)
 
     def _initial_module(
         self,
@@ -287,8 +321,12 @@ class _ImplicitEstimator(BaseEstimator):
         n_outputs: int,
         output_mean: np.ndarray,
         output_scale: np.ndarray,
+        eval_set: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        """Standardize X, train the module on (u, targets) and set the fitted attributes."""
+        """Standardize X, train the module on (u, targets) and set the fitted attributes.
+
+        ``eval_set``: (X_val, targets_val) in the same units as (X, targets), or None.
+        """
         import torch
 
         self._check_params()
@@ -298,9 +336,20 @@ class _ImplicitEstimator(BaseEstimator):
         torch_dtype = getattr(torch, self.dtype)
         module = self._initial_module(torch, X.shape[1], n_outputs, seed, output_mean, output_scale)
         module.project_(self.kappa)
+        if self.solver == "bcd":
+            from .bcd import fit_estimator
+
+            standardized = fit_estimator(self, module.to_model(), X, targets, eval_set)
+            self.model_ = standardize_model(
+                standardized.astype(np.float64), self.input_mean_, self.input_scale_, output_mean, output_scale
+            ).astype(self.dtype)
+            return
+        train_rows, validation_rows = self._split(targets, rng)
+        if eval_set is not None:  # the eval rows follow the training rows and replace the split
+            train_rows, validation_rows = np.arange(len(X)), np.arange(len(X), len(X) + len(eval_set[0]))
+            X, targets = np.concatenate([X, eval_set[0]]), np.concatenate([targets, eval_set[1]])
         inputs = torch.as_tensor((X - self.input_mean_) / self.input_scale_, dtype=torch_dtype)
         target_tensor = torch.as_tensor(targets, dtype=torch_dtype if targets.dtype.kind == "f" else torch.int64)
-        train_rows, validation_rows = self._split(targets, rng)
         stored = sum(getattr(module, f"{name}_pattern").nnz for name in "ABCD")
         with _torch_threads(torch, 1 if stored <= SINGLE_THREAD_NONZEROS else None):
             converged = self._optimize(torch, module, inputs, target_tensor, train_rows, validation_rows, rng)
@@ -337,7 +386,7 @@ class _ImplicitEstimator(BaseEstimator):
             from . import frank_wolfe
 
             return frank_wolfe.optimize(self, torch, module, inputs, targets, train_rows, validation_rows, rng)
-        optimizer_class = torch.optim.Adam if self.solver == "adam" else torch.optim.SGD
+        optimizer_class = torch.optim.SGD if self.solver == "sgd" else torch.optim.Adam
         # fused: one kernel per step for all the weights (Adam on 250k float64 values: 0.34 ms
         # against 1.7 ms for the loop over tensors)
         optimizer = optimizer_class(module.parameters(), lr=self.learning_rate, fused=True)
@@ -447,6 +496,20 @@ def _torch_threads(torch: Any, count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def _check_eval_set(estimator: Any, eval_set: Any, y_numeric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(X_val, y_val) as float64 X with the training features and a y of the same length."""
+    if not isinstance(eval_set, (tuple, list)) or len(eval_set) != 2:
+        raise ShapeError(f"eval_set: expected a pair (X_val, y_val), got {type(eval_set).__name__}")
+    eval_X = check_array(eval_set[0], dtype=np.float64)
+    eval_y = np.asarray(eval_set[1], dtype=np.float64 if y_numeric else None)
+    if eval_X.shape[1] != estimator.n_features_in_ or len(eval_y) != len(eval_X):
+        raise ShapeError(
+            f"eval_set: expected X_val with {estimator.n_features_in_} features and one y_val per row, got "
+            f"X_val {eval_X.shape} and y_val {eval_y.shape}"
+        )
+    return eval_X, eval_y
+
+
 def _matrix_values(module: Any) -> list[Any]:
     """The trainable values of A, B, C and D in an ImplicitModule (biases excluded)."""
     return [parameter for name, parameter in module.named_parameters() if name.split("_")[0] in ("A", "B", "C", "D")]
@@ -462,15 +525,25 @@ class ImplicitRegressor(RegressorMixin, _ImplicitEstimator):
     ``input_mean_``, ``input_scale_``, ``target_mean_``, ``target_scale_``.
     """
 
-    def fit(self, X: Any, y: Any) -> ImplicitRegressor:
-        """Train on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_outputs)."""
+    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> ImplicitRegressor:
+        """Train on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_outputs).
+
+        ``eval_set``: (X_val, y_val) watched during training (see the class parameters).
+        """
         X, y = validate_data(self, X, y, multi_output=True, y_numeric=True, dtype=np.float64)
         Y = np.asarray(y, dtype=np.float64)
         self._single_output = Y.ndim == 1
         Y = Y.reshape(len(Y), -1)
         self.target_mean_, self.target_scale_ = _mean_and_scale(Y)
         targets = (Y - self.target_mean_) / self.target_scale_
-        self._train(X, targets, Y.shape[1], self.target_mean_, self.target_scale_)
+        evaluation = None
+        if eval_set is not None:
+            eval_X, eval_y = _check_eval_set(self, eval_set, y_numeric=True)
+            eval_Y = eval_y.astype(np.float64).reshape(len(eval_y), -1)
+            if eval_Y.shape[1] != Y.shape[1]:
+                raise ShapeError(f"eval_set: y_val has {eval_Y.shape[1]} outputs, the training y {Y.shape[1]}")
+            evaluation = (eval_X, (eval_Y - self.target_mean_) / self.target_scale_)
+        self._train(X, targets, Y.shape[1], self.target_mean_, self.target_scale_, evaluation)
         return self
 
     def predict(self, X: Any) -> np.ndarray:
@@ -514,8 +587,11 @@ class ImplicitClassifier(ClassifierMixin, _ImplicitEstimator):
     held-out accuracy) plus ``classes_``.
     """
 
-    def fit(self, X: Any, y: Any) -> ImplicitClassifier:
-        """Train on X (n_samples, n_features) and class labels y (n_samples,)."""
+    def fit(self, X: Any, y: Any, eval_set: tuple[Any, Any] | None = None) -> ImplicitClassifier:
+        """Train on X (n_samples, n_features) and class labels y (n_samples,).
+
+        ``eval_set``: (X_val, y_val) watched during training, labels among y's (see the class parameters).
+        """
         X, y = validate_data(self, X, y, dtype=np.float64)
         check_classification_targets(y)
         encoder = LabelEncoder().fit(y)
@@ -528,7 +604,13 @@ class ImplicitClassifier(ClassifierMixin, _ImplicitEstimator):
         binary = len(self.classes_) == 2
         targets = codes.astype(np.float64).reshape(-1, 1) if binary else codes.astype(np.int64)
         n_outputs = 1 if binary else len(self.classes_)
-        self._train(X, targets, n_outputs, np.zeros(n_outputs), np.ones(n_outputs))
+        evaluation = None
+        if eval_set is not None:
+            eval_X, eval_y = _check_eval_set(self, eval_set, y_numeric=False)
+            eval_codes = encoder.transform(eval_y)
+            eval_targets = eval_codes.astype(np.float64).reshape(-1, 1) if binary else eval_codes.astype(np.int64)
+            evaluation = (eval_X, eval_targets)
+        self._train(X, targets, n_outputs, np.zeros(n_outputs), np.ones(n_outputs), evaluation)
         return self
 
     def decision_function(self, X: Any) -> np.ndarray:
