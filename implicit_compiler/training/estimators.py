@@ -152,10 +152,10 @@ class _ImplicitEstimator(BaseEstimator):
         structure: "dense" (A full, cyclic) or "triangular" (A strictly lower triangular: acyclic).
         feedthrough: train the direct term D (y = C x + D u + b_y). False keeps D as it starts (zero
             for a random start): inputs then reach y only through B and the states, which makes
-            the group lasso on B a feature selection (else D can carry the inputs it drops).
-        solver: "adam", or "sgd" (plain stochastic gradient: with ``group_lasso`` each step is then an
-            exact proximal gradient step, so the columns whose gradient stays under lambda end exactly
-            zero; Adam's momentum keeps nudging zeroed columns, leaving them small but non-zero).
+            the penalties on B's columns a feature selection (else D can carry the inputs they drop).
+        solver: "adam", or "sgd" (plain stochastic gradient: with ``column_linf`` or ``group_lasso``
+            each step is then an exact proximal gradient step, so the columns whose gradient stays
+            under lambda end exactly zero; Adam's per-weight steps keep moving zeroed columns).
         learning_rate: the optimizer's (initial) step size.
         learning_rate_schedule: "constant", or "adaptive": when the watched loss has not improved for
             ``n_iter_no_change`` epochs the step size is divided by 5 and training goes on; it stops
@@ -166,7 +166,9 @@ class _ImplicitEstimator(BaseEstimator):
         column_linf: lambda of the feature-selection penalty lambda sum_j ||B e_j||_inf, applied by
             its exact prox after each step (columns whose l1 norm is under lr * lambda become
             exactly zero: the input is dropped). With ``solver="sgd"`` each step is a proximal
-            gradient step; Adam's per-weight step sizes are not the prox's, so zeros are fewer.
+            gradient step. With Adam, whose per-weight steps the prox does not match, we saw no
+            column zeroed until lambda zeroed them all (docs/training.md); use "sgd", started
+            from a fitted model (``init_model``) when a large lambda kills every column at once.
         group_lasso: lambda of the column group lasso lambda sum_j ||B e_j||_2 (an l2 alternative).
         robustness: weight of the robustness penalty (||B||_inf^2 + ||C||_inf^2) / (2 (1 - ||A||_inf))
             + ||D||_inf (``penalties.robustness_penalty``, a bound on the l_inf Lipschitz constant
