@@ -115,7 +115,7 @@ def column_linf_norms(B: Any) -> Any:
         if B.layout == torch.sparse_csr:
             return _column_max_abs(B.values(), B.col_indices(), B.shape[1])
         _expect_matrix(B.shape)
-        return _column_max_abs(B.reshape(-1), torch.arange(B.shape[1], device=B.device).repeat(B.shape[0]), B.shape[1])
+        return B.abs().amax(0) if B.shape[0] else B.new_zeros(B.shape[1])
     if sp.issparse(B):
         _expect_matrix(B.shape)
         return np.asarray(abs(sp.csc_array(B)).max(axis=0).toarray()).ravel()
