@@ -17,8 +17,12 @@ and 150, where the control's column norms no longer separate the support), four 
 1. control: Adam, no penalty (early stopping on the training loss);
 2. penalty: from the control, proximal gradient steps (full-batch SGD, learning rate ``--lr``)
    with the column l_inf penalty lambda sum_j ||B e_j||_inf, lambda = ``--penalty``: after each
-   step B e_j <- B e_j - P_{||w||_1 <= lr lambda}(B e_j), which zeroes a column exactly;
-3. control continued: the same steps from the control with lambda = 0 (what the steps alone do);
+   step B e_j <- B e_j - P_{||w||_1 <= lr lambda}(B e_j), which zeroes a column exactly. The loss
+   also has (alpha / 2) ||W||_F^2, alpha = ``--alpha``: with B alone penalized, C grows as B
+   shrinks (relu is positively homogeneous), the unused columns' gradients grow with it and
+   some of them come back; the L2 term bounds C;
+3. control continued: the same steps from the control with lambda = 0 (the steps and the L2 term
+   alone);
 4. refit: Adam on the penalty's pattern (its zero columns removed from B's sparsity pattern, so
    they stay exactly zero), from its weights: the fit without the penalty's shrinkage.
 
@@ -138,6 +142,7 @@ def run_size(samples: int, data: dict, support: np.ndarray, args: argparse.Names
     proximal = dict(
         solver="sgd",
         learning_rate=args.lr,
+        alpha=args.alpha,
         batch_size=samples,
         max_epochs=args.epochs,
         n_iter_no_change=args.epochs,
@@ -186,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, nargs="+", default=[400, 150], help="training-set sizes")
     parser.add_argument("--penalty", type=float, default=0.08, help="lambda of the column l_inf penalty")
     parser.add_argument("--lr", type=float, default=2.0, help="step size of the proximal gradient steps")
+    parser.add_argument("--alpha", type=float, default=3e-3, help="L2 weight during the proximal steps")
     parser.add_argument("--epochs", type=int, default=400, help="proximal gradient steps (full batch)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "training")
     args = parser.parse_args(argv)
@@ -213,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "trained_states": TRAINED_STATES,
         "penalty": args.penalty,
         "proximal_learning_rate": args.lr,
+        "proximal_alpha": args.alpha,
         "proximal_epochs": args.epochs,
         "threshold": THRESHOLD,
         "test_samples": N_TEST,
