@@ -168,7 +168,9 @@ class _ImplicitEstimator(BaseEstimator):
             exactly zero: the input is dropped). With ``solver="sgd"`` each step is a proximal
             gradient step. With Adam, whose per-weight steps the prox does not match, we saw no
             column zeroed until lambda zeroed them all (docs/training.md); use "sgd", started
-            from a fitted model (``init_model``) when a large lambda kills every column at once.
+            from a fitted model (``init_model``) when a large lambda kills every column at once,
+            and with a small ``alpha``: B alone penalized, C grows as B shrinks (relu is positively
+            homogeneous) and zeroed columns come back.
         group_lasso: lambda of the column group lasso lambda sum_j ||B e_j||_2 (an l2 alternative).
         robustness: weight of the robustness penalty (||B||_inf^2 + ||C||_inf^2) / (2 (1 - ||A||_inf))
             + ||D||_inf (``penalties.robustness_penalty``, a bound on the l_inf Lipschitz constant
