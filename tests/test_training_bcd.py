@@ -242,31 +242,32 @@ def teacher_problem(seed=7, n=6, p=3, m=150):
     return start, Data(U, Y, "squared")
 
 
+@pytest.mark.parametrize("column_linf", [0.0, 0.05])
 @pytest.mark.parametrize("slopes", SLOPES.values(), ids=SLOPES.keys())
 @pytest.mark.parametrize("loss", LOSSES)
-def test_every_block_step_decreases_the_objective(loss, slopes):
+def test_every_block_step_decreases_the_objective(loss, slopes, column_linf):
     rng = np.random.default_rng(8)
     q = 1 if loss == "binary" else 2
     weights = random_weights(rng, n=6, p=3, q=q, kappa=0.9, slopes=slopes)
     data = random_data(rng, loss, p=3, q=q, m=40)
     X = bcd.equilibrium_states(weights, data.U) + 0.1
     dual = rng.uniform(0.5, 5.0, size=6)
-    settings = BCDSettings(kappa=0.9, alpha=0.01)
+    settings = BCDSettings(kappa=0.9, alpha=0.01, column_linf=column_linf)
     patterns = bcd.Patterns.full(weights)
-    values = [bcd.objective(weights, X, data, dual, settings.alpha)]
+    values = [bcd.objective(weights, X, data, dual, settings.alpha, column_linf)]
     for _ in range(60):
         constants = bcd.lipschitz_constants(weights, X, data, dual, settings.alpha)
         X = bcd.states_step(weights, X, data, dual, constants.states)
-        values.append(bcd.objective(weights, X, data, dual, settings.alpha))
+        values.append(bcd.objective(weights, X, data, dual, settings.alpha, column_linf))
         constants = bcd.lipschitz_constants(weights, X, data, dual, settings.alpha)
         weights = bcd.output_step(weights, X, data, patterns, constants.output, settings)
-        values.append(bcd.objective(weights, X, data, dual, settings.alpha))
+        values.append(bcd.objective(weights, X, data, dual, settings.alpha, column_linf))
         weights = bcd.hidden_step(weights, X, data, dual, patterns, constants.hidden, settings)
-        values.append(bcd.objective(weights, X, data, dual, settings.alpha))
+        values.append(bcd.objective(weights, X, data, dual, settings.alpha, column_linf))
     # the sweeps of the inner loop (bcd_sweep, as train_bcd runs them) keep decreasing it
     for _ in range(30):
         weights, X = bcd.bcd_sweep(weights, X, data, dual, patterns, settings)
-        values.append(bcd.objective(weights, X, data, dual, settings.alpha))
+        values.append(bcd.objective(weights, X, data, dual, settings.alpha, column_linf))
     steps = np.diff(values)
     assert steps.max() <= 1e-12 * abs(values[0])
     assert values[-1] < 0.5 * values[0]  # and it does decrease
@@ -387,6 +388,7 @@ def test_gradient_solvers_watch_the_eval_set(sine):
         (dict(activation="tanh"), "tanh"),
         (dict(activation="leaky_relu(1.5)"), "leaky_relu"),
         (dict(group_lasso=0.1), "group_lasso"),
+        (dict(robustness=0.1), "robustness"),
     ],
 )
 def test_bad_bcd_parameters_are_refused(sine, options, words):
@@ -469,3 +471,18 @@ def test_bcd_without_feedthrough_keeps_d_at_zero(sine):
     reg = ImplicitRegressor(n_states=10, solver="bcd", feedthrough=False, rounds=3, random_state=0).fit(X, y)
     assert not reg.model_.D.toarray().any()
     assert reg.score(X_val, y_val) > 0.5
+
+
+def test_bcd_selects_features_with_exact_zero_columns():
+    """y depends on 2 of 8 inputs; with column_linf the hidden step's prox (a proximal gradient
+    step of step 1 / L_hid) leaves most other columns of B exactly zero (5 of 6 here), keeps the
+    two that matter, and without it no column is zero."""
+    rng = np.random.default_rng(19)
+    X = rng.normal(size=(300, 8))
+    y = np.sin(X[:, 0]) + 0.5 * X[:, 3]
+    options = dict(n_states=8, solver="bcd", rounds=6, feedthrough=False, random_state=0)
+    plain = ImplicitRegressor(**options).fit(X, y)
+    selected = ImplicitRegressor(column_linf=0.05, **options).fit(X, y)
+    zero = ~selected.model_.B.toarray().any(axis=0)
+    assert zero[[1, 2, 4, 5, 6, 7]].sum() >= 4 and not zero[[0, 3]].any()
+    assert plain.model_.B.toarray().any(axis=0).all()

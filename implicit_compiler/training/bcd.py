@@ -153,6 +153,7 @@ class BCDSettings:
     starting_lambda: float = 1.0
     max_inner_iter: int = 200
     inner_tol: float = 1e-4
+    column_linf: float = 0.0  # lambda of lambda sum_j ||B e_j||_inf, by its prox in the hidden step
     train_feedthrough: bool = True
     verbose: int = 0
 
@@ -288,12 +289,16 @@ def loss_gradient(loss: str, predicted: np.ndarray, targets: np.ndarray) -> np.n
     return (shifted / shifted.sum(axis=0, keepdims=True) - targets) / m
 
 
-def objective(weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0) -> float:
+def objective(
+    weights: Weights, X: np.ndarray, data: Data, dual: np.ndarray, alpha: float = 0.0, column_linf: float = 0.0
+) -> float:
     """J(theta, X; lambda) of the module docstring."""
     value = data_loss(data.loss, outputs(weights, X, data.U), data.Y)
     value += float(dual @ unit_divergences(X, preactivation(weights, X, data.U), weights.slopes))
     if alpha:
         value += 0.5 * alpha * sum(float(np.sum(getattr(weights, name) ** 2)) for name in "ABCD")
+    if column_linf:
+        value += column_linf * float(np.abs(weights.B).max(axis=0, initial=0.0).sum())
     return value
 
 
@@ -398,15 +403,21 @@ def hidden_step(
     lipschitz: float,
     settings: BCDSettings,
 ) -> Weights:
-    """(A, B, b_x) <- (A, B, b_x) - grad / L_hid, then A projected onto ||A||_inf <= kappa (on its pattern)."""
+    """(A, B, b_x) <- (A, B, b_x) - grad / L_hid, then A projected onto ||A||_inf <= kappa (on its
+    pattern) and, with ``column_linf``, B by the prox of (column_linf / L_hid) sum_j ||B e_j||_inf
+    (v - the projection onto the l1 ball, column by column: a proximal gradient step, so the
+    descent lemma still holds and columns end exactly zero)."""
     if lipschitz <= 0:
         return weights
     grad_A, grad_B, grad_bias = hidden_gradients(weights, X, data, dual, settings.alpha)
     step = 1.0 / lipschitz
+    B = weights.B - step * grad_B * patterns.B
+    if settings.column_linf > 0:
+        B = B - project_rows_l1(B.T, step * settings.column_linf).T
     return replace(
         weights,
         A=project_rows_l1(weights.A - step * grad_A, settings.kappa, mask=patterns.A),
-        B=weights.B - step * grad_B * patterns.B,
+        B=B,
         bias_x=weights.bias_x - step * grad_bias,
     )
 
@@ -511,7 +522,7 @@ def _train_bcd(
     start = time.perf_counter()
     for round_index in range(1, settings.rounds + 1):
         weights, X, sweeps = _inner_loop(weights, X, data, dual, patterns, settings)
-        value = objective(weights, X, data, dual, settings.alpha)
+        value = objective(weights, X, data, dual, settings.alpha, settings.column_linf)
         Z = preactivation(weights, X, data.U)
         equilibrium = equilibrium_states(weights, data.U, start=X)
         records["objective"].append(value)
@@ -541,10 +552,10 @@ def _inner_loop(
     if settings.type_of_training == "one_loop":
         weights, X = bcd_sweep(weights, X, data, dual, patterns, settings)
         return weights, X, 1
-    previous = objective(weights, X, data, dual, settings.alpha)
+    previous = objective(weights, X, data, dual, settings.alpha, settings.column_linf)
     for sweep in range(1, settings.max_inner_iter + 1):
         weights, X = bcd_sweep(weights, X, data, dual, patterns, settings)
-        current = objective(weights, X, data, dual, settings.alpha)
+        current = objective(weights, X, data, dual, settings.alpha, settings.column_linf)
         if previous - current <= settings.inner_tol * max(abs(previous), np.finfo(np.float64).tiny):
             return weights, X, sweep
         previous = current
@@ -652,7 +663,12 @@ def check_estimator(estimator: Any) -> None:
     if estimator.group_lasso:
         raise ArgumentValueError(
             f"solver='bcd' does not apply the group lasso, got group_lasso={estimator.group_lasso!r}; "
-            "use group_lasso=0 with 'bcd', or solver='sgd' for feature selection"
+            "use column_linf for feature selection with 'bcd' (its prox is exact), or solver='sgd'"
+        )
+    if estimator.robustness:
+        raise ArgumentValueError(
+            f"solver='bcd' does not add the robustness penalty, got robustness={estimator.robustness!r}; "
+            "use robustness=0 with 'bcd', or solver='adam'"
         )
     check_settings(estimator_settings(estimator))
 
@@ -668,6 +684,7 @@ def estimator_settings(estimator: Any) -> BCDSettings:
         tol_fenchel=estimator.tol_fenchel,
         starting_lambda=estimator.starting_lambda,
         max_inner_iter=estimator.max_epochs,
+        column_linf=estimator.column_linf,
         inner_tol=estimator.tol,
         train_feedthrough=estimator.feedthrough,
         verbose=estimator.verbose,

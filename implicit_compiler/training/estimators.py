@@ -5,14 +5,18 @@ of the logits y (softmax over classes, or one sigmoid logit for two classes). Bo
 ``ImplicitModule`` (``torch_bridge``: the equilibrium is solved by the runtime's block sweeps
 and differentiated implicitly) with Adam (or plain SGD) on mini-batches and, after every step,
 
-    B <- prox_{lr * group_lasso * sum_j ||B_:j||_2}(B)   (column group soft threshold)
-    A <- row-wise projection onto {||A_i:||_1 <= kappa}   (so ||A||_inf <= kappa < 1: well-posed)
+    B <- prox_{lr * column_linf * sum_j ||B e_j||_inf}(B)   (column l_inf prox: exact zero columns)
+    B <- prox_{lr * group_lasso * sum_j ||B e_j||_2}(B)    (column group soft threshold)
+    A <- row-wise projection onto {||A_i:||_1 <= kappa}     (so ||A||_inf <= kappa < 1: well-posed)
 
-The loss is  data loss + (alpha / 2) (||A||_F^2 + ||B||_F^2 + ||C||_F^2 + ||D||_F^2)  on each
-mini-batch (the group lasso enters only through its proximal step).
+The loss is  data loss + (alpha / 2) (||A||_F^2 + ||B||_F^2 + ||C||_F^2 + ||D||_F^2)
++ robustness * (||B||_inf^2 + ||C||_inf^2) / (2 (1 - ||A||_inf)) + robustness * ||D||_inf  on each
+mini-batch (the two column penalties enter only through their proximal steps; see ``penalties``).
 
-Standardization. Inputs are standardized, u = (X - mu) / s (s = 1 for constant features), and
-regression targets too, t = (Y - nu) / r; the network is trained on (u, t). The fitted
+Standardization. Inputs are standardized, u = (X - mu) / s, and regression targets too,
+t = (Y - nu) / r; the network is trained on (u, t). Each input scale has a floor, the median of the
+features' standard deviations (``_mean_and_scale``): a near-constant input (a corner pixel) is not
+blown up into a huge weight that a single in-range change of it would then multiply. The fitted
 ``model_`` maps raw X to raw predictions: with S = diag(s), R = diag(r),
 
     B' = B S^-1,  b_x' = b_x - B S^-1 mu,
@@ -73,6 +77,7 @@ MIN_VALIDATION_SAMPLES = 2  # below this the validation split is skipped (traini
 # Models storing at most this many weights train on one thread: their products are too small to gain
 # from threads, whose start-up then dominates (10x slower on two busy cores).
 SINGLE_THREAD_NONZEROS = 200_000
+SCALE_FLOOR = 1.0  # input scales are at least this times the median feature's standard deviation
 
 
 # ------------------------------------------------------------------------------- standardization
@@ -115,12 +120,35 @@ def standardize_model(
     )
 
 
-def _mean_and_scale(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and standard deviations, a standard deviation of 0 (or tiny) replaced by 1."""
+def _mean_and_scale(values: np.ndarray, floor: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and scales: standard deviations, at least ``SCALE_FLOOR`` x their median.
+
+    Why a floor. Standardizing divides column j by its spread s_j, and the fitted model folds that
+    into B' = B S^-1: a change d of input j moves the network's input by d / s_j. A near-constant
+    feature (on sklearn's 8x8 digits, pixels with standard deviations of 0.02-0.1 that are 0 in
+    all but a few images) then turns an ordinary in-range value into tens or hundreds of
+    standardized units, through weights that training has barely touched, and one such pixel
+    flipped every prediction of a default ``ImplicitClassifier``. Its training spread says nothing
+    about the values it can take, so the scale of the data as a whole is the safer unit:
+
+        s_j = max(std_j, SCALE_FLOOR * median_k std_k)   (median over the non-constant features),
+
+    i.e. no feature's unit change counts for more than the typical feature's. Features already
+    in common units (pixels, spectra) are then scaled as the typical one is; with mixed units a
+    feature spread less than the median enters with a standard deviation below 1 (std_j /
+    median), which the weights make up for (Adam's steps do not depend on their scale). The
+    median, unlike the mean or the largest spread, is not moved by a few large-unit features.
+    Constant features (spread under 10 eps |mean|) get the floor too; 1 when every feature is
+    constant. ``floor=False`` (the regressor's targets: a small output scale shrinks, never
+    amplifies) keeps each standard deviation, a constant column's replaced by 1.
+    """
     mean = values.mean(axis=0)
-    scale = values.std(axis=0)
-    scale[scale < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))] = 1.0
-    return mean, scale
+    spread = values.std(axis=0)
+    constant = spread < 10 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(mean))
+    if not floor or constant.all():
+        return mean, np.where(constant, 1.0, spread)
+    lowest = SCALE_FLOOR * float(np.median(spread[~constant]))
+    return mean, np.where(constant, lowest, np.maximum(spread, lowest))
 
 
 # ------------------------------------------------------------------------------- shared fitting
@@ -134,14 +162,15 @@ class _ImplicitEstimator(BaseEstimator):
         structure: "dense" (A full, cyclic) or "triangular" (A strictly lower triangular: acyclic).
         feedthrough: train the direct term D (y = C x + D u + b_y). False keeps D as it starts (zero
             for a random start): inputs then reach y only through B and the states, which makes
-            the group lasso on B a feature selection (else D can carry the inputs it drops).
-        solver: "adam" (alias "gradient"), "bcd" (block-coordinate descent on the Fenchel relaxation,
-            ``bcd.py``: relu / leaky relu, no group lasso; learning_rate, batch_size, early_stopping and the
-            schedule do not apply), or "sgd" (plain stochastic gradient: with ``group_lasso`` each step is then an
-            exact proximal gradient step, so the columns whose gradient stays under lambda end exactly
-            zero; Adam's momentum keeps nudging zeroed columns, leaving them small but non-zero), or
-            "frank_wolfe": Frank-Wolfe steps on A over ||A||_inf <= kappa from A = 0 (sparse A, no
-            projection), Adam on the rest (``frank_wolfe.py``; ``frank_wolfe_history_`` holds the gap).
+            the penalties on B's columns a feature selection (else D can carry the inputs they drop).
+        solver: "adam" (alias "gradient"), "sgd" (plain stochastic gradient: with ``column_linf`` or
+            ``group_lasso`` each step is then an exact proximal gradient step, so the columns whose
+            gradient stays under lambda end exactly zero; Adam's per-weight steps keep moving zeroed
+            columns), "bcd" (block-coordinate descent on the Fenchel relaxation, ``bcd.py``: relu /
+            leaky relu, no group lasso; learning_rate, batch_size, early_stopping and the schedule do
+            not apply), or "frank_wolfe": Frank-Wolfe steps on A over ||A||_inf <= kappa from A = 0
+            (sparse A, no projection), Adam on the rest (``frank_wolfe.py``; ``frank_wolfe_history_``
+            holds the gap).
         learning_rate: the optimizer's (initial) step size.
         learning_rate_schedule: "constant", or "adaptive": when the watched loss has not improved for
             ``n_iter_no_change`` epochs the step size is divided by 5 and training goes on; it stops
@@ -149,7 +178,18 @@ class _ImplicitEstimator(BaseEstimator):
         max_epochs: the most passes over the training set.
         batch_size: samples per mini-batch (capped at the training set size).
         alpha: the L2 penalty (alpha / 2) ||W||_F^2 on A, B, C and D.
-        group_lasso: lambda of the column group lasso lambda sum_j ||B_:j||_2 (feature selection).
+        column_linf: lambda of the feature-selection penalty lambda sum_j ||B e_j||_inf, applied by
+            its exact prox after each step (columns whose l1 norm is under lr * lambda become
+            exactly zero: the input is dropped). With ``solver="sgd"`` each step is a proximal
+            gradient step. With Adam, whose per-weight steps the prox does not match, we saw no
+            column zeroed until lambda zeroed them all (docs/training.md); use "sgd", started
+            from a fitted model (``init_model``) when a large lambda kills every column at once,
+            and with a small ``alpha``: B alone penalized, C grows as B shrinks (relu is positively
+            homogeneous) and zeroed columns come back.
+        group_lasso: lambda of the column group lasso lambda sum_j ||B e_j||_2 (an l2 alternative).
+        robustness: weight of the robustness penalty (||B||_inf^2 + ||C||_inf^2) / (2 (1 - ||A||_inf))
+            + ||D||_inf (``penalties.robustness_penalty``, a bound on the l_inf Lipschitz constant
+            of the standardized model for 1-Lipschitz activations) added to the loss.
         early_stopping: hold out ``validation_fraction`` of the data and stop on its loss.
         validation_fraction: the held-out share, in (0, 1).
         n_iter_no_change: epochs without an improvement larger than ``tol`` before stopping.
@@ -188,7 +228,9 @@ class _ImplicitEstimator(BaseEstimator):
         max_epochs: int = 200,
         batch_size: int = 64,
         alpha: float = 0.0,
+        column_linf: float = 0.0,
         group_lasso: float = 0.0,
+        robustness: float = 0.0,
         early_stopping: bool = True,
         validation_fraction: float = 0.1,
         n_iter_no_change: int = 10,
@@ -215,7 +257,9 @@ class _ImplicitEstimator(BaseEstimator):
         self.max_epochs = max_epochs
         self.batch_size = batch_size
         self.alpha = alpha
+        self.column_linf = column_linf
         self.group_lasso = group_lasso
+        self.robustness = robustness
         self.early_stopping = early_stopping
         self.validation_fraction = validation_fraction
         self.n_iter_no_change = n_iter_no_change
@@ -254,7 +298,7 @@ class _ImplicitEstimator(BaseEstimator):
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate!r}")
         if self.solver_tol is not None and not self.solver_tol > 0:
             raise ValueError(f"solver_tol must be positive or None, got {self.solver_tol!r}")
-        for name in ("alpha", "group_lasso", "tol"):
+        for name in ("alpha", "column_linf", "group_lasso", "robustness", "tol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)!r}")
         if self.solver == "bcd":
@@ -380,8 +424,6 @@ class _ImplicitEstimator(BaseEstimator):
         Sets ``loss_curve_``, ``validation_loss_curve_``, ``validation_scores_``, ``n_iter_`` and
         ``best_loss_``; restores the best epoch's parameters when a validation split is watched.
         """
-        from .penalties import prox_column_group_lasso_
-
         if self.solver == "frank_wolfe":
             from . import frank_wolfe
 
@@ -401,12 +443,11 @@ class _ImplicitEstimator(BaseEstimator):
             for first in range(0, len(order), batch_size):
                 rows = torch.as_tensor(order[first : first + batch_size])
                 optimizer.zero_grad()
-                loss = self._loss(torch, module(inputs[rows]), targets[rows]) + self._l2(module)
+                loss = self._loss(torch, module(inputs[rows]), targets[rows]) + self._penalty(module)
                 loss.backward()
                 optimizer.step()
                 with torch.no_grad():
-                    if self.group_lasso > 0:
-                        prox_column_group_lasso_(module, step_size * self.group_lasso)
+                    self._prox_(module, step_size)
                     module.project_(self.kappa)
                 total += float(loss.detach()) * len(rows)
             self.loss_curve_.append(total / len(order))
@@ -455,11 +496,32 @@ class _ImplicitEstimator(BaseEstimator):
         )
         return np.sort(train_rows), np.sort(validation_rows)
 
+    def _penalty(self, module: Any) -> Any:
+        """The penalties added to the loss: ``_l2`` and ``_robustness``."""
+        return self._l2(module) + self._robustness(module)
+
+    def _prox_(self, module: Any, step_size: float) -> None:
+        """The column penalties' proximal steps on B after an optimizer step of size ``step_size``."""
+        from .penalties import prox_column_group_lasso_, prox_column_linf_
+
+        if self.column_linf > 0:
+            prox_column_linf_(module, step_size * self.column_linf)
+        if self.group_lasso > 0:
+            prox_column_group_lasso_(module, step_size * self.group_lasso)
+
     def _l2(self, module: Any) -> Any:
         """(alpha / 2) times the squared Frobenius norms of A, B, C and D (0 when alpha = 0)."""
         if self.alpha == 0:
             return 0.0
         return 0.5 * self.alpha * sum((values**2).sum() for values in _matrix_values(module))
+
+    def _robustness(self, module: Any) -> Any:
+        """robustness x ``penalties.robustness_penalty(module)`` (0 when robustness = 0)."""
+        if self.robustness == 0:
+            return 0.0
+        from .penalties import robustness_penalty
+
+        return self.robustness * robustness_penalty(module)
 
     def _print_epoch(self, epoch: int, seconds: float) -> None:
         line = f"epoch {epoch:>4}/{self.max_epochs}: loss {self.loss_curve_[-1]:.6f}"
@@ -534,7 +596,7 @@ class ImplicitRegressor(RegressorMixin, _ImplicitEstimator):
         Y = np.asarray(y, dtype=np.float64)
         self._single_output = Y.ndim == 1
         Y = Y.reshape(len(Y), -1)
-        self.target_mean_, self.target_scale_ = _mean_and_scale(Y)
+        self.target_mean_, self.target_scale_ = _mean_and_scale(Y, floor=False)
         targets = (Y - self.target_mean_) / self.target_scale_
         evaluation = None
         if eval_set is not None:

@@ -39,13 +39,13 @@ at ``init_model``'s A projected into K; a warm start begins the step count at on
 large as the training set gives the deterministic method, whose gap is then exact):
 
     A  <- (1 - gamma_t) A + gamma_t S(dL/dA),     gamma_t = 2 / (t + 2), t counting steps
-    B, C, D, b_x, b_y <- one Adam step (``learning_rate``), then the group-lasso prox on B
+    B, C, D, b_x, b_y <- one Adam step (``learning_rate``), then the column penalties' prox on B
 
 B, C, D and the biases take plain (Adam) gradient steps rather than Frank-Wolfe steps over balls
 of their own: well-posedness constrains A only, so they are unconstrained; a ball on each would be
 one more radius to guess per matrix (too small a radius caps the fit, as kappa does not: any
 kappa < 1 is well-posed), and the sparsity that matters for the equilibrium solve is A's. Column
-sparsity of B is what ``group_lasso`` is for. So training is a block method: a Frank-Wolfe step
+sparsity of B is what ``column_linf`` (or ``group_lasso``) is for. So training is a block method: a Frank-Wolfe step
 on the constrained block A, a gradient step on the rest, from the same backward pass.
 
 Mini-batch gaps are estimates (the gradient is a mini-batch's); the history keeps each epoch's
@@ -222,7 +222,6 @@ def optimize(
     ``n_iter_``, ``best_loss_`` and ``frank_wolfe_history_`` (a ``FrankWolfeHistory`` per epoch).
     """
     from .estimators import ADAPTIVE_DECAY, ADAPTIVE_FLOOR
-    from .penalties import prox_column_group_lasso_
 
     kappa, indptr = float(estimator.kappa), module.A_pattern.indptr.numpy()
     batch_size = min(estimator.batch_size, len(train_rows))
@@ -245,7 +244,7 @@ def optimize(
         for first in range(0, len(order), batch_size):
             rows = torch.as_tensor(order[first : first + batch_size])
             module.zero_grad()
-            loss = estimator._loss(torch, module(inputs[rows]), targets[rows]) + estimator._l2(module)
+            loss = estimator._loss(torch, module(inputs[rows]), targets[rows]) + estimator._penalty(module)
             loss.backward()
             gamma = standard_step_size(t)
             with torch.no_grad():
@@ -253,8 +252,7 @@ def optimize(
             if optimizer is not None:
                 optimizer.step()
             with torch.no_grad():
-                if estimator.group_lasso > 0:
-                    prox_column_group_lasso_(module, step_size * estimator.group_lasso)
+                estimator._prox_(module, step_size)
             total += float(loss.detach()) * len(rows)
             t += 1
         estimator.loss_curve_.append(total / len(order))
