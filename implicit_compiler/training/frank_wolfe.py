@@ -31,7 +31,7 @@ from the LMO, and is the natural stopping rule (g <= tol) and history entry. For
 (an implicit model) g(A) = 0 exactly at the stationary points of L over K, so it still measures
 how far A is from stationary.
 
-Training an implicit model (``optimize``, run by the estimators with ``solver="frank_wolfe"``).
+Training an implicit model (``FrankWolfeSteps``, run by the estimators with ``solver="frank_wolfe"``).
 The gradient dL/dA comes from the implicit differentiation of ``ImplicitModule`` (one adjoint
 solve per step). A starts at 0 (a random start would be dense; from 0 the iterates are sparse), or
 at ``init_model``'s A projected into K; a warm start begins the step count at one epoch's steps
@@ -57,9 +57,7 @@ watched (still in K: every iterate is).
 
 from __future__ import annotations
 
-import copy
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,7 +71,7 @@ from ..errors import ArgumentTypeError, ArgumentValueError, ShapeError
 
 @dataclass(frozen=True)
 class FrankWolfeHistory:
-    """One entry per iteration (``frank_wolfe``) or per epoch (``optimize``).
+    """One entry per iteration (``frank_wolfe``) or per epoch (``FrankWolfeSteps``).
 
     Attributes:
         loss: the objective at the iterate the step started from (the epoch's mean training loss).
@@ -206,97 +204,55 @@ def _line_search(objective: Callable[[np.ndarray], float], A: np.ndarray, S: np.
 
 
 # ------------------------------------------------------------------------------- estimators
-def optimize(
-    estimator: Any,
-    torch: Any,
-    module: Any,
-    inputs: Any,
-    targets: Any,
-    train_rows: np.ndarray,
-    validation_rows: np.ndarray | None,
-    rng: np.random.RandomState,
-) -> bool:
-    """The estimators' training loop for ``solver="frank_wolfe"`` (module docstring); True when stopped early.
+class FrankWolfeSteps:
+    """The estimators' steps for ``solver="frank_wolfe"`` (module docstring), run by their epoch
+    loop (``estimators._ImplicitEstimator._optimize``): per mini-batch a Frank-Wolfe step on A
+    and an Adam step on the rest, then the column penalties' prox; per epoch the mean duality
+    gap, gamma and A's non-zeros, into ``frank_wolfe_history_`` at the end. Training also stops
+    once an epoch's gap is at most ``tol``."""
 
-    Sets the estimator's ``loss_curve_``, ``validation_loss_curve_``, ``validation_scores_``,
-    ``n_iter_``, ``best_loss_`` and ``frank_wolfe_history_`` (a ``FrankWolfeHistory`` per epoch).
-    """
-    from .estimators import ADAPTIVE_DECAY, ADAPTIVE_FLOOR
+    def __init__(self, estimator: Any, torch: Any, module: Any, steps_per_epoch: int):
+        self.estimator, self.torch, self.module = estimator, torch, module
+        self.kappa, self.indptr = float(estimator.kappa), module.A_pattern.indptr.numpy()
+        self.t = 0
+        if estimator.init_model is None:
+            with torch.no_grad():
+                module.A_values.zero_()  # from 0 the iterates are sparse
+        else:  # a warm start: gamma_0 = 1 would replace the given A by a vertex
+            self.t = steps_per_epoch  # the first step moves A by 2 / (steps + 2)
+        others = [parameter for name, parameter in module.named_parameters() if name != "A_values"]
+        self.optimizer = torch.optim.Adam(others, lr=estimator.learning_rate) if others else None
+        self.gaps, self.gammas, self.counts, self.epoch_gaps, self.gamma = [], [], [], [], 1.0
 
-    kappa, indptr = float(estimator.kappa), module.A_pattern.indptr.numpy()
-    batch_size = min(estimator.batch_size, len(train_rows))
-    t = 0
-    if estimator.init_model is None:
-        with torch.no_grad():
-            module.A_values.zero_()  # from 0 the iterates are sparse
-    else:  # a warm start: gamma_0 = 1 would replace the given A by a vertex
-        t = -(-len(train_rows) // batch_size)  # one epoch's steps: the first moves A by 2 / (steps + 2)
-    others = [parameter for name, parameter in module.named_parameters() if name != "A_values"]
-    optimizer = torch.optim.Adam(others, lr=estimator.learning_rate) if others else None
-    step_size = estimator.learning_rate
-    estimator.loss_curve_, estimator.validation_scores_, estimator.validation_loss_curve_ = [], [], []
-    gaps, gammas, counts = [], [], []
-    best_loss, best_state, epochs_without_improvement = np.inf, None, 0
-    stopped, start = False, time.perf_counter()
-    for epoch in range(1, estimator.max_epochs + 1):
-        order = rng.permutation(train_rows)
-        total, epoch_gaps = 0.0, []
-        for first in range(0, len(order), batch_size):
-            rows = torch.as_tensor(order[first : first + batch_size])
-            module.zero_grad()
-            loss = estimator._loss(torch, module(inputs[rows]), targets[rows]) + estimator._penalty(module)
-            loss.backward()
-            gamma = standard_step_size(t)
-            with torch.no_grad():
-                epoch_gaps.append(_frank_wolfe_step_(module, kappa, indptr, gamma))
-            if optimizer is not None:
-                optimizer.step()
-            with torch.no_grad():
-                estimator._prox_(module, step_size)
-            total += float(loss.detach()) * len(rows)
-            t += 1
-        estimator.loss_curve_.append(total / len(order))
-        gaps.append(float(np.mean(epoch_gaps)))
-        gammas.append(gamma)
-        counts.append(nonzeros(module.A_values.detach().numpy()))
-        estimator.n_iter_ = epoch
-        watched = estimator.loss_curve_[-1]
-        if validation_rows is not None:
-            with torch.no_grad():
-                outputs = module(inputs[validation_rows])
-                watched = float(estimator._loss(torch, outputs, targets[validation_rows]))
-            estimator.validation_loss_curve_.append(watched)
-            estimator.validation_scores_.append(
-                estimator._validation_score(outputs.numpy(), targets[validation_rows].numpy())
-            )
-        if estimator.verbose:
-            estimator._print_epoch(epoch, time.perf_counter() - start)
-            print(f"  duality gap {gaps[-1]:.3g}, non-zeros of A {counts[-1]}", file=sys.stderr, flush=True)
-        epochs_without_improvement = 0 if watched < best_loss - estimator.tol else epochs_without_improvement + 1
-        if watched < best_loss:
-            best_loss = watched
-            if validation_rows is not None:
-                best_state = copy.deepcopy(module.state_dict())
-        if gaps[-1] <= estimator.tol:
-            stopped = True
-            break
-        if epochs_without_improvement < estimator.n_iter_no_change:
-            continue
-        smaller = step_size / ADAPTIVE_DECAY
-        if estimator.learning_rate_schedule == "adaptive" and smaller >= ADAPTIVE_FLOOR * estimator.learning_rate:
-            step_size, epochs_without_improvement = smaller, 0
-            for group in optimizer.param_groups if optimizer is not None else ():
-                group["lr"] = step_size
-            continue
-        stopped = True
-        break
-    if best_state is not None:
-        module.load_state_dict(best_state)
-    estimator.best_loss_ = float(best_loss)
-    estimator.frank_wolfe_history_ = FrankWolfeHistory(
-        tuple(estimator.loss_curve_), tuple(gaps), tuple(gammas), tuple(counts)
-    )
-    return stopped
+    def step(self, step_size: float) -> None:
+        """After the backward pass: A <- (1 - gamma) A + gamma S, Adam on the rest, the prox."""
+        self.gamma = standard_step_size(self.t)
+        with self.torch.no_grad():
+            self.epoch_gaps.append(_frank_wolfe_step_(self.module, self.kappa, self.indptr, self.gamma))
+        if self.optimizer is not None:
+            self.optimizer.step()
+        with self.torch.no_grad():
+            self.estimator._prox_(self.module, step_size)
+        self.t += 1
+
+    def set_learning_rate(self, step_size: float) -> None:
+        for group in self.optimizer.param_groups if self.optimizer is not None else ():
+            group["lr"] = step_size
+
+    def end_epoch(self) -> bool:
+        """Record the epoch; True when its gap is at most ``tol`` (converged)."""
+        self.gaps.append(float(np.mean(self.epoch_gaps)))
+        self.gammas.append(self.gamma)
+        self.counts.append(nonzeros(self.module.A_values.detach().numpy()))
+        self.epoch_gaps = []
+        if self.estimator.verbose:
+            print(f"  duality gap {self.gaps[-1]:.3g}, non-zeros of A {self.counts[-1]}", file=sys.stderr, flush=True)
+        return self.gaps[-1] <= self.estimator.tol
+
+    def finish(self) -> None:
+        self.estimator.frank_wolfe_history_ = FrankWolfeHistory(
+            tuple(self.estimator.loss_curve_), tuple(self.gaps), tuple(self.gammas), tuple(self.counts)
+        )
 
 
 def _frank_wolfe_step_(module: Any, kappa: float, indptr: np.ndarray, gamma: float) -> float:
