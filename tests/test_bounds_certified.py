@@ -399,8 +399,9 @@ def test_transposed_convolution_equals_the_matrix_product(stride, pads, dilation
     from onnx import helper, numpy_helper
 
     import implicit_compiler as ic
-    from implicit_compiler.analysis.crown import Relaxations, _convolution_transposed
+    from implicit_compiler.analysis.crown import Relaxations
     from implicit_compiler.analysis.interval import Structure
+    from implicit_compiler.structure import convolution_transposed
 
     weight = rng.normal(size=(4, 3, 3, 3))
     node = helper.make_node("Conv", ["x", "w"], ["z"], strides=[stride] * 2, pads=[pads] * 4, dilations=[dilation] * 2)
@@ -417,7 +418,7 @@ def test_transposed_convolution_equals_the_matrix_product(stride, pads, dilation
     kind, convolution = relaxations.transposed_forms(part.rows.B)
     assert kind == "convolution"
     T = rng.normal(size=(part.rows.size, 300))  # more rows than one ROW_BLOCK
-    np.testing.assert_allclose(_convolution_transposed(convolution, T, 7), part.rows.B.T @ T, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(convolution_transposed(convolution, T, 7), part.rows.B.T @ T, rtol=1e-12, atol=1e-12)
 
 
 def test_the_verdicts_bound_the_outputs_as_output_bounds_does(rng):

@@ -57,7 +57,8 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
-from ..runtime.structured import MIN_STRUCTURED_NONZEROS, Convolution, find_convolution
+from ..runtime.structured import MIN_STRUCTURED_NONZEROS, find_convolution
+from ..structure import convolution_transposed
 from .interval import StateBounds, Structure, intersect, interval_bounds
 from .max_tree import contenders, max_lines, select_leaves
 from .relaxation import Lines, linear_relaxation, parallel_relaxation
@@ -577,67 +578,5 @@ def _times(coefficients, matrix: sp.csr_array, relaxations: Relaxations, segment
         return sp.csr_array(coefficients @ matrix)
     kind, form = relaxations.transposed_forms(matrix)
     if kind == "convolution":
-        return _convolution_transposed(form, coefficients, segment)
+        return convolution_transposed(form, coefficients, segment)
     return form @ coefficients
-
-
-ROW_BLOCK = 256  # rows of coefficients per pass of the transposed convolution (kept in cache)
-
-
-def _convolution_transposed(convolution: Convolution, T: np.ndarray, segment: int) -> np.ndarray:
-    """M^T @ T for M the convolution (Co Ho Wo, C H W): T (Co Ho Wo, r) -> (C H W, r), by
-    ``_add_windows`` in blocks of about ``ROW_BLOCK`` columns, whole segments of ``segment``
-    columns (one sample's rows) each: a segment that is zero at a position (an inactive relu, a
-    pooling window's element not selected) is skipped there. LeNet-5's products at eps 0.001
-    and 0.01 took 2.1-38 ms against 7.4-70 ms without skipping (conv1), 7.8-66 ms against
-    16-235 ms (conv2), on the same arrays."""
-    (C, H, W), (Co, Ho, Wo) = convolution.in_shape, convolution.out_shape
-    kh, kw = convolution.kernel
-    weight = convolution.weight.reshape(Co, C, kh, kw)
-    rows = T.shape[1]
-    source = T.reshape(Co, Ho, Wo, rows)
-    result = np.empty((C, H, W, rows))
-    geometry = np.array([*convolution.stride, *convolution.dilation, *convolution.pads], dtype=np.int64)
-    step = segment * max(1, ROW_BLOCK // segment)
-    for first in range(0, rows, step):
-        last = min(rows, first + step)
-        block = np.zeros((C, H, W, last - first))  # contiguous: the innermost loop vectorizes
-        _add_windows(weight, np.ascontiguousarray(source[..., first:last]), block, geometry, segment)
-        result[..., first:last] = block
-    return result.reshape(C * H * W, rows)
-
-
-@numba.njit(cache=True, nogil=True)  # (jitted: coverage cannot see inside)
-def _add_windows(weight, source, result, geometry, segment):
-    """result[c, h, w] += K[co, c, i, j] source[co, ho, wo] for h = s_h ho + d_h i - p_h and
-    w = s_w wo + d_w j - p_w inside the image: the adjoint of the convolution, each source
-    vector read once and added into the kernel's window (contiguous vectors of rows), segment by
-    segment of ``segment`` rows, all-zero segments skipped."""
-    sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
-    Co, C, kh, kw = weight.shape
-    _, Ho, Wo, rows = source.shape
-    H, W = result.shape[1], result.shape[2]
-    for co in range(Co):
-        for ho in range(Ho):
-            for wo in range(Wo):
-                for first in range(0, rows, segment):
-                    last = min(rows, first + segment)
-                    nonzero = False
-                    for t in range(first, last):
-                        if source[co, ho, wo, t] != 0:
-                            nonzero = True
-                            break
-                    if not nonzero:
-                        continue
-                    for c in range(C):
-                        for i in range(kh):
-                            h = sh * ho + dh * i - ph
-                            if h < 0 or h >= H:
-                                continue
-                            for j in range(kw):
-                                w = sw * wo + dw * j - pw
-                                value = weight[co, c, i, j]
-                                if w < 0 or w >= W or value == 0:
-                                    continue
-                                for t in range(first, last):
-                                    result[c, h, w, t] += value * source[co, ho, wo, t]
