@@ -1,9 +1,16 @@
 """The implicit model: x = phi(A x + B u + b_x), y = C x + D u + b_y.
 
-A (n x n), B (n x p), C (q x n), D (q x p) are scipy.sparse CSR arrays; the state x is cut into
-named blocks, each a contiguous slice of x with one componentwise activation and the shape of
-the tensor it came from. Inputs and outputs carry their names and per-sample shapes: a sample
-is flattened in C order and the inputs are concatenated in the order they are listed.
+A (n x n), B (n x p), C (q x n), D (q x p) are scipy.sparse CSR arrays, or structured matrices
+(``structure.StructuredMatrix``: convolution and dense terms kept as kernels, plus a CSR
+remainder) that become CSR only when read: ``model.A`` materializes and caches it, after
+checking that it fits in memory (``ModelTooLargeError`` with its size when it does not), while
+``model.structure`` gives the four structured forms, which the runtime, save/load, spy and the
+analyses use without materializing.
+
+The state x is cut into named blocks, each a contiguous slice of x with one componentwise
+activation and the shape of the tensor it came from. Inputs and outputs carry their names and
+per-sample shapes: a sample is flattened in C order and the inputs are concatenated in the order
+they are listed.
 """
 
 from __future__ import annotations
@@ -17,7 +24,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .activations import Activation, activation
-from .errors import NonFiniteError, ShapeError
+from .errors import ModelTooLargeError, NonFiniteError, ShapeError
+from .memory import available_memory_bytes
+from .structure import StructuredMatrix
 
 if TYPE_CHECKING:
     from .runtime.solve import Solution
@@ -84,21 +93,54 @@ class StateBlock:
         return slice(self.start, self.stop)
 
 
+class _Matrix:
+    """A, B, C or D of a model: stored as given (CSR, or a ``StructuredMatrix`` with terms),
+    read as CSR (a structured one materialized once, on the first read, if it fits)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, model: ImplicitModel | None, owner: type | None = None) -> sp.csr_array:
+        if model is None:
+            raise AttributeError(self.name)  # (no default: the dataclass field is required)
+        stored = model.__dict__["_stored"][self.name]
+        if not isinstance(stored, StructuredMatrix):
+            return stored
+        key = ("csr", self.name)
+        if key not in model._cache:
+            model._cache[key] = _materialize(stored, self.name)
+        return model._cache[key]
+
+    def __set__(self, model: ImplicitModel, value: Any) -> None:
+        model.__dict__.setdefault("_stored", {})[self.name] = value  # (frozen: only __init__ sets it)
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """A, B, C and D of a model as structured matrices (a plain one has no terms)."""
+
+    A: StructuredMatrix
+    B: StructuredMatrix
+    C: StructuredMatrix
+    D: StructuredMatrix
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class ImplicitModel:
     """An implicit model x = phi(A x + B u + b_x), y = C x + D u + b_y.
 
     Construct it from its parts (validated here), with ``from_matrices`` for a one-block model,
     or with ``implicit_compiler.from_onnx``. All matrices and biases share one floating dtype
-    (float32 or float64); sparse inputs of any format are stored as CSR. The constructor takes
-    canonical CSR arrays over without copying them (do not edit them afterwards);
-    ``from_matrices`` copies.
+    (float32 or float64); sparse inputs of any format are stored as CSR, ``StructuredMatrix``
+    ones as they are (materialized when ``model.A`` etc. is read: see the module docstring).
+    The constructor takes canonical CSR arrays over without copying them (do not edit them
+    afterwards); ``from_matrices`` copies.
     """
 
-    A: sp.csr_array
-    B: sp.csr_array
-    C: sp.csr_array
-    D: sp.csr_array
+    A: sp.csr_array = _Matrix()
+    B: sp.csr_array = _Matrix()
+    C: sp.csr_array = _Matrix()
+    D: sp.csr_array = _Matrix()
     bias_x: np.ndarray
     bias_y: np.ndarray
     blocks: tuple[StateBlock, ...]
@@ -107,19 +149,24 @@ class ImplicitModel:
     _cache: dict = field(default_factory=dict, init=False, compare=False)
 
     def __post_init__(self) -> None:
-        matrices = {name: _as_csr(getattr(self, name), name) for name in "ABCD"}
+        stored = self.__dict__["_stored"]
+        matrices = {name: _as_stored(stored[name], name) for name in "ABCD"}
         dtype = _common_float_dtype([m.dtype for m in matrices.values()])
         for name, matrix in matrices.items():
-            object.__setattr__(self, name, matrix.astype(dtype, copy=False))
-        n, p, q = self.A.shape[0], self.B.shape[1], self.C.shape[0]
-        _expect_shape(self.A, (n, n), "A", "square, n x n with n the number of states")
-        _expect_shape(self.B, (n, p), "B", "n x p: rows as A, columns as inputs")
-        _expect_shape(self.C, (q, n), "C", "q x n: rows as outputs, columns as A")
-        _expect_shape(self.D, (q, p), "D", "q x p: rows as C, columns as B")
+            stored[name] = (
+                matrix.astype(dtype, copy=False) if isinstance(matrix, sp.csr_array) else matrix.astype(dtype)
+            )
+        n, p, q = stored["A"].shape[0], stored["B"].shape[1], stored["C"].shape[0]
+        _expect_shape(stored["A"], (n, n), "A", "square, n x n with n the number of states")
+        _expect_shape(stored["B"], (n, p), "B", "n x p: rows as A, columns as inputs")
+        _expect_shape(stored["C"], (q, n), "C", "q x n: rows as outputs, columns as A")
+        _expect_shape(stored["D"], (q, p), "D", "q x p: rows as C, columns as B")
         object.__setattr__(self, "bias_x", _as_bias(self.bias_x, n, dtype, "bias_x"))
         object.__setattr__(self, "bias_y", _as_bias(self.bias_y, q, dtype, "bias_y"))
         for name in "ABCD":
-            if not np.isfinite(getattr(self, name).data).all():
+            matrix = stored[name]
+            finite = matrix.is_finite() if isinstance(matrix, StructuredMatrix) else np.isfinite(matrix.data).all()
+            if not finite:
                 raise NonFiniteError(f"matrix {name} holds NaN or inf values; expected finite weights")
         object.__setattr__(self, "blocks", tuple(self.blocks))
         object.__setattr__(self, "inputs", tuple(self.inputs))
@@ -166,36 +213,69 @@ class ImplicitModel:
     @property
     def n(self) -> int:
         """Number of states."""
-        return self.A.shape[0]
+        return self._stored["A"].shape[0]
 
     @property
     def p(self) -> int:
         """Number of (flattened) inputs per sample."""
-        return self.B.shape[1]
+        return self._stored["B"].shape[1]
 
     @property
     def q(self) -> int:
         """Number of (flattened) outputs per sample."""
-        return self.C.shape[0]
+        return self._stored["C"].shape[0]
 
     @property
     def dtype(self) -> np.dtype:
         """The floating dtype of every matrix and bias."""
-        return self.A.dtype
+        return self._stored["A"].dtype
 
     @property
     def nnz(self) -> int:
-        """Non-zeros stored in A, B, C and D together."""
-        return sum(getattr(self, name).nnz for name in "ABCD")
+        """Non-zeros of A, B, C and D together (as CSR; counted from the structure, without
+        materializing)."""
+        return sum(matrix.nnz for matrix in self._stored.values())
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes held by the matrices (data, indices, index pointers) and the biases."""
+        """Bytes held by the matrices as stored (CSR arrays; kernels and remainders of structured
+        ones) and the biases."""
         total = self.bias_x.nbytes + self.bias_y.nbytes
-        for name in "ABCD":
-            m = getattr(self, name)
-            total += m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+        for m in self._stored.values():
+            total += (
+                m.stored_bytes
+                if isinstance(m, StructuredMatrix)
+                else m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+            )
         return total
+
+    @property
+    def structure(self) -> ModelStructure:
+        """A, B, C and D as ``StructuredMatrix`` objects, never materialized (the runtime,
+        save, spy and the analyses read this); a plain CSR matrix has no terms."""
+        if "structure" not in self._cache:
+            self._cache["structure"] = ModelStructure(
+                *(m if isinstance(m, StructuredMatrix) else StructuredMatrix.plain(m) for m in self._parts())
+            )
+        return self._cache["structure"]
+
+    @property
+    def is_structured(self) -> bool:
+        """Whether some matrix keeps terms (convolutions, dense products) instead of CSR."""
+        return any(isinstance(m, StructuredMatrix) for m in self._parts())
+
+    def materialized(self) -> ImplicitModel:
+        """The same model with A, B, C and D as CSR (itself when they already are);
+        ``ModelTooLargeError`` when one would not fit in memory."""
+        if not self.is_structured:
+            return self
+        return ImplicitModel(
+            self.A, self.B, self.C, self.D, self.bias_x, self.bias_y, self.blocks, self.inputs, self.outputs
+        )
+
+    def _parts(self) -> tuple[Any, Any, Any, Any]:
+        """A, B, C, D as stored (CSR or ``StructuredMatrix``)."""
+        return tuple(self._stored[name] for name in "ABCD")
 
     def block(self, name: str) -> StateBlock:
         """The state block called ``name``."""
@@ -206,7 +286,7 @@ class ImplicitModel:
 
     def __repr__(self) -> str:
         return (
-            f"ImplicitModel(n={self.n}, p={self.p}, q={self.q}, nnz(A)={self.A.nnz}, "
+            f"ImplicitModel(n={self.n}, p={self.p}, q={self.q}, nnz(A)={self._stored['A'].nnz}, "
             f"blocks={len(self.blocks)}, dtype={self.dtype})"
         )
 
@@ -223,7 +303,7 @@ class ImplicitModel:
             )
         if dtype not in self._cache:
             self._cache[dtype] = ImplicitModel(
-                *(getattr(self, name).astype(dtype) for name in "ABCD"),
+                *(m.astype(dtype) for m in self._parts()),
                 self.bias_x.astype(dtype),
                 self.bias_y.astype(dtype),
                 self.blocks,
@@ -238,15 +318,14 @@ class ImplicitModel:
         x = phi(A x + [B b_x] [u; 1]),  y = C x + [D b_y] [u; 1]. The extra input is named
         'one' (shape (1,)); feed it the value 1.
         """
-        bias_column = lambda b: sp.csr_array(b.reshape(-1, 1))  # noqa: E731
-        B = sp.hstack([self.B, bias_column(self.bias_x)], format="csr")
-        D = sp.hstack([self.D, bias_column(self.bias_y)], format="csr")
+        A, B, C, D = self._parts()
+        B, D = _with_column(B, self.bias_x), _with_column(D, self.bias_y)
         names = {spec.name for spec in self.inputs}
         one = "one" if "one" not in names else _fresh_name("one", names)
         return ImplicitModel(
-            self.A,
+            A,
             B,
-            self.C,
+            C,
             D,
             None,
             None,
@@ -298,6 +377,44 @@ class ImplicitModel:
         from .serialization import save_model
 
         save_model(self, path, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------------- structure
+def _materialize(matrix: StructuredMatrix, name: str) -> sp.csr_array:
+    """``matrix.to_csr()`` after checking it fits: building it holds the entries as COO (two
+    int64 indices and a value each) beside the final CSR."""
+    needed = matrix.nnz * (16 + matrix.dtype.itemsize) + matrix.csr_bytes()
+    available = available_memory_bytes()
+    if needed > available:
+        raise ModelTooLargeError(
+            f"model.{name} would hold {matrix.nnz / 1e9:.2f}G non-zeros ({matrix.csr_bytes() / 1e9:.1f} GB as "
+            f"{matrix.dtype} CSR, {needed / 1e9:.1f} GB while building it), over the {available / 1e9:.1f} GB this "
+            "process has left; predict, solve, save, spy, well_posedness and sensitivity work on the structured "
+            "form without it (model.structure), or a smaller input resolution makes it fit"
+        )
+    try:
+        return _with_int32_indices(matrix.to_csr())
+    except MemoryError as error:
+        raise ModelTooLargeError(f"model.{name} ran out of memory while materializing its CSR: {error}") from error
+
+
+def _as_stored(matrix: Any, name: str) -> sp.csr_array | StructuredMatrix:
+    """A structured matrix with terms as it is (its remainder canonical CSR), one without as
+    its remainder, anything else as ``_as_csr``."""
+    if isinstance(matrix, StructuredMatrix):
+        if not matrix.terms:
+            return _as_csr(matrix.remainder, name)
+        _check_real(matrix.dtype, f"matrix {name}")
+        return StructuredMatrix(matrix.shape, matrix.terms, _as_csr(matrix.remainder, name))
+    return _as_csr(matrix, name)
+
+
+def _with_column(matrix: sp.csr_array | StructuredMatrix, column: np.ndarray) -> sp.csr_array | StructuredMatrix:
+    """[matrix column] (``homogeneous``)."""
+    column = sp.csr_array(column.reshape(-1, 1))
+    if isinstance(matrix, StructuredMatrix):
+        return matrix.with_columns(column)
+    return sp.hstack([matrix, column], format="csr")
 
 
 # --------------------------------------------------------------------------------- validation
@@ -368,7 +485,7 @@ def _common_float_dtype(dtypes: Sequence[np.dtype]) -> np.dtype:
     return np.dtype(np.float64)
 
 
-def _expect_shape(matrix: sp.csr_array, expected: tuple[int, int], name: str, rule: str) -> None:
+def _expect_shape(matrix: sp.csr_array | StructuredMatrix, expected: tuple[int, int], name: str, rule: str) -> None:
     if matrix.shape != expected:
         raise ShapeError(f"matrix {name} must be {rule}: expected shape {expected}, got {matrix.shape}")
 

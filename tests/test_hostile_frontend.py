@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_helpers import MLP_TEXT, assert_matches_onnxruntime, parse
 
 import implicit_compiler as ic
+from implicit_compiler import memory
 from implicit_compiler.frontend import estimate
 from implicit_compiler.frontend.graph import prepare
 
@@ -398,7 +399,7 @@ def test_light_models_are_refused_in_seconds(light_outcomes, name, expected):
 def test_available_memory_respects_the_address_space_rlimit():
     script = (
         "import resource; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
-        "from implicit_compiler.frontend.estimate import available_memory_bytes; print(available_memory_bytes())"
+        "from implicit_compiler.memory import available_memory_bytes; print(available_memory_bytes())"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
@@ -427,9 +428,9 @@ def test_available_memory_respects_the_cgroup_limit(tmp_path, monkeypatch, versi
     folder.mkdir(parents=True)
     for name, content in files.items():
         (folder / name).write_text(f"{content}\n" if isinstance(content, int) else content)
-    monkeypatch.setattr(estimate, "PROC_CGROUP", str(tmp_path / "proc"))
-    monkeypatch.setattr(estimate, "CGROUP_ROOT", str(tmp_path))
-    assert estimate.available_memory_bytes() == pytest.approx(gib)  # MemAvailable here is far above 1 GiB
+    monkeypatch.setattr(memory, "PROC_CGROUP", str(tmp_path / "proc"))
+    monkeypatch.setattr(memory, "CGROUP_ROOT", str(tmp_path))
+    assert memory.available_memory_bytes() == pytest.approx(gib)  # MemAvailable here is far above 1 GiB
 
 
 def test_memory_error_while_lowering_is_model_too_large(monkeypatch):

@@ -1,8 +1,11 @@
-"""Structured matrices (issue 20, step 1): convolution and dense terms plus a sparse remainder,
-checked against the model's own CSR matrices (to_csr, products, |M|, non-zero counts)."""
+"""Structured matrices (issue 20, steps 1-2): convolution and dense terms plus a sparse remainder,
+checked against the model's own CSR matrices (to_csr, products, |M|, non-zero counts); models
+holding them read as the plain model, materialize only when A-D are read, and refuse with
+ModelTooLargeError when that would not fit."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +14,8 @@ import scipy.sparse as sp
 from onnx import TensorProto, helper, numpy_helper
 
 import implicit_compiler as ic
-from implicit_compiler.runtime.structured import Convolution, Dense
-from implicit_compiler.structure import StructuredMatrix, convolution_transposed, lift
+from implicit_compiler import model as model_module
+from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term, convolution_transposed, lift
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,21 +67,24 @@ def assert_same_matrix(structured: StructuredMatrix, matrix) -> None:
 
 def test_lift_keeps_the_matrices_and_finds_their_structure(rng):
     for name, model in models(rng):
-        B, A = lift(model)
+        lifted = lift(model).structure
+        B, A = lifted.B, lifted.A
         assert_same_matrix(B, model.B)
         assert_same_matrix(A, model.A)
         assert B.terms and all(isinstance(term.op, Convolution) for term in B.terms), name
         assert A.terms, name
         kept = B.remainder.nnz + A.remainder.nnz
         assert kept < 0.1 * (model.A.nnz + model.B.nnz), f"{name}: {kept} non-zeros left to the remainder"
-    lenet_B, lenet_A = lift(ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64))
+    lenet = lift(ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64)).structure
+    lenet_B, lenet_A = lenet.B, lenet.A
     assert any(isinstance(term.op, Dense) for term in lenet_A.terms)  # the fully connected layers
     assert sum(term.op.weight.size for term in lenet_B.terms) == 150  # 6 kernels of 5x5, not 117,600 entries
 
 
 def test_products_and_absolute_values_equal_the_csr_ones(rng):
     for name, model in models(rng):
-        for structured, matrix in zip(lift(model), (model.B, model.A)):
+        lifted = lift(model).structure
+        for structured, matrix in zip((lifted.B, lifted.A), (model.B, model.A)):
             X = rng.normal(size=(matrix.shape[1], 3))
             Y = rng.normal(size=(matrix.shape[0], 4))
             np.testing.assert_allclose(structured.matvec(X), matrix @ X, rtol=1e-11, atol=1e-11, err_msg=name)
@@ -91,10 +97,91 @@ def test_the_transposed_convolution_skips_zero_segments_exactly(segment, rng):
     """Segments of ``segment`` columns that are zero at a position are skipped: the product is
     the same as the CSR's transpose whatever the zeros."""
     model = conv_net(rng, 2, 1, 1)
-    B, _ = lift(model)
-    (term,) = B.terms
+    (term,) = lift(model).structure.B.terms
     T = rng.normal(size=(term.rows.stop - term.rows.start, 21))
     T[rng.uniform(size=T.shape) < 0.7] = 0.0
     T[:, :segment] = 0.0  # a whole first segment zero everywhere
     expected = model.B[term.rows].T @ T
     np.testing.assert_allclose(convolution_transposed(term.op, T, segment), expected, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- models holding structure
+def lenet_pair():
+    plain = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64)
+    return plain, lift(plain)
+
+
+def test_a_lifted_model_reads_as_the_plain_one_bitwise():
+    plain, lifted = lenet_pair()
+    assert lifted.is_structured and not plain.is_structured
+    for name in "ABCD":
+        matrix, expected = getattr(lifted, name), getattr(plain, name)
+        assert isinstance(matrix, sp.csr_array) and matrix.indices.dtype == np.int32
+        assert (matrix != expected).nnz == 0, name  # the kernels are the CSR's own entries
+    assert lifted.materialized().A is lifted.A and not lifted.materialized().is_structured
+    assert plain.materialized() is plain
+    u = np.random.default_rng(0).uniform(size=(3, 1, 32, 32))
+    np.testing.assert_array_equal(lifted.materialized().predict(u), plain.predict(u))
+
+
+def test_sizes_shapes_and_casts_never_materialize():
+    plain, lifted = lenet_pair()
+    assert (lifted.n, lifted.p, lifted.q, lifted.nnz, lifted.dtype) == (
+        plain.n,
+        plain.p,
+        plain.q,
+        plain.nnz,
+        plain.dtype,
+    )
+    assert repr(lifted) == repr(plain)
+    assert lifted.memory_bytes < plain.memory_bytes / 4  # kernels, not one entry per multiply-accumulate
+    single = lifted.astype(np.float32)
+    assert single.is_structured and single.dtype == np.float32
+    assert all(term.op.weight.dtype == np.float32 for term in single.structure.A.terms)
+    homogeneous = lifted.homogeneous()
+    assert homogeneous.is_structured and homogeneous.p == plain.p + 1
+    for model in (lifted, single, homogeneous):
+        assert not any(isinstance(key, tuple) and key[0] == "csr" for key in model._cache), model
+    assert (homogeneous.B != plain.homogeneous().B).nnz == 0
+    assert (single.A != plain.astype(np.float32).A).nnz == 0
+
+
+def test_the_plain_structure_has_no_terms():
+    plain, _ = lenet_pair()
+    structure = plain.structure
+    assert all(not getattr(structure, name).terms for name in "ABCD")
+    assert structure.A.remainder is plain.A
+
+
+def test_reading_a_matrix_too_large_for_memory_is_refused_with_its_size(monkeypatch):
+    _, lifted = lenet_pair()
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: 1e6)
+    with pytest.raises(ic.ModelTooLargeError, match=r"model\.A would hold 0\.00G non-zeros .*model\.structure"):
+        _ = lifted.A
+    with pytest.raises(ic.ModelTooLargeError):
+        lifted.materialized()
+    assert lifted.nnz > 0 and lifted.structure.A.terms  # what needs no CSR still works
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: 1e12)
+    assert lifted.A.nnz == lifted.structure.A.nnz
+
+
+def test_structured_matrices_are_validated():
+    plain, lifted = lenet_pair()
+    B = lifted.structure.B
+    term = B.terms[0]
+    with pytest.raises(ic.ShapeError, match="overlap"):
+        StructuredMatrix(B.shape, (term, term), sp.csr_array(B.shape))
+    with pytest.raises(ic.ShapeError, match="remainder .* where a term writes"):
+        StructuredMatrix(B.shape, (term,), plain.B)
+    with pytest.raises(ic.ShapeError, match="maps"):
+        StructuredMatrix(B.shape, (Term(slice(0, 5), term.op),), sp.csr_array(B.shape))
+    with pytest.raises(ic.ShapeError, match="outside"):
+        StructuredMatrix((10, B.shape[1]), (term,), sp.csr_array((10, B.shape[1])))
+    weight = term.op.weight.copy()
+    weight[0, 0] = np.inf
+    assert not StructuredMatrix(B.shape, (Term(term.rows, replace(term.op, weight=weight)),), B.remainder).is_finite()
+    infinite = StructuredMatrix(B.shape, (Term(term.rows, replace(term.op, weight=weight)),), B.remainder)
+    with pytest.raises(ic.NonFiniteError, match="matrix B"):
+        ic.ImplicitModel(
+            lifted.structure.A, infinite, *lifted._parts()[2:], None, None, lifted.blocks, lifted.inputs, lifted.outputs
+        )

@@ -25,10 +25,11 @@ from ..errors import (
     NonFiniteError,
     UnsupportedOpError,
 )
+from ..memory import available_memory_bytes
 from ..model import ImplicitModel, TensorSpec
 from .batch_axis import check_batch_independence
 from .context import LoweringContext, NodeView, Value
-from .estimate import available_memory_bytes, check_model_fits
+from .estimate import check_model_fits
 from .expression import Affine
 from .fold import evaluate_constant_node
 from .graph import PreparedModel, load_onnx, prepare

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..activations import Activation
+from ..structure import Convolution, Dense, _reach
 from . import kernels
 
 # A sub-matrix becomes a structured term only past this many non-zeros (smaller ones cost more
@@ -48,66 +49,6 @@ DENSE_FILL = 0.5
 KERNEL_FILL = 0.5
 # The im2col buffer of one batch chunk holds about this many bytes.
 CHUNK_BYTES = 4 << 20
-
-
-@dataclass(frozen=True)
-class Convolution:
-    """Y (Co, Ho, Wo) += conv(X (C, H, W)) with X = V[source] (V = [u; x], rows by batch)."""
-
-    source: slice
-    in_shape: tuple[int, int, int]
-    out_shape: tuple[int, int, int]
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    dilation: tuple[int, int]
-    pads: tuple[int, int]  # leading pads (top, left); trailing pads follow from the shapes
-    weight: np.ndarray  # (Co, C * kh * kw)
-
-    @property
-    def columns_per_sample(self) -> int:
-        return self.weight.shape[1] * self.out_shape[1] * self.out_shape[2]
-
-    def apply(self, source: np.ndarray) -> np.ndarray:
-        """The convolution of source (C H W, batch) as (Co Ho Wo, batch)."""
-        batch = source.shape[1]
-        (C, H, W), (Co, Ho, Wo) = self.in_shape, self.out_shape
-        X = np.ascontiguousarray(source).reshape(C, H, W, batch)  # C order: a faster im2col
-        if (*self.kernel, *self.stride, *self.pads) == (1, 1, 1, 1, 0, 0) and (Ho, Wo) == (H, W):
-            cols = X.reshape(C, H * W * batch)
-        else:
-            cols = self._im2col(X).reshape(self.weight.shape[1], Ho * Wo * batch)
-        return (self.weight @ cols).reshape(Co * Ho * Wo, batch)
-
-    def _im2col(self, X: np.ndarray) -> np.ndarray:
-        """cols (C, kh, kw, Ho, Wo, batch) of X (C, H, W, batch): sliding windows of the padded
-        image, a strided view copied once (LeNet-5 batch 1: 27 us, against 71 for a compiled
-        loop)."""
-        C, H, W, batch = X.shape
-        (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.pads
-        _, Ho, Wo = self.out_shape
-        extent_h, extent_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-        bottom = max(0, (Ho - 1) * sh + extent_h - H - ph)
-        right = max(0, (Wo - 1) * sw + extent_w - W - pw)
-        if ph or pw or bottom or right:
-            padded = np.zeros((C, H + ph + bottom, W + pw + right, batch), dtype=X.dtype)
-            padded[:, ph : ph + H, pw : pw + W] = X
-            X = padded
-        windows = np.lib.stride_tricks.sliding_window_view(X, (extent_h, extent_w), axis=(1, 2))
-        windows = windows[:, : (Ho - 1) * sh + 1 : sh, : (Wo - 1) * sw + 1 : sw, :, ::dh, ::dw]
-        return np.ascontiguousarray(windows.transpose(0, 4, 5, 1, 2, 3))
-
-
-@dataclass(frozen=True)
-class Dense:
-    """Y += W V[source] for a sub-matrix that is mostly non-zero."""
-
-    source: slice
-    weight: np.ndarray  # (rows, source size)
-
-    columns_per_sample = 0
-
-    def apply(self, source: np.ndarray) -> np.ndarray:
-        return self.weight @ source
 
 
 def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
@@ -199,13 +140,6 @@ def _axis_geometry(position_out: np.ndarray, position_in: np.ndarray, size_out: 
     if low > 0 or np.any(shifted % dilation):
         return None  # leading crop or irregular offsets
     return stride, dilation, -low, spread // dilation + 1
-
-
-def _reach(size_out: int, size_in: int, stride: int, dilation: int, pad: int, kernel: int) -> np.ndarray:
-    """For each kernel index, how many output positions read an in-bounds input."""
-    out = np.arange(size_out)[:, None]
-    position = stride * out + dilation * np.arange(kernel)[None, :] - pad
-    return ((position >= 0) & (position < size_in)).sum(axis=0)
 
 
 @dataclass(frozen=True)
