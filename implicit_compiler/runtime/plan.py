@@ -31,18 +31,27 @@ class Component:
 
 
 def block_dependency_graph(model: ImplicitModel) -> nx.DiGraph:
-    """A directed graph on block indices with an edge j -> i when block i reads block j."""
+    """A directed graph on block indices with an edge j -> i when block i reads block j: through
+    A's stored entries, or through a structured term of A (``model.structure``; a term reads
+    every block its source columns overlap), never materializing A."""
     graph = nx.DiGraph()
     graph.add_nodes_from((index, {"name": block.name}) for index, block in enumerate(model.blocks))
     # block_of[state] = index of the block holding it (a lookup beats sorting 37M column indices)
     block_of = np.repeat(np.arange(len(model.blocks)), [block.size for block in model.blocks])
-    A = model.A
+    structure = model.structure.A
+    A = structure.remainder
     for target, block in enumerate(model.blocks):
         columns = A.indices[A.indptr[block.start] : A.indptr[block.stop]]
         if columns.size == 0:
             continue
         sources = np.flatnonzero(np.bincount(block_of[columns], minlength=len(model.blocks)))
         graph.add_edges_from((int(source), target) for source in sources)
+    for term in structure.terms:
+        source = term.op.source
+        if term.rows.stop > term.rows.start and source.stop > source.start:
+            targets = np.unique(block_of[term.rows.start : term.rows.stop])
+            readers = np.unique(block_of[source.start : source.stop])
+            graph.add_edges_from((int(j), int(i)) for i in targets for j in readers)
     return graph
 
 
