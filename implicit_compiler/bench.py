@@ -58,6 +58,9 @@ BUSY_THRESHOLD = 0.10  # other processes' share of all cores above which a timin
 REPORT_FILES = ("bench.json", "bench.md")
 # Torch definitions of the zoo models, used when zoo/zoo.json does not name one ("file.py:Class").
 TORCH_SOURCES = {"lenet5": "lenet5.py:LeNet5", "resnet20": "resnet20.py:ResNet20"}
+# ImageNet-size networks built by ``bench_models.resnet`` (depth, image size): not in the zoo
+# (ResNet-50's weights alone are 100 MB), written once into the temporary folder.
+GENERATED = {"resnet18_224": (18, 224), "resnet50_224": (50, 224)}
 
 
 class CorrectnessError(ImplicitCompilerError, AssertionError):
@@ -687,10 +690,35 @@ def compile_peak_memory(path: Path, timeout: float = 1800) -> tuple[int | None, 
 
 # --------------------------------------------------------------------------------- benchmark
 def _resolve_model(name: str, zoo: Path) -> Path:
+    """zoo/<name>.onnx, or for an ImageNet-size network (``GENERATED``) the file built by
+    ``bench_models.resnet`` into the temporary folder (once; seeded, so always the same)."""
+    if name in GENERATED:
+        return _generated_model(name)
     path = zoo / f"{name}.onnx"
     if not path.exists():
         known = sorted(p.stem for p in zoo.glob("*.onnx")) if zoo.is_dir() else []
-        raise ValueError(f"unknown model {name!r}: {path} not found (zoo models: {', '.join(known) or 'none'})")
+        raise ValueError(
+            f"unknown model {name!r}: {path} not found (zoo models: {', '.join(known) or 'none'}; "
+            f"generated: {', '.join(GENERATED)})"
+        )
+    return path
+
+
+def _generated_model(name: str) -> Path:
+    import tempfile
+
+    import onnx
+
+    from .bench_models import resnet
+
+    depth, size = GENERATED[name]
+    folder = Path(tempfile.gettempdir()) / "implicit_compiler_bench"
+    path = folder / f"{name}.onnx"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f"{name}.{os.getpid()}.partial"
+        onnx.save(resnet(depth, size), str(partial))
+        os.replace(partial, path)  # (a concurrent run writes the same bytes)
     return path
 
 
@@ -870,7 +898,7 @@ def _bench_model(
         input_shape=input_shape,
         n=model.n,
         nnz=model.nnz,
-        nnz_A=model.A.nnz,
+        nnz_A=model.structure.A.nnz,
         memory_bytes=model.memory_bytes,
         compile_seconds=statistics.median(compile_times),
         compile_runs_seconds=tuple(compile_times),

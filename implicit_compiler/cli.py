@@ -465,7 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--overwrite", action="store_true")
 
     sub = add("bench", command_bench, "benchmark ours vs onnxruntime and torch on the zoo models (bench.json, .md)")
-    sub.add_argument("--models", nargs="+", default=["lenet5", "resnet20"], help="zoo model names (zoo/NAME.onnx)")
+    sub.add_argument(
+        "--models",
+        nargs="+",
+        default=["lenet5", "resnet20"],
+        help="zoo model names (zoo/NAME.onnx), or resnet18_224 / resnet50_224 (ImageNet-size, generated)",
+    )
     sub.add_argument("--batches", nargs="+", default=["1", "32", "256"], help="batch sizes (e.g. 1 32 256)")
     sub.add_argument("--quick", action="store_true", help="fewer repeats and one compile (for tests)")
     sub.add_argument("--repeats", type=int, help="least number of timed runs (default 5, --quick 2)")
