@@ -3,17 +3,27 @@
 The file is a NumPy .npz archive holding, for each matrix M in A, B, C, D, the CSR arrays
 ``M_data``, ``M_indices`` and ``M_indptr`` exactly as stored (so a round trip is bit-identical),
 the biases, and ``metadata``: UTF-8 JSON with a format tag, the format version, the matrix
-shapes, the blocks and the input/output specs. Writing goes to a temporary file in the same
-folder that is renamed into place, so a crash never leaves a half-written model behind, and an
-existing file is only replaced when ``overwrite=True`` (``write_file``, also used by the command
-line for its .npy outputs: a symbolic link counts as an existing file, even one whose target does
-not exist; with ``overwrite=True`` the link is followed and the file it points at is written, as
-``open(path, "w")`` would; the file gets the permissions ``open`` would give it).
+shapes, the blocks and the input/output specs. That is format 1, which plain (CSR) models keep
+writing. A structured model (``model.is_structured``, issue 20) writes format 2: ``M_data``,
+``M_indices``, ``M_indptr`` hold M's remainder, each term i of M its weight as ``M_term{i}``,
+and the metadata's ``terms`` lists, per matrix, each term's kind and geometry ("convolution":
+rows, source, in_shape, out_shape, kernel, stride, dilation, pads; "dense": rows, source; rows
+and source as [start, stop]). Neither saving nor loading materializes the matrices: ResNet20
+lifted is a few MB against about 300 MB as CSR. Loading checks every part and refuses a damaged
+file with a ``ModelFileError`` naming the file and what is wrong.
+
+Writing goes to a temporary file in the same folder that is renamed into place, so a crash never
+leaves a half-written model behind, and an existing file is only replaced when ``overwrite=True``
+(``write_file``, also used by the command line for its .npy outputs: a symbolic link counts as an
+existing file, even one whose target does not exist; with ``overwrite=True`` the link is followed
+and the file it points at is written, as ``open(path, "w")`` would; the file gets the permissions
+``open`` would give it).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -35,10 +45,15 @@ from .errors import (
     PathNotFoundError,
     PathPermissionError,
 )
-from .model import ImplicitModel, StateBlock, TensorSpec
+from .model import FLOAT_DTYPES, ImplicitModel, StateBlock, TensorSpec
+from .structure import Convolution, Dense, StructuredMatrix, Term
 
 FORMAT_TAG = "implicit_compiler.ImplicitModel"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest format this module reads; plain models still write PLAIN_FORMAT
+PLAIN_FORMAT, STRUCTURED_FORMAT = 1, 2
+TERM_KINDS = {"convolution": Convolution, "dense": Dense}
+GEOMETRY = {"in_shape": 3, "out_shape": 3, "kernel": 2, "stride": 2, "dilation": 2, "pads": 2}  # name: length
+GEOMETRY_LIMIT = 2**31  # no model dimension or geometry integer is this large
 MATRICES = ("A", "B", "C", "D")
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with members, an empty zip
@@ -48,19 +63,46 @@ _READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, K
 
 
 def save_model(model: ImplicitModel, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``model`` to ``path`` (the name is used as given); return the path."""
+    """Write ``model`` to ``path`` (the name is used as given); return the path. A structured
+    model is written in format 2, its terms as kernels (never materialized); a plain one in
+    format 1."""
     path = Path(path)
+    structure = model.structure
     arrays: dict[str, np.ndarray] = {}
+    terms: dict[str, list[dict[str, Any]]] = {}
     for name in MATRICES:
-        matrix = getattr(model, name)
-        arrays[f"{name}_data"] = matrix.data
-        arrays[f"{name}_indices"] = matrix.indices
-        arrays[f"{name}_indptr"] = matrix.indptr
+        matrix: StructuredMatrix = getattr(structure, name)
+        remainder = matrix.remainder
+        arrays[f"{name}_data"] = remainder.data
+        arrays[f"{name}_indices"] = remainder.indices
+        arrays[f"{name}_indptr"] = remainder.indptr
+        terms[name] = []
+        for index, term in enumerate(matrix.terms):
+            arrays[_weight_name(name, index)] = term.op.weight
+            terms[name].append(_term_metadata(term))
     arrays["bias_x"] = model.bias_x
     arrays["bias_y"] = model.bias_y
-    arrays["metadata"] = np.frombuffer(json.dumps(_metadata(model)).encode("utf-8"), dtype=np.uint8)
+    metadata = _metadata(model, terms if model.is_structured else None)
+    arrays["metadata"] = np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
     write_file(path, lambda stream: np.savez(stream, **arrays), overwrite)
     return path
+
+
+def _weight_name(matrix: str, index: int) -> str:
+    return f"{matrix}_term{index}"
+
+
+def _term_metadata(term: Term) -> dict[str, Any]:
+    """A term's kind and geometry as JSON (its weight is stored as an array)."""
+    op = term.op
+    entry: dict[str, Any] = {
+        "kind": "convolution" if isinstance(op, Convolution) else "dense",
+        "rows": [int(term.rows.start), int(term.rows.stop)],
+        "source": [int(op.source.start), int(op.source.stop)],
+    }
+    if isinstance(op, Convolution):
+        entry.update({key: [int(value) for value in getattr(op, key)] for key in GEOMETRY})
+    return entry
 
 
 def write_file(path: str | os.PathLike, write: Callable[[IO[bytes]], None], overwrite: bool = False) -> Path:
@@ -218,12 +260,13 @@ def _check_model_file(path: Path) -> None:
         )
 
 
-def _metadata(model: ImplicitModel) -> dict[str, Any]:
-    return {
+def _metadata(model: ImplicitModel, terms: dict[str, list[dict[str, Any]]] | None) -> dict[str, Any]:
+    """The JSON metadata: format 1 without ``terms``, format 2 with them."""
+    metadata = {
         "format": FORMAT_TAG,
-        "format_version": FORMAT_VERSION,
+        "format_version": PLAIN_FORMAT if terms is None else STRUCTURED_FORMAT,
         "written_by": f"implicit_compiler {__version__}",
-        "shapes": {name: list(getattr(model, name).shape) for name in MATRICES},
+        "shapes": {name: list(getattr(model.structure, name).shape) for name in MATRICES},
         "blocks": [
             {
                 "name": b.name,
@@ -238,6 +281,9 @@ def _metadata(model: ImplicitModel) -> dict[str, Any]:
         "inputs": [{"name": s.name, "shape": list(s.shape)} for s in model.inputs],
         "outputs": [{"name": s.name, "shape": list(s.shape)} for s in model.outputs],
     }
+    if terms is not None:
+        metadata["terms"] = terms
+    return metadata
 
 
 def _read_metadata(raw: np.ndarray, path: Path) -> dict[str, Any]:
@@ -248,7 +294,7 @@ def _read_metadata(raw: np.ndarray, path: Path) -> dict[str, Any]:
     if not isinstance(metadata, dict) or metadata.get("format") != FORMAT_TAG:
         raise ModelFileError(f"{path} is a .npz archive but not an implicit_compiler model (format tag missing)")
     version = metadata.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise ModelFileError(
             f"{path} uses model format version {version!r}; this implicit_compiler reads versions up "
             f"to {FORMAT_VERSION}: upgrade implicit_compiler"
@@ -257,6 +303,7 @@ def _read_metadata(raw: np.ndarray, path: Path) -> dict[str, Any]:
 
 
 def _model_from(metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> ImplicitModel:
+    terms = _term_lists(metadata) if metadata["format_version"] == STRUCTURED_FORMAT else {}
     matrices = []
     for name in MATRICES:
         matrix = sp.csr_array(
@@ -264,6 +311,8 @@ def _model_from(metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> Impl
             shape=tuple(metadata["shapes"][name]),
         )
         matrix.check_format(full_check=True)
+        if terms.get(name):
+            matrix = _structured_matrix(name, matrix.shape, terms[name], matrix, arrays)
         matrices.append(matrix)
     blocks = tuple(
         StateBlock(b["name"], b["start"], b["stop"], b["activation"], tuple(b["shape"]), b["source_node"])
@@ -272,3 +321,98 @@ def _model_from(metadata: dict[str, Any], arrays: dict[str, np.ndarray]) -> Impl
     inputs = tuple(TensorSpec(s["name"], tuple(s["shape"])) for s in metadata["inputs"])
     outputs = tuple(TensorSpec(s["name"], tuple(s["shape"])) for s in metadata["outputs"])
     return ImplicitModel(*matrices, arrays["bias_x"], arrays["bias_y"], blocks, inputs, outputs)
+
+
+# --------------------------------------------------------------------------------- format 2
+def _term_lists(metadata: dict[str, Any]) -> dict[str, list[Any]]:
+    """The metadata's ``terms``: a list (of JSON objects) per matrix."""
+    terms = metadata.get("terms")
+    if not isinstance(terms, dict) or set(terms) != set(MATRICES):
+        raise ModelFileError(f"format 2 metadata needs 'terms' with a list for each of A, B, C, D, got {terms!r:.200}")
+    for name in MATRICES:
+        if not isinstance(terms[name], list):
+            raise ModelFileError(f"the terms of matrix {name} are not a list: {terms[name]!r:.200}")
+    return terms
+
+
+def _structured_matrix(
+    name: str, shape: tuple[int, ...], entries: list[Any], remainder: sp.csr_array, arrays: dict[str, np.ndarray]
+) -> StructuredMatrix:
+    """Matrix ``name`` from its remainder and its terms' metadata and weights, all checked: a
+    term's geometry against its weight, its rectangle inside the matrix, no overlaps."""
+    terms = []
+    for index, entry in enumerate(entries):
+        where = f"matrix {name}, term {index}"
+        weight = arrays.get(_weight_name(name, index))
+        if weight is None:
+            raise ModelFileError(f"{where}: its weight array {_weight_name(name, index)!r} is missing")
+        terms.append(_term(entry, weight, remainder.dtype, where))
+    try:
+        return StructuredMatrix(shape, tuple(terms), remainder)
+    except ImplicitCompilerError as error:
+        raise ModelFileError(f"matrix {name}: {error}") from error
+
+
+def _term(entry: Any, weight: np.ndarray, dtype: np.dtype, where: str) -> Term:
+    """One term from its JSON object and its weight array."""
+    if not isinstance(entry, dict):
+        raise ModelFileError(f"{where}: expected a JSON object, got {entry!r:.200}")
+    kind = entry.get("kind")
+    if not isinstance(kind, str) or kind not in TERM_KINDS:
+        raise ModelFileError(
+            f"{where}: unknown term kind {kind!r:.100}; this implicit_compiler reads {sorted(TERM_KINDS)}: "
+            "upgrade implicit_compiler, or the file is corrupted"
+        )
+    if weight.dtype not in FLOAT_DTYPES or weight.dtype != dtype:
+        raise ModelFileError(f"{where}: its weight is {weight.dtype}, expected {dtype} as the matrix's other entries")
+    if weight.ndim != 2:
+        raise ModelFileError(f"{where}: its weight has shape {weight.shape}, expected 2 dimensions")
+    if not np.isfinite(weight).all():
+        raise ModelFileError(f"{where}: its weight holds NaN or inf values; expected finite weights")
+    rows, source = _slice_of(entry, "rows", where), _slice_of(entry, "source", where)
+    if kind == "dense":
+        return Term(rows, Dense(source, weight))
+    geometry = {key: _integers(entry, key, length, where) for key, length in GEOMETRY.items()}
+    _check_convolution(geometry, weight.shape, rows, source, where)
+    return Term(rows, Convolution(source=source, weight=weight, **geometry))
+
+
+def _check_convolution(
+    geometry: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...], rows: slice, source: slice, where: str
+) -> None:
+    """Sizes at least 1 (pads at least 0), images as large as the rows and source, and a weight
+    (Co, C kh kw) as the geometry says."""
+    for key, values in geometry.items():
+        if any(value < (0 if key == "pads" else 1) for value in values):
+            raise ModelFileError(f"{where}: {key} {list(values)} must be {'>= 0' if key == 'pads' else '>= 1'}")
+    for key, span, what in (("in_shape", source, "source"), ("out_shape", rows, "rows")):
+        if math.prod(geometry[key]) != span.stop - span.start:
+            raise ModelFileError(
+                f"{where}: {key} {list(geometry[key])} holds {math.prod(geometry[key])} values, but its {what} "
+                f"[{span.start}, {span.stop}] spans {span.stop - span.start}"
+            )
+    (C, _, _), (Co, _, _), (kh, kw) = geometry["in_shape"], geometry["out_shape"], geometry["kernel"]
+    if tuple(weight_shape) != (Co, C * kh * kw):
+        raise ModelFileError(
+            f"{where}: its weight has shape {tuple(weight_shape)}, but the geometry (out channels {Co}, in channels "
+            f"{C}, kernel {kh}x{kw}) needs ({Co}, {C * kh * kw})"
+        )
+
+
+def _slice_of(entry: dict[str, Any], key: str, where: str) -> slice:
+    start, stop = _integers(entry, key, 2, where)
+    if not 0 <= start <= stop:
+        raise ModelFileError(f"{where}: {key} [{start}, {stop}] is not a range 0 <= start <= stop")
+    return slice(start, stop)
+
+
+def _integers(entry: dict[str, Any], key: str, length: int, where: str) -> tuple[int, ...]:
+    """``entry[key]``: a list of ``length`` integers (JSON integers: not floats, not booleans)."""
+    values = entry.get(key)
+    if (
+        not isinstance(values, list)
+        or len(values) != length
+        or not all(isinstance(v, int) and not isinstance(v, bool) and abs(v) < GEOMETRY_LIMIT for v in values)
+    ):
+        raise ModelFileError(f"{where}: {key} must be a list of {length} integers, got {values!r:.200}")
+    return tuple(values)

@@ -10,6 +10,12 @@ import matplotlib.image
 import numpy as np
 import onnxruntime
 import pytest
+import scipy.sparse as sp
+
+import implicit_compiler as ic
+from implicit_compiler import model as model_module
+from implicit_compiler.cli import main
+from implicit_compiler.structure import StructuredMatrix, lift
 
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "zoo" / "lenet5.onnx"
@@ -198,3 +204,51 @@ def test_progress_bar_draws_on_a_terminal_and_stays_quiet_otherwise():
     assert pipe.getvalue() == ""
     assert "lowering [" in terminal.getvalue() and "4/4" in terminal.getvalue() and terminal.getvalue().endswith("\n")
     assert "#" * 30 in terminal.getvalue()
+
+
+@pytest.fixture(scope="module")
+def lifted_lenet(lenet_npz, tmp_path_factory):
+    """(plain LeNet-5 as compiled, its lifted form saved in format 2)."""
+    plain = ic.load(lenet_npz)
+    path = tmp_path_factory.mktemp("cli-structured") / "lenet5-lifted.npz"
+    lift(plain).save(path)
+    return plain, path
+
+
+def test_info_shows_structured_and_remainder_nonzeros(lifted_lenet):
+    plain, path = lifted_lenet
+    result = cli("info", path)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("nonzeros"))
+    for name in "AB":  # the totals are the plain CSR's; the split adds up to them
+        total = getattr(plain, name).nnz
+        prefix = f"{name} {total:,} (structured "
+        assert prefix in line, line
+        structured, remainder = line.split(prefix)[1].split(")")[0].split(" + remainder ")
+        assert int(structured.replace(",", "")) + int(remainder.replace(",", "")) == total
+        assert int(structured.replace(",", "")) > 0.9 * total
+    assert f"C {plain.C.nnz:,}   D 0   memory" in line  # plain matrices: the count alone
+    assert "well-posed True" in result.stdout
+
+
+def test_info_never_materializes_a_structured_model(lifted_lenet, monkeypatch, capsys):
+    """With no memory left for a CSR, info still prints the summary; a cyclic structured model
+    (whose well-posedness check needs A as CSR) says the check was not done."""
+    plain, path = lifted_lenet
+    monkeypatch.setattr(model_module, "available_memory_bytes", lambda: 1.0)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"A {plain.A.nnz:,} (structured" in out and "well-posed True" in out
+
+    lifted = ic.load(path)
+    A = lifted.structure.A
+    loop = sp.csr_array(([1e-3], ([0], [plain.n - 1])), shape=A.shape)  # the last block feeds the first
+    cyclic = ic.ImplicitModel(
+        StructuredMatrix(A.shape, A.terms, A.remainder + loop), *lifted._parts()[1:], lifted.bias_x, lifted.bias_y,
+        lifted.blocks, lifted.inputs, lifted.outputs,
+    )  # fmt: skip
+    cyclic.save(path.with_name("cyclic.npz"))
+    assert main(["info", str(path.with_name("cyclic.npz"))]) == 0
+    out = capsys.readouterr().out
+    assert f"A {plain.A.nnz + 1:,} (structured" in out
+    assert "well-posed not checked: model.A would hold" in out

@@ -8,6 +8,7 @@ member, a missing path, a folder), an error naming our temporary file, multi-lin
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -17,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import implicit_compiler as ic
 from implicit_compiler import TensorSpec, serialization, viz
 from implicit_compiler.cli import main
 from implicit_compiler.serialization import write_file
+from implicit_compiler.structure import Dense, StructuredMatrix, Term
 
 PRECIOUS = b"precious user data"
 
@@ -266,6 +269,49 @@ def test_cli_reports_a_bad_model_file_in_one_line(tmp_path, capsys, make):
     assert main(["info", str(path)]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith("implicit-compiler info: error: ") and "bad.npz" in line
+
+
+def _rewritten(path: Path, edit) -> Path:
+    """The model file at ``path`` rewritten with ``edit(metadata)`` applied to its JSON metadata."""
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    metadata = json.loads(arrays["metadata"].tobytes())
+    edit(metadata)
+    arrays["metadata"] = np.frombuffer(json.dumps(metadata).encode("utf-8"), dtype=np.uint8)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("version", [3, 0, True, "2", None], ids=["future", "zero", "true", "string", "none"])
+def test_load_of_an_unknown_format_version_says_so(model_file, version):
+    _rewritten(model_file, lambda metadata: metadata.update(format_version=version))
+    with pytest.raises(ic.ModelFileError, match=r"reads versions up to 2: upgrade implicit_compiler") as caught:
+        ic.load(model_file)
+    assert str(model_file) in str(caught.value) and f"version {version!r}" in str(caught.value)
+
+
+def _structured_mlp(mlp) -> ic.ImplicitModel:
+    """The MLP with C as one Dense term (a structured model, saved in format 2)."""
+    plain = mlp.implicit()
+    _, n1, n2, q = mlp.sizes
+    C = StructuredMatrix(
+        (q, n1 + n2), (Term(slice(0, q), Dense(slice(n1, n1 + n2), mlp.W3)),), sp.csr_array((q, n1 + n2))
+    )
+    return ic.ImplicitModel(
+        plain.A, plain.B, C, plain.D, plain.bias_x, plain.bias_y, plain.blocks, plain.inputs, plain.outputs
+    )
+
+
+def test_cli_reports_a_hostile_structured_file_in_one_line(mlp, tmp_path, capsys):
+    path = tmp_path / "structured.npz"
+    _structured_mlp(mlp).save(path)
+    assert main(["info", str(path)]) == 0
+    capsys.readouterr()
+    _rewritten(path, lambda metadata: metadata["terms"]["C"][0].update(kind="hypernetwork"))
+    assert main(["info", str(path)]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("implicit-compiler info: error: ") and str(path) in line
+    assert "matrix C, term 0: unknown term kind 'hypernetwork'" in line
 
 
 def test_cli_compile_into_a_missing_folder_is_refused_before_compiling(tmp_path, capsys):

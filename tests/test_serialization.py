@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import zipfile
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import implicit_compiler as ic
 from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
+from implicit_compiler.structure import Dense, StructuredMatrix, Term
 
 
 def _assert_bit_identical(left, right):
@@ -105,3 +108,43 @@ def test_inconsistent_file_raises_model_file_error(mlp, tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(ic.ModelFileError, match="inconsistent model: bias_x"):
         ic.load(tmp_path / "bad.npz")
+
+
+def _metadata_of(path):
+    with np.load(path) as archive:
+        return json.loads(archive["metadata"].tobytes())
+
+
+def test_plain_models_write_format_1_and_structured_ones_format_2(mlp, tmp_path, rng):
+    """Format 1 (CSR only) for a plain model, as before structured models existed; format 2 (the
+    terms' geometry in the metadata, their weights as arrays) for a structured one, read back
+    structured and computing what the plain model computes."""
+    plain = mlp.implicit()
+    plain.save(tmp_path / "plain.npz")
+    metadata = _metadata_of(tmp_path / "plain.npz")
+    assert metadata["format_version"] == 1 and "terms" not in metadata
+    with np.load(tmp_path / "plain.npz") as archive:
+        assert sorted(archive.files) == sorted(
+            [f"{m}_{part}" for m in "ABCD" for part in ("data", "indices", "indptr")] + ["bias_x", "bias_y", "metadata"]
+        )
+
+    n1, n2 = mlp.sizes[1:3]
+    A = plain.A
+    term = Term(slice(n1, n1 + n2), Dense(slice(0, n1), mlp.W2))  # the second layer as a dense term
+    structured = ImplicitModel(
+        StructuredMatrix(A.shape, (term,), sp.csr_array(A.shape)), plain.B, plain.C, plain.D, plain.bias_x,
+        plain.bias_y, plain.blocks, plain.inputs, plain.outputs,
+    )  # fmt: skip
+    structured.save(tmp_path / "structured.npz")
+    metadata = _metadata_of(tmp_path / "structured.npz")
+    assert metadata["format_version"] == 2
+    assert metadata["terms"] == {
+        "A": [{"kind": "dense", "rows": [n1, n1 + n2], "source": [0, n1]}],
+        "B": [],
+        "C": [],
+        "D": [],
+    }
+    loaded = ic.load(tmp_path / "structured.npz")
+    assert loaded.is_structured and loaded.structure.A.terms[0].op.weight.tobytes() == mlp.W2.tobytes()
+    u = rng.normal(size=(5, 6))
+    np.testing.assert_allclose(loaded.predict(u), mlp.forward(u), rtol=1e-12, atol=1e-12)
