@@ -21,6 +21,13 @@ runs large batches through it by tiles of samples (``sample_tiles``). A cyclic m
 runs one sample in one values array (a call per program and per sweep) and large batches on
 tiles of samples kept in slabs (each sweep one parallel call over the tiles still running):
 the LeNet-5 loop at batch 256, 7.7 ms by tiles against 10.6 ms by row groups (3 sweeps).
+
+A structured model (``model.structure``: convolution and dense terms kept as kernels, plus CSR
+remainders) runs the same way without ever materializing A, B, C or D: its blocks with terms
+are ``StructuredBlock``s at every batch size (their terms as they are, their rows of the
+remainders), the blocks without terms run in chains from the remainders (where their rows are
+whole), y is the remainders' product plus C's and D's terms, and a batch of at least one tile
+of samples is predicted by tiles.
 """
 
 from __future__ import annotations

@@ -23,6 +23,11 @@ is one GEMM whose result is already in the block's (Co, Ho, Wo, batch) row order
 that is at least half full runs as a dense GEMM. Whatever is left (residual identities,
 pooling trees, shortcuts) stays a sparse product.
 
+A structured model (``structure.StructuredMatrix``) keeps these terms from the lowering (or
+``lift``): a block takes the terms of B and A that write its rows, with no search, cut to its
+rows where a term spans several blocks or part of one (``piece``, ``Part``); ``StructuredRows``
+is the same for the rows of a few blocks (the scipy steps and the whole-model iteration).
+
 What keeps it (float32 predict, 2 cores, AMD EPYC, 2026-12-07): up to ``solve.STRUCTURED_BATCH_LIMIT``
 samples, ResNet20 at batch 2 / 4 / 6 took 3.3 / 4.5 / 6.0 ms against 6.4 / 6.4 / 6.7 by row
 groups; LeNet-5 0.19 / 0.22 / 0.25 ms against 0.15 ms or, when the row groups' threads had to
