@@ -111,7 +111,6 @@ def _refuse(*args, **kwargs):
     raise AssertionError("find_convolution ran on a structured model")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_lenet_feedback_loop_lifted_solves_as_the_plain_loop(dtype, no_materializing):
     lenet = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx")
