@@ -419,7 +419,8 @@ class StructuredRows:
         (whose sources need not fall inside), the product with the vector put at those rows
         of zeros."""
         if not self.terms:
-            return StructuredRows(self.remainder[:, rows], columns=self.remainder.shape[1])
+            restricted = self.remainder[:, rows]
+            return StructuredRows(restricted, columns=restricted.shape[1])
         if isinstance(rows, slice) and (rows.start, rows.stop) == (0, self.columns):
             return self
         return _Embedded(self, rows)
