@@ -21,7 +21,10 @@ A block found structured (``structured``: convolutions and dense products read o
 [B A], exactly the same linear map) is its terms, the first starting from the bias, the last
 applying relu as it stores; a remainder (a residual identity) is a CSR operation. Other blocks
 are ELL when their rows are short (pooling trees, sums: lanes of rows at once, the inputs
-gathered), SPARSE otherwise.
+gathered), SPARSE otherwise. A structured model's blocks take their terms from
+``model.structure`` (a term cut by a block's bounds writes from its row in the block, the bias
+then an operation of its own), its other blocks and ``[D C]`` read the remainders, and y adds
+C's and D's terms.
 
 A direct convolution holds, for 4 output channels, two vectors of an output plane (two rows,
 or two parts of a wide row) in registers (``simd``) and adds each kernel tap as
