@@ -40,7 +40,7 @@ import numpy as np
 
 from .fixed_point import Acceleration, FixedPoint, iterate
 from .one_sample import Program
-from .structured import StructuredBlock
+from .structured import Dense, StructuredBlock, rows_in_block
 
 # Compact the swept columns once the samples still running are at most this share of them.
 COMPACT_SHARE = 0.5
@@ -146,6 +146,8 @@ def _self_loop(sweep: Sweep, V: np.ndarray) -> tuple[Callable[[np.ndarray, np.nd
     bias, varying, remainder = _fixed_terms(step, V, inside)
     if remainder is not None or len(varying) != 1 or varying[0].source != step.rows:
         return None
+    if not isinstance(varying[0], Dense):
+        return None  # (a convolution reading its own block, or a term of some of its rows, is swept)
     weight, activation = varying[0].weight, step.activation
     if bias.shape[1] != V.shape[1]:  # (nothing folded: the block's own bias, one column)
         bias = np.repeat(bias, V.shape[1], axis=1)
@@ -301,7 +303,7 @@ def _fixed_terms(step: StructuredBlock, V: np.ndarray, inside: np.ndarray):
         return step.bias, step.terms, step.remainder
     bias = np.repeat(step.bias, V.shape[1], axis=1)
     for term in constant:
-        bias += term.apply(V[term.source])
+        bias[rows_in_block(term)] += term.apply(V[term.source])
     if fixed_remainder:
         bias += step.remainder @ V[step.remainder_columns]
     varying = tuple(term for term in step.terms if all(term is not c for c in constant))

@@ -21,7 +21,10 @@ A block found structured (``structured``: convolutions and dense products read o
 [B A], exactly the same linear map) is its terms, the first starting from the bias, the last
 applying relu as it stores; a remainder (a residual identity) is a CSR operation. Other blocks
 are ELL when their rows are short (pooling trees, sums: lanes of rows at once, the inputs
-gathered), SPARSE otherwise.
+gathered), SPARSE otherwise. A structured model's blocks take their terms from
+``model.structure`` (a term cut by a block's bounds writes from its row in the block, the bias
+then an operation of its own), its other blocks and ``[D C]`` read the remainders, and y adds
+C's and D's terms.
 
 A direct convolution holds, for 4 output channels, two vectors of an output plane (two rows,
 or two parts of a wide row) in registers (``simd``) and adds each kernel tap as
@@ -44,7 +47,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import kernels
-from .structured import Convolution, StructuredBlock
+from .structured import Convolution, Dense, Part, StructuredBlock, shifted, term_rows
 
 SPARSE, BIAS, CONV, DENSE, CSR, ACTIVATE, ELL = range(7)
 OP_FIELDS = 24  # columns of the operation table; an operation uses its first few
@@ -71,8 +74,9 @@ class Program:
             another; row pointers are positions in csr_columns / csr_data (uint64), columns
             are positions in values.
         ell_columns: the columns (positions in values) of the ELL operations, uint32.
-        matrices: the model's A and B as (indptr, indices, data) each, indices unsigned (see
-            ``kernels.unsigned``): SPARSE operations read the model's rows where they are.
+        matrices: the model's A and B (a structured model's remainders: the rows of blocks
+            without terms are whole there) as (indptr, indices, data) each, indices unsigned
+            (see ``kernels.unsigned``): SPARSE operations read the model's rows where they are.
         scratch_size: floats of the scratch array (padded copies of images).
         p, n, q: the model's sizes.
         entries: multiply-adds per sample; sparse_entries: those of SPARSE operations (rows
@@ -178,7 +182,7 @@ class _Builder:
             ell_columns=np.concatenate([*self.ell_columns, np.zeros(ELL_ROWS, np.uint32)]),
             matrices=tuple(
                 array
-                for M in (model.A, model.B)
+                for M in (model.structure.A.remainder, model.structure.B.remainder)
                 for array in (kernels.unsigned(M.indptr), kernels.unsigned(M.indices), M.data)
             ),
             scratch_size=self.scratch_size + SLACK,
@@ -193,13 +197,14 @@ class _Builder:
 def build_program(model, steps, outputs: bool = True) -> Program | None:
     """The program of ``steps`` (``solve._execution_steps(model, structured=True)``), then y
     unless not ``outputs``; None when a step is cyclic (fixed-point iteration stays in
-    ``solve``) or has no operations here."""
+    ``solve``) or has no operations here (a convolution cut inside a channel, ``Part``)."""
     if any(step.cyclic for step in steps) or not kernels.available():
         return None
     build = _Builder(model.dtype)
     for step in steps:
         if isinstance(step, StructuredBlock):
-            _structured(build, step)
+            if not _structured(build, step):
+                return None
         elif hasattr(step, "groups"):  # a chain of blocks read straight from the model's CSR
             for k in range(len(step.starts)):
                 first = int(step.states[step.starts[k]])
@@ -211,16 +216,22 @@ def build_program(model, steps, outputs: bool = True) -> Program | None:
         return build.program(model)
     p, n, q = model.p, model.n, model.q
     build.add(BIAS, p + n, q, build.put(model.bias_y))
-    output = sp.hstack([model.D, model.C], format="csr")  # [D C] [u; x]
+    structure = model.structure
+    output = sp.hstack([structure.D.remainder, structure.C.remainder], format="csr")  # [D C] [u; x]
     if output.nnz:
         build.add(CSR, p + n, q, build.put_csr(output, np.arange(p + n)))
+    for matrix, offset in ((structure.D, 0), (structure.C, p)):  # y's terms (a final Gemm kept dense)
+        for term in matrix.terms:
+            _term(build, p + n + term.rows.start, shifted(term.op, offset), bias=-1, relu=0)
     return build.program(model)
 
 
 def _sparse_block(build: _Builder, model, first: int, last: int, code: int, alpha: float, beta: float) -> None:
-    """States first:last, rows of the model's A and B: as ELL when their rows are short."""
+    """States first:last, rows of the model's A and B (of their remainders: the rows of a block
+    without terms): as ELL when their rows are short."""
     bias, alpha_offset = build.put(model.bias_x[first:last]), build.put(np.array([alpha, beta]))
-    rows = sp.hstack([model.B[first:last], model.A[first:last]], format="csr")  # columns: [u; x]
+    A, B = model.structure.A.remainder, model.structure.B.remainder  # (whole rows: a block without terms)
+    rows = sp.hstack([B[first:last], A[first:last]], format="csr")  # columns: [u; x]
     width = int(np.diff(rows.indptr).max(initial=0))
     small = model.p + model.n + model.q < 2**32
     if small and 0 < width <= ELL_WIDTH and rows.nnz >= ELL_FILL * width * (last - first):
@@ -232,27 +243,42 @@ def _sparse_block(build: _Builder, model, first: int, last: int, code: int, alph
         build.sparse_entries += rows.nnz
 
 
-def _structured(build: _Builder, block: StructuredBlock) -> None:
+def _structured(build: _Builder, block: StructuredBlock) -> bool:
     """A block's operations: the first term starts from the bias, and the last applies relu as
-    it stores (or identity); what else there is gets its own operation."""
+    it stores (or identity); what else there is gets its own operation. When the first term
+    writes only some rows (a ``Part``: a term cut by the block's bounds), the bias is an
+    operation of its own. False for a term no operation computes (a convolution cut inside a
+    channel)."""
+    if any(isinstance(term, Part) and term.taken != slice(0, term_rows(term.op)) for term in block.terms):
+        return False
     target, size = block.rows.start, block.rows.stop - block.rows.start
     code = kernels.ACTIVATION_CODES[block.activation.name]
-    fused_activation = block.remainder is None and code in (0, 1)
+    whole_first, whole_last = (bool(block.terms) and not isinstance(block.terms[i], Part) for i in (0, -1))
+    fused_activation = block.remainder is None and (code == 0 or (code == 1 and whole_last))
+    if not whole_first:
+        build.add(BIAS, target, size, build.put(block.bias))
     for index, term in enumerate(block.terms):
-        bias = build.put(block.bias) if index == 0 else -1
+        bias = build.put(block.bias) if index == 0 and whole_first else -1
         relu = int(fused_activation and code == 1 and index == len(block.terms) - 1)
-        if isinstance(term, Convolution):
-            _convolution(build, target, term, bias, relu)
-        else:
-            weights = build.put(term.weight.T)  # (k, m): one row per input
-            m, k = term.weight.shape
-            build.add(DENSE, target, term.source.start, weights, m, k, bias, relu)
-            build.entries += m * k
+        op, at = (term.op, term.at) if isinstance(term, Part) else (term, 0)
+        _term(build, target + at, op, bias, relu)
     if block.remainder is not None:
         build.add(CSR, target, size, build.put_csr(block.remainder.tocsr(), block.remainder_columns))
     if not fused_activation:
         parameters = np.array([block.activation.alpha or 0.0, block.activation.beta or 0.0])
         build.add(ACTIVATE, target, size, code, build.put(parameters))
+    return True
+
+
+def _term(build: _Builder, target: int, op: Convolution | Dense, bias: int, relu: int) -> None:
+    """values[target : target + rows] (= bias |+=) op(values[op.source]) (then relu)."""
+    if isinstance(op, Convolution):
+        _convolution(build, target, op, bias, relu)
+    else:
+        weights = build.put(op.weight.T)  # (k, m): one row per input
+        m, k = op.weight.shape
+        build.add(DENSE, target, op.source.start, weights, m, k, bias, relu)
+        build.entries += m * k
 
 
 def _convolution(build: _Builder, target: int, term: Convolution, bias: int, relu: int) -> None:

@@ -21,6 +21,13 @@ runs large batches through it by tiles of samples (``sample_tiles``). A cyclic m
 runs one sample in one values array (a call per program and per sweep) and large batches on
 tiles of samples kept in slabs (each sweep one parallel call over the tiles still running):
 the LeNet-5 loop at batch 256, 7.7 ms by tiles against 10.6 ms by row groups (3 sweeps).
+
+A structured model (``model.structure``: convolution and dense terms kept as kernels, plus CSR
+remainders) runs the same way without ever materializing A, B, C or D: its blocks with terms
+are ``StructuredBlock``s at every batch size (their terms as they are, their rows of the
+remainders), the blocks without terms run in chains from the remainders (where their rows are
+whole), y is the remainders' product plus C's and D's terms, and a batch of more than
+``STRUCTURED_BATCH_LIMIT`` samples is predicted by tiles.
 """
 
 from __future__ import annotations
@@ -31,7 +38,6 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from .. import arguments
 from ..activations import Activation
@@ -43,7 +49,7 @@ from .cyclic import Sweep, block_layout, solve_sweep, solve_sweep_in_values, sol
 from .fixed_point import ACCELERATIONS, Acceleration, FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
-from .structured import StructuredBlock, structured_block, tensor_sources
+from .structured import StructuredBlock, StructuredRows, block_terms, structured_block, tensor_sources, term_entries
 
 METHODS = ("auto", "picard", "anderson")
 # Up to this batch size, convolution and dense blocks run as BLAS products with their kernels
@@ -102,9 +108,9 @@ class _Step:
     description: str
     rows: slice | np.ndarray
     cyclic: bool
-    A_rows: sp.csr_array | None  # rows of the component, every column (None: the fused kernel reads A)
-    A_self: sp.csr_array | None  # rows and columns of the component (cyclic only)
-    B_rows: sp.csr_array | None
+    A_rows: StructuredRows | None  # rows of the component, every column (None: the fused kernel reads A)
+    A_self: Any  # rows and columns of the component (cyclic only): ``StructuredRows.on_columns``
+    B_rows: StructuredRows | None
     bias: np.ndarray  # (rows, 1)
     segments: tuple[tuple[int, int, Activation], ...]  # (start, stop, activation) within rows
 
@@ -199,7 +205,7 @@ def _without_states(model: ImplicitModel, U: np.ndarray, single: bool, method: s
     compiled paths index a first sample or state that is not there. An empty batch gives
     empty (0, n) and (0, q) results, as numpy does."""
     X = np.zeros((U.shape[0], model.n), dtype=model.dtype)
-    Y = np.asarray(model.D @ U.T).T + model.bias_y
+    Y = model.structure.D.matvec(U.T).T + model.bias_y
     Y = np.ascontiguousarray(Y, dtype=model.dtype)
     return Solution(X[0], Y[0], 0, (), method) if single else Solution(X, Y, 0, (), method)
 
@@ -230,7 +236,7 @@ def _solve_flat(
         plan = _plan(model)
         if plan is not None and len(plan) > 1 and _one_call_pays(_plan_work(plan)):  # cyclic, by the plan
             return _run_plan_one_sample(model, plan, U, single, tol, max_iter, memory)
-    if method == "auto" and loads_checked and U.shape[0] >= sample_tiles.least_batch(model.dtype):
+    if method == "auto" and loads_checked and U.shape[0] >= _least_tiles_batch(model):
         plan = _plan(model)
         if plan is not None and len(plan) > 1 and _tiles_pay(_plan_work(plan)):
             return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, memory, want_x)
@@ -253,16 +259,27 @@ def _solve_flat(
         if result is not None:
             histories.append((step.names, tuple(result.history)))
             error = max(error, result.error)
-    if kernels.available():  # (one sample too: 3 us against scipy's 7 for the classifier's 10 outputs)
-        Y = np.empty((model.q, V.shape[1]), dtype=model.dtype)
-        C, D = model.C, model.D
-        kernels.output_into(C.indptr, C.indices, C.data, D.indptr, D.indices, D.data, model.bias_y, V, model.p, Y)
-    else:
-        Y = model.C @ X + model.D @ U + model.bias_y[:, None]
+    Y = _outputs(model, V)
     residuals = tuple(r for _, history in histories for r in history)
     if single:
         return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories), error)
     return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories), error)
+
+
+def _outputs(model: ImplicitModel, V: np.ndarray) -> np.ndarray:
+    """Y = C x + D u + b_y for V = [u; x] (q, batch): the remainders' CSR, then the terms."""
+    C, D, p = model.structure.C, model.structure.D, model.p
+    U, X = V[:p], V[p:]
+    if kernels.available():  # (one sample too: 3 us against scipy's 7 for the classifier's 10 outputs)
+        Y = np.empty((model.q, V.shape[1]), dtype=model.dtype)
+        c, d = C.remainder, D.remainder
+        kernels.output_into(c.indptr, c.indices, c.data, d.indptr, d.indices, d.data, model.bias_y, V, p, Y)
+    else:
+        Y = C.remainder @ X + D.remainder @ U + model.bias_y[:, None]
+    for matrix, source in ((C, X), (D, U)):
+        for term in matrix.terms:
+            Y[term.rows] += term.op.apply(source[term.op.source])
+    return Y
 
 
 def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.ndarray:
@@ -286,13 +303,25 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
         if options["method"] == "auto" and U.shape[0] > 1 and model.n > 0 and kernels.available():
             typed = model.astype(U.dtype)
             _tolerance(options["tol"], typed.dtype)  # checked as on the other paths, though unused
-            if U.shape[0] >= sample_tiles.least_batch(typed.dtype):
+            if U.shape[0] >= _least_tiles_batch(typed):
                 plan = _plan(typed)
                 if plan is not None and len(plan) == 1 and _tiles_pay(plan[0]):
                     return _predict_by_tiles(typed, plan[0], U, u)
         return _solve_flat(model, U, single, u, reuse_state=True, want_x=False, **options).y
     except MemoryError as error:
         raise _too_large(model, U, error) from error
+
+
+def _least_tiles_batch(model: ImplicitModel) -> int:
+    """The smallest batch that goes by tiles of samples: a tile for every thread; for a
+    structured model, past ``STRUCTURED_BATCH_LIMIT`` (its blocks with terms have no row groups
+    to run on instead). Measured (float32 predict, fresh processes, 2 shared busy cores,
+    2026-12-07), lifted by tiles against by BLAS steps (min / median ms): LeNet-5 at 8 samples
+    0.49 / 0.76 against 20 / 24, ResNet20 at 16 17 / 18 against 51 / 471; the plain models by
+    row groups 1.6 / 1.9 and 26 / 28."""
+    if model.is_structured:
+        return STRUCTURED_BATCH_LIMIT + 1
+    return sample_tiles.least_batch(model.dtype)
 
 
 def _tiles_pay(program: Program | _Work) -> bool:
@@ -484,7 +513,7 @@ def _solve_step(
         step.run(V)
         return None
     if isinstance(step, _Chain):  # acyclic blocks: fused kernels, straight from the model's CSR arrays
-        A, B = model.A, model.B
+        A, B = model.structure.A.remainder, model.structure.B.remainder  # (the chain's rows are whole there)
         if V.shape[1] > 1:  # rows sharing their columns, held in registers (row_groups)
             g, matrices = step.groups, (A.indptr, A.indices, A.data, B.indptr, B.indices, B.data)
             row_groups.forward_groups(
@@ -500,7 +529,7 @@ def _solve_step(
             states, starts, stops, step.codes, step.alphas, step.betas,
         )  # fmt: skip
         return None
-    pre_activation = step.A_rows @ X + step.B_rows @ U + step.bias
+    pre_activation = step.A_rows.matvec(X) + step.B_rows.matvec(U) + step.bias
     if not step.cyclic:
         X[step.rows] = _activate(step.segments, pre_activation)
         return None
@@ -508,12 +537,12 @@ def _solve_step(
 
     def g(x: np.ndarray, columns: np.ndarray) -> np.ndarray:
         part = constant if columns.size == constant.shape[1] else constant[:, columns]
-        return _activate(step.segments, step.A_self @ x + part)
+        return _activate(step.segments, step.A_self.matvec(x) + part)
 
     watch = groups = None
     if step.description == WHOLE_MODEL:  # block by block, and the outputs too: scaled states can hide errors
-        outputs = model.D @ U + model.bias_y[:, None]
-        watch = lambda x, columns: model.C @ x + (outputs if columns.size == outputs.shape[1] else outputs[:, columns])
+        C, outputs = model.structure.C, model.structure.D.matvec(U) + model.bias_y[:, None]
+        watch = lambda x, columns: C.matvec(x) + (outputs if columns.size == outputs.shape[1] else outputs[:, columns])
         groups = np.array([0, *(block.stop for block in model.blocks)])
     result = iterate(
         g, np.zeros_like(constant), tol, max_iter, memory=memory, what=step.description, watch=watch, groups=groups,
@@ -550,7 +579,9 @@ class _Chain:
 def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _Chain | StructuredBlock | Sweep, ...]:
     """The execution order as steps: chains of fused acyclic blocks and cyclic components as
     sweeps (``cyclic``), and with ``structured``, convolution and dense blocks run through BLAS
-    (``structured``)."""
+    (``structured``). A structured model's blocks with terms always run so (the chains' kernels
+    read whole rows of CSR: the remainders' rows are whole only for blocks without terms)."""
+    structured = structured or model.is_structured
     key = ("execution_steps", structured)
     if key not in model._cache:
         pairs: list[tuple[_Step | None, Any]] = []
@@ -615,7 +646,7 @@ def _make_sweep(model: ImplicitModel, order, graph, structured: bool, sources) -
         steps=tuple(steps),
         program=build_program(model, steps, outputs=False) if in_place else None,
         torn_groups=groups,
-        work=sum(int(M.indptr[b.stop] - M.indptr[b.start]) for b in blocks for M in (model.A, model.B)),
+        work=sum(_entries(model, b.start, b.stop) for b in blocks),
     )
 
 
@@ -627,7 +658,7 @@ def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
     # Groups are formed channel-last: the rows of one pixel (all channels) read the same columns.
     channel_last = np.concatenate([_row_order(model.block(step.names[0])) for step in steps])
     states = np.concatenate([np.arange(s.rows.start, s.rows.stop, dtype=np.int64) for s in steps])
-    A, B = model.A, model.B
+    A, B = model.structure.A.remainder, model.structure.B.remainder  # (whole rows: blocks without terms)
     return _Chain(
         states=states,
         starts=starts,
@@ -635,9 +666,7 @@ def _make_chain(model: ImplicitModel, steps: list[_Step]) -> _Chain:
         codes=np.array([kernels.ACTIVATION_CODES[a.name] for a in activations], dtype=np.int64),
         alphas=np.array([a.alpha or 0.0 for a in activations], dtype=model.dtype),
         betas=np.array([a.beta or 0.0 for a in activations], dtype=model.dtype),
-        work=sum(
-            int(M.indptr[step.rows.stop] - M.indptr[step.rows.start]) for step in steps for M in (model.A, model.B)
-        ),
+        work=sum(int(M.indptr[step.rows.stop] - M.indptr[step.rows.start]) for step in steps for M in (A, B)),
         groups=row_groups.group_rows(A, B, channel_last, starts, stops),
         unsigned=tuple(
             kernels.unsigned(array) for array in (A.indptr, A.indices, B.indptr, B.indices, states, starts, stops)
@@ -671,15 +700,25 @@ def _make_step(model: ImplicitModel, blocks: list, cyclic: bool, description: st
         segments.append((offset, offset + block.size, block.activation))
         offset += block.size
     fused = fused and not cyclic and len(blocks) == 1 and kernels.available()
-    A_rows = None if fused else model.A[rows]
+    A_rows = None if fused else StructuredRows.of(model.structure.A, blocks)
     return _Step(
         names=tuple(b.name for b in blocks),
         description=description or f"the cyclic component [{', '.join(b.name for b in blocks)}]",
         rows=rows,
         cyclic=cyclic,
         A_rows=A_rows,
-        A_self=A_rows[:, rows] if cyclic else None,
-        B_rows=None if fused else model.B[rows],
+        A_self=A_rows.on_columns(rows) if cyclic else None,
+        B_rows=None if fused else StructuredRows.of(model.structure.B, blocks),
         bias=model.bias_x[rows][:, None],
         segments=tuple(segments),
+    )
+
+
+def _entries(model: ImplicitModel, first: int, last: int) -> int:
+    """Multiply-adds per sample of states first:last: their rows of A and B (remainders and terms)."""
+    structure = model.structure
+    return sum(
+        int(M.remainder.indptr[last] - M.remainder.indptr[first])
+        + sum(term_entries(term) for term in block_terms(M, first, last))
+        for M in (structure.A, structure.B)
     )

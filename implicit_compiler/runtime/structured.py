@@ -23,6 +23,11 @@ is one GEMM whose result is already in the block's (Co, Ho, Wo, batch) row order
 that is at least half full runs as a dense GEMM. Whatever is left (residual identities,
 pooling trees, shortcuts) stays a sparse product.
 
+A structured model (``structure.StructuredMatrix``) keeps these terms from the lowering (or
+``lift``): a block takes the terms of B and A that write its rows, with no search, cut to its
+rows where a term spans several blocks or part of one (``piece``, ``Part``); ``StructuredRows``
+is the same for the rows of a few blocks (the scipy steps and the whole-model iteration).
+
 What keeps it (float32 predict, 2 cores, AMD EPYC, 2026-12-07): up to ``solve.STRUCTURED_BATCH_LIMIT``
 samples, ResNet20 at batch 2 / 4 / 6 took 3.3 / 4.5 / 6.0 ms against 6.4 / 6.4 / 6.7 by row
 groups; LeNet-5 0.19 / 0.22 / 0.25 ms against 0.15 ms or, when the row groups' threads had to
@@ -31,7 +36,7 @@ wake, 1.2-1.7 ms (a steady time beats a bimodal one).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -143,13 +148,74 @@ def _axis_geometry(position_out: np.ndarray, position_in: np.ndarray, size_out: 
 
 
 @dataclass(frozen=True)
+class Part:
+    """Rows ``taken`` of op's output, written at row ``at`` on of its block: a term of a
+    structured model whose rows a block boundary cuts where no smaller operator fits (a
+    convolution cut inside an output channel; ``piece``)."""
+
+    op: Convolution | Dense
+    taken: slice
+    at: int
+
+    @property
+    def source(self) -> slice:
+        return self.op.source
+
+    @property
+    def columns_per_sample(self) -> int:
+        return self.op.columns_per_sample
+
+    @property
+    def rows(self) -> slice:
+        """Its rows within the block."""
+        return slice(self.at, self.at + self.taken.stop - self.taken.start)
+
+    def apply(self, source: np.ndarray) -> np.ndarray:
+        output = self.op.apply(source)
+        return output if self.taken == slice(0, output.shape[0]) else output[self.taken]
+
+
+def piece(op: Convolution | Dense, first: int, last: int, at: int, size: int) -> Convolution | Dense | Part:
+    """Rows first:last of op's output as a term of a block of ``size`` rows, written at its row
+    ``at``: the op itself when it is all of them and fills the block; a dense product's rows or a
+    convolution's whole output channels as a smaller op; else a ``Part``."""
+    rows = term_rows(op)
+    if isinstance(op, Dense) and (first, last) != (0, rows):
+        op = Dense(op.source, op.weight[first:last])
+        first, last = 0, last - first
+    elif isinstance(op, Convolution) and (first, last) != (0, rows):
+        Co, Ho, Wo = op.out_shape
+        plane = Ho * Wo
+        if first % plane == 0 and last % plane == 0:
+            channels = slice(first // plane, last // plane)
+            op = replace(op, out_shape=(channels.stop - channels.start, Ho, Wo), weight=op.weight[channels])
+            first, last = 0, last - first
+    if (first, last, at) == (0, term_rows(op), 0) and last == size:
+        return op
+    return Part(op, slice(first, last), at)
+
+
+def term_rows(op: Convolution | Dense) -> int:
+    """Rows of op's output."""
+    return op.weight.shape[0] if isinstance(op, Dense) else int(np.prod(op.out_shape))
+
+
+def rows_in_block(term: Convolution | Dense | Part) -> slice:
+    """The rows a block's term writes, within the block (all of them for a bare op)."""
+    return term.rows if isinstance(term, Part) else slice(None)
+
+
+@dataclass(frozen=True)
 class StructuredBlock:
-    """An acyclic block computed as bias + structured terms + a sparse remainder, then phi."""
+    """An acyclic block computed as bias + structured terms + a sparse remainder, then phi.
+
+    A term is an op (``Convolution``, ``Dense``) writing every row of the block, or a ``Part``
+    writing some of them."""
 
     name: str
     rows: slice  # the block's rows of V
     bias: np.ndarray  # (rows, 1), or (rows, batch) with terms folded in (``cyclic``)
-    terms: tuple[Convolution | Dense, ...]
+    terms: tuple[Convolution | Dense | Part, ...]
     remainder: sp.csr_array | None  # (rows, len(remainder_columns))
     remainder_columns: np.ndarray  # rows of V the remainder reads
     activation: Activation
@@ -166,16 +232,17 @@ class StructuredBlock:
             terms = tuple(term for term in terms if not zero_rows[term.source].all())
         per_sample = max([term.columns_per_sample for term in terms] + [1]) * V.itemsize
         chunk = batch if batch == 1 else max(1, min(batch, CHUNK_BYTES // per_sample))
+        whole_first = bool(terms) and not isinstance(terms[0], Part)
         for start in range(0, batch, chunk):
             samples = slice(start, min(batch, start + chunk))
             bias = self.bias if self.bias.shape[1] == 1 else self.bias[:, samples]  # (or per sample)
-            if terms:
+            if whole_first:
                 Z = terms[0].apply(V[terms[0].source, samples])
                 Z += bias
             else:
                 Z = np.repeat(bias, samples.stop - samples.start, axis=1) if bias.shape[1] == 1 else bias.copy()
-            for term in terms[1:]:
-                Z += term.apply(V[term.source, samples])
+            for term in terms[1:] if whole_first else terms:
+                Z[rows_in_block(term)] += term.apply(V[term.source, samples])
             if self.remainder is not None:
                 Z += self.remainder @ V[self.remainder_columns, samples]
             self.activation.apply_inplace(Z)
@@ -194,8 +261,13 @@ def tensor_sources(model) -> list[tuple[slice, tuple[int, ...]]]:
 
 
 def structured_block(model, block, sources: list[tuple[slice, tuple[int, ...]]]) -> StructuredBlock | None:
-    """The block as a ``StructuredBlock`` when structured terms carry most of its non-zeros;
-    None when it is better left to the sparse kernel. ``sources``: ``tensor_sources(model)``."""
+    """The block as a ``StructuredBlock``. A structured model's block takes the terms of B and
+    A that write its rows (``block_terms``) and its rows of their remainders: None when it has
+    no terms (its rows are then whole in the remainders, for the sparse kernels). A plain
+    model's block is searched for convolutions and dense products (``find_convolution``): None
+    when they would not carry most of its non-zeros. ``sources``: ``tensor_sources(model)``."""
+    if model.is_structured:
+        return _block_of_terms(model, block)
     p = model.p
     rows_A = model.A[block.start : block.stop]
     rows_B = model.B[block.start : block.stop]
@@ -224,8 +296,7 @@ def structured_block(model, block, sources: list[tuple[slice, tuple[int, ...]]])
         rest = M.copy()
         rest.data[structured] = 0
         rest.eliminate_zeros()
-        remainder_columns = np.unique(rest.indices)
-        remainder = rest[:, remainder_columns]
+        remainder, remainder_columns = _compressed(rest)
     return StructuredBlock(
         name=block.name,
         rows=slice(p + block.start, p + block.stop),
@@ -236,3 +307,137 @@ def structured_block(model, block, sources: list[tuple[slice, tuple[int, ...]]])
         activation=block.activation,
         work=work,
     )
+
+
+def block_terms(matrix, first: int, last: int, offset: int = 0) -> list[Convolution | Dense | Part]:
+    """The terms of a ``StructuredMatrix`` that write rows first:last, cut to those rows (as
+    ``piece``s of a block of last - first rows) and reading ``offset`` + their columns (p for
+    A's: rows of V)."""
+    found = []
+    for term in matrix.terms:
+        low, high = max(first, term.rows.start), min(last, term.rows.stop)
+        if low >= high:
+            continue
+        op = shifted(term.op, offset)
+        found.append(piece(op, low - term.rows.start, high - term.rows.start, low - first, last - first))
+    return found
+
+
+def term_entries(term: Convolution | Dense | Part) -> int:
+    """Multiply-adds of a term per sample (its stored weights times the pixels they slide over)."""
+    if isinstance(term, Part):
+        return term_entries(term.op) * (term.taken.stop - term.taken.start) // max(1, term_rows(term.op))
+    if isinstance(term, Dense):
+        return term.weight.size
+    return term.weight.size * term.out_shape[1] * term.out_shape[2]
+
+
+def _block_of_terms(model, block) -> StructuredBlock | None:
+    """A structured model's block from its terms and its rows of the remainders (no search)."""
+    structure, p = model.structure, model.p
+    terms = [
+        *block_terms(structure.B, block.start, block.stop),
+        *block_terms(structure.A, block.start, block.stop, offset=p),
+    ]
+    if not terms:
+        return None
+    terms.sort(key=lambda term: isinstance(term, Part))  # one writing every row first: it starts Z
+    rest = sp.hstack(
+        [structure.B.remainder[block.start : block.stop], structure.A.remainder[block.start : block.stop]],
+        format="csr",
+    )  # columns are rows of V
+    remainder, remainder_columns = _compressed(rest) if rest.nnz else (None, np.zeros(0, dtype=np.int64))
+    return StructuredBlock(
+        name=block.name,
+        rows=slice(p + block.start, p + block.stop),
+        bias=model.bias_x[block.start : block.stop, None],
+        terms=tuple(terms),
+        remainder=remainder,
+        remainder_columns=remainder_columns,
+        activation=block.activation,
+        work=sum(term_entries(term) for term in terms),
+    )
+
+
+def shifted(op: Convolution | Dense, offset: int) -> Convolution | Dense:
+    """op reading ``offset`` + its columns."""
+    if offset == 0:
+        return op
+    return replace(op, source=slice(op.source.start + offset, op.source.stop + offset))
+
+
+def _compressed(matrix: sp.csr_array) -> tuple[sp.csr_array, np.ndarray]:
+    """The matrix restricted to the columns it reads, and those columns."""
+    columns = np.unique(matrix.indices)
+    return matrix[:, columns], columns
+
+
+@dataclass(frozen=True)
+class StructuredRows:
+    """Some rows of a ``StructuredMatrix`` (its blocks' rows one after another): their rows of
+    the remainder (CSR) and the terms writing them, placed at ``term_rows``. ``matvec`` is
+    M[rows] X; a plain matrix's rows are the CSR product alone."""
+
+    remainder: sp.csr_array
+    terms: tuple[Convolution | Dense | Part, ...] = ()
+    term_rows: tuple[slice, ...] = ()  # where each term writes, within the rows
+    columns: int = 0
+
+    @classmethod
+    def of(cls, matrix, blocks) -> StructuredRows:
+        """The rows of ``blocks`` (anything with start and stop) of ``matrix``, in that order."""
+        rows = np.concatenate([np.arange(b.start, b.stop) for b in blocks]) if blocks else np.zeros(0, int)
+        contiguous = all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))
+        first, last = (blocks[0].start, blocks[-1].stop) if blocks else (0, 0)
+        remainder = matrix.remainder[first:last] if contiguous else matrix.remainder[rows]
+        terms, term_rows, offset = [], [], 0
+        for block in blocks:
+            for term in block_terms(matrix, block.start, block.stop):
+                inside = rows_in_block(term)
+                start = offset + (inside.start or 0)
+                stop = offset + (block.stop - block.start if inside.stop is None else inside.stop)
+                terms.append(term)
+                term_rows.append(slice(start, stop))
+            offset += block.stop - block.start
+        return cls(remainder, tuple(terms), tuple(term_rows), matrix.shape[1])
+
+    @property
+    def nnz(self) -> int:
+        """Multiply-adds per sample."""
+        return int(self.remainder.nnz) + sum(term_entries(term) for term in self.terms)
+
+    def matvec(self, X: np.ndarray) -> np.ndarray:
+        if not self.terms:
+            return self.remainder @ X
+        Y = np.asarray(self.remainder @ X, dtype=np.result_type(X, self.remainder.dtype))
+        for rows, term in zip(self.term_rows, self.terms):
+            Y[rows] += term.apply(X[term.source])
+        return Y
+
+    def on_columns(self, rows: slice | np.ndarray) -> StructuredRows | _Embedded:
+        """The same rows restricted to the columns ``rows``: the CSR's columns, or, with terms
+        (whose sources need not fall inside), the product with the vector put at those rows
+        of zeros."""
+        if not self.terms:
+            restricted = self.remainder[:, rows]
+            return StructuredRows(restricted, columns=restricted.shape[1])
+        if isinstance(rows, slice) and (rows.start, rows.stop) == (0, self.columns):
+            return self
+        return _Embedded(self, rows)
+
+
+@dataclass(frozen=True)
+class _Embedded:
+    """M[:, rows] x as M (x put at ``rows`` of zeros) (``StructuredRows.on_columns``)."""
+
+    full: StructuredRows
+    rows: slice | np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return self.full.nnz
+
+    def matvec(self, X: np.ndarray) -> np.ndarray:
+        embedded = np.zeros((self.full.columns, X.shape[1]), dtype=X.dtype)
+        embedded[self.rows] = X
+        return self.full.matvec(embedded)
