@@ -20,6 +20,7 @@ model's CSR, with ``runtime.structured``'s exact detection.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numba
@@ -214,6 +215,17 @@ class StructuredMatrix:
             pattern = replace(term.op, weight=(term.op.weight != 0).astype(np.float64))
             counts[term.rows] += np.rint(pattern.apply(np.ones((_term_shape(term.op)[1], 1)))[:, 0]).astype(np.int64)
         return counts
+
+    def row_chunks(self, entries: int) -> Iterator[tuple[slice, sp.csr_array]]:
+        """(rows, ``to_csr(rows)``) for consecutive runs of rows of about ``entries`` entries each
+        (at least one row): the CSR a part at a time, never whole."""
+        ends = np.cumsum(self.row_nnz())
+        row = 0
+        while row < self.shape[0]:
+            done = ends[row - 1] if row else 0
+            stop = min(max(int(np.searchsorted(ends, done + entries, side="right")), row + 1), self.shape[0])
+            yield slice(row, stop), self.to_csr(slice(row, stop))
+            row = stop
 
     def to_csr(self, rows: slice | None = None) -> sp.csr_array:
         """The matrix, or its rows ``rows`` (a slice of step 1), as CSR, exactly (each term's

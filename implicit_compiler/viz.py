@@ -202,17 +202,11 @@ def _count_structured(
     counts: np.ndarray, matrix: StructuredMatrix, row_base: np.ndarray, column_bins: np.ndarray
 ) -> int:
     """``_count_into`` for a structured matrix, never materialized: its CSR built a run of rows
-    at a time (about ``_CHUNK_ENTRIES`` entries, from ``row_nnz``), the convolutions' entries
-    placed by their geometry, so the counts are exactly those of the whole CSR."""
-    ends = np.cumsum(matrix.row_nnz())
-    total, row, rows = 0, 0, matrix.shape[0]
-    while row < rows:
-        done = ends[row - 1] if row else 0
-        stop = min(max(int(np.searchsorted(ends, done + _CHUNK_ENTRIES, side="right")), row + 1), rows)
-        chunk = matrix.to_csr(slice(row, stop))
-        total += _count_into(counts, chunk, row_base[row:stop], column_bins)
-        row = stop
-    return total
+    at a time (about ``_CHUNK_ENTRIES`` entries), the convolutions' entries placed by their
+    geometry, so the counts are exactly those of the whole CSR."""
+    return sum(
+        _count_into(counts, chunk, row_base[rows], column_bins) for rows, chunk in matrix.row_chunks(_CHUNK_ENTRIES)
+    )
 
 
 def _count_into(counts: np.ndarray, matrix: sp.csr_array, row_base: np.ndarray, column_bins: np.ndarray) -> int:

@@ -140,8 +140,9 @@ def as_structured(matrix: sp.csr_array | StructuredMatrix) -> StructuredMatrix:
 
 def row_block(matrix: StructuredMatrix, rows: slice | np.ndarray) -> tuple[int, StructuredMatrix]:
     """(low, M[rows, low:high]), low:high the columns those rows read and their own (the
-    diagonal block): the remainder's rows (a view for a slice) and the terms inside them, shifted. A term only partly inside the rows (no
-    lowering makes one: terms write whole blocks) is built as CSR for those rows."""
+    diagonal block): the remainder's rows (a view for a slice) and the terms inside them,
+    shifted. A term only partly inside the rows (no lowering makes one: terms write whole
+    blocks) is built as CSR for those rows."""
     runs = [rows] if isinstance(rows, slice) else _runs(rows)
     pieces, terms, offset = [], [], 0
     for run in runs:
