@@ -61,8 +61,6 @@ STANDARDIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "Gr
 # Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
 # (the gates' products in LSTM and GRU): measured on tests/recurrent-models.
 RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
-
-
 def estimate_nonzeros(prepared: PreparedModel) -> int:
     """About the non-zeros of the lowered model (an upper bound for the linear layers' share)."""
     try:
