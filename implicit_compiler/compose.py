@@ -345,10 +345,8 @@ def feedback(model: ImplicitModel, K: Any) -> ImplicitModel:
 def _product(matrix: StructuredMatrix, K: sp.csr_array) -> sp.csr_array:
     """matrix @ K as CSR, the matrix's CSR formed a run of rows at a time (each row's sums as in
     the CSR product of the whole)."""
-    if not matrix.terms:
-        return sp.csr_array(matrix.remainder @ K)
     parts = [sp.csr_array(rows @ K) for _, rows in matrix.row_chunks(PRODUCT_CHUNK_ENTRIES)]
-    return sp.csr_array(sp.vstack(parts, format="csr")) if parts else sp.csr_array((matrix.shape[0], K.shape[1]))
+    return parts[0] if len(parts) == 1 else sp.csr_array(sp.vstack(parts, format="csr"))
 
 
 def _plus(matrix: StructuredMatrix, added: sp.csr_array) -> StructuredMatrix:

@@ -218,7 +218,11 @@ class StructuredMatrix:
 
     def row_chunks(self, entries: int) -> Iterator[tuple[slice, sp.csr_array]]:
         """(rows, ``to_csr(rows)``) for consecutive runs of rows of about ``entries`` entries each
-        (at least one row): the CSR a part at a time, never whole."""
+        (at least one row): the CSR a part at a time, never whole. Without terms, the remainder
+        in one piece (it is the CSR already)."""
+        if not self.terms:
+            yield slice(0, self.shape[0]), self.remainder
+            return
         ends = np.cumsum(self.row_nnz())
         row = 0
         while row < self.shape[0]:
