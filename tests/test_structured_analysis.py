@@ -118,6 +118,33 @@ def test_rows_of_a_structured_matrix_equal_the_csr_rows(lenet):
         assert_same_csr(sp.csr_array(sp.vstack([chunk for _, chunk in chunks], format="csr")), csr)
 
 
+@pytest.mark.parametrize(
+    "rows",
+    [
+        slice(9408, 11008),  # the block conv2 writes
+        slice(9000, 12700),  # cutting the convolution and the first dense term
+        np.r_[8232:9408, 9408:11008, 12608:12728],  # runs of blocks
+    ],
+    ids=["block", "cut", "runs"],
+)
+def test_row_blocks_and_component_matrices(lenet, rows, monkeypatch, request):
+    """_block_solve's rows of A (kept as kernels) and A_cc, against the CSR's."""
+    structured, csr = lift(lenet).structure.A, lenet.A
+    low, part = _block_solve.row_block(structured, rows)
+    assert len(part.terms) == {"block": 1, "cut": 0, "runs": 2}[request.node.callspec.id]
+    expected = sp.csr_array(csr[rows])
+    assert expected[:, :low].nnz == 0 and expected[:, low + part.shape[1] :].nnz == 0
+    assert_same_csr(part.to_csr(), sp.csr_array(expected[:, low : low + part.shape[1]]))
+    assert_same_csr(_block_solve.component_matrix(structured, rows), sp.csr_array(expected[:, rows]))
+    monkeypatch.setattr(_block_solve, "COMPONENT_CSR_ENTRIES", 0)
+    operator = _block_solve.component_matrix(structured, rows, scale=np.full(expected.shape[0], 0.5))
+    assert isinstance(operator, spla.LinearOperator) is bool(part.terms)  # a cut term is built as CSR
+    vectors = np.random.default_rng(2).normal(size=(expected.shape[0], 3))
+    A_cc = 0.5 * expected[:, rows].astype(np.float64)
+    np.testing.assert_allclose(operator @ vectors, A_cc @ vectors, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(operator.T @ vectors, A_cc.T @ vectors, rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------------------- spy
 def reference_counts(model: ImplicitModel, order: str, whole: bool, resolution: int) -> np.ndarray:
     """Non-zeros per pixel from the whole CSR, placed by the blocks' drawn order."""
