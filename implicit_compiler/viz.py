@@ -15,7 +15,9 @@ replaced when asked with ``overwrite=True`` (like ``ImplicitModel.save``); other
   a bigger one as a density image: s x s entries per pixel (s the smallest integer that fits the
   longer side in ``resolution`` pixels), coloured by log10(1 + non-zeros in the pixel), empty
   pixels white. Convolutions show as Toeplitz stripes, residual connections as identity lines.
-  Always 1200 x 1200 pixels (8 x 8 inches).
+  Always 1200 x 1200 pixels (8 x 8 inches). A structured model (``model.structure``:
+  convolutions kept as kernels) is never materialized: its CSR is built a run of rows at a time
+  and counted, the same pixels as the plain model's.
 - ``sensitivity_image``: for each output (row of a q x p sensitivity matrix S, e.g. the
   analysis ``SensitivityReport``), how strongly each input can move it, shown as an image of the
   input's shape (channels summed), one panel with its own colour bar per output. 1200 pixels
