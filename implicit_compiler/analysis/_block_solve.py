@@ -24,7 +24,7 @@ all acyclic components: both solves cost about nnz(A) times the number of right-
 and no n x n matrix is ever formed densely.
 
 M may be a CSR array or a ``structure.StructuredMatrix`` (convolution and dense terms plus a
-CSR remainder: ``model.structure.A.abs()``). A component's rows are then the terms inside them
+CSR remainder: ``absolute(model.structure.A)``). A component's rows are then the terms inside them
 (a convolution pulls with ``apply`` and pushes with the transposed convolution) beside the
 remainder's rows, never materialized; a cyclic component's M_cc is built as CSR when it holds
 at most ``COMPONENT_CSR_ENTRIES`` entries (the sparse LU and the eigenvalues of a plain model),
@@ -275,7 +275,7 @@ def _solve_cyclic(
         ) from None
 
 
-def _gmres(system, value: np.ndarray) -> np.ndarray | None:
+def _gmres(system: sp.csc_array | spla.LinearOperator, value: np.ndarray) -> np.ndarray | None:
     """GMRES column by column to ``ITERATIVE_TOLERANCE``; None if some column does not converge."""
     solution = np.empty_like(value)
     for column in range(value.shape[1]):
