@@ -20,13 +20,13 @@ import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
 
 import implicit_compiler as ic
-from implicit_compiler import ImplicitModel, compose
+from implicit_compiler import ImplicitModel, StateBlock, TensorSpec, compose
 from implicit_compiler import model as model_module
 from implicit_compiler.analysis import _block_solve, output_bounds, sensitivity, wellposedness
 from implicit_compiler.analysis.bounds import rounding_margin
 from implicit_compiler.errors import ModelTooLargeError
 from implicit_compiler.runtime.plan import execution_order
-from implicit_compiler.structure import lift
+from implicit_compiler.structure import Dense, StructuredMatrix, Term, lift
 from implicit_compiler.viz import spy_pattern
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -336,6 +336,65 @@ def test_crown_bounds_of_a_lifted_lenet_that_fits(lenet):
     expected = output_bounds(lenet, u, 0.002, method="crown")
     bounds = output_bounds(lift(lenet), u, 0.002, method="crown")
     assert np.array_equal(bounds.lower, expected.lower) and np.array_equal(bounds.upper, expected.upper)
+
+
+# ------------------------------------------------------------------- a hand-made structured loop
+def hand_made_loop() -> tuple[ImplicitModel, ImplicitModel]:
+    """(plain, structured): in (relu, 3) -> loop (tanh, 4, reading itself) -> out (relu, 2), the
+    loop's rows of A a ``Dense`` term reading the loop block and one reading the input block."""
+    rng = np.random.default_rng(8)
+    A = np.zeros((9, 9))
+    A[3:7, 0:3] = rng.normal(size=(4, 3))
+    loop = rng.uniform(0.1, 1.0, size=(4, 4)) * rng.choice([-1.0, 1.0], size=(4, 4))
+    A[3:7, 3:7] = loop * 0.8 / np.abs(np.linalg.eigvals(np.abs(loop))).max()
+    A[7:9, 3:7] = rng.normal(size=(2, 4))
+    blocks = (
+        StateBlock("in", 0, 3, "relu", (3,)),
+        StateBlock("loop", 3, 7, "tanh", (4,)),
+        StateBlock("out", 7, 9, "relu", (2,)),
+    )
+    B, C, D = rng.normal(size=(9, 5)), rng.normal(size=(3, 9)), rng.normal(size=(3, 5))
+    C[:, 0:3] = 0
+    parts = (
+        B,
+        C,
+        D,
+        rng.normal(size=9),
+        rng.normal(size=3),
+        blocks,
+        (TensorSpec("u", (5,)),),
+        (TensorSpec("y", (3,)),),
+    )
+    plain = ImplicitModel(sp.csr_array(A), *parts)
+    terms = (Term(slice(3, 7), Dense(slice(3, 7), A[3:7, 3:7])), Term(slice(3, 7), Dense(slice(0, 3), A[3:7, 0:3])))
+    remainder = sp.csr_array(A)
+    remainder[3:7, 0:7] = 0
+    remainder.eliminate_zeros()
+    return plain, ImplicitModel(StructuredMatrix((9, 9), terms, remainder), *parts)
+
+
+def test_hand_made_structured_loop():
+    plain, structured = hand_made_loop()
+    assert_same_model(structured, plain)
+    with no_materializing():
+        reports = wellposedness(structured), sensitivity(structured)
+        counts = spy_pattern(structured, whole=True)
+        closed = compose.feedback(structured, 0.1 * np.ones((5, 3)))
+    expected = wellposedness(plain), sensitivity(plain)
+    assert reports[0].reason == expected[0].reason and reports[0].components == expected[0].components
+    assert reports[1].reason == expected[1].reason
+    np.testing.assert_allclose(reports[1].matrix, expected[1].matrix, rtol=1e-13)
+    np.testing.assert_allclose(reports[1].matrix, reference_sensitivity_lipschitz(plain), rtol=1e-10)
+    assert np.array_equal(counts, reference_counts(plain, "paper", True, 1000))
+    # B K N C reads the loop and out blocks: the term reading the loop moves to the remainder
+    assert [term.op.source for term in closed.structure.A.terms] == [slice(0, 3)]
+    assert_same_model(closed, compose.feedback(plain, 0.1 * np.ones((5, 3))))
+
+
+def reference_sensitivity_lipschitz(model: ImplicitModel) -> np.ndarray:
+    """|C| (I - |A|)^{-1} |B| + |D| densely (relu and tanh: Lambda = I)."""
+    A, B, C, D = (np.abs(m.toarray()) for m in (model.A, model.B, model.C, model.D))
+    return C @ np.linalg.solve(np.eye(model.n) - A, B) + D
 
 
 # -------------------------------------------------------------------------------- composition
