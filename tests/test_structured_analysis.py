@@ -22,7 +22,7 @@ import scipy.sparse.linalg as spla
 import implicit_compiler as ic
 from implicit_compiler import ImplicitModel, StateBlock, TensorSpec, compose
 from implicit_compiler import model as model_module
-from implicit_compiler.analysis import _block_solve, output_bounds, sensitivity, wellposedness
+from implicit_compiler.analysis import _block_solve, output_bounds, rescale, sensitivity, sparse_attack, wellposedness
 from implicit_compiler.analysis.bounds import rounding_margin
 from implicit_compiler.errors import ModelTooLargeError
 from implicit_compiler.runtime.plan import execution_order
@@ -336,13 +336,26 @@ def test_sensitivity_bounds_and_rounding_margin(lenet, loop, lifted_loop, form, 
     assert (bounds.lower <= solution.y).all() and (solution.y <= bounds.upper).all()
 
 
-def test_crown_bounds_of_a_lifted_lenet_that_fits(lenet):
-    """CROWN reads model.A (it materializes a structured model that fits): the same bounds."""
+@pytest.mark.parametrize("method", ["crown", "ibp"])
+def test_relaxed_bounds_of_a_lifted_lenet_that_fits(lenet, method):
+    """CROWN and IBP read model.A (they materialize a structured model that fits): the same bounds."""
     rng = np.random.default_rng(4)
     u = rng.uniform(0, 1, size=lenet.inputs[0].shape)
-    expected = output_bounds(lenet, u, 0.002, method="crown")
-    bounds = output_bounds(lift(lenet), u, 0.002, method="crown")
+    expected = output_bounds(lenet, u, 0.002, method=method)
+    bounds = output_bounds(lift(lenet), u, 0.002, method=method)
     assert np.array_equal(bounds.lower, expected.lower) and np.array_equal(bounds.upper, expected.upper)
+
+
+def test_attack_and_rescaling_of_lifted_models_that_fit(lenet, loop, lifted_loop):
+    """sparse_attack and rescale read model.A too (materializing): the same answers."""
+    u = np.random.default_rng(7).uniform(0, 1, size=lenet.inputs[0].shape)
+    expected, attack = sparse_attack(lenet, u, 1, 5, 0.1), sparse_attack(lift(lenet), u, 1, 5, 0.1)
+    assert np.array_equal(attack.support, expected.support) and np.array_equal(
+        attack.perturbation, expected.perturbation
+    )
+    rescaled, expected = rescale(lifted_loop), rescale(loop)
+    for name in "ABCD":
+        assert_same_csr(getattr(rescaled, name), getattr(expected, name))
 
 
 # ------------------------------------------------------------------- a hand-made structured loop
