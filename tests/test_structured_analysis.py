@@ -282,13 +282,19 @@ def test_sensitivity(lenet, loop, lifted_loop, form, which):
         np.testing.assert_allclose(report.matrix, expected.matrix, rtol=1e-12)
 
 
-@pytest.mark.slow
 def test_sensitivity_of_a_large_structured_loop_by_gmres(loop, lifted_loop, monkeypatch):
+    """The adjoint solves (sensitivity) and the forward ones (rounding margin) by GMRES on the
+    kernels."""
+    u = np.random.default_rng(9).uniform(0, 1, size=(2, loop.p))
+    solution, sigma = loop.solve(u.reshape(2, *loop.inputs[0].shape)), np.full(loop.p, 0.01)
+    expected = rounding_margin(loop, solution.x, u, sigma, solution.error)
     monkeypatch.setattr(_block_solve, "COMPONENT_CSR_ENTRIES", 0)
     with no_materializing():
         report = sensitivity(lifted_loop)
+        margin = rounding_margin(lifted_loop, solution.x, u, sigma, solution.error)
     assert report.valid
     np.testing.assert_allclose(report.matrix, reference_sensitivity(loop), rtol=1e-9)
+    np.testing.assert_allclose(margin, expected, rtol=1e-9)
 
 
 @pytest.mark.slow
