@@ -13,8 +13,9 @@ non-zeros from 150 weights).
 ``StructuredMatrix`` does what the runtime and the analysis need without materializing:
 ``matvec`` (M X), ``rmatvec`` (M^T Y, a transposed convolution per term), ``abs`` (|M|: the same
 geometry with |K|, as the terms never overlap the remainder or each other), ``nnz`` (from the
-geometry: the in-bounds (output pixel, kernel entry) pairs with a non-zero entry), and
-``to_csr`` (exact: the same entries the CSR holds, summed once). ``lift`` makes one from a
+geometry: the in-bounds (output pixel, kernel entry) pairs with a non-zero entry; ``row_nnz``
+per row), and ``to_csr`` (exact: the same entries the CSR holds, summed once; of some rows, or
+a run of rows at a time with ``row_chunks``). ``lift`` makes one from a
 model's CSR, with ``runtime.structured``'s exact detection.
 """
 
