@@ -20,11 +20,19 @@ a composition stacks the operands' states (block names prefixed "m1/", "m2/"), s
               With D = 0, N = I: A' = A + B K C. I - D K singular means the loop has no
               (unique) algebraic solution: NotWellPosedError. The loop makes A cyclic; the
               runtime iterates only on the cyclic component.
+
+Structured operands (``model.structure``: convolutions and dense products kept as kernels) are
+never materialized: stacking places their terms at the operand's offsets (``_stacked``, what
+``sp.bmat`` does to the CSR), and a cascade whose second B or first C keeps terms takes the
+link branch (no product B_2 C_1). Products with C and D (q rows) read them as CSR; feedback's
+B K is formed a run of B's rows at a time, and a term of A or B that B K N C (N D) writes into
+moves to the remainder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -35,10 +43,12 @@ from . import arguments
 from .activations import LOG_POSITIVE_FLOOR, Activation
 from .errors import ArgumentTypeError, NotWellPosedError, ShapeError
 from .model import ImplicitModel, StateBlock, TensorSpec
+from .structure import StructuredMatrix, Term
 
 # Fold B_2 C_1 into A when it holds at most this many times the non-zeros of B_2 and C_1.
 LINK_GROWTH_LIMIT = 2.0
 DENSE_SOLVE_LIMIT = 2048  # q up to which (I - D K) is factored densely
+PRODUCT_CHUNK_ENTRIES = 1 << 22  # feedback: B K formed this many entries of B at a time
 CYCLIC_SIZE_SWEEPS = 3  # sweeps of a cyclic component when estimating typical state sizes
 
 
@@ -83,14 +93,48 @@ def _same_output(first: ImplicitModel, second: ImplicitModel, operation: str) ->
         )
 
 
+def _stacked(grid: list[list[Any]]) -> StructuredMatrix:
+    """``sp.bmat(grid)`` for CSR arrays, ``StructuredMatrix`` objects and None (zero) in a grid:
+    the remainders stacked by ``sp.bmat``, each term moved by its piece's offsets (its rows by
+    the row offset, its source by the column offset). Every grid row and column needs a piece
+    that gives its size."""
+    heights = [next(piece.shape[0] for piece in row if piece is not None) for row in grid]
+    widths = [next(row[j].shape[1] for row in grid if row[j] is not None) for j in range(len(grid[0]))]
+    row_offsets, column_offsets = np.cumsum([0, *heights]), np.cumsum([0, *widths])
+    terms, remainders = [], []
+    for i, row in enumerate(grid):
+        remainders.append([])
+        for j, piece in enumerate(row):
+            if piece is None:
+                remainders[-1].append(None)
+                continue
+            piece = piece if isinstance(piece, StructuredMatrix) else StructuredMatrix.plain(sp.csr_array(piece))
+            remainders[-1].append(piece.remainder)
+            down, right = int(row_offsets[i]), int(column_offsets[j])
+            for term in piece.terms:
+                rows, source = _moved(term.rows, down), _moved(term.op.source, right)
+                terms.append(Term(rows, replace(term.op, source=source)))
+    remainder = sp.csr_array(sp.bmat(remainders, format="csr"))
+    return StructuredMatrix((int(row_offsets[-1]), int(column_offsets[-1])), tuple(terms), remainder)
+
+
+def _moved(span: slice, offset: int) -> slice:
+    return slice(span.start + offset, span.stop + offset)
+
+
+def _has_terms(*matrices: StructuredMatrix) -> bool:
+    return any(matrix.terms for matrix in matrices)
+
+
 def _side_by_side(
     first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str]
-) -> tuple[sp.csr_array, sp.csr_array, np.ndarray, list[StateBlock]]:
+) -> tuple[StructuredMatrix, StructuredMatrix, np.ndarray, list[StateBlock]]:
     """A = diag(A_1, A_2), B = [B_1; B_2], b = [b_1; b_2] and the prefixed blocks (same input)."""
-    A = sp.block_diag([first.A, second.A], format="csr")
-    B = sp.vstack([first.B, second.B], format="csr")
+    one, two = first.structure, second.structure
+    A = _stacked([[one.A, None], [None, two.A]])
+    B = _stacked([[one.B], [two.B]])
     blocks = _prefixed_blocks(first, prefixes[0], 0) + _prefixed_blocks(second, prefixes[1], first.n)
-    return sp.csr_array(A), sp.csr_array(B), np.concatenate([first.bias_x, second.bias_x]), blocks
+    return A, B, np.concatenate([first.bias_x, second.bias_x]), blocks
 
 
 def cascade(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
@@ -101,30 +145,30 @@ def cascade(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, st
             f"cannot cascade: the first model gives q = {first.q} outputs but the second takes p = {second.p} inputs"
         )
     first, second = _common(first, second)
-    B2C1 = sp.csr_array(second.B @ first.C)
+    one, two = first.structure, second.structure
     blocks = _prefixed_blocks(first, prefixes[0], 0)
-    if B2C1.nnz <= LINK_GROWTH_LIMIT * (second.B.nnz + first.C.nnz) + first.n:
-        A = sp.bmat([[first.A, None], [B2C1, second.A]], format="csr")
-        B = sp.vstack([first.B, second.B @ first.D], format="csr")
+    B2C1 = None if _has_terms(two.B, one.C) else sp.csr_array(second.B @ first.C)
+    if B2C1 is not None and B2C1.nnz <= LINK_GROWTH_LIMIT * (second.B.nnz + first.C.nnz) + first.n:
+        A = _stacked([[one.A, None], [B2C1, two.A]])
+        B = _stacked([[one.B], [second.B @ first.D]])
         bias_x = np.concatenate([first.bias_x, second.B @ first.bias_y + second.bias_x])
-        C = sp.hstack([second.D @ first.C, second.C], format="csr")
+        C = _stacked([[second.D @ first.C, two.C]])
         D = sp.csr_array(second.D @ first.D)
         bias_y = second.D @ first.bias_y + second.bias_y
         blocks += _prefixed_blocks(second, prefixes[1], first.n)
     else:  # keep y_1 as an identity block: no product of B_2 and C_1
         q = first.q
         zero = lambda rows, cols: sp.csr_array((rows, cols), dtype=first.dtype)  # noqa: E731
-        A = sp.bmat(
+        A = _stacked(
             [
-                [first.A, zero(first.n, q), zero(first.n, second.n)],
-                [first.C, zero(q, q), zero(q, second.n)],
-                [zero(second.n, first.n), second.B, second.A],
-            ],
-            format="csr",
+                [one.A, zero(first.n, q), zero(first.n, second.n)],
+                [one.C, zero(q, q), zero(q, second.n)],
+                [zero(second.n, first.n), two.B, two.A],
+            ]
         )
-        B = sp.vstack([first.B, first.D, zero(second.n, first.p)], format="csr")
+        B = _stacked([[one.B], [one.D], [zero(second.n, first.p)]])
         bias_x = np.concatenate([first.bias_x, first.bias_y, second.bias_x])
-        C = sp.hstack([zero(second.q, first.n), second.D, second.C], format="csr")
+        C = _stacked([[zero(second.q, first.n), two.D, two.C]])
         D = zero(second.q, first.p)
         bias_y = second.bias_y  # c_1 is inside the link block
         blocks.append(StateBlock(f"{prefixes[0]}/output", first.n, first.n + q, "identity", (q,)))
@@ -137,11 +181,12 @@ def parallel(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, s
     _same_input(first, second, "put in parallel")
     first, second = _common(first, second)
     A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
-    C = sp.block_diag([first.C, second.C], format="csr")
-    D = sp.vstack([first.D, second.D], format="csr")
+    one, two = first.structure, second.structure
+    C = _stacked([[one.C, None], [None, two.C]])
+    D = _stacked([[one.D], [two.D]])
     outputs = _prefixed_specs(first.outputs, prefixes[0]) + _prefixed_specs(second.outputs, prefixes[1])
     bias_y = np.concatenate([first.bias_y, second.bias_y])
-    return ImplicitModel(A, B, sp.csr_array(C), D, bias_x, bias_y, tuple(blocks), first.inputs, outputs)
+    return ImplicitModel(A, B, C, D, bias_x, bias_y, tuple(blocks), first.inputs, outputs)
 
 
 def add(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
@@ -150,7 +195,7 @@ def add(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] =
     _same_output(first, second, "add")
     first, second = _common(first, second)
     A, B, bias_x, blocks = _side_by_side(first, second, prefixes)
-    C = sp.hstack([first.C, second.C], format="csr")
+    C = _stacked([[first.structure.C, second.structure.C]])
     D = sp.csr_array(first.D + second.D)
     bias_y = first.bias_y + second.bias_y
     return ImplicitModel(A, B, C, D, bias_x, bias_y, tuple(blocks), first.inputs, first.outputs)
@@ -210,22 +255,32 @@ def output_sizes(model: ImplicitModel) -> np.ndarray:
     """A typical size of each output: the 2-norm of its row [C, D, c] with each state weighted
     by its own typical size (``typical_size`` of the 2-norm of its row [A, B, b]; inputs count
     1), in execution order, a cyclic component swept ``CYCLIC_SIZE_SWEEPS`` times."""
+    from .analysis._block_solve import row_block
     from .runtime.plan import execution_order
 
-    def squared(matrix: sp.csr_array) -> sp.csr_array:
-        matrix = sp.csr_array(matrix, dtype=np.float64)
-        return sp.csr_array((matrix.data**2, matrix.indices, matrix.indptr), shape=matrix.shape)
+    def squared(matrix: StructuredMatrix) -> StructuredMatrix:
+        """The matrix of the squared entries, float64 (kernels squared)."""
+        terms = tuple(Term(t.rows, replace(t.op, weight=t.op.weight.astype(np.float64) ** 2)) for t in matrix.terms)
+        remainder = sp.csr_array(matrix.remainder, dtype=np.float64)
+        remainder = sp.csr_array((remainder.data**2, remainder.indices, remainder.indptr), shape=matrix.shape)
+        return StructuredMatrix(matrix.shape, terms, remainder)
 
-    A2, fixed = squared(model.A), squared(model.B).sum(axis=1) + model.bias_x.astype(np.float64) ** 2
+    def row_sums(matrix: StructuredMatrix, values: np.ndarray) -> np.ndarray:
+        return matrix.matvec(values[:, None])[:, 0]
+
+    structure = model.structure
+    A2 = squared(structure.A)
+    fixed = row_sums(squared(structure.B), np.ones(model.p)) + model.bias_x.astype(np.float64) ** 2
     states = np.ones(model.n)
     for component in execution_order(model):
         for _ in range(CYCLIC_SIZE_SWEEPS if component.cyclic else 1):
             for block in (model.blocks[i] for i in component.blocks):
                 rows = block.slice
-                row_sizes = np.sqrt(A2[rows] @ states**2 + fixed[rows])
+                low, A2_rows = row_block(A2, rows)
+                row_sizes = np.sqrt(row_sums(A2_rows, states[low : low + A2_rows.shape[1]] ** 2) + fixed[rows])
                 states[rows] = typical_size(block.activation, row_sizes, model.bias_x[rows].astype(np.float64))
-    squares = squared(model.C) @ states**2 + squared(model.D).sum(axis=1) + model.bias_y.astype(np.float64) ** 2
-    return np.sqrt(squares)
+    squares = row_sums(squared(structure.C), states**2) + row_sums(squared(structure.D), np.ones(model.p))
+    return np.sqrt(squares + model.bias_y.astype(np.float64) ** 2)
 
 
 def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, str] = ("m1", "m2")) -> ImplicitModel:
@@ -242,8 +297,8 @@ def multiply(first: ImplicitModel, second: ImplicitModel, prefixes: tuple[str, s
     squares_read = sp.vstack(
         [sp.hstack([C1, C2]), sp.hstack([C1, -C2])], format="csr"
     )  # pre-activations of s+ and s-: C_1 x_1 / s ± C_2 x_2 s (+ (D_1 / s ± D_2 s) u + c_1 / s ± c_2 s)
-    A = sp.bmat([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q), dtype=first.dtype)]], format="csr")
-    B = sp.vstack([B, D1 + D2, D1 - D2], format="csr")
+    A = _stacked([[A, None], [squares_read, sp.csr_array((2 * q, 2 * q), dtype=first.dtype)]])
+    B = _stacked([[B], [D1 + D2], [D1 - D2]])
     bias_x = np.concatenate([bias_x, c1 + c2, c1 - c2])
     blocks += [
         StateBlock("product/sum_squared", n, n + q, "square", (q,)),
@@ -277,13 +332,37 @@ def feedback(model: ImplicitModel, K: Any) -> ImplicitModel:
         NC, ND, Nc = model.C, model.D, model.bias_y
     else:
         NC, ND, Nc = _loop_solve(sp.csr_array(model.D @ K), model.C, model.D, model.bias_y)
-    BK = sp.csr_array(model.B @ K)
-    A = sp.csr_array(model.A + BK @ NC)
-    B = sp.csr_array(model.B + BK @ ND)
+    structure = model.structure
+    BK = _product(structure.B, K)
+    A = _plus(structure.A, sp.csr_array(BK @ NC))
+    B = _plus(structure.B, sp.csr_array(BK @ ND))
     bias_x = model.bias_x + BK @ Nc
     return ImplicitModel(
         A, B, sp.csr_array(NC), sp.csr_array(ND), bias_x, Nc, model.blocks, model.inputs, model.outputs
     )
+
+
+def _product(matrix: StructuredMatrix, K: sp.csr_array) -> sp.csr_array:
+    """matrix @ K as CSR, the matrix's CSR formed a run of rows at a time (each row's sums as in
+    the CSR product of the whole)."""
+    parts = [sp.csr_array(rows @ K) for _, rows in matrix.row_chunks(PRODUCT_CHUNK_ENTRIES)]
+    return parts[0] if len(parts) == 1 else sp.csr_array(sp.vstack(parts, format="csr"))
+
+
+def _plus(matrix: StructuredMatrix, added: sp.csr_array) -> StructuredMatrix:
+    """matrix + added: the terms that ``added`` writes into join the remainder (as CSR), the
+    others stay; the remainder plus ``added`` is summed as CSR, as for a plain matrix."""
+    coo = added.tocoo()
+    kept, moved = [], []
+    for term in matrix.terms:
+        rows, source = term.rows, term.op.source
+        hit = (coo.row >= rows.start) & (coo.row < rows.stop) & (coo.col >= source.start) & (coo.col < source.stop)
+        (moved if hit.any() else kept).append(term)
+    remainder = matrix.remainder
+    if moved:
+        empty = sp.csr_array(matrix.shape, dtype=matrix.dtype)
+        remainder = remainder + StructuredMatrix(matrix.shape, tuple(moved), empty).to_csr()
+    return StructuredMatrix(matrix.shape, tuple(kept), sp.csr_array(remainder + added))
 
 
 def _loop_gain(K: Any, p: int, q: int) -> sp.csr_array:

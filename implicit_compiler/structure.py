@@ -13,13 +13,15 @@ non-zeros from 150 weights).
 ``StructuredMatrix`` does what the runtime and the analysis need without materializing:
 ``matvec`` (M X), ``rmatvec`` (M^T Y, a transposed convolution per term), ``abs`` (|M|: the same
 geometry with |K|, as the terms never overlap the remainder or each other), ``nnz`` (from the
-geometry: the in-bounds (output pixel, kernel entry) pairs with a non-zero entry), and
-``to_csr`` (exact: the same entries the CSR holds, summed once). ``lift`` makes one from a
+geometry: the in-bounds (output pixel, kernel entry) pairs with a non-zero entry; ``row_nnz``
+per row), and ``to_csr`` (exact: the same entries the CSR holds, summed once; of some rows, or
+a run of rows at a time with ``row_chunks``). ``lift`` makes one from a
 model's CSR, with ``runtime.structured``'s exact detection.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 import numba
@@ -207,20 +209,50 @@ class StructuredMatrix:
         terms = tuple(Term(term.rows, replace(term.op, weight=np.abs(term.op.weight))) for term in self.terms)
         return StructuredMatrix(self.shape, terms, abs(self.remainder))
 
-    def to_csr(self) -> sp.csr_array:
-        """The matrix as CSR, exactly (each term's entries are the kernel's, placed by geometry;
-        no entry is summed, as the terms and the remainder do not overlap)."""
-        if not self.terms:
-            return self.remainder
-        rows, columns, values = [], [], []
-        remainder = self.remainder.tocoo()
-        rows.append(remainder.row), columns.append(remainder.col), values.append(remainder.data)
+    def row_nnz(self) -> np.ndarray:
+        """The stored entries of each row of ``to_csr()``, (rows,) int64, from the geometry."""
+        counts = np.diff(self.remainder.indptr).astype(np.int64)
         for term in self.terms:
-            term_rows, term_columns, term_values = _term_entries(term.op)
-            rows.append(term_rows + term.rows.start), columns.append(term_columns), values.append(term_values)
+            pattern = replace(term.op, weight=(term.op.weight != 0).astype(np.float64))
+            counts[term.rows] += np.rint(pattern.apply(np.ones((_term_shape(term.op)[1], 1)))[:, 0]).astype(np.int64)
+        return counts
+
+    def row_chunks(self, entries: int) -> Iterator[tuple[slice, sp.csr_array]]:
+        """(rows, ``to_csr(rows)``) for consecutive runs of rows of about ``entries`` entries each
+        (at least one row): the CSR a part at a time, never whole. Without terms, the remainder
+        in one piece (it is the CSR already)."""
+        if not self.terms:
+            yield slice(0, self.shape[0]), self.remainder
+            return
+        ends = np.cumsum(self.row_nnz())
+        row = 0
+        while row < self.shape[0]:
+            done = ends[row - 1] if row else 0
+            stop = min(max(int(np.searchsorted(ends, done + entries, side="right")), row + 1), self.shape[0])
+            yield slice(row, stop), self.to_csr(slice(row, stop))
+            row = stop
+
+    def to_csr(self, rows: slice | None = None) -> sp.csr_array:
+        """The matrix, or its rows ``rows`` (a slice of step 1), as CSR, exactly (each term's
+        entries are the kernel's, placed by geometry; no entry is summed, as the terms and the
+        remainder do not overlap)."""
+        start, stop, _ = (rows or slice(0, self.shape[0])).indices(self.shape[0])
+        stop = max(start, stop)
+        remainder = self.remainder if rows is None else self.remainder[start:stop]
+        if not self.terms:
+            return remainder
+        coo = remainder.tocoo()
+        entries = [(coo.row, coo.col, coo.data)]
+        for term in self.terms:
+            first, last = max(start, term.rows.start), min(stop, term.rows.stop)
+            if first < last:
+                term_rows, term_columns, term_values = _term_entries(
+                    term.op, first - term.rows.start, last - term.rows.start
+                )
+                entries.append((term_rows + first - start, term_columns, term_values))
+        row_indices, column_indices, values = (np.concatenate(part) for part in zip(*entries))
         coo = sp.coo_array(
-            (np.concatenate(values).astype(self.dtype, copy=False), (np.concatenate(rows), np.concatenate(columns))),
-            shape=self.shape,
+            (values.astype(self.dtype, copy=False), (row_indices, column_indices)), shape=(stop - start, self.shape[1])
         )
         csr = coo.tocsr()
         csr.sum_duplicates()
@@ -282,11 +314,25 @@ def _without_terms(matrix: sp.csr_array, terms: list[Term]) -> sp.csr_array:
     return matrix
 
 
-def _term_entries(op: Convolution | Dense) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows within the term, columns, values) of the term's non-zeros."""
+def _term_entries(
+    op: Convolution | Dense, first: int = 0, last: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, values) of the term's non-zeros in its rows first:last, the rows counted
+    from ``first``."""
+    last = _term_shape(op)[0] if last is None else last
     if isinstance(op, Dense):
-        rows, columns = np.nonzero(op.weight)
-        return rows, columns + op.source.start, op.weight[rows, columns]
+        rows, columns = np.nonzero(op.weight[first:last])
+        return rows, columns + op.source.start, op.weight[first:last][rows, columns]
+    plane = op.out_shape[1] * op.out_shape[2]  # rows per output channel
+    channels = slice(first // plane, -(-last // plane))
+    part = replace(op, weight=op.weight[channels], out_shape=(channels.stop - channels.start, *op.out_shape[1:]))
+    rows, columns, values = _channel_entries(part)
+    inside = (rows >= first - channels.start * plane) & (rows < last - channels.start * plane)
+    return rows[inside] + channels.start * plane - first, columns[inside], values[inside]
+
+
+def _channel_entries(op: Convolution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, values) of a convolution's non-zeros."""
     (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
     kh, kw = op.kernel
     weight = op.weight.reshape(Co, C, kh, kw)

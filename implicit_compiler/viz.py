@@ -15,7 +15,9 @@ replaced when asked with ``overwrite=True`` (like ``ImplicitModel.save``); other
   a bigger one as a density image: s x s entries per pixel (s the smallest integer that fits the
   longer side in ``resolution`` pixels), coloured by log10(1 + non-zeros in the pixel), empty
   pixels white. Convolutions show as Toeplitz stripes, residual connections as identity lines.
-  Always 1200 x 1200 pixels (8 x 8 inches).
+  Always 1200 x 1200 pixels (8 x 8 inches). A structured model (``model.structure``:
+  convolutions kept as kernels) is never materialized: its CSR is built a run of rows at a time
+  and counted, the same pixels as the plain model's.
 - ``sensitivity_image``: for each output (row of a q x p sensitivity matrix S, e.g. the
   analysis ``SensitivityReport``), how strongly each input can move it, shown as an image of the
   input's shape (channels summed), one panel with its own colour bar per output. 1200 pixels
@@ -46,6 +48,7 @@ from matplotlib.figure import Figure
 from .errors import NonFiniteError, OverwriteError, ShapeError
 from .model import ImplicitModel
 from .runtime.plan import execution_order
+from .structure import StructuredMatrix
 
 DPI = 150
 SPY_SIZE_PX = (1200, 1200)  # (width, height)
@@ -174,10 +177,11 @@ def _spy_layout(model: ImplicitModel, order: str, whole: bool, resolution: int) 
             state_segments + _spec_segments(model.inputs, n, "u"),
             n,
         )
-        parts = ((model.A, 0, 0), (model.B, 0, n), (model.C, n, 0), (model.D, n, n))
+        structure = model.structure
+        parts = ((structure.A, 0, 0), (structure.B, 0, n), (structure.C, n, 0), (structure.D, n, n))
     else:
         rows = columns = _Axis(state_position, state_segments, None)
-        parts = ((model.A, 0, 0),)
+        parts = ((model.structure.A, 0, 0),)
     if rows.size == 0 or columns.size == 0:
         raise ShapeError(f"nothing to draw: the matrix is {rows.size} x {columns.size}")
     bin_size = max(1, -(-max(rows.size, columns.size) // int(resolution)))
@@ -187,13 +191,24 @@ def _spy_layout(model: ImplicitModel, order: str, whole: bool, resolution: int) 
     nnz = 0
     for matrix, row_offset, column_offset in parts:
         m_rows, m_columns = matrix.shape
-        nnz += _count_into(
+        nnz += _count_structured(
             counts,
             matrix,
             row_bins[row_offset : row_offset + m_rows] * width,
             column_bins[column_offset : column_offset + m_columns],
         )
     return _SpyLayout(counts.reshape(height, width), bin_size, rows, columns, nnz)
+
+
+def _count_structured(
+    counts: np.ndarray, matrix: StructuredMatrix, row_base: np.ndarray, column_bins: np.ndarray
+) -> int:
+    """``_count_into`` for a structured matrix, never materialized: its CSR built a run of rows
+    at a time (about ``_CHUNK_ENTRIES`` entries), the convolutions' entries placed by their
+    geometry, so the counts are exactly those of the whole CSR."""
+    return sum(
+        _count_into(counts, chunk, row_base[rows], column_bins) for rows, chunk in matrix.row_chunks(_CHUNK_ENTRIES)
+    )
 
 
 def _count_into(counts: np.ndarray, matrix: sp.csr_array, row_base: np.ndarray, column_bins: np.ndarray) -> int:
@@ -252,15 +267,20 @@ def _execution_blocks(model: ImplicitModel) -> list[int]:
 
 
 def _stored_order_is_topological(model: ImplicitModel) -> bool:
-    """Whether every stored entry of A reads a state of an earlier block than its row's."""
-    A = model.A
-    nonempty = np.diff(A.indptr) > 0
-    if not nonempty.any():
-        return True
-    last_read = np.maximum.reduceat(A.indices, A.indptr[:-1][nonempty])
+    """Whether every stored entry of A reads a state of an earlier block than its row's (a
+    term's rows counted as reading the last column of its source: when that says no, the block
+    graph decides, with the same answer)."""
+    A = model.structure.A
+    remainder = A.remainder
+    nonempty = np.diff(remainder.indptr) > 0
+    last_read = np.full(A.shape[0], -1, dtype=np.int64)
+    if nonempty.any():
+        last_read[nonempty] = np.maximum.reduceat(remainder.indices, remainder.indptr[:-1][nonempty])
+    for term in A.terms:
+        last_read[term.rows] = np.maximum(last_read[term.rows], term.op.source.stop - 1)
     sizes = [block.size for block in model.blocks]
     block_start = np.repeat(np.array([block.start for block in model.blocks], dtype=np.int64), sizes)
-    return bool((last_read < block_start[nonempty]).all())
+    return bool((last_read < block_start).all())
 
 
 def _spec_segments(specs: Sequence[Any], offset: int, prefix: str) -> tuple[tuple[str, int, int], ...]:

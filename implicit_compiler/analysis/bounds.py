@@ -20,6 +20,10 @@ its cyclic components' spectra, so only those are examined.
 Output bounds over a box |u - u0| <= sigma follow: y(u0) - S sigma <= y(u) <= y(u0) + S sigma,
 widened by a bound on the rounding of the predictions in the model's dtype (``rounding_margin``)
 and rounded outward, so that no prediction of a sample in the box falls outside them.
+
+Both read ``model.structure``: a structured model (convolutions kept as kernels) is never
+materialized, its |A|, |B|, |C|, |D| products are the kernels' (``_block_solve``), the row
+counts of the rounding bound come from the geometry (``row_nnz``).
 """
 
 from __future__ import annotations
@@ -38,10 +42,11 @@ from ..runtime.batching import flatten_inputs
 from ..runtime.plan import Component, execution_order
 from ..runtime.solve import DEFAULT_TOLERANCE
 from ._block_solve import (
+    absolute,
+    component_matrix,
     component_names,
     component_states,
     lipschitz_per_state,
-    scale_rows,
     solve_identity_minus,
 )
 from .crown import crown_bounds
@@ -124,13 +129,14 @@ def weighted_sensitivity(
             "near 0); bound the inputs and linearize instead"
         )
         return None, reason, math.inf
-    absolute = abs(model.A.astype(np.float64, copy=False))
+    structure = model.structure
+    absolute_A = absolute(structure.A)
     lipschitz = lipschitz_per_state(model)
     radius, worst = 0.0, ()
     for component in components:
         if component.cyclic:
             rows = component_states(model, component)
-            value = perron_frobenius_eigenvalue(scale_rows(absolute[rows][:, rows], lipschitz[rows]))
+            value = perron_frobenius_eigenvalue(component_matrix(absolute_A, rows, lipschitz[rows]))
             if value >= radius:
                 radius, worst = value, component_names(model, component)
     if radius >= 1:
@@ -139,10 +145,10 @@ def weighted_sensitivity(
             "so the Neumann series of (I - Lambda |A|)^{-1} diverges; shrink the loop gain"
         )
         return None, reason, radius
-    rhs = abs(model.C.astype(np.float64, copy=False)).T @ weights  # |C|^T W, (n, r)
-    Z = solve_identity_minus(model, absolute, rhs, transpose=True, row_scale=lipschitz, components=components)
-    B, D = (abs(m.astype(np.float64, copy=False)) for m in (model.B, model.D))
-    rows = (B.T @ (lipschitz[:, None] * Z)).T + (D.T @ weights).T
+    rhs = absolute(structure.C).rmatvec(weights)  # |C|^T W, (n, r)
+    Z = solve_identity_minus(model, absolute_A, rhs, transpose=True, row_scale=lipschitz, components=components)
+    B, D = absolute(structure.B), absolute(structure.D)
+    rows = B.rmatvec(lipschitz[:, None] * Z).T + D.rmatvec(weights).T
     if worst:
         reason = (
             f"valid: lambda_pf(Lambda |A|) = {radius:.6g} < 1 (largest on [{', '.join(worst)}]), "
@@ -327,20 +333,23 @@ def rounding_margin(
     """
     roundoff = float(np.finfo(model.dtype).eps) / 2
     components = execution_order(model)
-    A, B, C, D = (abs(m.astype(np.float64, copy=False)) for m in (model.A, model.B, model.C, model.D))
+    structure = model.structure
+    A, B, C, D = (absolute(m) for m in (structure.A, structure.B, structure.C, structure.D))
     if reach is None:
         lipschitz = lipschitz_per_state(model)
-        spread = solve_identity_minus(model, A, lipschitz * (B @ radius), row_scale=lipschitz, components=components)
+        spread = solve_identity_minus(
+            model, A, lipschitz * B.matvec(radius[:, None])[:, 0], row_scale=lipschitz, components=components
+        )
         reach = np.abs(state) + spread
     reach_inputs = inputs + radius
-    gamma_x = _gamma(np.diff(model.A.indptr) + np.diff(model.B.indptr) + 2, roundoff)
-    gamma_y = _gamma(np.diff(model.C.indptr) + np.diff(model.D.indptr) + 2, roundoff)
-    magnitudes = (A @ reach.T) + (B @ reach_inputs.T) + np.abs(model.bias_x.astype(np.float64))[:, None]
+    gamma_x = _gamma(structure.A.row_nnz() + structure.B.row_nnz() + 2, roundoff)
+    gamma_y = _gamma(structure.C.row_nnz() + structure.D.row_nnz() + 2, roundoff)
+    magnitudes = A.matvec(reach.T) + B.matvec(reach_inputs.T) + np.abs(model.bias_x.astype(np.float64))[:, None]
     rhs = lipschitz[:, None] * gamma_x[:, None] * magnitudes
     rhs += _evaluation_error(model, components, reach.T, roundoff, solver_error)
     errors = solve_identity_minus(model, A, rhs, row_scale=lipschitz, components=components)
-    direct = (C @ reach.T) + (D @ reach_inputs.T) + np.abs(model.bias_y.astype(np.float64))[:, None]
-    return (2 * ROUNDING_SAFETY * ((C @ errors) + gamma_y[:, None] * direct)).T
+    direct = C.matvec(reach.T) + D.matvec(reach_inputs.T) + np.abs(model.bias_y.astype(np.float64))[:, None]
+    return (2 * ROUNDING_SAFETY * (C.matvec(errors) + gamma_y[:, None] * direct)).T
 
 
 def _gamma(terms: np.ndarray, roundoff: float) -> np.ndarray:

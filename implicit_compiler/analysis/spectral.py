@@ -16,6 +16,10 @@ lambda_pf(|A|) < 1. The computation is made robust in four steps:
 - Otherwise: power iteration on M + s I (the shift makes the dominant eigenvalue strictly
   dominant even for periodic M) until the bracket closes to ``tol``; then dense eigenvalues for
   blocks up to ``DENSE_FALLBACK_LIMIT`` states, or the bracket's upper end above that.
+
+A ``scipy.sparse.linalg.LinearOperator`` (|A_cc| of a structured model, its convolutions kept
+as kernels) has no graph to split: it is taken as one block (ARPACK, then the power iteration;
+a reducible one may leave the bracket open and give its upper end, never an underestimate).
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ def perron_frobenius_eigenvalue(matrix: Any, tol: float = 1e-10, max_iter: int =
     """The Perron-Frobenius eigenvalue (spectral radius) of a nonnegative square matrix.
 
     Args:
-        matrix: a nonnegative (n, n) sparse matrix or array-like; pass ``abs(A)`` for |A|.
+        matrix: a nonnegative (n, n) sparse matrix or array-like, pass ``abs(A)`` for |A|; or a
+            ``LinearOperator`` of one (its nonnegativity is the caller's).
         tol: relative accuracy for the iterative solvers (blocks above ``DENSE_LIMIT`` states).
         max_iter: iteration cap of the power-iteration fallback.
 
@@ -53,6 +58,8 @@ def perron_frobenius_eigenvalue(matrix: Any, tol: float = 1e-10, max_iter: int =
     Raises:
         AnalysisError: the matrix is not square, not finite, or has a negative entry.
     """
+    if isinstance(matrix, spla.LinearOperator):
+        return _operator_radius(matrix, tol, max_iter)
     M = _as_nonnegative_csr(matrix)
     n = M.shape[0]
     if n == 0 or M.nnz == 0:
@@ -72,6 +79,17 @@ def perron_frobenius_eigenvalue(matrix: Any, tol: float = 1e-10, max_iter: int =
         if stop - start > 1:
             radius = max(radius, _irreducible_radius(permuted[start:stop, start:stop], tol, max_iter))
     return radius
+
+
+def _operator_radius(M: spla.LinearOperator, tol: float, max_iter: int) -> float:
+    """lambda_pf of a nonnegative operator, as one block."""
+    if M.shape[0] != M.shape[1]:
+        raise AnalysisError(f"expected a square matrix, got shape {M.shape}")
+    if M.shape[0] == 0:
+        return 0.0
+    if M.shape[0] == 1:
+        return float(abs((M @ np.ones(1))[0]))
+    return _irreducible_radius(M, tol, max_iter)
 
 
 def _as_nonnegative_csr(matrix: Any) -> sp.csr_array:
@@ -122,8 +140,9 @@ def _irreducible_radius(M: sp.csr_array, tol: float, max_iter: int) -> float:
     return radius  # the Collatz-Wielandt upper bound: never an underestimate
 
 
-def _dense_radius(M: sp.csr_array) -> float:
-    return float(np.abs(np.linalg.eigvals(M.toarray())).max())
+def _dense_radius(M: sp.csr_array | spla.LinearOperator) -> float:
+    dense = M.toarray() if sp.issparse(M) else M @ np.eye(M.shape[0])
+    return float(np.abs(np.linalg.eigvals(dense)).max())
 
 
 def _collatz_wielandt(M: sp.csr_array, v: np.ndarray) -> tuple[float, float]:

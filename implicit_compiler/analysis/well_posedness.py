@@ -21,6 +21,11 @@ forward substitution in state order solves it for any activation, Lipschitz or n
 The condition is sufficient only: when it fails the verdict is "not shown", not "ill-posed".
 The model is well-posed when every cyclic component is (the components are solved in
 topological order, each from the ones before it).
+
+A structured model (convolutions kept as kernels) is never materialized: only the cyclic
+components' rows of |A| are read, as CSR when they are small enough (``_block_solve``'s
+``COMPONENT_CSR_ENTRIES``), else as an operator on the kernels, whose lambda_pf is found by
+iteration and ||A_cc||_inf by one product with ones.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
+import scipy.sparse.linalg as spla
 
 from ..model import ImplicitModel
 from ..runtime.plan import execution_order
-from ._block_solve import component_names, component_states
+from ._block_solve import component_matrix, component_names, component_states
 from .spectral import perron_frobenius_eigenvalue
 
 
@@ -97,8 +103,7 @@ def wellposedness(model: ImplicitModel) -> WellPosednessReport:
         return WellPosednessReport(True, True, (), reason)
     reports = []
     for component in cyclic:
-        rows = component_states(model, component)
-        A_cc = abs(model.A[rows][:, rows].astype(np.float64))
+        A_cc = component_matrix(model.structure.A, component_states(model, component), magnitude=True)
         names = component_names(model, component)
         lipschitz = max(model.blocks[i].activation.lipschitz for i in component.blocks)
         activations = sorted({str(model.blocks[i].activation) for i in component.blocks})
@@ -117,11 +122,12 @@ def wellposedness(model: ImplicitModel) -> WellPosednessReport:
 
 
 def _component_report(
-    names: tuple[str, ...], A_cc: sp.csr_array, lipschitz: float, activations: list[str]
+    names: tuple[str, ...], A_cc: sp.csr_array | spla.LinearOperator, lipschitz: float, activations: list[str]
 ) -> ComponentReport:
     states = A_cc.shape[0]
     radius = perron_frobenius_eigenvalue(A_cc)
-    inf_norm = float(A_cc.sum(axis=1).max()) if states else 0.0
+    row_sums = A_cc.sum(axis=1) if sp.issparse(A_cc) else A_cc @ np.ones(states)
+    inf_norm = float(row_sums.max()) if states else 0.0
     where = f"activations {', '.join(activations)}"
     if radius == 0.0:
         reason = (
