@@ -61,6 +61,8 @@ STANDARDIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "Gr
 # Recurrent layers: per step the input and recurrent weights' non-zeros, times about this
 # (the gates' products in LSTM and GRU): measured on tests/recurrent-models.
 RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
+
+
 def estimate_nonzeros(prepared: PreparedModel) -> int:
     """About the non-zeros of the lowered model (an upper bound for the linear layers' share)."""
     try:
@@ -240,7 +242,7 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
     return 0
 
 
-def check_model_fits(prepared: PreparedModel, limit_bytes: float) -> int:
+def check_model_fits(prepared: PreparedModel, limit_bytes: float, structured: bool = False) -> int:
     """Raise ModelTooLargeError, with the estimate, when the lowering cannot fit; else return it."""
     nonzeros = estimate_nonzeros(prepared)
     needed = nonzeros * BYTES_PER_NONZERO_WHILE_LOWERING
