@@ -21,7 +21,15 @@ shape subgraphs resolve, and every initializer listed as an input, so that weigh
 nodes from their shapes, as in onnx's "light" models, resolve at any IR version). The estimate
 is checked against the memory limit (the least of MemAvailable, the process's rlimits and its
 cgroup's limit) before any matrix is allocated; the lowering also checks its running count as
-it goes."""
+it goes.
+
+Structured (``from_onnx(structure="auto")``, ``structured=True`` here): a Conv (one group, 1-D
+or 2-D, N = 1) or a Gemm / MatMul with one row that the lowering keeps as kernels adds its
+weights, not its multiply-accumulates; reading a value that is not a selection of states, it
+first stores that value as an identity block (its expression and one entry per row). An op that
+does not read terms gets any operand carrying them as an identity block the same way (the
+choke point in ``lower._lower_node``). Every state adds 1 (its bias, its size, its row
+pointer), the one cost that grows with the resolution where the kernels do not."""
 
 from __future__ import annotations
 
@@ -31,8 +39,10 @@ from collections.abc import Callable
 import onnx
 
 from ..errors import ModelTooLargeError
+from ..runtime.structured import MIN_STRUCTURED_NONZEROS
 from .context import BYTES_PER_NONZERO_WHILE_LOWERING, FOLD_GROWTH_LIMIT
 from .graph import FLOAT_TYPES, PreparedModel
+from .registry import STRUCTURED_OPS
 
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
 # How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
@@ -63,8 +73,9 @@ STANDARDIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "Gr
 RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
 
 
-def estimate_nonzeros(prepared: PreparedModel) -> int:
-    """About the non-zeros of the lowered model (an upper bound for the linear layers' share)."""
+def estimate_nonzeros(prepared: PreparedModel, structured: bool = False) -> int:
+    """About the non-zeros of the lowered model (an upper bound for the linear layers' share);
+    ``structured``: of its structured form (kernels, remainders and states: module docstring)."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_shapes_model(prepared), data_prop=True)
     except Exception:  # inference is best effort; the running check in the lowering still holds
@@ -74,7 +85,67 @@ def estimate_nonzeros(prepared: PreparedModel) -> int:
         tensor_type = value.type.tensor_type
         if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
             shapes[value.name] = [d.dim_value for d in tensor_type.shape.dim]
+    if structured:
+        return int(_follow_structured(prepared, inferred.graph, shapes))
     return int(_follow_expressions(prepared, inferred.graph, shapes))
+
+
+def _follow_structured(prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> float:
+    """``_follow_expressions`` for the structured lowering: a value's count is its CSR rows'
+    non-zeros plus its terms' weights, and ``with_terms`` holds the values that carry terms."""
+    nonzeros = {graph_input.name: float(math.prod(graph_input.shape)) for graph_input in prepared.inputs}
+    with_terms: set[str] = set()
+    total = 0.0
+    for node in graph.node:
+        read = [name for name in node.input if name in nonzeros]
+        if not read:
+            continue  # constant: folded
+        weights = _term_weights(node, shapes, nonzeros)
+        if node.op_type not in STRUCTURED_OPS or weights:  # operands with terms, or not selections, kept
+            for name in read[:1] if weights else read:
+                if name in with_terms or (weights and not _is_selection(name, nonzeros, shapes)):
+                    total += nonzeros[name] + _size(name, shapes, nonzeros[name])
+                    nonzeros[name] = _size(name, shapes, nonzeros[name])
+                    with_terms.discard(name)
+        if weights:
+            stored, made = 0.0, lambda name, weights=weights: weights
+        else:
+            stored, made = _node_expressions(node, read, nonzeros, shapes, prepared.opset)
+        if node.op_type in BLOCKS:  # the states themselves
+            stored += BLOCKS[node.op_type] * _size(node.output[0], shapes, 0.0)
+        total += stored
+        carries = weights or (node.op_type not in BLOCKS and any(name in with_terms for name in read))
+        for name in node.output:
+            if name:
+                nonzeros[name] = made(name)
+                if carries:
+                    with_terms.add(name)
+    return total + sum(nonzeros.get(value.name, 0.0) for value in graph.output)
+
+
+def _size(name: str, shapes: dict[str, list[int]], default: float) -> float:
+    return float(math.prod(shapes[name])) if name in shapes else default
+
+
+def _is_selection(name: str, nonzeros: dict[str, float], shapes: dict[str, list[int]]) -> bool:
+    return nonzeros[name] <= _size(name, shapes, nonzeros[name])
+
+
+def _term_weights(node: onnx.NodeProto, shapes: dict[str, list[int]], variables: dict[str, float]) -> float:
+    """The weights of the terms a node becomes in the structured lowering, 0 when it builds CSR
+    rows (``ops.conv`` and ``ops.linear``'s conditions, read off the shapes)."""
+    inputs = [shapes.get(name) for name in node.input]
+    if len(inputs) < 2 or node.input[0] not in variables or node.input[1] in variables:
+        return 0.0
+    if node.op_type == "Conv" and len(inputs) > 1 and inputs[0] and inputs[1]:
+        single = _attribute(node, "group") <= 1 and len(inputs[0]) in (3, 4) and inputs[0][0] == 1
+        if single and _node_nonzeros(node, shapes) >= MIN_STRUCTURED_NONZEROS:
+            return float(math.prod(inputs[1]))
+    if node.op_type in ("Gemm", "MatMul") and len(inputs) > 1 and inputs[0] and inputs[1]:
+        one_row = math.prod(inputs[0][:-1]) == 1 and not _attribute(node, "transA") and len(inputs[1]) == 2
+        if one_row and math.prod(inputs[1]) >= MIN_STRUCTURED_NONZEROS:
+            return float(math.prod(inputs[1]))
+    return 0.0
 
 
 def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> float:
@@ -244,7 +315,7 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
 
 def check_model_fits(prepared: PreparedModel, limit_bytes: float, structured: bool = False) -> int:
     """Raise ModelTooLargeError, with the estimate, when the lowering cannot fit; else return it."""
-    nonzeros = estimate_nonzeros(prepared)
+    nonzeros = estimate_nonzeros(prepared, structured)
     needed = nonzeros * BYTES_PER_NONZERO_WHILE_LOWERING
     if needed > limit_bytes:
         raise ModelTooLargeError(

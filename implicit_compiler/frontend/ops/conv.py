@@ -230,14 +230,13 @@ def _convolution_terms(ctx: LoweringContext, node: NodeView, x: Affine, weights:
     kernel, strides, dilations, begins, out_sizes = (list(part) for part in geometry)
     channels, sizes = x.shape[1], list(x.shape[2:])
     if len(sizes) == 1:  # 1-D as an image of height 1
-        kernel, strides, dilations, begins, out_sizes, sizes = (
-            [1, *v] for v in (kernel, strides, dilations, begins, out_sizes, sizes)
-        )
+        kernel, strides, dilations, out_sizes, sizes = ([1, *v] for v in (kernel, strides, dilations, out_sizes, sizes))
+        begins = [0, *begins]
     out_channels = weights.shape[0]
     ctx.ensure_fits(weights.size, f"the {node.op_type} kernel")
     runs = source_runs(x, channels, ctx.p)
     if runs is None:  # not whole runs of states or inputs: keep the operand as an identity block
-        x = ctx.materialize(ctx.without_terms(x))
+        x = ctx.materialize(x)
         runs = source_runs(x, channels, ctx.p)
     pixels = sizes[0] * sizes[1]
 

@@ -90,7 +90,7 @@ def _dense_terms(ctx: LoweringContext, node: NodeView, x: Affine, weights: np.nd
     ctx.ensure_fits(weights.size, "the product's weights")
     runs = source_runs(x, x.size, ctx.p)
     if runs is None:  # not runs of states or inputs: keep the operand as an identity block
-        x = ctx.materialize(ctx.without_terms(x))
+        x = ctx.materialize(x)
         runs = source_runs(x, x.size, ctx.p)
     n = weights.shape[1]
     terms = tuple(
