@@ -10,7 +10,6 @@ compared instead. onnxruntime and the ONNX reference check the "auto" model inde
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tracemalloc
@@ -311,27 +310,32 @@ sys.path.insert(0, {root!r})
 import implicit_compiler as ic
 from implicit_compiler.frontend import estimate
 from implicit_compiler.frontend.graph import prepare, load_onnx
-from implicit_compiler.frontend.context import BYTES_PER_NONZERO_WHILE_LOWERING
 def hwm():
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM"))
 prepared = prepare(load_onnx(sys.argv[1]))
-estimated = estimate.estimate_nonzeros(prepared, structured=True) * BYTES_PER_NONZERO_WHILE_LOWERING
+estimated_bytes = estimate.estimate_lowering_bytes(prepared, structured=True)
+estimated = estimate.estimate_nonzeros(prepared, structured=True)
+del prepared
 before = hwm()
-ic.from_onnx(sys.argv[1], dtype="float32")
-print(estimated, hwm() - before)
+model = ic.from_onnx(sys.argv[1], dtype="float32")
+peak = hwm() - before
+parts = [getattr(model.structure, name) for name in "ABCD"]
+stored = sum(part.remainder.nnz + sum(term.op.weight.size for term in part.terms) for part in parts) + model.n
+print(estimated_bytes, peak, estimated, stored)
 """
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet50", "squeezenet", "inception_v1"])
+@pytest.mark.parametrize("name", ["resnet50", "squeezenet", "inception_v2", "densenet121", "vgg19"])
 def test_structured_estimate_is_within_2x_of_the_measured_peak(name):
-    """onnx's light models at 224 x 224 (weights made from their shapes): the estimate's bytes
-    against the growth of the peak resident memory (VmHWM) while compiling, in a fresh process."""
+    """onnx's light models at 224 x 224 (weights made from their shapes), in a fresh process:
+    the estimate's bytes against the growth of the peak resident memory (VmHWM) while compiling,
+    and its count against the stored count (kernel weights, remainder non-zeros, states).
+    (AlexNet's grouped convolutions stay CSR: its estimate, 48 B per non-zero, is 2.1x its peak.)"""
     path = LIGHT / f"light_{name}.onnx"
     script = PEAK_SCRIPT.format(root=str(ROOT))
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(path)], capture_output=True, text=True, env={**os.environ}, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    estimated, measured = (float(v) for v in result.stdout.split())
-    assert measured / 2 <= estimated <= 2 * measured, (estimated, measured)
+    estimated_bytes, peak, estimated, stored = (float(v) for v in result.stdout.split())
+    assert peak / 2 <= estimated_bytes <= 2 * peak, (estimated_bytes, peak)
+    assert stored / 1.5 <= estimated <= 1.5 * stored, (estimated, stored)

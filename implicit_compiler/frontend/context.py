@@ -21,7 +21,7 @@ from ..activations import Activation, activation
 from ..compose import typical_size
 from ..errors import GraphError, ModelTooLargeError, UnsupportedAttributeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
-from ..structure import StructuredMatrix, Term, _covered
+from ..structure import StructuredMatrix, Term
 from .expression import Affine
 
 Value = np.ndarray | Affine
@@ -333,10 +333,12 @@ def _storable(expression: Affine, p: int) -> tuple[sp.csr_array, list[Term]]:
     states, is written as CSR rows (rare, and small: a residual identity reading the very
     states a convolution reads)."""
     kept, written = [], []
+    c = expression.coefficients
     for term in expression.terms:
         source = term.op.source
-        mixed = source.start < p < source.stop
-        (written if mixed or _covered(expression.coefficients, [term]).any() else kept).append(term)
+        columns = c.indices[c.indptr[term.rows.start] : c.indptr[term.rows.stop]]  # the entries in its rows
+        covered = ((columns >= source.start) & (columns < source.stop)).any()
+        (written if covered or source.start < p < source.stop else kept).append(term)
     if written:
         width = max(expression.width, *(term.op.source.stop for term in written))
         partial = Affine(expression.shape, expression.coefficients, expression.offset, tuple(written))

@@ -45,6 +45,9 @@ from .graph import FLOAT_TYPES, PreparedModel
 from .registry import STRUCTURED_OPS
 
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
+# Bytes a kernel weight costs while lowering (structured): the float32 initializer, its float64
+# copy, the kernel as lowered and as folded (BatchNormalization) in float64, the one stored.
+BYTES_PER_KERNEL_WEIGHT = 32
 # How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
 # store their input as state blocks (how many), linear maps, maxima (relu trees), products.
 BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2, "Abs": 2, "Pow": 1}
@@ -76,26 +79,43 @@ RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
 def estimate_nonzeros(prepared: PreparedModel, structured: bool = False) -> int:
     """About the non-zeros of the lowered model (an upper bound for the linear layers' share);
     ``structured``: of its structured form (kernels, remainders and states: module docstring)."""
+    return int(sum(_estimate(prepared, structured)))
+
+
+def estimate_lowering_bytes(prepared: PreparedModel, structured: bool = False) -> float:
+    """About the peak bytes of the lowering: ``BYTES_PER_NONZERO_WHILE_LOWERING`` per non-zero,
+    ``BYTES_PER_KERNEL_WEIGHT`` per kernel weight (structured)."""
+    rows, kernels = _estimate(prepared, structured)
+    return rows * BYTES_PER_NONZERO_WHILE_LOWERING + kernels * BYTES_PER_KERNEL_WEIGHT
+
+
+def _estimate(prepared: PreparedModel, structured: bool) -> tuple[float, float]:
+    """(non-zeros of CSR rows and states, kernel weights) of the lowered model: 0 and 0 when
+    shape inference fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_shapes_model(prepared), data_prop=True)
     except Exception:  # inference is best effort; the running check in the lowering still holds
-        return 0
+        return 0.0, 0.0
     shapes = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         tensor_type = value.type.tensor_type
         if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
             shapes[value.name] = [d.dim_value for d in tensor_type.shape.dim]
     if structured:
-        return int(_follow_structured(prepared, inferred.graph, shapes))
-    return int(_follow_expressions(prepared, inferred.graph, shapes))
+        total, kernels = _follow_structured(prepared, inferred.graph, shapes)
+        return total - kernels, kernels
+    return _follow_expressions(prepared, inferred.graph, shapes), 0.0
 
 
-def _follow_structured(prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> float:
+def _follow_structured(
+    prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]
+) -> tuple[float, float]:
     """``_follow_expressions`` for the structured lowering: a value's count is its CSR rows'
-    non-zeros plus its terms' weights, and ``with_terms`` holds the values that carry terms."""
+    non-zeros plus its terms' weights, and ``with_terms`` holds the values that carry terms.
+    Returns (the count, the kernels' share: each kernel's weights once)."""
     nonzeros = {graph_input.name: float(math.prod(graph_input.shape)) for graph_input in prepared.inputs}
     with_terms: set[str] = set()
-    total = 0.0
+    total = kernels = 0.0
     for node in graph.node:
         read = [name for name in node.input if name in nonzeros]
         if not read:
@@ -107,6 +127,7 @@ def _follow_structured(prepared: PreparedModel, graph: onnx.GraphProto, shapes: 
                     total += nonzeros[name] + _size(name, shapes, nonzeros[name])
                     nonzeros[name] = _size(name, shapes, nonzeros[name])
                     with_terms.discard(name)
+        kernels += weights
         if weights:
             stored, made = 0.0, lambda name, weights=weights: weights
         else:
@@ -120,7 +141,8 @@ def _follow_structured(prepared: PreparedModel, graph: onnx.GraphProto, shapes: 
                 nonzeros[name] = made(name)
                 if carries:
                     with_terms.add(name)
-    return total + sum(nonzeros.get(value.name, 0.0) for value in graph.output)
+    total += sum(nonzeros.get(value.name, 0.0) for value in graph.output)
+    return total, min(kernels, total)
 
 
 def _size(name: str, shapes: dict[str, list[int]], default: float) -> float:
@@ -315,8 +337,9 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
 
 def check_model_fits(prepared: PreparedModel, limit_bytes: float, structured: bool = False) -> int:
     """Raise ModelTooLargeError, with the estimate, when the lowering cannot fit; else return it."""
-    nonzeros = estimate_nonzeros(prepared, structured)
-    needed = nonzeros * BYTES_PER_NONZERO_WHILE_LOWERING
+    rows, kernels = _estimate(prepared, structured)
+    nonzeros = int(rows + kernels)
+    needed = rows * BYTES_PER_NONZERO_WHILE_LOWERING + kernels * BYTES_PER_KERNEL_WEIGHT
     if needed > limit_bytes:
         raise ModelTooLargeError(
             f"the lowered model would have about {nonzeros / 1e9:,.2f}G non-zeros "
