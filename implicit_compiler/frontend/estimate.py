@@ -341,9 +341,13 @@ def check_model_fits(prepared: PreparedModel, limit_bytes: float, structured: bo
     nonzeros = int(rows + kernels)
     needed = rows * BYTES_PER_NONZERO_WHILE_LOWERING + kernels * BYTES_PER_KERNEL_WEIGHT
     if needed > limit_bytes:
+        if structured:
+            stored = f"{kernels / 1e9:,.2f}G of them kernel weights"
+        else:
+            stored = f"~{nonzeros * FINAL_BYTES_PER_NONZERO / 1e9:,.1f} GB as float64 CSR"
         raise ModelTooLargeError(
             f"the lowered model would have about {nonzeros / 1e9:,.2f}G non-zeros "
-            f"(~{nonzeros * FINAL_BYTES_PER_NONZERO / 1e9:,.1f} GB as float64 CSR, ~{needed / 1e9:,.1f} GB while "
+            f"({stored}, ~{needed / 1e9:,.1f} GB while "
             f"lowering), more than the {limit_bytes / 1e9:,.1f} GB available. Lower a smaller input resolution "
             "or a smaller network, or use a machine with more memory (memory_limit_bytes raises the limit)"
         )

@@ -304,6 +304,12 @@ def _terms_csr(terms, size: int, width: int) -> sp.csr_array:
     return sp.csr_array(coo.tocsr())
 
 
+# Runs of one operand kept as separate terms at most (Inception's Concat: 4); past it the operand
+# is stored as an identity block and read as one run (a Transpose before a Flatten gives one run
+# per pixel: marabou's cifar10_small had 579 dense terms).
+MAX_RUNS = 16
+
+
 @dataclass(frozen=True)
 class SourceRun:
     """Channels [first, stop) of a selection read the contiguous columns from ``start`` of
@@ -320,7 +326,7 @@ def source_runs(expression: Affine, channels: int, p: int) -> list[SourceRun] | 
     each reading contiguous columns of [u; x] on one side of p (inputs or states), in order, with
     one factor per channel; None when it is not such a selection (a row with no or several
     entries, columns out of order within a channel, a factor varying within one, two runs
-    reading overlapping columns, terms)."""
+    reading overlapping columns, more than ``MAX_RUNS`` runs, terms)."""
     c = expression.coefficients
     if expression.terms or expression.size % channels or c.nnz != expression.size or (np.diff(c.indptr) != 1).any():
         return None
@@ -333,6 +339,8 @@ def source_runs(expression: Affine, channels: int, p: int) -> list[SourceRun] | 
     if ((starts < p) & (starts + per_channel > p)).any():
         return None
     breaks = np.flatnonzero((starts[1:] != starts[:-1] + per_channel) | ((starts[1:] < p) != (starts[:-1] < p))) + 1
+    if breaks.size >= MAX_RUNS:  # a permuted selection (NHWC flattened): one identity block serves better
+        return None
     bounds = [0, *breaks.tolist(), channels]
     runs = [
         SourceRun(first, stop, int(starts[first]), values[first:stop, 0].copy())
