@@ -116,6 +116,28 @@ def test_single_conv_reading_the_input(spatial, attributes):
     assert_matches_onnxruntime(model)
 
 
+def test_conv_reading_the_normalized_input_folds_the_scales():
+    """(x - mean) / std per channel, then Conv: each channel's factor 1 / std goes into the kernel
+    columns (bitwise the CSR products), the shift through the whole kernel into the bias (a
+    convolution of the offsets, summed in another order than scipy's: a few ulps)."""
+    rng = np.random.default_rng(9)
+    mean = numpy_helper.from_array(rng.standard_normal((1, 3, 1, 1)).astype(np.float32), "mean")
+    std = numpy_helper.from_array(rng.uniform(0.5, 2, (1, 3, 1, 1)).astype(np.float32), "std")
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node("Div", ["centred", "std"], ["normalized"]),
+        helper.make_node("Conv", ["normalized", "W"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["y"]),
+    ]
+    weights = [mean, std, _weight(rng, "W", [8, 3, 3, 3])]
+    model = make_model(nodes, [float_value("x", ["N", 3, 10, 10])], [_output("y")], weights)
+    structured, plain = _compile_both(model)
+    _assert_same_csr(structured.materialized().B, plain.B)
+    np.testing.assert_allclose(structured.bias_x, plain.bias_x, rtol=1e-14, atol=1e-14)
+    assert _terms(structured) == 1 and structured.n == plain.n
+    assert_matches_onnxruntime(model)
+
+
 def test_small_conv_stays_csr():
     """Under MIN_STRUCTURED_NONZEROS entries a convolution is cheaper as CSR rows."""
     rng = np.random.default_rng(0)
