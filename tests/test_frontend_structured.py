@@ -193,9 +193,10 @@ def test_conv_bn_relu_residual_concat_and_gemm():
     assert structured.structure.A.remainder.nnz == 12 * 12 * 8  # the residual identity
 
 
-def test_identity_reading_the_convolution_source_writes_it_as_csr():
-    """conv(r) + r: the identity's entries lie inside the term's rectangle (rows x source), which
-    a ``StructuredMatrix`` does not allow: that term is stored as CSR rows, still exact."""
+def test_identity_reading_the_convolution_source_reads_a_copy():
+    """conv(r) + r: the identity's entries would lie inside the term's rectangle (rows x
+    source), which a ``StructuredMatrix`` does not allow: r is copied into an identity block
+    first (one entry per row), and the convolution stays a term."""
     rng = np.random.default_rng(7)
     weights = [_weight(rng, "W1", [8, 3, 3, 3]), _weight(rng, "W2", [8, 8, 3, 3])]
     nodes = [
@@ -206,9 +207,48 @@ def test_identity_reading_the_convolution_source_writes_it_as_csr():
         helper.make_node("Relu", ["s"], ["y"]),
     ]
     model = make_model(nodes, [float_value("x", ["N", 3, 10, 10])], [_output("y")], weights)
-    structured = _assert_auto_equals_csr(model)
-    assert len(structured.structure.B.terms) == 1 and not structured.structure.A.terms
+    structured, plain = _compile_both(model)
+    assert len(structured.structure.B.terms) == 1 and len(structured.structure.A.terms) == 1
+    assert structured.n == plain.n + 8 * 10 * 10 and structured.structure.A.remainder.nnz == 2 * 8 * 10 * 10
+    X = np.random.default_rng(4).standard_normal((5, 3, 10, 10))
+    np.testing.assert_allclose(structured.predict(X), plain.predict(X), rtol=1e-12, atol=1e-12)
     assert_matches_onnxruntime(model)
+
+
+def test_two_convolutions_of_one_source_and_geometry_added_merge():
+    """conv_a(x) + conv_b(x) of one geometry: the kernels are summed into one term, as the CSR
+    lowering sums the same entries (bitwise)."""
+    rng = np.random.default_rng(10)
+    weights = [_weight(rng, "Wa", [8, 4, 3, 3]), _weight(rng, "Wb", [8, 4, 3, 3])]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "Wb"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    model = make_model(nodes, [float_value("x", ["N", 4, 12, 12])], [_output("y")], weights)
+    structured = _assert_auto_equals_csr(model)
+    assert _terms(structured) == 1
+    assert_matches_onnxruntime(model)
+
+
+def test_two_convolutions_of_one_source_and_two_geometries_added():
+    """conv_a(x) + conv_b(x), 3x3 and 1x1: their rectangles overlap, which a structured matrix
+    does not hold, so conv_b(x) is kept as an identity block first (two terms, no Toeplitz rows)."""
+    rng = np.random.default_rng(11)
+    weights = [_weight(rng, "Wa", [8, 4, 3, 3]), _weight(rng, "Wb", [8, 4, 1, 1])]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wa"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "Wb"], ["b"]),
+        helper.make_node("Add", ["a", "b"], ["s"]),
+        helper.make_node("Relu", ["s"], ["y"]),
+    ]
+    model = make_model(nodes, [float_value("x", ["N", 4, 12, 12])], [_output("y")], weights)
+    structured, plain = _compile_both(model)
+    assert _terms(structured) == 2 and structured.n == plain.n + 8 * 12 * 12
+    assert structured.structure.B.remainder.nnz == 0 and structured.structure.A.remainder.nnz == 8 * 12 * 12
+    X = np.random.default_rng(4).standard_normal((5, 4, 12, 12))
+    np.testing.assert_allclose(structured.predict(X), plain.predict(X), rtol=1e-12, atol=1e-12)
     assert_matches_onnxruntime(model)
 
 

@@ -22,7 +22,7 @@ from ..compose import typical_size
 from ..errors import GraphError, ModelTooLargeError, UnsupportedAttributeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
 from ..structure import StructuredMatrix, Term
-from .expression import Affine
+from .expression import Affine, covers_entries
 
 Value = np.ndarray | Affine
 
@@ -331,13 +331,11 @@ def _storable(expression: Affine, p: int) -> tuple[sp.csr_array, list[Term]]:
     """An expression's rows as (CSR rows, terms) that a ``StructuredMatrix`` holds: a term whose
     rectangle (rows x source) holds some of the CSR rows' entries, or that reads both inputs and
     states, is written as CSR rows (rare, and small: a residual identity reading the very
-    states a convolution reads)."""
+    states a convolution reads, where ``ops.elementwise.add`` did not see it coming)."""
     kept, written = [], []
-    c = expression.coefficients
     for term in expression.terms:
         source = term.op.source
-        columns = c.indices[c.indptr[term.rows.start] : c.indptr[term.rows.stop]]  # the entries in its rows
-        covered = ((columns >= source.start) & (columns < source.stop)).any()
+        covered = covers_entries([term], expression.coefficients)
         (written if covered or source.start < p < source.stop else kept).append(term)
     if written:
         width = max(expression.width, *(term.op.source.stop for term in written))

@@ -199,6 +199,14 @@ class Affine:
             return result + extra.without_terms()
         return result
 
+    def terms_conflict(self, other: Affine) -> bool:
+        """Whether ``self + other`` would have a term written as CSR rows: two terms over
+        overlapping rows and columns that do not share one geometry, or a term whose rectangle
+        holds entries of the other's CSR rows (conv(x) + x)."""
+        if self.terms and other.terms and _merged(self.terms + other.terms)[1]:
+            return True
+        return covers_entries(self.terms, other.coefficients) or covers_entries(other.terms, self.coefficients)
+
     def __neg__(self) -> Affine:
         terms = tuple(Term(term.rows, replace(term.op, weight=-term.op.weight)) for term in self.terms)
         return Affine(self.shape, sp.csr_array(-self.coefficients), -self.offset, terms)
@@ -241,6 +249,16 @@ class Affine:
     def is_selection(self) -> bool:
         """True when every row has at most one non-zero (a copy of single variables)."""
         return not self.terms and bool((np.diff(self.coefficients.indptr) <= 1).all())
+
+
+def covers_entries(terms, coefficients: sp.csr_array) -> bool:
+    """Whether some term's rectangle (its rows x its source) holds an entry of ``coefficients``."""
+    for term in terms:
+        start, stop = coefficients.indptr[term.rows.start], coefficients.indptr[term.rows.stop]
+        columns = coefficients.indices[start:stop]
+        if ((columns >= term.op.source.start) & (columns < term.op.source.stop)).any():
+            return True
+    return False
 
 
 def _shifted(term: Term, rows: int) -> Term:

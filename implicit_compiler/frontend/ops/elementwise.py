@@ -64,6 +64,8 @@ def add(ctx: LoweringContext, node: NodeView, a: Value, b: Value, sign: float = 
     b_expr = b_expr if sign == 1.0 else -b_expr
     if not isinstance(a, Affine):
         return b_expr.shift(np.asarray(a, dtype=np.float64))
+    if a.terms_conflict(b_expr):  # conv(x) + x, or two geometries of one source: b kept as states
+        b_expr = ctx.materialize(b_expr)
     return a.broadcast_to(shape) + b_expr
 
 
