@@ -293,15 +293,14 @@ def _term_shape(op: Convolution | Dense) -> tuple[int, int]:
 
 
 def _covered(matrix: sp.csr_array, terms) -> np.ndarray:
-    """A mask of ``matrix``'s stored entries that lie in some term's rectangle."""
-    row_of_entry = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    """A mask of ``matrix``'s stored entries that lie in some term's rectangle (each term reads
+    only the entries of its own rows)."""
     covered = np.zeros(matrix.nnz, dtype=bool)
     for term in terms:
         source = term.op.source
-        covered |= (
-            (row_of_entry >= term.rows.start) & (row_of_entry < term.rows.stop)
-            & (matrix.indices >= source.start) & (matrix.indices < source.stop)
-        )  # fmt: skip
+        first, last = matrix.indptr[term.rows.start], matrix.indptr[term.rows.stop]
+        columns = matrix.indices[first:last]
+        covered[first:last] |= (columns >= source.start) & (columns < source.stop)
     return covered
 
 

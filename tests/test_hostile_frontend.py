@@ -309,6 +309,18 @@ def test_estimate_sees_weights_made_from_their_shapes(name, low, high):
     assert low <= estimate.estimate_nonzeros(prepared) <= high
 
 
+@pytest.mark.parametrize(
+    "name,low,high", [("densenet121", 42e6, 95e6), ("inception_v2", 29e6, 65e6), ("resnet50", 31e6, 70e6)]
+)
+def test_structured_estimate_sees_weights_made_from_their_shapes(name, low, high):
+    """Structured (``from_onnx``'s default) the same models store their kernels once, their states
+    and their pooling trees: measured at 224 x 224 (kernel weights + remainder non-zeros +
+    states), DenseNet-121 63.0M, Inception-v2 43.2M, ResNet-50 46.8M; the bounds are those
+    within 1.5x (tests/test_frontend_structured.py compiles them, slow)."""
+    prepared = prepare(onnx.load(_light(name)))
+    assert low <= estimate.estimate_nonzeros(prepared, structured=True) <= high
+
+
 def _light_part(name: str, last: int | None, size: int) -> onnx.ModelProto:
     """A light model at ``size`` x ``size``, ending at the output of its ``last``-th node that is
     not a ConstantOfShape (None: before its final Softmax)."""
@@ -338,7 +350,7 @@ def test_estimate_is_near_a_real_lowering(name, last, size):
     estimate counted before) fit: their real non-zeros are counted."""
     model = _light_part(name, last, size)
     estimated = estimate.estimate_nonzeros(prepare(model))
-    compiled = ic.from_onnx(model, memory_limit_bytes=4e9)
+    compiled = ic.from_onnx(model, memory_limit_bytes=4e9, structure="csr")
     real = sum(matrix.nnz for matrix in (compiled.A, compiled.B, compiled.C, compiled.D))
     assert real / 1.5 <= estimated <= 1.5 * real, (estimated, real)
 
@@ -351,7 +363,7 @@ results = {{}}
 for path in sys.argv[1:]:
     start = time.perf_counter()
     try:
-        ic.from_onnx(path)
+        ic.from_onnx(path, structure="csr")
         outcome = ("compiled", "")
     except Exception as error:
         outcome = (type(error).__name__, str(error)[:400])
@@ -362,7 +374,9 @@ print(json.dumps(results))
 
 @pytest.fixture(scope="module")
 def light_outcomes() -> dict:
-    """Every light model through from_onnx, in one subprocess capped at 4 GiB of address space."""
+    """Every light model through from_onnx as CSR (``structure="csr"``; structured, the default,
+    they compile: tests/test_frontend_structured.py), in one subprocess capped at 4 GiB of
+    address space."""
     paths = sorted(str(path) for path in LIGHT.glob("light_*.onnx"))
     assert paths, f"this onnx ({onnx.__version__}) ships no light models, which these tests read"
     script = textwrap.dedent(LIGHT_SCRIPT.format(limit=4 << 30))

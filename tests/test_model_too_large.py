@@ -1,4 +1,6 @@
-"""ResNet-50 at 224 x 224 (~4G non-zeros once lowered) is refused from its estimate, before allocating."""
+"""ResNet-50 at 224 x 224: ~4G non-zeros as CSR, refused from its estimate before allocating
+(``structure="csr"``); structured (the default) it is its 25M weights and 11.4M states, and it
+compiles."""
 
 from __future__ import annotations
 
@@ -8,6 +10,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import implicit_compiler as ic
+from implicit_compiler.frontend.estimate import estimate_nonzeros
+from implicit_compiler.frontend.graph import prepare
+from implicit_compiler.structure import Dense
 
 
 def _resnet50() -> onnx.ModelProto:
@@ -49,11 +54,32 @@ def _resnet50() -> onnx.ModelProto:
 
 
 @pytest.mark.slow
-def test_resnet50_at_224_is_refused_with_its_estimate():
+def test_resnet50_at_224_as_csr_is_refused_with_its_estimate():
     model = _resnet50()
     with pytest.raises(ic.ModelTooLargeError) as caught:
-        ic.from_onnx(model, memory_limit_bytes=24 * 2**30)
+        ic.from_onnx(model, memory_limit_bytes=24 * 2**30, structure="csr")
     message = str(caught.value)
     estimate = float(message.split("about ")[1].split("G non-zeros")[0])
     assert 3.5 <= estimate <= 4.5, message  # ResNet-50 does ~4.1 GMACs at 224 x 224
     assert "GB" in message and "smaller input resolution" in message
+
+
+@pytest.mark.slow
+def test_resnet50_at_224_compiles_structured():
+    """Its convolutions are kernels (zero weights are kernels too: 0 non-zeros, but their terms
+    are kept), the CSR remainder holds the pooling trees and the residual identities; the
+    estimate's count is near what is stored."""
+    model = _resnet50()
+    prepared = prepare(model)
+    compiled = ic.from_onnx(model, dtype=np.float32, memory_limit_bytes=8 * 2**30)
+    structure = compiled.structure
+    terms = [term for name in "ABCD" for term in getattr(structure, name).terms]
+    assert len(terms) == 54  # 53 convolutions (the first reads the input: B) and the classifier (C)
+    assert len(structure.B.terms) == 1 and [type(t.op) for t in structure.C.terms] == [Dense]
+    kernels = sum(term.op.weight.size for term in terms)
+    assert kernels == sum(np.prod(w.dims) for w in model.graph.initializer)  # every weight once
+    remainder = sum(getattr(structure, name).remainder.nnz for name in "ABCD")
+    assert remainder < compiled.n  # the maxpool trees and the identities: under 1 per state
+    stored = kernels + remainder + compiled.n
+    assert stored / 1.5 <= estimate_nonzeros(prepared, structured=True) <= 1.5 * stored
+    assert compiled.memory_bytes < 1e9  # against ~49 GB as float32 CSR

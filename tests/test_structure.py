@@ -46,11 +46,13 @@ def conv_net(rng, stride, pads, dilation, size=14) -> ic.ImplicitModel:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
         [numpy_helper.from_array(first, "W1"), numpy_helper.from_array(second, "W2"), numpy_helper.from_array(last, "L")],
     )  # fmt: skip
-    return ic.from_onnx(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), dtype=np.float64)
+    return ic.from_onnx(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), dtype=np.float64, structure="csr"
+    )
 
 
 def models(rng):
-    yield "lenet5", ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64)
+    yield "lenet5", ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64, structure="csr")
     for stride, pads, dilation in [(1, 0, 1), (2, 1, 1), (1, 2, 2), (3, 0, 1)]:
         yield f"conv s{stride} p{pads} d{dilation}", conv_net(rng, stride, pads, dilation)
 
@@ -75,7 +77,7 @@ def test_lift_keeps_the_matrices_and_finds_their_structure(rng):
         assert A.terms, name
         kept = B.remainder.nnz + A.remainder.nnz
         assert kept < 0.1 * (model.A.nnz + model.B.nnz), f"{name}: {kept} non-zeros left to the remainder"
-    lenet = lift(ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64)).structure
+    lenet = lift(ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64, structure="csr")).structure
     lenet_B, lenet_A = lenet.B, lenet.A
     assert any(isinstance(term.op, Dense) for term in lenet_A.terms)  # the fully connected layers
     assert sum(term.op.weight.size for term in lenet_B.terms) == 150  # 6 kernels of 5x5, not 117,600 entries
@@ -107,7 +109,7 @@ def test_the_transposed_convolution_skips_zero_segments_exactly(segment, rng):
 
 # --------------------------------------------------------------------------- models holding structure
 def lenet_pair():
-    plain = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64)
+    plain = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", dtype=np.float64, structure="csr")
     return plain, lift(plain)
 
 

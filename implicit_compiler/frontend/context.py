@@ -10,7 +10,7 @@ network (nilpotent).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,8 @@ from ..activations import Activation, activation
 from ..compose import typical_size
 from ..errors import GraphError, ModelTooLargeError, UnsupportedAttributeError
 from ..model import ImplicitModel, StateBlock, TensorSpec
-from .expression import Affine
+from ..structure import StructuredMatrix, Term
+from .expression import Affine, covers_entries
 
 Value = np.ndarray | Affine
 
@@ -108,9 +109,11 @@ class LoweringContext:
     batched: bool
     memory_limit_bytes: float = math.inf
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float64))
+    structured: bool = False  # Conv and Gemm emit structured terms (``from_onnx(structure="auto")``)
     node: NodeView | None = None
     blocks: list[_PendingBlock] = field(default_factory=list)
     rows: _RowStore | None = None  # [B A], filled block by block
+    terms: list[Term] = field(default_factory=list)  # [B A]'s terms: rows of x, sources in columns of [u; x]
     expected_nonzeros: int = 0  # the estimate, to reserve room for ``rows``
     n: int = 0
     nonzeros: int = 0
@@ -146,7 +149,9 @@ class LoweringContext:
             unique = f"{base}#{suffix}"
         self._names.add(unique)
         shape = sample_shape if sample_shape is not None else self.sample_shape(pre_activation.shape)
-        self.charge(pre_activation.coefficients.nnz, f"state block {unique!r}")
+        coefficients, terms = _storable(pre_activation, self.p)
+        stored = coefficients.nnz + sum(term.op.weight.size for term in terms)
+        self.charge(stored, f"state block {unique!r}")
         self.blocks.append(
             _PendingBlock(
                 unique,
@@ -161,7 +166,8 @@ class LoweringContext:
         )
         if self.rows is None:
             self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
-        self.rows.append(_compact(pre_activation.coefficients, self.dtype))
+        self.rows.append(_compact(coefficients, self.dtype))
+        self.terms.extend(_stored_term(term, self.n, self.dtype) for term in terms)
         if self._sizes is not None:  # sizes are tracked once a product asked for them
             self._record_sizes(self.blocks[-1].typical_sizes(self.row_sizes(pre_activation)))
         start = self.width
@@ -182,9 +188,10 @@ class LoweringContext:
     def row_sizes(self, expression: Affine) -> np.ndarray:
         """Per element of an expression, the 2-norm of its row [coefficients * variable sizes, offset]."""
         c = expression.coefficients
-        squares = (
-            sp.csr_array((c.data**2, c.indices, c.indptr), shape=c.shape) @ self.variable_sizes()[: c.shape[1]] ** 2
-        )
+        sizes = self.variable_sizes()
+        squares = sp.csr_array((c.data**2, c.indices, c.indptr), shape=c.shape) @ sizes[: c.shape[1]] ** 2
+        for term in expression.terms:
+            squares[term.rows] += _term_squares(term.op, sizes)
         return np.sqrt(squares + expression.offset**2)
 
     def _sizes_of_stored_blocks(self) -> np.ndarray:
@@ -199,6 +206,10 @@ class LoweringContext:
             B_rows.data **= 2
             A_rows.data **= 2
             squares = B_rows.sum(axis=1) + A_rows @ sizes[self.p : self.width] ** 2 + block.offset**2
+            for term in self.terms:
+                if rows.start <= term.rows.start < rows.stop:
+                    within = slice(term.rows.start - rows.start, term.rows.stop - rows.start)
+                    squares[within] += _term_squares(term.op, sizes)
             sizes[self.p + rows.start : self.p + rows.stop] = block.typical_sizes(np.sqrt(squares))
         return sizes
 
@@ -216,6 +227,11 @@ class LoweringContext:
         (returns the selection of it)."""
         base = name or (self.node.proto.output[0] if self.node is not None else "value")
         return self.create_block(expression, "identity", name=f"{base}/input")
+
+    def without_terms(self, expression: Affine) -> Affine:
+        """An operand for an op that does not read structured terms: kept as an identity block
+        when it carries terms (their Toeplitz rows are never built)."""
+        return self.materialize(expression) if expression.has_terms else expression
 
     def sample_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """A value's per-sample shape: without the leading batch axis where there is one."""
@@ -270,19 +286,23 @@ class LoweringContext:
         )
         rows = self.rows if self.rows is not None else _RowStore(self.p, dtype, reserve=0)
         self.rows = None
-        B, A = rows.finish(width)
-        output_specs, output_rows, bias_y = [], [], []
+        B, A = _with_terms(*rows.finish(width), self.terms, self.p)
+        output_specs, output_rows, output_terms, bias_y = [], [], [], []
+        first_row = 0
         for name, value, batch_axis in outputs:
             expression = as_affine(value, width)
             shape = expression.shape
             sample = shape if batch_axis is None else shape[:batch_axis] + shape[batch_axis + 1 :]
             output_specs.append(TensorSpec(name, sample))
-            output_rows.append(_compact(expression.coefficients, dtype))
+            coefficients, terms = _storable(expression, self.p)
+            output_rows.append(_compact(coefficients, dtype))
+            output_terms.extend(_stored_term(term, first_row, dtype) for term in terms)
             bias_y.append(expression.offset)
+            first_row += expression.size
         outputs_store = _RowStore(self.p, dtype, reserve=sum(m.nnz for m in output_rows))
         for matrix in output_rows:
             outputs_store.append(matrix)
-        D, C = outputs_store.finish(width)
+        D, C = _with_terms(*outputs_store.finish(width), output_terms, self.p)
         return ImplicitModel(
             A=A,
             B=B,
@@ -305,6 +325,51 @@ def _compact(matrix: sp.csr_array, dtype: np.dtype) -> sp.csr_array:
     compact.indices = matrix.indices.astype(np.int32, copy=False)
     compact.indptr = matrix.indptr.astype(np.int64, copy=False)
     return compact
+
+
+def _storable(expression: Affine, p: int) -> tuple[sp.csr_array, list[Term]]:
+    """An expression's rows as (CSR rows, terms) that a ``StructuredMatrix`` holds: a term whose
+    rectangle (rows x source) holds some of the CSR rows' entries, or that reads both inputs and
+    states, is written as CSR rows (rare, and small: a residual identity reading the very
+    states a convolution reads, where ``ops.elementwise.add`` did not see it coming)."""
+    kept, written = [], []
+    for term in expression.terms:
+        source = term.op.source
+        covered = covers_entries([term], expression.coefficients)
+        (written if covered or source.start < p < source.stop else kept).append(term)
+    if written:
+        width = max(expression.width, *(term.op.source.stop for term in written))
+        partial = Affine(expression.shape, expression.coefficients, expression.offset, tuple(written))
+        return partial.without_terms().widen(width).coefficients, kept
+    return expression.coefficients, kept
+
+
+def _stored_term(term: Term, first_row: int, dtype: np.dtype) -> Term:
+    """A value's term as a term of the stored rows (from ``first_row``), its kernel in ``dtype``
+    (computed in float64, rounded once, as ``_compact`` rounds the CSR rows)."""
+    rows = slice(term.rows.start + first_row, term.rows.stop + first_row)
+    return Term(rows, replace(term.op, weight=term.op.weight.astype(dtype)))
+
+
+def _with_terms(left: sp.csr_array, right: sp.csr_array, terms: list[Term], p: int):
+    """([input columns], [state columns]) as ``StructuredMatrix`` when terms are stored (a term
+    reading inputs goes left with its source as is, one reading states right with its source
+    shifted by -p: columns of x), else the CSR matrices themselves."""
+    if not terms:
+        return left, right
+    on_inputs = tuple(term for term in terms if term.op.source.stop <= p)
+    on_states = tuple(
+        Term(term.rows, replace(term.op, source=slice(term.op.source.start - p, term.op.source.stop - p)))
+        for term in terms
+        if term.op.source.start >= p
+    )
+    return StructuredMatrix(left.shape, on_inputs, left), StructuredMatrix(right.shape, on_states, right)
+
+
+def _term_squares(op, sizes: np.ndarray) -> np.ndarray:
+    """sum_j K_ij^2 sizes_j^2 over a term's source (sizes of the columns of [u; x])."""
+    squared = replace(op, weight=np.asarray(op.weight, dtype=np.float64) ** 2)
+    return squared.apply(sizes[op.source, None] ** 2).ravel()
 
 
 class _RowStore:

@@ -21,7 +21,15 @@ shape subgraphs resolve, and every initializer listed as an input, so that weigh
 nodes from their shapes, as in onnx's "light" models, resolve at any IR version). The estimate
 is checked against the memory limit (the least of MemAvailable, the process's rlimits and its
 cgroup's limit) before any matrix is allocated; the lowering also checks its running count as
-it goes."""
+it goes.
+
+Structured (``from_onnx(structure="auto")``, ``structured=True`` here): a Conv (one group, 1-D
+or 2-D, N = 1) or a Gemm / MatMul with one row that the lowering keeps as kernels adds its
+weights, not its multiply-accumulates; reading a value that is not a selection of states, it
+first stores that value as an identity block (its expression and one entry per row). An op that
+does not read terms gets any operand carrying them as an identity block the same way (the
+choke point in ``lower._lower_node``). Every state adds 1 (its bias, its size, its row
+pointer), the one cost that grows with the resolution where the kernels do not."""
 
 from __future__ import annotations
 
@@ -31,10 +39,15 @@ from collections.abc import Callable
 import onnx
 
 from ..errors import ModelTooLargeError
+from ..runtime.structured import MIN_STRUCTURED_NONZEROS
 from .context import BYTES_PER_NONZERO_WHILE_LOWERING, FOLD_GROWTH_LIMIT
 from .graph import FLOAT_TYPES, PreparedModel
+from .registry import STRUCTURED_OPS
 
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
+# Bytes a kernel weight costs while lowering (structured): the float32 initializer, its float64
+# copy, the kernel as lowered and as folded (BatchNormalization) in float64, the one stored.
+BYTES_PER_KERNEL_WEIGHT = 32
 # How the lowering treats expressions, op by op (see ``_follow_expressions``): activations that
 # store their input as state blocks (how many), linear maps, maxima (relu trees), products.
 BLOCKS = {"Relu": 1, "Sigmoid": 1, "Tanh": 1, "LeakyRelu": 1, "PRelu": 2, "Clip": 2, "Abs": 2, "Pow": 1}
@@ -63,18 +76,98 @@ STANDARDIZATIONS = frozenset({"LayerNormalization", "InstanceNormalization", "Gr
 RECURRENT = {"RNN": 1, "GRU": 2, "LSTM": 2}
 
 
-def estimate_nonzeros(prepared: PreparedModel) -> int:
-    """About the non-zeros of the lowered model (an upper bound for the linear layers' share)."""
+def estimate_nonzeros(prepared: PreparedModel, structured: bool = False) -> int:
+    """About the non-zeros of the lowered model (an upper bound for the linear layers' share);
+    ``structured``: of its structured form (kernels, remainders and states: module docstring)."""
+    return int(sum(_estimate(prepared, structured)))
+
+
+def estimate_lowering_bytes(prepared: PreparedModel, structured: bool = False) -> float:
+    """About the peak bytes of the lowering: ``BYTES_PER_NONZERO_WHILE_LOWERING`` per non-zero,
+    ``BYTES_PER_KERNEL_WEIGHT`` per kernel weight (structured)."""
+    rows, kernels = _estimate(prepared, structured)
+    return rows * BYTES_PER_NONZERO_WHILE_LOWERING + kernels * BYTES_PER_KERNEL_WEIGHT
+
+
+def _estimate(prepared: PreparedModel, structured: bool) -> tuple[float, float]:
+    """(non-zeros of CSR rows and states, kernel weights) of the lowered model: 0 and 0 when
+    shape inference fails."""
     try:
         inferred = onnx.shape_inference.infer_shapes(_shapes_model(prepared), data_prop=True)
     except Exception:  # inference is best effort; the running check in the lowering still holds
-        return 0
+        return 0.0, 0.0
     shapes = {}
     for value in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output):
         tensor_type = value.type.tensor_type
         if tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in tensor_type.shape.dim):
             shapes[value.name] = [d.dim_value for d in tensor_type.shape.dim]
-    return int(_follow_expressions(prepared, inferred.graph, shapes))
+    if structured:
+        total, kernels = _follow_structured(prepared, inferred.graph, shapes)
+        return total - kernels, kernels
+    return _follow_expressions(prepared, inferred.graph, shapes), 0.0
+
+
+def _follow_structured(
+    prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]
+) -> tuple[float, float]:
+    """``_follow_expressions`` for the structured lowering: a value's count is its CSR rows'
+    non-zeros plus its terms' weights, and ``with_terms`` holds the values that carry terms.
+    Returns (the count, the kernels' share: each kernel's weights once)."""
+    nonzeros = {graph_input.name: float(math.prod(graph_input.shape)) for graph_input in prepared.inputs}
+    with_terms: set[str] = set()
+    total = kernels = 0.0
+    for node in graph.node:
+        read = [name for name in node.input if name in nonzeros]
+        if not read:
+            continue  # constant: folded
+        weights = _term_weights(node, shapes, nonzeros)
+        if node.op_type not in STRUCTURED_OPS or weights:  # operands with terms, or not selections, kept
+            for name in read[:1] if weights else read:
+                if name in with_terms or (weights and not _is_selection(name, nonzeros, shapes)):
+                    total += nonzeros[name] + _size(name, shapes, nonzeros[name])
+                    nonzeros[name] = _size(name, shapes, nonzeros[name])
+                    with_terms.discard(name)
+        kernels += weights
+        if weights:
+            stored, made = 0.0, lambda name, weights=weights: weights
+        else:
+            stored, made = _node_expressions(node, read, nonzeros, shapes, prepared.opset)
+        if node.op_type in BLOCKS:  # the states themselves
+            stored += BLOCKS[node.op_type] * _size(node.output[0], shapes, 0.0)
+        total += stored
+        carries = weights or (node.op_type not in BLOCKS and any(name in with_terms for name in read))
+        for name in node.output:
+            if name:
+                nonzeros[name] = made(name)
+                if carries:
+                    with_terms.add(name)
+    total += sum(nonzeros.get(value.name, 0.0) for value in graph.output)
+    return total, min(kernels, total)
+
+
+def _size(name: str, shapes: dict[str, list[int]], default: float) -> float:
+    return float(math.prod(shapes[name])) if name in shapes else default
+
+
+def _is_selection(name: str, nonzeros: dict[str, float], shapes: dict[str, list[int]]) -> bool:
+    return nonzeros[name] <= _size(name, shapes, nonzeros[name])
+
+
+def _term_weights(node: onnx.NodeProto, shapes: dict[str, list[int]], variables: dict[str, float]) -> float:
+    """The weights of the terms a node becomes in the structured lowering, 0 when it builds CSR
+    rows (``ops.conv`` and ``ops.linear``'s conditions, read off the shapes)."""
+    inputs = [shapes.get(name) for name in node.input]
+    if len(inputs) < 2 or node.input[0] not in variables or node.input[1] in variables:
+        return 0.0
+    if node.op_type == "Conv" and len(inputs) > 1 and inputs[0] and inputs[1]:
+        single = _attribute(node, "group") <= 1 and len(inputs[0]) in (3, 4) and inputs[0][0] == 1
+        if single and _node_nonzeros(node, shapes) >= MIN_STRUCTURED_NONZEROS:
+            return float(math.prod(inputs[1]))
+    if node.op_type in ("Gemm", "MatMul") and len(inputs) > 1 and inputs[0] and inputs[1]:
+        one_row = math.prod(inputs[0][:-1]) == 1 and not _attribute(node, "transA") and len(inputs[1]) == 2
+        if one_row and math.prod(inputs[1]) >= MIN_STRUCTURED_NONZEROS:
+            return float(math.prod(inputs[1]))
+    return 0.0
 
 
 def _follow_expressions(prepared: PreparedModel, graph: onnx.GraphProto, shapes: dict[str, list[int]]) -> float:
@@ -242,14 +335,19 @@ def _attribute(node: onnx.NodeProto, name: str) -> int:
     return 0
 
 
-def check_model_fits(prepared: PreparedModel, limit_bytes: float) -> int:
+def check_model_fits(prepared: PreparedModel, limit_bytes: float, structured: bool = False) -> int:
     """Raise ModelTooLargeError, with the estimate, when the lowering cannot fit; else return it."""
-    nonzeros = estimate_nonzeros(prepared)
-    needed = nonzeros * BYTES_PER_NONZERO_WHILE_LOWERING
+    rows, kernels = _estimate(prepared, structured)
+    nonzeros = int(rows + kernels)
+    needed = rows * BYTES_PER_NONZERO_WHILE_LOWERING + kernels * BYTES_PER_KERNEL_WEIGHT
     if needed > limit_bytes:
+        if structured:
+            stored = f"{kernels / 1e9:,.2f}G of them kernel weights"
+        else:
+            stored = f"~{nonzeros * FINAL_BYTES_PER_NONZERO / 1e9:,.1f} GB as float64 CSR"
         raise ModelTooLargeError(
             f"the lowered model would have about {nonzeros / 1e9:,.2f}G non-zeros "
-            f"(~{nonzeros * FINAL_BYTES_PER_NONZERO / 1e9:,.1f} GB as float64 CSR, ~{needed / 1e9:,.1f} GB while "
+            f"({stored}, ~{needed / 1e9:,.1f} GB while "
             f"lowering), more than the {limit_bytes / 1e9:,.1f} GB available. Lower a smaller input resolution "
             "or a smaller network, or use a machine with more memory (memory_limit_bytes raises the limit)"
         )

@@ -34,7 +34,7 @@ from .expression import Affine
 from .fold import evaluate_constant_node
 from .graph import PreparedModel, load_onnx, prepare
 from .patterns import fold_patterns
-from .registry import REGISTRY, Lowering, find_lowering
+from .registry import REGISTRY, STRUCTURED_OPS, Lowering, find_lowering
 
 # Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
 NEVER_FOLD: frozenset[str] = frozenset()
@@ -70,6 +70,7 @@ def from_onnx(
     dtype: Any = np.float64,
     memory_limit_bytes: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    structure: str = "auto",
 ) -> ImplicitModel:
     """Compile an ONNX network into an ImplicitModel, exactly.
 
@@ -82,6 +83,12 @@ def from_onnx(
             the memory available on this machine).
         progress: called as progress(done, total, node_name) after each node (the CLI draws a
             progress bar with it).
+        structure: "auto" (default): convolutions and dense products reading whole runs of
+            inputs or states are kept as kernels (``structure.StructuredMatrix`` terms of A, B,
+            C, D), never as their Toeplitz rows, so ImageNet-size networks compile; an operand
+            that is not such a run is first kept as an identity block. "csr": every matrix is
+            built as CSR, as before structured terms (the materialized "auto" model equals it
+            wherever no identity block was added: see docs/design/issue20.md).
 
     Raises:
         UnsupportedOpError, UnsupportedAttributeError: an op or attribute without lowering.
@@ -89,13 +96,14 @@ def from_onnx(
         NonFiniteError: NaN or inf weights. ModelTooLargeError: the estimate does not fit.
         ModelFileError: the file is not readable ONNX.
         PathNotFoundError / PathIsDirectoryError: there is no file at the path / it is a folder.
-        ArgumentTypeError: ``model``, ``dtype``, ``input_shapes`` or ``memory_limit_bytes`` of a
-            type (or a dtype) not taken.
+        ArgumentTypeError: ``model``, ``dtype``, ``input_shapes``, ``memory_limit_bytes`` or
+            ``structure`` of a type (or a value) not taken.
 
     Every node is checked for a lowering (op, opset, attributes) before any is lowered, and the
     size of the result estimated, so that a model that cannot compile is refused in seconds.
     """
     dtype = _compile_dtype(dtype)
+    structured = _structure_mode(structure)
     proto = load_onnx(model)
     prepared = prepare(proto, input_shapes)
     fold_patterns(prepared)  # exporters' GELU, SiLU, LayerNorm... chains: one op each
@@ -103,13 +111,18 @@ def from_onnx(
     _check_lowerable(prepared)
     check_batch_independence(prepared)
     limit = _memory_limit(memory_limit_bytes)
-    expected_nonzeros = check_model_fits(prepared, limit)
+    expected_nonzeros = check_model_fits(prepared, limit, structured)
     _check_finite_constants(prepared)
 
     p = sum(math.prod(i.sample_shape) for i in prepared.inputs)
     batched = all(i.batched for i in prepared.inputs)
     ctx = LoweringContext(
-        p=p, batched=batched, memory_limit_bytes=limit, dtype=np.dtype(dtype), expected_nonzeros=expected_nonzeros
+        p=p,
+        batched=batched,
+        memory_limit_bytes=limit,
+        dtype=np.dtype(dtype),
+        structured=structured,
+        expected_nonzeros=expected_nonzeros,
     )
     env: dict[str, Value] = dict(prepared.constants)
     unavailable: dict[str, str] = {}  # outputs a lowering does not provide -> the node
@@ -161,6 +174,8 @@ def _lower_node(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]
         if all_constant and node.op_type not in NEVER_FOLD:
             return evaluate_constant_node(node, inputs)
         _check_in_scope(node)
+        if node.op_type not in STRUCTURED_OPS:  # the one place terms are kept from other ops
+            inputs = [ctx.without_terms(value) if isinstance(value, Affine) else value for value in inputs]
         outputs = lowering.function(ctx, node, inputs)
     except ImplicitCompilerError as error:
         message = str(error)
@@ -280,6 +295,16 @@ def _compile_dtype(dtype: Any) -> np.dtype:
             "or np.float32"
         )
     return np.dtype(f"f{parsed.itemsize}")
+
+
+def _structure_mode(structure: Any) -> bool:
+    """True for "auto" (structured terms), False for "csr"; anything else is refused."""
+    if not isinstance(structure, str) or structure not in ("auto", "csr"):
+        raise ArgumentTypeError(
+            f"structure={structure!r} is not taken; use 'auto' (convolutions and dense products kept as kernels, "
+            "the default) or 'csr' (every matrix built as CSR)"
+        )
+    return structure == "auto"
 
 
 def _memory_limit(memory_limit_bytes: Any) -> float:

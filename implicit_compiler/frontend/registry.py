@@ -24,6 +24,20 @@ from ..errors import UnsupportedOpError
 # registers every lowering for the newer schemas of its op: read each one's changes first
 # (tests/test_modern_opsets.py lists the ops that changed after 25 and how each is handled).
 LOWERED_THROUGH_OPSET = 28
+# Ops whose lowerings read expressions carrying structured terms (``expression.Affine.terms``):
+# they keep, fold or merge the terms, or store them as state rows (activations). Any other op
+# gets such an operand as an identity block first (``lower._lower_node``), so that pooling, Pad,
+# Transpose... never see terms. (Concat keeps them for stacked channels, the activations store
+# them: every activation lowering goes through ``LoweringContext.create_block``.)
+STRUCTURED_OPS = frozenset(
+    {
+        "Conv", "Gemm", "MatMul", "BatchNormalization", "Add", "Sub", "Mul", "Div", "Neg", "Sum",
+        "Reshape", "Flatten", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Concat",
+        "Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "Clip", "Abs", "Exp", "Log", "Sqrt", "Reciprocal",
+        "Erf", "Softplus", "Softsign", "HardSwish", "HardSigmoid", "Mish", "Gelu", "Elu", "Selu", "Celu",
+        "Swish", "ThresholdedRelu", "Silu",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ combined with the per-channel weights (M, C_g, K) into CSR rows ordered (oc, o),
 columns ordered (ic, k), which is increasing column order (the kernel order is reversed for
 the transpose, whose input index decreases with k). Without a batch axis (a leading dimension
 N > 1), the N leading entries are independent: T is block diagonal.
+
+Structured (``from_onnx(structure="auto")``, issue 20): a 1-D or 2-D Conv with one group and
+N = 1 whose T would hold at least ``MIN_STRUCTURED_NONZEROS`` entries is kept as its kernel, a
+``structure.Convolution`` term per run of whole input channels reading contiguous columns of
+[u; x] (a block's states, the model input; a Concat of them gives one run per operand, the
+kernel split along C), each run's factor folded into its kernel columns. An operand that is not
+such a selection (a BatchNormalization output without an activation, a pooling tree, a Pad) is
+first kept as an identity block (one entry per row), so T is never built.
 """
 
 from __future__ import annotations
@@ -43,7 +51,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import GraphError
+from ...runtime.structured import MIN_STRUCTURED_NONZEROS
+from ...structure import Convolution, Term
 from ..context import LoweringContext, NodeView
+from ..expression import Affine, source_runs
 from ..registry import lowers
 from .common import as_affine, optional_input, require_constant
 
@@ -115,6 +126,11 @@ def lower_conv(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
         axes.append((index, (index >= 0) & (index < s)))
     in_index, valid = _spatial_pattern(axes, sizes)
     per_channel = weights.reshape(out_channels, in_per_group, -1)
+    entries = int(valid.sum()) * out_channels * in_per_group  # T's entries for a kernel without zeros
+    if ctx.structured and group == 1 and spatial <= 2 and x.shape[0] == 1 and entries >= MIN_STRUCTURED_NONZEROS:
+        geometry = (kernel, strides, dilations, begins, out_sizes)
+        return [_convolution_terms(ctx, node, x, per_channel, bias, geometry)]
+    x = ctx.without_terms(x)
     return [_apply(ctx, node, x, per_channel, in_index, valid, group, bias, out_sizes)]
 
 
@@ -195,6 +211,7 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
         index = numerator // st
         axes.append((index, (numerator % st == 0) & (index >= 0) & (index < s)))
     in_index, valid = _spatial_pattern(axes, sizes)
+    x = ctx.without_terms(x)
     # Row oc of group g reads W[g * C_g + icg, oc - g * M_g]; the kernel order reversed makes the
     # input index (and so the column) increase along each row.
     per_channel = (
@@ -206,6 +223,50 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _convolution_terms(ctx: LoweringContext, node: NodeView, x: Affine, weights: np.ndarray, bias, geometry) -> Affine:
+    """Y = conv(X) + B as ``Convolution`` terms, one per run of X's channels (module docstring);
+    ``weights`` (M, C, K) in float64, ``geometry`` (kernel, strides, dilations, leading pads,
+    output sizes) of a 1-D or 2-D convolution."""
+    kernel, strides, dilations, begins, out_sizes = (list(part) for part in geometry)
+    channels, sizes = x.shape[1], list(x.shape[2:])
+    if len(sizes) == 1:  # 1-D as an image of height 1
+        kernel, strides, dilations, out_sizes, sizes = ([1, *v] for v in (kernel, strides, dilations, out_sizes, sizes))
+        begins = [0, *begins]
+    out_channels = weights.shape[0]
+    ctx.ensure_fits(weights.size, f"the {node.op_type} kernel")
+    runs = source_runs(x, channels, ctx.p)
+    if runs is None:  # not whole runs of states or inputs: keep the operand as an identity block
+        x = ctx.materialize(x)
+        runs = source_runs(x, channels, ctx.p)
+    pixels = sizes[0] * sizes[1]
+
+    def convolution(source: slice, kernel_columns: np.ndarray) -> Convolution:
+        in_channels = kernel_columns.shape[1]
+        return Convolution(
+            source=source,
+            in_shape=(in_channels, *sizes),
+            out_shape=(out_channels, *out_sizes),
+            kernel=tuple(kernel),
+            stride=tuple(strides),
+            dilation=tuple(dilations),
+            pads=tuple(begins),
+            weight=kernel_columns.reshape(out_channels, -1),
+        )
+
+    rows = slice(0, out_channels * out_sizes[0] * out_sizes[1])
+    terms = []
+    for run in runs:
+        source = slice(run.start, run.start + (run.stop - run.first) * pixels)
+        terms.append(Term(rows, convolution(source, weights[:, run.first : run.stop] * run.scales[None, :, None])))
+    offset = np.zeros(rows.stop)
+    if x.offset.any():  # T c: the constant part of X through the whole kernel
+        offset += convolution(slice(0, x.size), weights).apply(x.offset[:, None]).ravel()
+    if bias is not None:
+        offset += np.repeat(bias, out_sizes[0] * out_sizes[1])
+    shape = (1, out_channels, *out_sizes[-len(geometry[4]) :])
+    return Affine(shape, sp.csr_array((rows.stop, ctx.width)), offset, tuple(terms))
+
+
 def _check_output_shape_excess(node: NodeView, out_sizes: list[int], full: list[int], strides: list[int]) -> None:
     """An output_shape beyond the full size is output padding at the end; onnxruntime and the
     reference refuse an excess of a stride or more (they infer a larger input), so do we."""

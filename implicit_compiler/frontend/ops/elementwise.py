@@ -57,23 +57,43 @@ def _check_legacy_broadcast(node: NodeView, values: tuple) -> None:
 def add(ctx: LoweringContext, node: NodeView, a: Value, b: Value, sign: float = 1.0) -> Affine:
     """a + sign * b for expressions and/or constants."""
     shape = _broadcast_shape(node, a, b)
+    a, b = (_broadcastable(ctx, value, shape) for value in (a, b))
     if not isinstance(b, Affine):
         return a.broadcast_to(shape).shift(sign * np.asarray(b, dtype=np.float64))
     b_expr = b.broadcast_to(shape)
     b_expr = b_expr if sign == 1.0 else -b_expr
     if not isinstance(a, Affine):
         return b_expr.shift(np.asarray(a, dtype=np.float64))
+    if a.terms_conflict(b_expr):  # conv(x) + x, or two geometries of one source: b kept as states
+        b_expr = ctx.materialize(b_expr)
     return a.broadcast_to(shape) + b_expr
+
+
+def _broadcastable(ctx: LoweringContext, value: Value, shape: tuple[int, ...]) -> Value:
+    """An operand with structured terms that must be broadcast: kept as an identity block first."""
+    if isinstance(value, Affine) and value.has_terms and value.shape != shape:
+        return ctx.materialize(value)
+    return value
 
 
 def multiply(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
     """a * b: a scaling when one side is constant, else the exact square identity."""
     shape = _broadcast_shape(node, a, b)
     if not isinstance(b, Affine):
-        return a.broadcast_to(shape).scale(np.asarray(b, dtype=np.float64))
+        return _scaled(ctx, a, shape, b)
     if not isinstance(a, Affine):
-        return b.broadcast_to(shape).scale(np.asarray(a, dtype=np.float64))
+        return _scaled(ctx, b, shape, a)
+    a, b = ctx.without_terms(a), ctx.without_terms(b)
     return product(ctx, a.broadcast_to(shape), b.broadcast_to(shape), node.proto.output[0])
+
+
+def _scaled(ctx: LoweringContext, value: Affine, shape: tuple[int, ...], factors) -> Affine:
+    """value * factors (constant), the value's structured terms kept when the factors fold into
+    their kernels (constant per output channel), else the value kept as an identity block."""
+    factors = np.asarray(factors, dtype=np.float64)
+    if value.has_terms and (value.shape != shape or not value.scale_keeps_terms(np.broadcast_to(factors, shape))):
+        value = ctx.materialize(value)
+    return value.broadcast_to(shape).scale(factors)
 
 
 def product(ctx: LoweringContext, a: Affine, b: Affine, name: str) -> Affine:
@@ -129,7 +149,9 @@ def lower_div(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     a, b = inputs
     if isinstance(b, Affine):
         shape = _broadcast_shape(node, a, b)
-        reciprocal = ctx.create_block(b.broadcast_to(shape), "reciprocal", name=f"{node.proto.output[0]}/reciprocal")
+        reciprocal = ctx.create_block(
+            _broadcastable(ctx, b, shape).broadcast_to(shape), "reciprocal", name=f"{node.proto.output[0]}/reciprocal"
+        )
         return [multiply(ctx, node, a, reciprocal)]
     divisor = np.asarray(b, dtype=np.float64)
     if (divisor == 0).any():
@@ -197,7 +219,7 @@ def lower_neg(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
 def lower_sum(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """a_1 + ... + a_k with broadcasting."""
     shape = _broadcast_shape(node, *inputs)
-    terms = [as_affine(value, ctx.width).broadcast_to(shape) for value in inputs]
+    terms = [as_affine(_broadcastable(ctx, value, shape), ctx.width).broadcast_to(shape) for value in inputs]
     return [reduce(lambda left, right: left + right, terms)]
 
 

@@ -10,6 +10,11 @@ the transposes of a variable operand are row selections. MatMul follows numpy.ma
 operands are promoted and the added axis removed, leading (stacked) axes broadcast and each
 stacked product is one diagonal block of the map. A product of two variable operands is not
 affine: it goes to ``bilinear`` (products through square blocks, summed).
+
+Structured (``from_onnx(structure="auto")``, issue 20): X W with one row (M = 1, no stacking)
+and at least ``MIN_STRUCTURED_NONZEROS`` weights is kept as ``structure.Dense`` terms, one per
+run of X reading contiguous columns of [u; x] (W^T's columns times the run's factors); an X
+that is not such a selection is first kept as an identity block.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ import numpy as np
 import scipy.sparse as sp
 
 from ...errors import GraphError
+from ...runtime.structured import MIN_STRUCTURED_NONZEROS
+from ...structure import Dense, Term
 from ..context import LoweringContext, NodeView, Value
+from ..expression import source_runs
 from ..registry import lowers
 from .bilinear import variable_matmul
 from .common import Affine, optional_input, shape_of
@@ -58,18 +66,42 @@ def matmul(ctx: LoweringContext, node: NodeView, a: Value, b: Value) -> Affine:
         raise GraphError(f"{node.where}: stacked axes of {a_shape} and {b_shape} do not broadcast") from None
     stack = int(np.prod(stacked, dtype=np.int64))
     out_shape = (*stacked, m, n)
+    final_shape = (*stacked, *((m,) if len(a_shape) > 1 else ()), *((n,) if len(b_shape) > 1 else ()))
+    if isinstance(a, Affine) and ctx.structured and stack == 1 and m == 1 and k * n >= MIN_STRUCTURED_NONZEROS:
+        weights = np.asarray(b, dtype=np.float64).reshape(k, n)
+        return _dense_terms(ctx, node, a.reshape((k,)), weights).reshape(final_shape)
     if isinstance(a, Affine):
+        a = ctx.without_terms(a)
         variable = a.reshape(a_full).broadcast_to((*stacked, m, k))
         weights = np.broadcast_to(np.asarray(b, dtype=np.float64).reshape(b_full), (*stacked, k, n))
         matrix = _product_map(None, weights.reshape(stack, k, n), stack, m, k, n)
     else:
+        b = ctx.without_terms(b)
         variable = b.reshape(b_full).broadcast_to((*stacked, k, n))
         weights = np.broadcast_to(np.asarray(a, dtype=np.float64).reshape(a_full), (*stacked, m, k))
         matrix = _product_map(weights.reshape(stack, m, k), None, stack, m, k, n)
     ctx.ensure_fits(matrix.nnz, "a matrix product")
     result = ctx.apply_map(variable, matrix, out_shape)
-    final_shape = (*stacked, *((m,) if len(a_shape) > 1 else ()), *((n,) if len(b_shape) > 1 else ()))
     return result.reshape(final_shape)
+
+
+def _dense_terms(ctx: LoweringContext, node: NodeView, x: Affine, weights: np.ndarray) -> Affine:
+    """x W for x of k values and W (k, n) in float64, as ``Dense`` terms (module docstring)."""
+    ctx.ensure_fits(weights.size, "the product's weights")
+    runs = source_runs(x, x.size, ctx.p)
+    if runs is None:  # not runs of states or inputs: keep the operand as an identity block
+        x = ctx.materialize(x)
+        runs = source_runs(x, x.size, ctx.p)
+    n = weights.shape[1]
+    terms = tuple(
+        Term(
+            slice(0, n),
+            Dense(slice(run.start, run.start + run.stop - run.first), weights[run.first : run.stop].T * run.scales),
+        )
+        for run in runs
+    )
+    offset = x.offset @ weights if x.offset.any() else np.zeros(n)
+    return Affine((n,), sp.csr_array((n, ctx.width)), offset, terms)
 
 
 @lowers("MatMul")

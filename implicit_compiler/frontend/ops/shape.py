@@ -133,7 +133,11 @@ def _stacked(ctx: LoweringContext, values: list[Value | None]) -> tuple[Affine, 
 def lower_concat(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     """Concat: the reference Concat run on the operands' row ids in their stacked rows."""
     stacked, ids = _stacked(ctx, inputs)
-    return [stacked.take(evaluate_constant_node(node, ids)[0])]
+    order = evaluate_constant_node(node, ids)[0]
+    if stacked.has_terms and not np.array_equal(order.ravel(), np.arange(stacked.size)):
+        # not the operands one after another (an axis after the channels'): no terms reordered
+        stacked, ids = _stacked(ctx, [ctx.without_terms(v) if isinstance(v, Affine) else v for v in inputs])
+    return [stacked.take(order)]
 
 
 @lowers("Where")
