@@ -117,7 +117,7 @@ def zoo_section(samples: int, figures: Path | None) -> bool:
         if not report.float64_checked:
             errors += f"; float64 not checked: {report.reference_error}"
         print(
-            f"{name:<20} n = {model.n:,}  nnz(A) = {model.A.nnz:,}  nnz(all) = {model.nnz:,}  "
+            f"{name:<20} n = {model.n:,}  nnz(A) = {model.structure.A.nnz:,}  nnz(all) = {model.nnz:,}  "
             f"blocks = {len(model.blocks)}  compile {seconds:.2f} s  memory {model.memory_bytes / 2**20:.1f} MiB"
         )
         print(f"{'':<20} verify ({samples} samples): {'PASSED' if report.passed else 'FAILED'} ({errors})")

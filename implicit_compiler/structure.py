@@ -50,8 +50,9 @@ class Convolution:
     def columns_per_sample(self) -> int:
         return self.weight.shape[1] * self.out_shape[1] * self.out_shape[2]
 
-    def apply(self, source: np.ndarray) -> np.ndarray:
-        """The convolution of source (C H W, batch) as (Co Ho Wo, batch)."""
+    def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The convolution of source (C H W, batch) as (Co Ho Wo, batch), written into ``out``
+        (a C-contiguous array of that shape) when given."""
         batch = source.shape[1]
         (C, H, W), (Co, Ho, Wo) = self.in_shape, self.out_shape
         X = np.ascontiguousarray(source).reshape(C, H, W, batch)  # C order: a faster im2col
@@ -59,6 +60,9 @@ class Convolution:
             cols = X.reshape(C, H * W * batch)
         else:
             cols = self._im2col(X).reshape(self.weight.shape[1], Ho * Wo * batch)
+        if out is not None:
+            np.matmul(self.weight, cols, out=out.reshape(Co, Ho * Wo * batch))
+            return out
         return (self.weight @ cols).reshape(Co * Ho * Wo, batch)
 
     def _im2col(self, X: np.ndarray) -> np.ndarray:
@@ -89,8 +93,8 @@ class Dense:
 
     columns_per_sample = 0
 
-    def apply(self, source: np.ndarray) -> np.ndarray:
-        return self.weight @ source
+    def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.matmul(self.weight, source, out=out)
 
 
 def _reach(size_out: int, size_in: int, stride: int, dilation: int, pad: int, kernel: int) -> np.ndarray:

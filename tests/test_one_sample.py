@@ -110,17 +110,18 @@ def test_conv_pool_dense_network(activation):
 
 
 def two_convolutions() -> onnx.ModelProto:
-    """relu(conv_a(relu(x)) + conv_b(x)) with conv_b strided 1x1 (a projection shortcut)."""
+    """relu(conv_a(relu(x)) + conv_b(x)), both strided 3x3 (conv_b reads the input: each is
+    large enough, 16,524 non-zeros, for the lowering to keep it as a kernel)."""
     rng = np.random.default_rng(5)
     weights = {
         "Ka": rng.standard_normal((6, 3, 3, 3)) / 4,
-        "Kb": rng.standard_normal((6, 3, 1, 1)) / 2,
+        "Kb": rng.standard_normal((6, 3, 3, 3)) / 4,
         "Bb": rng.standard_normal(6) / 10,
     }
     nodes = [
         helper.make_node("Relu", ["x"], ["r"]),
         helper.make_node("Conv", ["r", "Ka"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Conv", ["x", "Kb", "Bb"], ["b"], strides=[2, 2]),
+        helper.make_node("Conv", ["x", "Kb", "Bb"], ["b"], pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Add", ["a", "b"], ["s"]),
         helper.make_node("Relu", ["s"], ["y"]),
     ]

@@ -47,7 +47,7 @@ def zoo():
     """(plain, lifted) LeNet-5 and ResNet20 of the zoo."""
     models = {}
     for name in ("lenet5", "resnet20"):
-        plain = ic.from_onnx(ROOT / "zoo" / f"{name}.onnx")
+        plain = ic.from_onnx(ROOT / "zoo" / f"{name}.onnx", structure="csr")
         models[name] = (plain, lift(plain))
     return models
 
@@ -113,7 +113,7 @@ def _refuse(*args, **kwargs):
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_lenet_feedback_loop_lifted_solves_as_the_plain_loop(dtype, no_materializing):
-    lenet = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx")
+    lenet = ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", structure="csr")
     pattern = np.random.default_rng(0).normal(size=(lenet.p, lenet.q)) / np.sqrt(lenet.p)
     plain = ic.feedback(lenet, 2e-4 * pattern).astype(dtype)
     lifted = lift(plain)

@@ -33,7 +33,7 @@ def zoo():
     def get(name: str, dtype) -> tuple[ic.ImplicitModel, ic.ImplicitModel]:
         key = (name, np.dtype(dtype))
         if key not in cache:
-            plain = ic.from_onnx(ROOT / "zoo" / f"{name}.onnx", dtype=dtype)
+            plain = ic.from_onnx(ROOT / "zoo" / f"{name}.onnx", dtype=dtype, structure="csr")
             cache[key] = plain, lift(plain)
         return cache[key]
 

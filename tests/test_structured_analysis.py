@@ -36,12 +36,12 @@ LOOP_GAIN = 1e-6  # K = gain * a fixed random pattern: lambda_pf(|A'|) = 0.69 on
 
 @pytest.fixture(scope="module")
 def lenet() -> ImplicitModel:
-    return ic.from_onnx(ROOT / "zoo" / "lenet5.onnx")
+    return ic.from_onnx(ROOT / "zoo" / "lenet5.onnx", structure="csr")
 
 
 @pytest.fixture(scope="module")
 def resnet() -> ImplicitModel:
-    return ic.from_onnx(ROOT / "zoo" / "resnet20.onnx")
+    return ic.from_onnx(ROOT / "zoo" / "resnet20.onnx", structure="csr")
 
 
 @pytest.fixture(scope="module")

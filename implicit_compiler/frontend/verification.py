@@ -287,7 +287,7 @@ def verify(
         samples=samples,
         outputs=outputs,
         n=compiled.n,
-        nnz=compiled.A.nnz,
+        nnz=compiled.structure.A.nnz,
         blocks=len(compiled.blocks),
         compile_seconds=compile_seconds,
         reference_error=reference_error,

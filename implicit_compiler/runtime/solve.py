@@ -58,6 +58,12 @@ METHODS = ("auto", "picard", "anderson")
 # batch 1-4 (ResNet20 batch 2: 300 vs 165 img/s), row groups from 8 on (ResNet20 batch 16:
 # 1043 vs 521 img/s; LeNet-5 batch 32: 25k vs 7.7k).
 STRUCTURED_BATCH_LIMIT = 7
+# A structured model whose terms do more multiply-accumulates per sample than this never goes
+# by tiles: BLAS's products of the whole batch win. Float32 predict, 2 cores, quiet, min ms
+# (tiles / BLAS steps): ResNet20 (41M) at 16 and 256 samples 14.8 / 18.0 and 61 / 344;
+# ResNet-18 at 64 x 64 (148M) 64 / 36 and 59 / 183; at 112 (485M) 231 / 163 at 16; at 224
+# (1.8G) 1807 / 703 at 16.
+TILES_TERM_WORK = 300_000_000
 # One sample of an acyclic model runs its program in one call (on one thread) up to this many
 # multiply-adds per thread of the machine; past it the steps, with BLAS products and the
 # one-row kernel on every thread, are faster. Measured on 2 threads: ResNet20 (41M) 2.3 ms by
@@ -320,8 +326,19 @@ def _least_tiles_batch(model: ImplicitModel) -> int:
     0.49 / 0.76 against 20 / 24, ResNet20 at 16 17 / 18 against 51 / 471; the plain models by
     row groups 1.6 / 1.9 and 26 / 28."""
     if model.is_structured:
-        return STRUCTURED_BATCH_LIMIT + 1
+        return STRUCTURED_BATCH_LIMIT + 1 if _term_work(model) <= TILES_TERM_WORK else np.iinfo(np.int64).max
     return sample_tiles.least_batch(model.dtype)
+
+
+def _term_work(model: ImplicitModel) -> int:
+    """Multiply-accumulates per sample in the terms of A and B (a convolution's kernel times its
+    output pixels, a dense weight once)."""
+    work = 0
+    for matrix in (model.structure.A, model.structure.B):
+        for term in matrix.terms:
+            shape = getattr(term.op, "out_shape", (1, 1, 1))
+            work += term.op.weight.size * shape[1] * shape[2]
+    return work
 
 
 def _tiles_pay(program: Program | _Work) -> bool:
