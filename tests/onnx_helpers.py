@@ -91,9 +91,10 @@ def assert_matches_onnxruntime(
     seed: int = 0,
     check_reference: bool = True,
     check_onnxruntime: bool = True,
+    structure: str = "auto",
 ) -> ic.ImplicitModel:
     """Compile ``model`` and assert it matches onnxruntime (float32) and the reference (float64)."""
-    compiled = ic.from_onnx(model, input_shapes=input_shapes)
+    compiled = ic.from_onnx(model, input_shapes=input_shapes, structure=structure)
     feeds = feeds if feeds is not None else random_inputs(model, batch, seed, input_shapes)
     if check_onnxruntime:
         _assert_float32_matches(compiled, model, feeds, input_shapes)

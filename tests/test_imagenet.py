@@ -100,3 +100,30 @@ def test_the_generated_resnets_run_in_onnxruntime():
         y = session.run(None, {"image": u})[0]
         assert y.shape == (2, 10) and 0.01 < np.abs(y).max() < 100
         assert np.abs(y[0] - y[1]).max() > 1e-3 * np.abs(y).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["inception_v2", "densenet121"])
+def test_onnx_light_models_compile_structured_and_predict_like_onnxruntime(name):
+    """onnx's own 'light' networks (weights made by nodes from their shapes; once refused as too
+    large): Inception's branches and DenseNet's concatenations read as kernels per run."""
+    import onnx
+
+    proto = onnx.load(str(Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"light_{name}.onnx"))
+    softmax = [node for node in proto.graph.node if node.op_type == "Softmax"]
+    if softmax:  # the logits too: a softmax of equal logits (these weights) would hide errors
+        proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(softmax[-1].input[0]))
+    model = ic.from_onnx(proto, dtype=np.float32)
+    assert model.is_structured and model.nnz > 1e9
+    weights = {tensor.name for tensor in proto.graph.initializer}
+    image = next(value for value in proto.graph.input if value.name not in weights)
+    shape = [dim.dim_value or 1 for dim in image.type.tensor_type.shape.dim]
+    u = np.random.default_rng(3).uniform(0, 1, size=shape).astype(np.float32)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    predicted = model.predict(u)
+    predicted = predicted if isinstance(predicted, dict) else {proto.graph.output[0].name: predicted}
+    assert len(predicted) == len(proto.graph.output)
+    for output, expected in zip(proto.graph.output, session.run(None, {image.name: u})):
+        ours = np.asarray(predicted[output.name]).reshape(expected.shape)
+        atol = FLOAT32_ATOL * max(1.0, float(np.abs(expected).max()))
+        assert np.all(np.abs(ours - expected) <= FLOAT32_RTOL * np.abs(expected) + atol), output.name

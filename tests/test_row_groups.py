@@ -116,7 +116,7 @@ def test_tanh_chain_with_odd_sizes_matches_the_references():
 
 def test_groups_cover_every_row_once_and_share_identical_columns():
     """Also: the residual block's rows keep their identity entries as entries of their own."""
-    compiled = assert_matches_onnxruntime(residual_network(), batch=3, check_reference=False)
+    compiled = assert_matches_onnxruntime(residual_network(), batch=3, check_reference=False, structure="csr")
     A, B = compiled.A, compiled.B
     chains = [
         s for s in solve_module._execution_steps(compiled, structured=False) if isinstance(s, solve_module._Chain)
@@ -154,7 +154,9 @@ def test_groups_cover_every_row_once_and_share_identical_columns():
 
 
 def test_convolution_rows_form_groups_of_eight_channels():
-    compiled = assert_matches_onnxruntime(residual_network(channels=16), batch=3, check_reference=False)
+    compiled = assert_matches_onnxruntime(
+        residual_network(channels=16), batch=3, check_reference=False, structure="csr"
+    )
     chain = next(
         s for s in solve_module._execution_steps(compiled, structured=False) if isinstance(s, solve_module._Chain)
     )
