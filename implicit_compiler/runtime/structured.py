@@ -285,7 +285,6 @@ def structured_block(model, block, sources: list[tuple[slice, tuple[int, ...]]])
     when they would not carry most of its non-zeros. ``sources``: ``tensor_sources(model)``."""
     if model.is_structured:
         return _block_of_terms(model, block)
-    p = model.p
     rows_A = model.A[block.start : block.stop]
     rows_B = model.B[block.start : block.stop]
     M = sp.hstack([rows_B, rows_A], format="csr")  # columns are rows of V
@@ -308,15 +307,19 @@ def structured_block(model, block, sources: list[tuple[slice, tuple[int, ...]]])
     work = int(structured.sum())
     if not terms or work < M.nnz / 2:
         return None
-    remainder, remainder_columns = None, np.zeros(0, dtype=np.int64)
-    if not structured.all():
-        rest = M.copy()
-        rest.data[structured] = 0
-        rest.eliminate_zeros()
-        remainder, remainder_columns = _compressed(rest)
+    rest = M.copy()
+    rest.data[structured] = 0
+    rest.eliminate_zeros()
+    return _assembled(model, block, terms, rest, work)
+
+
+def _assembled(model, block, terms, rest: sp.csr_array, work: int) -> StructuredBlock:
+    """The block of ``terms`` plus ``rest`` (its rows of [B A] the terms do not hold: columns
+    are rows of V), kept on the columns it reads."""
+    remainder, remainder_columns = _compressed(rest) if rest.nnz else (None, np.zeros(0, dtype=np.int64))
     return StructuredBlock(
         name=block.name,
-        rows=slice(p + block.start, p + block.stop),
+        rows=slice(model.p + block.start, model.p + block.stop),
         bias=model.bias_x[block.start : block.stop, None],
         terms=tuple(terms),
         remainder=remainder,
@@ -363,17 +366,7 @@ def _block_of_terms(model, block) -> StructuredBlock | None:
         [structure.B.remainder[block.start : block.stop], structure.A.remainder[block.start : block.stop]],
         format="csr",
     )  # columns are rows of V
-    remainder, remainder_columns = _compressed(rest) if rest.nnz else (None, np.zeros(0, dtype=np.int64))
-    return StructuredBlock(
-        name=block.name,
-        rows=slice(p + block.start, p + block.stop),
-        bias=model.bias_x[block.start : block.stop, None],
-        terms=tuple(terms),
-        remainder=remainder,
-        remainder_columns=remainder_columns,
-        activation=block.activation,
-        work=sum(term_entries(term) for term in terms),
-    )
+    return _assembled(model, block, terms, rest, sum(term_entries(term) for term in terms))
 
 
 def shifted(op: Convolution | Dense, offset: int) -> Convolution | Dense:

@@ -34,9 +34,10 @@ columns ordered (ic, k), which is increasing column order (the kernel order is r
 the transpose, whose input index decreases with k). Without a batch axis (a leading dimension
 N > 1), the N leading entries are independent: T is block diagonal.
 
-Structured (``from_onnx(structure="auto")``, issue 20): a 1-D or 2-D Conv with one group and
-N = 1 whose T would hold at least ``MIN_STRUCTURED_NONZEROS`` entries is kept as its kernel, a
-``structure.Convolution`` term per run of whole input channels reading contiguous columns of
+Structured (``from_onnx(structure="auto")``, issue 20): a 1-D or 2-D Conv with N = 1 and at
+most ``MAX_GROUP_TERMS`` groups whose T would hold at least ``MIN_STRUCTURED_NONZEROS`` entries
+per group is kept as its kernel, a ``structure.Convolution`` term per group (its output
+channels' rows; AlexNet's two groups) and run of whole input channels reading contiguous columns of
 [u; x] (a block's states, the model input; a Concat of them gives one run per operand, the
 kernel split along C), each run's factor folded into its kernel columns. An operand that is not
 such a selection (a BatchNormalization output without an activation, a pooling tree, a Pad) is
@@ -59,6 +60,9 @@ from ..registry import lowers
 from .common import as_affine, optional_input, require_constant
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
+# Grouped convolutions with more groups than this (depthwise ones) stay sparse rows: a term per
+# group would cost a Python call each per block at run time.
+MAX_GROUP_TERMS = 16
 # Elements (weights x pattern entries) handled at once while filling T: bounds the temporaries.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -127,9 +131,10 @@ def lower_conv(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
     in_index, valid = _spatial_pattern(axes, sizes)
     per_channel = weights.reshape(out_channels, in_per_group, -1)
     entries = int(valid.sum()) * out_channels * in_per_group  # T's entries for a kernel without zeros
-    if ctx.structured and group == 1 and spatial <= 2 and x.shape[0] == 1 and entries >= MIN_STRUCTURED_NONZEROS:
+    structured = group <= MAX_GROUP_TERMS and entries >= group * MIN_STRUCTURED_NONZEROS
+    if ctx.structured and structured and spatial <= 2 and x.shape[0] == 1:
         geometry = (kernel, strides, dilations, begins, out_sizes)
-        return [_convolution_terms(ctx, node, x, per_channel, bias, geometry)]
+        return [_convolution_terms(ctx, node, x, per_channel, bias, geometry, group)]
     x = ctx.without_terms(x)
     return [_apply(ctx, node, x, per_channel, in_index, valid, group, bias, out_sizes)]
 
@@ -223,10 +228,13 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
 
 
 # --------------------------------------------------------------------------------------------- helpers
-def _convolution_terms(ctx: LoweringContext, node: NodeView, x: Affine, weights: np.ndarray, bias, geometry) -> Affine:
-    """Y = conv(X) + B as ``Convolution`` terms, one per run of X's channels (module docstring);
-    ``weights`` (M, C, K) in float64, ``geometry`` (kernel, strides, dilations, leading pads,
-    output sizes) of a 1-D or 2-D convolution."""
+def _convolution_terms(
+    ctx: LoweringContext, node: NodeView, x: Affine, weights: np.ndarray, bias, geometry, group: int = 1
+) -> Affine:
+    """Y = conv(X) + B as ``Convolution`` terms, one per group and run of X's channels (module
+    docstring); ``weights`` (M, C / group, K) in float64, ``geometry`` (kernel, strides,
+    dilations, leading pads, output sizes) of a 1-D or 2-D convolution. Group g writes the rows
+    of output channels g M_g ... (g + 1) M_g - 1 from input channels g C_g ... (g + 1) C_g - 1."""
     kernel, strides, dilations, begins, out_sizes = (list(part) for part in geometry)
     channels, sizes = x.shape[1], list(x.shape[2:])
     if len(sizes) == 1:  # 1-D as an image of height 1
@@ -238,33 +246,47 @@ def _convolution_terms(ctx: LoweringContext, node: NodeView, x: Affine, weights:
     if runs is None:  # not whole runs of states or inputs: keep the operand as an identity block
         x = ctx.materialize(x)
         runs = source_runs(x, channels, ctx.p)
-    pixels = sizes[0] * sizes[1]
+    pixels, out_pixels = sizes[0] * sizes[1], out_sizes[0] * out_sizes[1]
+    in_per_group, out_per_group = channels // group, out_channels // group
 
     def convolution(source: slice, kernel_columns: np.ndarray) -> Convolution:
         in_channels = kernel_columns.shape[1]
         return Convolution(
             source=source,
             in_shape=(in_channels, *sizes),
-            out_shape=(out_channels, *out_sizes),
+            out_shape=(kernel_columns.shape[0], *out_sizes),
             kernel=tuple(kernel),
             stride=tuple(strides),
             dilation=tuple(dilations),
             pads=tuple(begins),
-            weight=kernel_columns.reshape(out_channels, -1),
+            weight=kernel_columns.reshape(kernel_columns.shape[0], -1),
         )
 
-    rows = slice(0, out_channels * out_sizes[0] * out_sizes[1])
     terms = []
-    for run in runs:
-        source = slice(run.start, run.start + (run.stop - run.first) * pixels)
-        terms.append(Term(rows, convolution(source, weights[:, run.first : run.stop] * run.scales[None, :, None])))
-    offset = np.zeros(rows.stop)
-    if x.offset.any():  # T c: the constant part of X through the whole kernel
-        offset += convolution(slice(0, x.size), weights).apply(x.offset[:, None]).ravel()
+    for g in range(group):
+        rows = slice(g * out_per_group * out_pixels, (g + 1) * out_per_group * out_pixels)
+        low, high = g * in_per_group, (g + 1) * in_per_group
+        kernels = weights[g * out_per_group : (g + 1) * out_per_group]
+        for run in runs:
+            first, stop = max(run.first, low), min(run.stop, high)
+            if first >= stop:
+                continue
+            start = run.start + (first - run.first) * pixels
+            scales = run.scales[first - run.first : stop - run.first]
+            columns = kernels[:, first - low : stop - low] * scales[None, :, None]
+            terms.append(Term(rows, convolution(slice(start, start + (stop - first) * pixels), columns)))
+    offset = np.zeros(out_channels * out_pixels)
+    if x.offset.any():  # T c: the constant part of X through each group's kernel
+        for g in range(group):
+            part = slice(g * in_per_group * pixels, (g + 1) * in_per_group * pixels)
+            kernels = weights[g * out_per_group : (g + 1) * out_per_group]
+            offset[g * out_per_group * out_pixels : (g + 1) * out_per_group * out_pixels] = (
+                convolution(part, kernels).apply(x.offset[part, None]).ravel()
+            )
     if bias is not None:
         offset += np.repeat(bias, out_sizes[0] * out_sizes[1])
     shape = (1, out_channels, *out_sizes[-len(geometry[4]) :])
-    return Affine(shape, sp.csr_array((rows.stop, ctx.width)), offset, tuple(terms))
+    return Affine(shape, sp.csr_array((offset.size, ctx.width)), offset, tuple(terms))
 
 
 def _check_output_shape_excess(node: NodeView, out_sizes: list[int], full: list[int], strides: list[int]) -> None:
