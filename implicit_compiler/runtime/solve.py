@@ -64,6 +64,12 @@ STRUCTURED_BATCH_LIMIT = 7
 # ResNet-18 at 64 x 64 (148M) 64 / 36 and 59 / 183; at 112 (485M) 231 / 163 at 16; at 224
 # (1.8G) 1807 / 703 at 16.
 TILES_TERM_WORK = 300_000_000
+# A structured model goes by tiles from this batch on (BLAS steps below it). Float32 predict, min
+# ms, tiles / BLAS steps, 2 cores: quiet (2026-12-07 13:10 UTC), ResNet20 at 8, 16, 24, 32
+# samples 16.3 / 6.9, 16.1 / 12.2, 16.4 / 18.3, 14.4 / 25.3 and LeNet-5 0.21 / 0.24, 0.46 / 0.31,
+# 0.21 / 0.42, 0.20 / 0.47; on busy cores BLAS steps swing far more (ResNet20 at 16: 17 / 471
+# median), so the tiles start at 16, not 24.
+STRUCTURED_TILES_BATCH = 16
 # One sample of an acyclic model runs its program in one call (on one thread) up to this many
 # multiply-adds per thread of the machine; past it the steps, with BLAS products and the
 # one-row kernel on every thread, are faster. Measured on 2 threads: ResNet20 (41M) 2.3 ms by
@@ -320,13 +326,10 @@ def predict_outputs(model: ImplicitModel, u: Any, **solve_options: Any) -> np.nd
 
 def _least_tiles_batch(model: ImplicitModel) -> int:
     """The smallest batch that goes by tiles of samples: a tile for every thread; for a
-    structured model, past ``STRUCTURED_BATCH_LIMIT`` (its blocks with terms have no row groups
-    to run on instead). Measured (float32 predict, fresh processes, 2 shared busy cores,
-    2026-12-07), lifted by tiles against by BLAS steps (min / median ms): LeNet-5 at 8 samples
-    0.49 / 0.76 against 20 / 24, ResNet20 at 16 17 / 18 against 51 / 471; the plain models by
-    row groups 1.6 / 1.9 and 26 / 28."""
+    structured model ``STRUCTURED_TILES_BATCH`` (its blocks with terms have no row groups to run
+    on below it, only BLAS steps), or never when its kernels are large (``TILES_TERM_WORK``)."""
     if model.is_structured:
-        return STRUCTURED_BATCH_LIMIT + 1 if _term_work(model) <= TILES_TERM_WORK else np.iinfo(np.int64).max
+        return STRUCTURED_TILES_BATCH if _term_work(model) <= TILES_TERM_WORK else np.iinfo(np.int64).max
     return sample_tiles.least_batch(model.dtype)
 
 
