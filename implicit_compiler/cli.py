@@ -124,6 +124,7 @@ def command_compile(args: argparse.Namespace) -> int:
         input_shapes=_parse_shapes(args.input_shape),
         dtype=np.dtype(args.dtype),
         progress=ProgressBar("lowering"),
+        structure=args.structure,
     )
     seconds = time.perf_counter() - start
     model.save(output, overwrite=args.overwrite)
@@ -422,6 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_argument(sub, "the ONNX file")
     sub.add_argument("-o", "--output", help="the .npz to write (default: next to the ONNX file)")
     sub.add_argument("--dtype", choices=("float64", "float32"), default="float64")
+    sub.add_argument(
+        "--structure", choices=("auto", "kernels", "csr"), default="auto",
+        help="keep convolutions and dense products as kernels: in large models (auto), always, or never (csr)",
+    )  # fmt: skip
     sub.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
     sub = add("info", command_info, "print n, p, q, non-zeros, blocks, memory and the well-posedness verdict")

@@ -64,6 +64,21 @@ def test_compile_refuses_to_overwrite(lenet_npz):
     assert lenet_npz.read_bytes() == before
 
 
+def test_compile_keeps_kernels_on_request(tmp_path):
+    """--structure kernels keeps LeNet-5's convolutions as kernels (auto leaves a model this
+    small as CSR): info shows them, and the file is smaller."""
+    sizes = {}
+    for structure in ("auto", "kernels"):
+        path = tmp_path / f"{structure}.npz"
+        result = cli("compile", LENET, "-o", path, "--structure", structure)
+        assert result.returncode == 0, result.stderr
+        sizes[structure] = path.stat().st_size
+        info = cli("info", path)
+        assert ("(structured" in info.stdout) == (structure == "kernels"), info.stdout
+    assert sizes["kernels"] < sizes["auto"] / 2
+    assert cli("compile", LENET, "-o", tmp_path / "x.npz", "--structure", "dense").returncode == 2
+
+
 def test_info_prints_sizes_blocks_memory_and_verdict(lenet_npz):
     result = cli("info", lenet_npz)
     assert result.returncode == 0, result.stderr

@@ -1,12 +1,12 @@
 """The frontend's structured terms (issue 20, steps 6 and 7): Conv and Gemm kept as kernels.
 
-Each model is compiled twice: ``structure="auto"`` (the default: convolution and dense terms)
-and ``structure="csr"`` (every matrix built as CSR, as before the terms). The materialized
-"auto" model must equal the "csr" one bitwise (the kernels are the same float64 products,
-rounded once), wherever the structured lowering did not add an identity block; where it did
-(a convolution reading a value that is not a selection of states), the predictions are
-compared instead. onnxruntime and the ONNX reference check the "auto" model independently
-(``assert_matches_onnxruntime``)."""
+Each model is compiled twice: ``structure="kernels"`` (convolution and dense terms; the
+default "auto" takes them from 5M non-zeros on) and ``structure="csr"`` (every matrix built as
+CSR, as before the terms). The materialized "kernels" model must equal the "csr" one bitwise
+(the kernels are the same float64 products, rounded once), wherever the structured lowering did
+not add an identity block; where it did (a convolution reading a value that is not a selection
+of states), the predictions are compared instead. onnxruntime and the ONNX reference check the
+"kernels" model independently (``assert_matches_onnxruntime``)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def _assert_same_csr(first, second) -> None:
 
 
 def _compile_both(model: onnx.ModelProto, dtype=np.float64):
-    return ic.from_onnx(model, dtype=dtype), ic.from_onnx(model, dtype=dtype, structure="csr")
+    return ic.from_onnx(model, dtype=dtype, structure="kernels"), ic.from_onnx(model, dtype=dtype, structure="csr")
 
 
 def _assert_auto_equals_csr(model: onnx.ModelProto) -> ic.ImplicitModel:
@@ -113,7 +113,7 @@ def test_single_conv_reading_the_input(spatial, attributes):
     model = make_model(nodes, [float_value("x", ["N", 4, *size])], [_output("y")], weights)
     structured = _assert_auto_equals_csr(model)
     assert _terms(structured) == 1 and structured.structure.B.terms and not structured.structure.B.remainder.nnz
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_conv_reading_the_normalized_input_folds_the_scales():
@@ -135,7 +135,7 @@ def test_conv_reading_the_normalized_input_folds_the_scales():
     _assert_same_csr(structured.materialized().B, plain.B)
     np.testing.assert_allclose(structured.bias_x, plain.bias_x, rtol=1e-14, atol=1e-14)
     assert _terms(structured) == 1 and structured.n == plain.n
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 @pytest.mark.parametrize("group,attributes", [(2, {"pads": [1, 1, 1, 1]}), (3, {"strides": [2, 2]}), (4, {})])
@@ -156,7 +156,7 @@ def test_grouped_conv_is_a_term_per_group(group, attributes):
     assert len(terms) == group and not structured.structure.A.remainder.nnz
     size, first = terms[0].rows.stop - terms[0].rows.start, min(term.rows.start for term in terms)
     assert sorted(term.rows.start for term in terms) == [first + g * size for g in range(group)]
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_depthwise_conv_stays_csr():
@@ -165,7 +165,7 @@ def test_depthwise_conv_stays_csr():
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "W"], ["c"], group=32)]
     nodes.append(helper.make_node("Relu", ["c"], ["y"]))
     model = make_model(nodes, [float_value("x", ["N", 32, 24, 24])], [_output("y")], [_weight(rng, "W", [32, 1, 3, 3])])
-    compiled = assert_matches_onnxruntime(model)
+    compiled = assert_matches_onnxruntime(model, structure="kernels")
     assert not compiled.structure.A.terms
 
 
@@ -174,7 +174,7 @@ def test_small_conv_stays_csr():
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"]), helper.make_node("Relu", ["c"], ["y"])]
     model = make_model(nodes, [float_value("x", ["N", 1, 5, 5])], [_output("y")], [_weight(rng, "W", [2, 1, 3, 3])])
-    assert not ic.from_onnx(model).is_structured
+    assert not ic.from_onnx(model, structure="kernels").is_structured
 
 
 def _conv_net(rng) -> tuple[list, list]:
@@ -243,7 +243,7 @@ def test_identity_reading_the_convolution_source_reads_a_copy():
     assert structured.n == plain.n + 8 * 10 * 10 and structured.structure.A.remainder.nnz == 2 * 8 * 10 * 10
     X = np.random.default_rng(4).standard_normal((5, 3, 10, 10))
     np.testing.assert_allclose(structured.predict(X), plain.predict(X), rtol=1e-12, atol=1e-12)
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_two_convolutions_of_one_source_and_geometry_added_merge():
@@ -260,7 +260,7 @@ def test_two_convolutions_of_one_source_and_geometry_added_merge():
     model = make_model(nodes, [float_value("x", ["N", 4, 12, 12])], [_output("y")], weights)
     structured = _assert_auto_equals_csr(model)
     assert _terms(structured) == 1
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_two_convolutions_of_one_source_and_two_geometries_added():
@@ -280,7 +280,7 @@ def test_two_convolutions_of_one_source_and_two_geometries_added():
     assert structured.structure.B.remainder.nnz == 0 and structured.structure.A.remainder.nnz == 8 * 12 * 12
     X = np.random.default_rng(4).standard_normal((5, 4, 12, 12))
     np.testing.assert_allclose(structured.predict(X), plain.predict(X), rtol=1e-12, atol=1e-12)
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_gemm_reading_states_is_a_dense_term():
@@ -295,7 +295,7 @@ def test_gemm_reading_states_is_a_dense_term():
     model = make_model(nodes, [float_value("x", [1, 48])], [float_value("y", [1, 48])], weights)
     structured = _assert_auto_equals_csr(model)
     assert _terms(structured, Dense) == 2
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_conv_reading_a_non_selection_reads_an_identity_block():
@@ -315,7 +315,7 @@ def test_conv_reading_a_non_selection_reads_an_identity_block():
     identity = [block for block in structured.blocks if block.activation.name == "identity"]
     assert [block.size for block in identity] == [8 * 10 * 10]
     assert _terms(structured) == 2 and structured.structure.A.remainder.nnz == 0
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_conv_reading_a_padded_selection_reads_an_identity_block():
@@ -336,7 +336,7 @@ def test_conv_reading_a_padded_selection_reads_an_identity_block():
     assert _terms(structured) == 1
     X = np.random.default_rng(4).standard_normal((5, 3, 10, 10))
     np.testing.assert_allclose(structured.predict(X), plain.predict(X), rtol=1e-12, atol=1e-12)
-    assert_matches_onnxruntime(model)
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_pooling_reads_terms_through_an_identity_block():
@@ -349,7 +349,7 @@ def test_pooling_reads_terms_through_an_identity_block():
         helper.make_node("Relu", ["p"], ["y"]),
     ]
     model = make_model(nodes, [float_value("x", ["N", 3, 8, 8])], [_output("y")], [_weight(rng, "W", [6, 3, 3, 3])])
-    structured = assert_matches_onnxruntime(model)
+    structured = assert_matches_onnxruntime(model, structure="kernels")
     assert structured.is_structured and structured.blocks[0].activation.name == "identity"
 
 
@@ -360,6 +360,18 @@ def test_structure_argument_is_checked():
     for wrong in ("dense", None, 1):
         with pytest.raises(ic.ArgumentTypeError, match="structure="):
             ic.from_onnx(model, structure=wrong)
+
+
+def test_auto_keeps_kernels_from_the_size_where_they_pay():
+    """ "auto": CSR for LeNet-5 (0.43M non-zeros: its compiled CSR paths are faster), kernels
+    for ResNet20 (37M); "kernels" and "csr" whatever the size."""
+    from implicit_compiler.frontend.lower import AUTO_KERNEL_NONZEROS
+
+    lenet, resnet = ROOT / "zoo" / "lenet5.onnx", ROOT / "zoo" / "resnet20.onnx"
+    assert not ic.from_onnx(lenet).is_structured and ic.from_onnx(lenet).nnz < AUTO_KERNEL_NONZEROS
+    assert ic.from_onnx(lenet, structure="kernels").is_structured
+    assert ic.from_onnx(resnet, dtype=np.float32).is_structured
+    assert not ic.from_onnx(resnet, dtype=np.float32, structure="csr").is_structured
 
 
 # ----------------------------------------------------------------------------- zoo: bytes and memory
@@ -377,12 +389,12 @@ def test_resnet20_lowering_peaks_below_the_csr_path():
     """tracemalloc's peak while lowering ResNet20 (296 MB of CSR as float32)."""
     model = onnx.load(ROOT / "zoo" / "resnet20.onnx")
     peaks = {}
-    for structure in ("csr", "auto"):
+    for structure in ("csr", "kernels"):
         tracemalloc.start()
         ic.from_onnx(model, dtype=np.float32, structure=structure)
         peaks[structure] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-    assert peaks["auto"] * 10 < peaks["csr"], peaks
+    assert peaks["kernels"] * 10 < peaks["csr"], peaks
 
 
 # ----------------------------------------------------------------------------- the estimate
