@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import implicit_compiler as ic
 from implicit_compiler import model as model_module
+from implicit_compiler import structure as structure_module
 from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term, convolution_transposed, lift
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +188,18 @@ def test_structured_matrices_are_validated():
         ic.ImplicitModel(
             lifted.structure.A, infinite, *lifted._parts()[2:], None, None, lifted.blocks, lifted.inputs, lifted.outputs
         )
+
+
+def test_the_adjoint_by_gemm_equals_the_csr_transpose_in_chunks(rng, monkeypatch):
+    """rmatvec's convolution adjoint (one GEMM, then each tap's plane added at its window),
+    with the columns split into chunks of one or two: M^T Y of the CSR, for strides, pads and
+    dilations."""
+    monkeypatch.setattr(structure_module, "ADJOINT_CHUNK_BYTES", 1)
+    for name, model in models(rng):
+        for term in lift(model).structure.B.terms:
+            Y = rng.normal(size=(term.rows.stop - term.rows.start, 3))
+            expected = model.B[term.rows].T @ Y
+            got = structure_module.convolution_adjoint(term.op, Y)
+            np.testing.assert_allclose(
+                got[term.op.source], expected[term.op.source], rtol=1e-12, atol=1e-12, err_msg=name
+            )
