@@ -132,7 +132,7 @@ class StructuredMatrix:
         rectangles = []
         for term in self.terms:
             op, source = term.op, term.op.source
-            out_size, in_size = _term_shape(op)
+            out_size, in_size = term_shape(op)
             if not (0 <= term.rows.start <= term.rows.stop <= rows and 0 <= source.start <= source.stop <= columns):
                 raise ShapeError(f"a term writes rows {term.rows} reading columns {source}, outside {self.shape}")
             if (term.rows.stop - term.rows.start, source.stop - source.start) != (out_size, in_size):
@@ -219,7 +219,7 @@ class StructuredMatrix:
         counts = np.diff(self.remainder.indptr).astype(np.int64)
         for term in self.terms:
             pattern = replace(term.op, weight=(term.op.weight != 0).astype(np.float64))
-            counts[term.rows] += np.rint(pattern.apply(np.ones((_term_shape(term.op)[1], 1)))[:, 0]).astype(np.int64)
+            counts[term.rows] += np.rint(pattern.apply(np.ones((term_shape(term.op)[1], 1)))[:, 0]).astype(np.int64)
         return counts
 
     def row_chunks(self, entries: int) -> Iterator[tuple[slice, sp.csr_array]]:
@@ -290,7 +290,7 @@ def lift(model):
     return ImplicitModel(A, B, model.C, model.D, model.bias_x, model.bias_y, model.blocks, model.inputs, model.outputs)
 
 
-def _term_shape(op: Convolution | Dense) -> tuple[int, int]:
+def term_shape(op: Convolution | Dense) -> tuple[int, int]:
     """(rows written, columns read) of a term's operator."""
     if isinstance(op, Dense):
         return op.weight.shape
@@ -323,7 +323,7 @@ def _term_entries(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, columns, values) of the term's non-zeros in its rows first:last, the rows counted
     from ``first``."""
-    last = _term_shape(op)[0] if last is None else last
+    last = term_shape(op)[0] if last is None else last
     if isinstance(op, Dense):
         rows, columns = np.nonzero(op.weight[first:last])
         return rows, columns + op.source.start, op.weight[first:last][rows, columns]

@@ -334,14 +334,12 @@ def _least_tiles_batch(model: ImplicitModel) -> int:
 
 
 def _term_work(model: ImplicitModel) -> int:
-    """Multiply-accumulates per sample in the terms of A and B (a convolution's kernel times its
-    output pixels, a dense weight once)."""
-    work = 0
-    for matrix in (model.structure.A, model.structure.B):
-        for term in matrix.terms:
-            shape = getattr(term.op, "out_shape", (1, 1, 1))
-            work += term.op.weight.size * shape[1] * shape[2]
-    return work
+    """Multiply-accumulates per sample in the terms of A and B (kept on the model: read on
+    every predict)."""
+    if "term_work" not in model._cache:
+        structure = model.structure
+        model._cache["term_work"] = sum(term_entries(term.op) for M in (structure.A, structure.B) for term in M.terms)
+    return model._cache["term_work"]
 
 
 def _tiles_pay(program: Program | _Work) -> bool:

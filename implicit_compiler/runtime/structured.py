@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..activations import Activation
-from ..structure import Convolution, Dense, _reach
+from ..structure import Convolution, Dense, _reach, term_shape
 from . import kernels
 
 # A sub-matrix becomes a structured term only past this many non-zeros (smaller ones cost more
@@ -197,7 +197,7 @@ def piece(op: Convolution | Dense, first: int, last: int, at: int, size: int) ->
 
 def term_rows(op: Convolution | Dense) -> int:
     """Rows of op's output."""
-    return op.weight.shape[0] if isinstance(op, Dense) else int(np.prod(op.out_shape))
+    return term_shape(op)[0]
 
 
 def rows_in_block(term: Convolution | Dense | Part) -> slice:
