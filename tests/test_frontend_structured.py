@@ -1,7 +1,7 @@
 """The frontend's structured terms (issue 20, steps 6 and 7): Conv and Gemm kept as kernels.
 
 Each model is compiled twice: ``structure="kernels"`` (convolution and dense terms; the
-default "auto" takes them from 5M non-zeros on) and ``structure="csr"`` (every matrix built as
+default "auto" takes them from 50M non-zeros on) and ``structure="csr"`` (every matrix built as
 CSR, as before the terms). The materialized "kernels" model must equal the "csr" one bitwise
 (the kernels are the same float64 products, rounded once), wherever the structured lowering did
 not add an identity block; where it did (a convolution reading a value that is not a selection
@@ -363,15 +363,18 @@ def test_structure_argument_is_checked():
 
 
 def test_auto_keeps_kernels_from_the_size_where_they_pay():
-    """ "auto": CSR for LeNet-5 (0.43M non-zeros: its compiled CSR paths are faster), kernels
-    for ResNet20 (37M); "kernels" and "csr" whatever the size."""
+    """ "auto": CSR for LeNet-5 and ResNet20 (0.43M and 37M non-zeros: their compiled CSR paths
+    are faster), kernels for ResNet-18 at 64 x 64 (113M); "kernels" and "csr" whatever the size."""
+    from implicit_compiler.bench_models import resnet
     from implicit_compiler.frontend.lower import AUTO_KERNEL_NONZEROS
 
-    lenet, resnet = ROOT / "zoo" / "lenet5.onnx", ROOT / "zoo" / "resnet20.onnx"
+    lenet, resnet20 = ROOT / "zoo" / "lenet5.onnx", ROOT / "zoo" / "resnet20.onnx"
     assert not ic.from_onnx(lenet).is_structured and ic.from_onnx(lenet).nnz < AUTO_KERNEL_NONZEROS
     assert ic.from_onnx(lenet, structure="kernels").is_structured
-    assert ic.from_onnx(resnet, dtype=np.float32).is_structured
-    assert not ic.from_onnx(resnet, dtype=np.float32, structure="csr").is_structured
+    small = ic.from_onnx(resnet20, dtype=np.float32)
+    assert not small.is_structured and small.nnz < AUTO_KERNEL_NONZEROS
+    assert ic.from_onnx(resnet(18, 64, classes=10), dtype=np.float32).is_structured
+    assert not ic.from_onnx(resnet(18, 32, classes=10), dtype=np.float32, structure="csr").is_structured
 
 
 # ----------------------------------------------------------------------------- zoo: bytes and memory

@@ -40,9 +40,12 @@ from .registry import REGISTRY, STRUCTURED_OPS, Lowering, find_lowering
 NEVER_FOLD: frozenset[str] = frozenset()
 # Nodes listed in the error refusing a model before lowering; the rest are counted.
 MAX_LISTED = 20
-# structure="auto" keeps kernels from this many non-zeros of the CSR form on (about 60 MB as
-# float64 CSR; ResNet20 has 37M, LeNet-5 0.43M): below it the CSR's compiled paths are faster.
-AUTO_KERNEL_NONZEROS = 5_000_000
+# structure="auto" keeps kernels from this many non-zeros of the CSR form on (about 0.6 GB as
+# float64 CSR; ResNet-18 at 64 x 64 has 113M): below it the CSR's compiled paths are faster.
+# Ours / onnxruntime, float32, quiet, same runs: ResNet20 (37M) at batch 32 0.52-0.57 as CSR
+# (row groups) against 0.45-0.46 as kernels (tiles); the LeNet-5 feedback loop (0.43M) 0.20 /
+# 0.73 ms at batch 1 / 16 as CSR against 0.39 / 1.31 ms as kernels.
+AUTO_KERNEL_NONZEROS = 50_000_000
 # Ops out of scope on values computed from the model input, and why (``_check_in_scope``).
 _DATA_DEPENDENT_SHAPE = (
     "its output shape depends on the input's values (a data-dependent shape), and an implicit model's shapes are "
@@ -93,10 +96,9 @@ def from_onnx(
             CSR, as before structured terms (the materialized "kernels" model equals it wherever
             no identity block was added: see docs/design/issue20.md). "auto" (default):
             "kernels" for a model whose CSR would hold ``AUTO_KERNEL_NONZEROS`` non-zeros or
-            more (the up-front estimate), else "csr", whose compiled paths are faster on small
-            models (the LeNet-5 feedback loop: 0.20 / 0.73 ms at batch 1 / 16 against 0.39 / 1.31
-            ms as kernels; ResNet20, 37M non-zeros, runs as fast either way and is 4 MB instead
-            of 299 MB as kernels).
+            more (the up-front estimate), else "csr", whose compiled paths are faster on smaller
+            models (ResNet20, LeNet-5: see ``AUTO_KERNEL_NONZEROS``; as kernels ResNet20 is 4 MB
+            instead of 299 MB).
 
     Raises:
         UnsupportedOpError, UnsupportedAttributeError: an op or attribute without lowering.
