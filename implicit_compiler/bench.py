@@ -158,6 +158,7 @@ class MachineInfo:
     python: str
     versions: tuple[tuple[str, str], ...]  # (package, version), "not installed" where absent
     threads: tuple[tuple[str, str], ...]  # thread settings: engines and environment variables
+    blas: str  # the BLAS numpy runs, its kernels, and the variables that choose them
     git: str  # commit (+ "dirty" and the changed paths' count), or "unknown"
     load_average_start: tuple[float, float, float] | None  # os.getloadavg() before the benchmark (1, 5, 15 min)
     load_average_end: tuple[float, float, float] | None  # ... and after it (includes the benchmark itself)
@@ -371,6 +372,7 @@ def _machine_lines(machine: MachineInfo) -> list[str]:
         f"platform: {machine.platform}; Python {machine.python}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in machine.versions),
         "threads: " + ", ".join(f"{k}={v}" for k, v in machine.threads),
+        f"BLAS: {machine.blas}",
         f"git: {machine.git}",
         f"load average (1, 5, 15 min): {_load(machine.load_average_start)} before, "
         f"{_load(machine.load_average_end)} after (the latter includes this benchmark)",
@@ -518,6 +520,23 @@ def _load_average() -> tuple[float, float, float] | None:
         return None
 
 
+def _blas() -> str:
+    """numpy's BLAS and the kernels it picked (threadpoolctl), with OPENBLAS_CORETYPE and
+    OPENBLAS_L2_SIZE: a machine may set them to older kernels (Haswell's here, half the speed of
+    the SkylakeX kernels OpenBLAS picks by itself on the convolutions' GEMMs)."""
+    variables = ", ".join(f"{var}={os.environ.get(var, 'unset')}" for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"))
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return f"unknown (threadpoolctl not installed); {variables}"
+    found = [info for info in threadpool_info() if info.get("user_api") == "blas"]
+    described = "; ".join(
+        f"{info.get('internal_api')} {info.get('version')}, {info.get('architecture', 'unknown')} kernels"
+        for info in found
+    )
+    return f"{described or 'none loaded'}; {variables}"
+
+
 def machine_info(
     ort_threads: int,
     torch_module: Any | None,
@@ -553,6 +572,7 @@ def machine_info(
         python=platform.python_version(),
         versions=tuple(versions),
         threads=tuple(threads),
+        blas=_blas(),
         git=_git_state(),
         load_average_start=load_average_start,
         load_average_end=_load_average(),

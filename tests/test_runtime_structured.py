@@ -289,3 +289,30 @@ def test_structured_models_run_without_the_compiled_kernels(monkeypatch, no_mate
             solution = model.solve(u, tol=1e-12)
             np.testing.assert_allclose(solution.y, expected.y, rtol=0, atol=1e-9 * np.abs(expected.y).max())
         assert_never_materialized(model)
+
+
+@pytest.mark.parametrize(
+    "spec", ["identity", "relu", "leaky_relu(0.1)", "tanh", "sigmoid", "gelu", "elu", "softplus", "hard_swish"]
+)
+@pytest.mark.parametrize("per_sample_bias", [False, True], ids=["bias", "bias-per-sample"])
+def test_a_block_is_finished_in_one_pass_as_numpy_computes_it(spec, per_sample_bias):
+    """kernels.finish_rows (threads and one thread): Z = phi(Z + bias + R V[sources]), against
+    numpy's sum and the activation's numpy formula; a NaN stays NaN (relu's included), and rows
+    of the remainder read rows of V anywhere."""
+    rng = np.random.default_rng(10)
+    rows, batch = 40, 7
+    values = rng.normal(size=(100, batch))
+    remainder = sp.random_array((rows, 30), density=0.2, format="csr", rng=rng)
+    columns = np.sort(rng.choice(100, size=30, replace=False))
+    bias = rng.normal(size=(rows, batch if per_sample_bias else 1))
+    Z = rng.normal(size=(rows, batch)) * 3
+    Z[3, 2] = np.nan
+    phi = ic.activation(spec)
+    expected = phi(Z + bias + remainder @ values[columns])
+    assert np.isnan(expected[3, 2])
+    indptr, sources = remainder.indptr, columns[remainder.indices]
+    alpha, beta = phi.alpha or 0.0, phi.beta or 0.0
+    for finish in (kernels.finish_rows, kernels.finish_rows_serial):
+        got = Z.copy()
+        finish(got, bias, indptr, sources, remainder.data, values, kernels.ACTIVATION_CODES[phi.name], alpha, beta)
+        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13, equal_nan=True)

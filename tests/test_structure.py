@@ -203,3 +203,33 @@ def test_the_adjoint_by_gemm_equals_the_csr_transpose_in_chunks(rng, monkeypatch
             np.testing.assert_allclose(
                 got[term.op.source], expected[term.op.source], rtol=1e-12, atol=1e-12, err_msg=name
             )
+
+
+@pytest.mark.parametrize("batch", [1, 9])
+def test_a_convolution_applies_as_its_csr_at_every_batch(batch):
+    """Convolution.apply, by the padded image's strided view (a few samples) or by the compiled
+    im2col (from COMPILED_IM2COL_BATCH samples on, into a buffer kept between calls), over random
+    geometries (strides, dilations, pads past the kernel's reach, outputs cut short): the
+    product of the term's CSR, whose entries come from the geometry alone."""
+    assert (batch >= structure_module.COMPILED_IM2COL_BATCH) == (batch == 9)
+    rng = np.random.default_rng(21)
+    checked = 0
+    while checked < 60:
+        C, H, W, Co = (int(v) for v in rng.integers(1, 7, 4))
+        kh, kw, sh, sw, dh, dw = (int(v) for v in rng.integers(1, 4, 6))
+        ph, pw = (int(v) for v in rng.integers(0, 5, 2))
+        full_h, full_w = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        if full_h < 1 or full_w < 1:
+            continue
+        Ho, Wo = int(rng.integers(1, full_h + 1)), int(rng.integers(1, full_w + 1))
+        weight = rng.normal(size=(Co, C * kh * kw))
+        op = Convolution(slice(0, C * H * W), (C, H, W), (Co, Ho, Wo), (kh, kw), (sh, sw), (dh, dw), (ph, pw), weight)
+        rows, columns = Co * Ho * Wo, C * H * W
+        matrix = StructuredMatrix((rows, columns), (Term(slice(0, rows), op),), sp.csr_array((rows, columns)))
+        X = rng.normal(size=(columns, batch))
+        expected = matrix.to_csr() @ X
+        np.testing.assert_allclose(op.apply(X), expected, rtol=1e-12, atol=1e-12)
+        out = np.full((rows, batch), np.nan)
+        op.apply(X, out=out)
+        np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+        checked += 1
