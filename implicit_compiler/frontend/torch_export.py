@@ -60,7 +60,8 @@ def from_torch(
             (the TorchScript exporter, ``dynamo=False``).
         batch_axis: the axis of every input left dynamic in the export, so that the model takes
             any batch size (1 for a sequence-first RNN's (seq, batch, features)); None exports
-            the example's shapes as they are (then see from_onnx's batch convention).
+            the example's shapes as they are (then see from_onnx's batch convention). ``predict``
+            takes the batch on the leading axis whichever axis it is here.
         input_names, output_names: names of the model's inputs and outputs (default: the
             names of ``forward``'s arguments; "output", or "output_0", "output_1", ... for a
             tuple of outputs), the keys of ``predict``'s dicts.
@@ -207,7 +208,7 @@ def _exported(
 ) -> onnx.ModelProto:
     """The module exported in eval mode, as a ModelProto; any failure is a TorchExportError."""
     batched = [batch_axis is not None and t.dim() > batch_axis for t in inputs]
-    with _eval_mode(module), _quiet_export(), tempfile.TemporaryDirectory(prefix="implicit_compiler_") as scratch:
+    with _eval_mode(module), _quiet_export(torch), tempfile.TemporaryDirectory(prefix="implicit_compiler_") as scratch:
         try:
             if output_names is None:
                 output_names = _default_output_names(torch, module, inputs)
@@ -263,23 +264,29 @@ def _eval_mode(module: Any):
 
 
 @contextlib.contextmanager
-def _quiet_export():
-    """Without the exporters' notes that say nothing about the compiled model: the legacy
-    exporter's deprecation, torch's internal FutureWarnings, "torchvision is not installed", the
-    dynamo exporter's note that an RNN's ``_flat_weights`` "were assigned during export" (they
-    end up as initializers), and the legacy exporter's warning that an RNN exported at a batch
-    size other than 1 may fail at another (its initial states are computed from the dynamic
-    batch axis; the model is lowered per sample anyway, and the tests predict other batches)."""
+def _quiet_export(torch: Any):
+    """Without the exporters' notes that say nothing about the compiled model, all from torch's
+    own code: the legacy exporter's deprecation notes, its TracerWarnings on torch's shape checks
+    (those on the module's own code are kept: a Python branch on the input's values is traced as
+    a constant), its warning that an RNN exported at a batch size other than 1 may fail at
+    another (its initial states are computed from the dynamic batch axis; the model is lowered
+    per sample anyway, and the tests predict other batches); torch's internal FutureWarnings,
+    "torchvision is not installed", the dynamo exporter's notes that an RNN's ``_flat_weights``
+    "were assigned during export" (they end up as initializers) and that two inputs' batch axes
+    share one name."""
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning, module=r"torch\.")
+            warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
             warnings.filterwarnings("ignore", message=".*_check_is_size will be removed.*", category=FutureWarning)
             warnings.filterwarnings("ignore", message=".*were assigned during export.*", category=UserWarning)
-            warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
+            warnings.filterwarnings("ignore", message=f".*axis name: {BATCH_NAME} will not be used.*")
             yield
     finally:
         onnx_logger.setLevel(level)
