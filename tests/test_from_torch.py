@@ -14,6 +14,7 @@ import contextlib
 import copy
 import os
 import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -358,6 +359,12 @@ def test_missing_onnxscript_names_the_extra_and_the_legacy_exporter(monkeypatch,
     with empty_folders(tmp_path):  # the legacy exporter does without it
         model = ic.from_torch(nn.Linear(3, 2), torch.randn(2, 3), exporter="legacy")
     assert model.q == 2
+
+
+def test_the_attribute_loads_without_importing_torch():
+    code = "import sys, implicit_compiler as ic; ic.from_torch; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
 
 
 def test_the_torch_extra_is_pinned_and_brings_onnxscript():

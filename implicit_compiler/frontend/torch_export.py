@@ -52,7 +52,8 @@ def from_torch(
     Args:
         module: a ``torch.nn.Module``. An ``implicit_compiler.training.ImplicitModule`` is not
             exported: the model it holds is returned (``module.to_model()``, as
-            ``ImplicitModel.from_torch``; only the ``dtype`` option applies to it).
+            ``ImplicitModel.from_torch``), in ``dtype`` when given; example_inputs and the export
+            arguments are not used, and other from_onnx options are refused.
         example_inputs: a tensor, or a tuple of tensors (one per positional argument of
             ``forward``), that the module runs on; their dtype is the export's (``module.double()``
             with float64 inputs keeps float64 weights).
