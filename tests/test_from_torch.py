@@ -429,6 +429,13 @@ def test_an_implicit_module_is_converted_not_exported(mlp):
         ic.from_torch(module, structure="csr")
 
 
+def test_the_classmethod_points_other_torch_modules_to_from_torch():
+    with pytest.raises(
+        ImplicitCompilerError, match=r"got Linear; .*implicit_compiler\.from_torch\(module, example_inputs\)"
+    ):
+        ImplicitModel.from_torch(nn.Linear(3, 2))
+
+
 # ------------------------------------------------------------------------------------- README
 def test_readme_from_torch_example_runs_as_written(tmp_path):
     text = (ROOT / "README.md").read_text()
