@@ -17,6 +17,7 @@ from .errors import (
     ConvergenceError,
     GraphError,
     ImplicitCompilerError,
+    MissingDependencyError,
     ModelFileError,
     ModelTooLargeError,
     NonFiniteError,
@@ -27,6 +28,7 @@ from .errors import (
     PathPermissionError,
     ShapeError,
     ToleranceError,
+    TorchExportError,
     UnsupportedAttributeError,
     UnsupportedOpError,
 )
@@ -41,6 +43,10 @@ def __getattr__(name: str):
         from . import frontend
 
         return getattr(frontend, name)
+    if name == "from_torch":  # torch itself is imported on the first call
+        from .frontend.torch_export import from_torch
+
+        return from_torch
     raise AttributeError(f"module 'implicit_compiler' has no attribute {name!r}")
 
 
@@ -53,6 +59,7 @@ __all__ = [
     "GraphError",
     "ImplicitCompilerError",
     "ImplicitModel",
+    "MissingDependencyError",
     "ModelFileError",
     "ModelTooLargeError",
     "NonFiniteError",
@@ -66,6 +73,7 @@ __all__ = [
     "StateBlock",
     "TensorSpec",
     "ToleranceError",
+    "TorchExportError",
     "UnsupportedAttributeError",
     "UnsupportedOpError",
     "VerifyReport",
@@ -77,6 +85,7 @@ __all__ = [
     "multiply",
     "parallel",
     "from_onnx",
+    "from_torch",
     "load",
     "supported_ops_table",
     "verify",

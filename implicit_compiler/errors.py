@@ -85,6 +85,16 @@ class PathPermissionError(ImplicitCompilerError, PermissionError):
     """A file cannot be written where asked: the folder does not let us create files."""
 
 
+class MissingDependencyError(ImplicitCompilerError, ImportError):
+    """An optional package a function needs (torch, onnxscript) is not installed; the message names
+    the extra to install."""
+
+
+class TorchExportError(ImplicitCompilerError, RuntimeError):
+    """torch.onnx.export failed on a module (before any lowering); the exporter's own error is
+    chained as ``__cause__``."""
+
+
 class ArgumentTypeError(ImplicitCompilerError, TypeError):
     """An argument is of a type (or names a dtype) the function does not take."""
 

@@ -195,11 +195,16 @@ class ImplicitModel:
 
     @classmethod
     def from_torch(cls, module: Any) -> ImplicitModel:
-        """The model an ``implicit_compiler.training.ImplicitModule`` holds now (needs torch)."""
+        """The model an ``implicit_compiler.training.ImplicitModule`` holds now (needs torch).
+        Any other torch module is compiled by ``implicit_compiler.from_torch(module, example_inputs)``
+        (which also takes an ImplicitModule, returning this)."""
         from .training.torch_bridge import ImplicitModule
 
         if not isinstance(module, ImplicitModule):
-            raise ShapeError(f"expected an implicit_compiler.training.ImplicitModule, got {type(module).__name__}")
+            raise ShapeError(
+                f"expected an implicit_compiler.training.ImplicitModule, got {type(module).__name__}; to compile "
+                "another torch module, export it with implicit_compiler.from_torch(module, example_inputs)"
+            )
         return module.to_model()
 
     def to_torch(self, **options: Any) -> Any:
