@@ -27,6 +27,8 @@ import implicit_compiler as ic
 from implicit_compiler import model as model_module
 from implicit_compiler.analysis import sensitivity
 from implicit_compiler.errors import ModelFileError, ModelTooLargeError
+from implicit_compiler.frontend import estimate
+from implicit_compiler.frontend.graph import prepare
 from implicit_compiler.structure import Convolution, StructuredMatrix, Term, TransposedConvolution
 from implicit_compiler.viz import spy_pattern
 
@@ -400,3 +402,18 @@ def test_bad_groups_in_a_file_are_refused(tmp_path, groups, message):
 
     with pytest.raises(ModelFileError, match=message):
         ic.load(_edited(saved, tmp_path / "edited.npz", edit))
+
+
+@pytest.mark.parametrize("op_type", ["ConvTranspose", "Conv"])
+def test_structured_estimate_counts_the_kernels_of_any_group_count(op_type):
+    """A ConvTranspose, or a depthwise Conv, reading the input adds its weights (its terms),
+    the states and outputs 1 each: the count the lowering stores."""
+    rng = np.random.default_rng(6)
+    shape = [8, 2, 4, 4] if op_type == "ConvTranspose" else [8, 1, 3, 3]
+    attributes = {"strides": [2, 2], "pads": [1, 1, 1, 1]} if op_type == "ConvTranspose" else {"group": 8}
+    nodes = [helper.make_node(op_type, ["x", "W"], ["c"], **attributes), helper.make_node("Relu", ["c"], ["y"])]
+    model = make_model(nodes, [float_value("x", [1, 8, 32, 32])], [_output("y")], [_weight(rng, "W", shape)])
+    compiled = ic.from_onnx(model, structure="kernels")
+    states = compiled.n
+    assert len(compiled.structure.B.terms) == 1 and compiled.structure.B.remainder.nnz == 0
+    assert estimate.estimate_nonzeros(prepare(model), structured=True) == np.prod(shape) + states + states
