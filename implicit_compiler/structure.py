@@ -4,14 +4,15 @@ Issue 20's representation (step 1 of docs/design/issue20.md): a matrix M (rows x
 
     M = R + sum_t  E_t op_t S_t
 
-with R a CSR remainder and each term t an operator ``op_t`` (``runtime.structured``'s
-``Convolution``, kernel and geometry, or ``Dense``) reading the columns ``op_t.source`` and
-writing the rows ``rows_t`` (E_t, S_t: the row and column selections). A convolution's term
-stores its kernel once, where its CSR stores it once per output pixel (LeNet-5's B: 117,600
-non-zeros from 150 weights).
+with R a CSR remainder and each term t an operator ``op_t`` (``Convolution``, kernel and
+geometry, grouped or not; ``TransposedConvolution``, the adjoint of a convolution, as ONNX's
+ConvTranspose; or ``Dense``) reading the columns ``op_t.source`` and writing the rows
+``rows_t`` (E_t, S_t: the row and column selections). A convolution's term stores its kernel
+once, where its CSR stores it once per output pixel (LeNet-5's B: 117,600 non-zeros from 150
+weights).
 
 ``StructuredMatrix`` does what the runtime and the analysis need without materializing:
-``matvec`` (M X), ``rmatvec`` (M^T Y, a transposed convolution per term), ``abs`` (|M|: the same
+``matvec`` (M X), ``rmatvec`` (M^T Y: each operator's ``apply_adjoint``), ``abs`` (|M|: the same
 geometry with |K|, as the terms never overlap the remainder or each other), ``nnz`` (from the
 geometry: the in-bounds (output pixel, kernel entry) pairs with a non-zero entry; ``row_nnz``
 per row), and ``to_csr`` (exact: the same entries the CSR holds, summed once; of some rows, or
@@ -488,7 +489,8 @@ def convolution_adjoint(convolution: Convolution, Y: np.ndarray, out: np.ndarray
 
 
 def convolution_transposed(convolution: Convolution, T: np.ndarray, segment: int) -> np.ndarray:
-    """M^T @ T for M the convolution (Co Ho Wo, C H W): T (Co Ho Wo, r) -> (C H W, r), by
+    """M^T @ T for M the convolution (Co Ho Wo, C H W), ungrouped (``runtime.structured``'s
+    ``find_convolution`` finds no other): T (Co Ho Wo, r) -> (C H W, r), by
     ``_add_windows`` in blocks of about ``ROW_BLOCK`` columns, whole segments of ``segment``
     columns (one sample's rows) each: a segment that is zero at a position (an inactive relu, a
     pooling window's element not selected) is skipped there. LeNet-5's products in CROWN
