@@ -209,13 +209,15 @@ def test_dcgan_generator_runs_from_its_kernels(tmp_path, monkeypatch):
     """The generator compiled with kernels: four transposed convolutions, no CSR rows in A, the
     predictions against onnxruntime and onnx.reference; then, with materializing refused, a
     prediction, a save / load round trip (bitwise), the spy image and the sensitivity equal
-    those of the CSR model."""
+    those of the CSR model (predict and solve in float64, a batch of 20 in float32)."""
     model = _generator()
     structured = assert_matches_onnxruntime(model, structure="kernels", batch=2)
     plain = ic.from_onnx(model, structure="csr")
     assert len(_ops(structured, TransposedConvolution)) == 4 and structured.structure.A.remainder.nnz == 0
     u = np.random.default_rng(2).standard_normal((2, 16))
-    expected = plain.predict(u)
+    expected, expected_x = plain.predict(u), plain.solve(u).x
+    many = np.random.default_rng(3).standard_normal((20, 16)).astype(np.float32)  # (the batches tiles would take)
+    expected_many = plain.astype(np.float32).predict(many)
     path = tmp_path / "generator.npz"
     spy = spy_pattern(plain, whole=True, resolution=300)
     small = ic.from_onnx(_conv_transpose_model(2, 2, {"strides": [2, 2]}), structure="kernels")
@@ -225,6 +227,10 @@ def test_dcgan_generator_runs_from_its_kernels(tmp_path, monkeypatch):
     with pytest.raises(ModelTooLargeError):
         structured.A  # noqa: B018 (the guard works)
     np.testing.assert_allclose(structured.predict(u), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(structured.solve(u).x, expected_x, rtol=1e-12, atol=1e-12)
+    got_many = structured.astype(np.float32).predict(many)
+    assert got_many.dtype == np.float32
+    np.testing.assert_allclose(got_many, expected_many, rtol=0, atol=2e-5 * np.abs(expected_many).max())
     structured.save(path)
     loaded = ic.load(path)
     for name in "ABCD":
@@ -279,6 +285,8 @@ def test_grouped_and_depthwise_conv_is_one_term_equal_to_the_csr_lowering(case):
     np.testing.assert_allclose(A.matvec(X), plain.A @ X, rtol=0, atol=1e-12 * np.abs(plain.A @ X).max())
     np.testing.assert_allclose(A.rmatvec(Y), plain.A.T @ Y, rtol=0, atol=1e-12 * np.abs(plain.A.T @ Y).max())
     np.testing.assert_array_equal(A.row_nnz(), np.diff(plain.A.indptr))
+    assert A.nnz == plain.A.nnz
+    _assert_same_csr(A.abs().to_csr(), abs(plain.A))
     np.testing.assert_array_equal(spy_pattern(structured, resolution=97), spy_pattern(plain, resolution=97))
 
 
