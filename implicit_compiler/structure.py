@@ -99,10 +99,11 @@ class TransposedConvolution:
     ConvTranspose), the adjoint of the convolution M (``adjoint``) from images (Co, Ho, Wo) to
     (C, H, W) with this kernel, stride, dilation, leading pads and groups. Entry
 
-        M^T[(co, ho, wo), (c, h, w)] = K[c, co - g Co / groups, i, j]   for h = s_h ho + d_h i - p_h,
-                                                                         w = s_w wo + d_w j - p_w
+        M^T[(co, ho, wo), (c, h, w)] = K[c, co - g Co / groups, i, j]   for ho = s_h h + d_h i - p_h,
+                                                                         wo = s_w w + d_w j - p_w
 
-    (g = c // (C / groups)): ConvTranspose's W (C, Co / groups, kh, kw) is M's weight as it is."""
+    (g = c // (C / groups)): input pixel (h, w) scatters into the output pixels its kernel
+    reaches, and ConvTranspose's W (C, Co / groups, kh, kw) is M's weight as it is."""
 
     source: slice
     in_shape: tuple[int, int, int]  # (C, H, W): what it reads, M's output
