@@ -6,9 +6,10 @@ the biases, and ``metadata``: UTF-8 JSON with a format tag, the format version, 
 shapes, the blocks and the input/output specs. That is format 1, which plain (CSR) models keep
 writing. A structured model (``model.is_structured``, issue 20) writes format 2: ``M_data``,
 ``M_indices``, ``M_indptr`` hold M's remainder, each term i of M its weight as ``M_term{i}``,
-and the metadata's ``terms`` lists, per matrix, each term's kind and geometry ("convolution":
-rows, source, in_shape, out_shape, kernel, stride, dilation, pads; "dense": rows, source; rows
-and source as [start, stop]). Neither saving nor loading materializes the matrices: ResNet20
+and the metadata's ``terms`` lists, per matrix, each term's kind and geometry ("convolution"
+and "transposed_convolution": rows, source, in_shape, out_shape, kernel, stride, dilation,
+pads, and groups when not 1 (absent in older files: 1); "dense": rows, source; rows and source
+as [start, stop]). Neither saving nor loading materializes the matrices: ResNet20
 lifted is a few MB against about 300 MB as CSR. Loading checks every part and refuses a damaged
 file with a ``ModelFileError`` naming the file and what is wrong.
 
@@ -46,12 +47,12 @@ from .errors import (
     PathPermissionError,
 )
 from .model import FLOAT_DTYPES, ImplicitModel, StateBlock, TensorSpec
-from .structure import Convolution, Dense, StructuredMatrix, Term
+from .structure import Convolution, Dense, StructuredMatrix, Term, TransposedConvolution
 
 FORMAT_TAG = "implicit_compiler.ImplicitModel"
 FORMAT_VERSION = 2  # the newest format this module reads; plain models still write PLAIN_FORMAT
 PLAIN_FORMAT, STRUCTURED_FORMAT = 1, 2
-TERM_KINDS = {"convolution": Convolution, "dense": Dense}
+TERM_KINDS = {"convolution": Convolution, "transposed_convolution": TransposedConvolution, "dense": Dense}
 GEOMETRY = {"in_shape": 3, "out_shape": 3, "kernel": 2, "stride": 2, "dilation": 2, "pads": 2}  # name: length
 GEOMETRY_LIMIT = 2**31  # no model dimension or geometry integer is this large
 MATRICES = ("A", "B", "C", "D")
@@ -96,12 +97,14 @@ def _term_metadata(term: Term) -> dict[str, Any]:
     """A term's kind and geometry as JSON (its weight is stored as an array)."""
     op = term.op
     entry: dict[str, Any] = {
-        "kind": "convolution" if isinstance(op, Convolution) else "dense",
+        "kind": next(kind for kind, op_type in TERM_KINDS.items() if isinstance(op, op_type)),
         "rows": [int(term.rows.start), int(term.rows.stop)],
         "source": [int(op.source.start), int(op.source.stop)],
     }
-    if isinstance(op, Convolution):
+    if not isinstance(op, Dense):
         entry.update({key: [int(value) for value in getattr(op, key)] for key in GEOMETRY})
+        if op.groups != 1:  # (files without it: one group)
+            entry["groups"] = int(op.groups)
     return entry
 
 
@@ -373,15 +376,26 @@ def _term(entry: Any, weight: np.ndarray, dtype: np.dtype, where: str) -> Term:
     if kind == "dense":
         return Term(rows, Dense(source, weight))
     geometry = {key: _integers(entry, key, length, where) for key, length in GEOMETRY.items()}
-    _check_convolution(geometry, weight.shape, rows, source, where)
-    return Term(rows, Convolution(source=source, weight=weight, **geometry))
+    groups = entry.get("groups", 1)  # (older files: none, one group)
+    if not isinstance(groups, int) or isinstance(groups, bool) or abs(groups) >= GEOMETRY_LIMIT:
+        raise ModelFileError(f"{where}: groups must be an integer, got {groups!r:.200}")
+    transposed = kind == "transposed_convolution"
+    _check_convolution(geometry, groups, weight.shape, rows, source, transposed, where)
+    return Term(rows, TERM_KINDS[kind](source=source, weight=weight, groups=groups, **geometry))
 
 
 def _check_convolution(
-    geometry: dict[str, tuple[int, ...]], weight_shape: tuple[int, ...], rows: slice, source: slice, where: str
+    geometry: dict[str, tuple[int, ...]],
+    groups: int,
+    weight_shape: tuple[int, ...],
+    rows: slice,
+    source: slice,
+    transposed: bool,
+    where: str,
 ) -> None:
-    """Sizes at least 1 (pads at least 0), images as large as the rows and source, and a weight
-    (Co, C kh kw) as the geometry says."""
+    """Sizes at least 1 (pads at least 0), images as large as the rows and source, groups
+    dividing both channel counts, and a weight as the geometry says: (Co, C / groups kh kw) for
+    a convolution, (C, Co / groups kh kw) for a transposed one (C in, Co out channels)."""
     for key, values in geometry.items():
         if any(value < (0 if key == "pads" else 1) for value in values):
             raise ModelFileError(f"{where}: {key} {list(values)} must be {'>= 0' if key == 'pads' else '>= 1'}")
@@ -392,10 +406,15 @@ def _check_convolution(
                 f"[{span.start}, {span.stop}] spans {span.stop - span.start}"
             )
     (C, _, _), (Co, _, _), (kh, kw) = geometry["in_shape"], geometry["out_shape"], geometry["kernel"]
-    if tuple(weight_shape) != (Co, C * kh * kw):
+    if groups < 1 or C % groups or Co % groups:
         raise ModelFileError(
-            f"{where}: its weight has shape {tuple(weight_shape)}, but the geometry (out channels {Co}, in channels "
-            f"{C}, kernel {kh}x{kw}) needs ({Co}, {C * kh * kw})"
+            f"{where}: groups {groups} must be >= 1 and divide the in channels {C} and the out channels {Co}"
+        )
+    expected = (C, Co // groups * kh * kw) if transposed else (Co, C // groups * kh * kw)
+    if tuple(weight_shape) != expected:
+        raise ModelFileError(
+            f"{where}: its weight has shape {tuple(weight_shape)}, but the geometry (in channels {C}, out channels "
+            f"{Co}, {groups} group(s), kernel {kh}x{kw}) needs {expected}"
         )
 
 

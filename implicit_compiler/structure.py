@@ -4,14 +4,15 @@ Issue 20's representation (step 1 of docs/design/issue20.md): a matrix M (rows x
 
     M = R + sum_t  E_t op_t S_t
 
-with R a CSR remainder and each term t an operator ``op_t`` (``runtime.structured``'s
-``Convolution``, kernel and geometry, or ``Dense``) reading the columns ``op_t.source`` and
-writing the rows ``rows_t`` (E_t, S_t: the row and column selections). A convolution's term
-stores its kernel once, where its CSR stores it once per output pixel (LeNet-5's B: 117,600
-non-zeros from 150 weights).
+with R a CSR remainder and each term t an operator ``op_t`` (``Convolution``, kernel and
+geometry, grouped or not; ``TransposedConvolution``, the adjoint of a convolution, as ONNX's
+ConvTranspose; or ``Dense``) reading the columns ``op_t.source`` and writing the rows
+``rows_t`` (E_t, S_t: the row and column selections). A convolution's term stores its kernel
+once, where its CSR stores it once per output pixel (LeNet-5's B: 117,600 non-zeros from 150
+weights).
 
 ``StructuredMatrix`` does what the runtime and the analysis need without materializing:
-``matvec`` (M X), ``rmatvec`` (M^T Y, a transposed convolution per term), ``abs`` (|M|: the same
+``matvec`` (M X), ``rmatvec`` (M^T Y: each operator's ``apply_adjoint``), ``abs`` (|M|: the same
 geometry with |K|, as the terms never overlap the remainder or each other), ``nnz`` (from the
 geometry: the in-bounds (output pixel, kernel entry) pairs with a non-zero entry; ``row_nnz``
 per row), and ``to_csr`` (exact: the same entries the CSR holds, summed once; of some rows, or
@@ -39,7 +40,10 @@ COMPILED_IM2COL_BATCH = 8  # from this many samples on, im2col by the compiled k
 
 @dataclass(frozen=True)
 class Convolution:
-    """Y (Co, Ho, Wo) += conv(X (C, H, W)) with X = V[source] (V = [u; x], rows by batch)."""
+    """Y (Co, Ho, Wo) += conv(X (C, H, W)) with X = V[source] (V = [u; x], rows by batch).
+
+    With ``groups`` g, output channel co reads the input channels of its group only: group
+    co // (Co / g), channels of C / g each (g = C: depthwise)."""
 
     source: slice
     in_shape: tuple[int, int, int]
@@ -48,26 +52,29 @@ class Convolution:
     stride: tuple[int, int]
     dilation: tuple[int, int]
     pads: tuple[int, int]  # leading pads (top, left); trailing pads follow from the shapes
-    weight: np.ndarray  # (Co, C * kh * kw)
+    weight: np.ndarray  # (Co, C / groups * kh * kw)
+    groups: int = 1
 
     @property
     def columns_per_sample(self) -> int:
-        return self.weight.shape[1] * self.out_shape[1] * self.out_shape[2]
+        """Entries of im2col's columns per sample (C kh kw Ho Wo)."""
+        return self.in_shape[0] * self.kernel[0] * self.kernel[1] * self.out_shape[1] * self.out_shape[2]
 
     def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The convolution of source (C H W, batch) as (Co Ho Wo, batch), written into ``out``
         (a C-contiguous array of that shape) when given."""
         batch = source.shape[1]
-        (C, H, W), (Co, Ho, Wo) = self.in_shape, self.out_shape
+        (C, H, W), (_, Ho, Wo) = self.in_shape, self.out_shape
         X = np.ascontiguousarray(source).reshape(C, H, W, batch)  # C order: a faster im2col
         if (*self.kernel, *self.stride, *self.pads) == (1, 1, 1, 1, 0, 0) and (Ho, Wo) == (H, W):
             cols = X.reshape(C, H * W * batch)
         else:
-            cols = self._im2col(X).reshape(self.weight.shape[1], Ho * Wo * batch)
-        if out is not None:
-            np.matmul(self.weight, cols, out=out.reshape(Co, Ho * Wo * batch))
-            return out
-        return (self.weight @ cols).reshape(Co * Ho * Wo, batch)
+            cols = self._im2col(X).reshape(-1, Ho * Wo * batch)
+        return _grouped_product(self.weight, cols, self.groups, out, batch)
+
+    def apply_adjoint(self, Y: np.ndarray) -> np.ndarray:
+        """M^T Y for Y (Co Ho Wo, batch): ``convolution_adjoint``."""
+        return convolution_adjoint(self, Y)
 
     def _im2col(self, X: np.ndarray) -> np.ndarray:
         """cols (C, kh, kw, Ho, Wo, batch) of X (C, H, W, batch).
@@ -147,6 +154,59 @@ def _im2col_into(X, cols, geometry):
 
 
 @dataclass(frozen=True)
+class TransposedConvolution:
+    """Y (Co, Ho, Wo) += M^T X for X (C, H, W) = V[source]: a transposed convolution (ONNX
+    ConvTranspose), the adjoint of the convolution M (``adjoint``) from images (Co, Ho, Wo) to
+    (C, H, W) with this kernel, stride, dilation, leading pads and groups. Entry
+
+        M^T[(co, ho, wo), (c, h, w)] = K[c, co - g Co / groups, i, j]   for ho = s_h h + d_h i - p_h,
+                                                                         wo = s_w w + d_w j - p_w
+
+    (g = c // (C / groups)): input pixel (h, w) scatters into the output pixels its kernel
+    reaches, and ConvTranspose's W (C, Co / groups, kh, kw) is M's weight as it is."""
+
+    source: slice
+    in_shape: tuple[int, int, int]  # (C, H, W): what it reads, M's output
+    out_shape: tuple[int, int, int]  # (Co, Ho, Wo): what it writes, M's input
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pads: tuple[int, int]
+    weight: np.ndarray  # (C, Co / groups * kh * kw)
+    groups: int = 1
+
+    @property
+    def adjoint(self) -> Convolution:
+        """M, the convolution this is the transpose of (reading rows 0: Co Ho Wo of what it is
+        applied to)."""
+        return Convolution(
+            source=slice(0, math.prod(self.out_shape)),
+            in_shape=self.out_shape,
+            out_shape=self.in_shape,
+            kernel=self.kernel,
+            stride=self.stride,
+            dilation=self.dilation,
+            pads=self.pads,
+            weight=self.weight,
+            groups=self.groups,
+        )
+
+    @property
+    def columns_per_sample(self) -> int:
+        """Entries of the GEMM's columns per sample (Co kh kw H W, ``convolution_adjoint``)."""
+        return self.out_shape[0] * self.kernel[0] * self.kernel[1] * self.in_shape[1] * self.in_shape[2]
+
+    def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """M^T source for source (C H W, batch), as (Co Ho Wo, batch) in their dtype (float32
+        stays float32), written into ``out`` (C-contiguous) when given."""
+        return convolution_adjoint(self.adjoint, source, out)
+
+    def apply_adjoint(self, Y: np.ndarray) -> np.ndarray:
+        """M Y for Y (Co Ho Wo, batch): the forward convolution."""
+        return self.adjoint.apply(Y)
+
+
+@dataclass(frozen=True)
 class Dense:
     """Y += W V[source] for a sub-matrix that is mostly non-zero."""
 
@@ -158,6 +218,27 @@ class Dense:
     def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         return np.matmul(self.weight, source, out=out)
 
+    def apply_adjoint(self, Y: np.ndarray) -> np.ndarray:
+        return self.weight.T @ Y
+
+
+Operator = Convolution | TransposedConvolution | Dense
+
+
+def _grouped_product(weight: np.ndarray, cols: np.ndarray, groups: int, out: np.ndarray | None, batch: int):
+    """K cols for K (Co, C / g kh kw) and cols (C kh kw, N): one GEMM per group (np.matmul of
+    (g, Co / g, C / g kh kw) by (g, C / g kh kw, N): group g's output channels from its rows
+    of cols), as (Co N / batch, batch), into ``out`` (C-contiguous) when given."""
+    Co, columns = weight.shape[0], cols.shape[1]
+    if out is None:
+        out = np.empty((Co * columns // batch, batch), dtype=np.result_type(weight, cols))
+    np.matmul(
+        weight.reshape(groups, Co // groups, -1),
+        cols.reshape(groups, -1, columns),
+        out=out.reshape(groups, Co // groups, columns),
+    )
+    return out
+
 
 def _reach(size_out: int, size_in: int, stride: int, dilation: int, pad: int, kernel: int) -> np.ndarray:
     """For each kernel index, how many output positions read an in-bounds input."""
@@ -168,10 +249,11 @@ def _reach(size_out: int, size_in: int, stride: int, dilation: int, pad: int, ke
 
 @dataclass(frozen=True)
 class Term:
-    """op (a ``Convolution`` or ``Dense`` reading the columns op.source) writing ``rows``."""
+    """op (a ``Convolution``, ``TransposedConvolution`` or ``Dense`` reading the columns
+    op.source) writing ``rows``."""
 
     rows: slice
-    op: Convolution | Dense
+    op: Operator
 
 
 @dataclass(frozen=True, eq=False)
@@ -263,11 +345,7 @@ class StructuredMatrix:
         """M^T Y for Y (rows, batch): (columns, batch)."""
         result = np.asarray(self.remainder.T @ Y, dtype=np.result_type(Y, self.remainder.dtype))
         for term in self.terms:
-            op, part = term.op, Y[term.rows]
-            if isinstance(op, Dense):
-                result[op.source] += op.weight.T @ part
-            else:
-                result[op.source] += convolution_adjoint(op, part)
+            result[term.op.source] += term.op.apply_adjoint(Y[term.rows])
         return result
 
     def abs(self) -> StructuredMatrix:
@@ -351,7 +429,7 @@ def lift(model):
     return ImplicitModel(A, B, model.C, model.D, model.bias_x, model.bias_y, model.blocks, model.inputs, model.outputs)
 
 
-def term_shape(op: Convolution | Dense) -> tuple[int, int]:
+def term_shape(op: Operator) -> tuple[int, int]:
     """(rows written, columns read) of a term's operator."""
     if isinstance(op, Dense):
         return op.weight.shape
@@ -379,56 +457,70 @@ def _without_terms(matrix: sp.csr_array, terms: list[Term]) -> sp.csr_array:
     return matrix
 
 
-def _term_entries(
-    op: Convolution | Dense, first: int = 0, last: int | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _term_entries(op: Operator, first: int = 0, last: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(rows, columns, values) of the term's non-zeros in its rows first:last, the rows counted
     from ``first``."""
     last = term_shape(op)[0] if last is None else last
     if isinstance(op, Dense):
         rows, columns = np.nonzero(op.weight[first:last])
         return rows, columns + op.source.start, op.weight[first:last][rows, columns]
-    plane = op.out_shape[1] * op.out_shape[2]  # rows per output channel
-    channels = slice(first // plane, -(-last // plane))
-    part = replace(op, weight=op.weight[channels], out_shape=(channels.stop - channels.start, *op.out_shape[1:]))
-    rows, columns, values = _channel_entries(part)
-    inside = (rows >= first - channels.start * plane) & (rows < last - channels.start * plane)
-    return rows[inside] + channels.start * plane - first, columns[inside], values[inside]
+    if isinstance(op, TransposedConvolution):  # M^T's entries: M's, transposed
+        columns, rows, values = _convolution_entries(op.adjoint, slice(0, term_shape(op)[1]), slice(first, last))
+    else:
+        rows, columns, values = _convolution_entries(op, slice(first, last), slice(0, term_shape(op)[1]))
+    return rows - first, columns + op.source.start, values
 
 
-def _channel_entries(op: Convolution) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, columns, values) of a convolution's non-zeros."""
-    (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
-    kh, kw = op.kernel
-    weight = op.weight.reshape(Co, C, kh, kw)
+def _taps(op: Convolution) -> tuple[np.ndarray, ...]:
+    """(co, c, i, j, K[co, c, i, j]) of a convolution's non-zero kernel entries, c counted over
+    all input channels (its group's)."""
+    (C, _, _), (Co, _, _) = op.in_shape, op.out_shape
+    weight = op.weight.reshape(Co, C // op.groups, *op.kernel)
     co, c, i, j = np.nonzero(weight)
-    ho, wo = np.arange(Ho), np.arange(Wo)
-    h = op.stride[0] * ho[:, None] + op.dilation[0] * i[None, :] - op.pads[0]  # (Ho, taps)
-    w = op.stride[1] * wo[:, None] + op.dilation[1] * j[None, :] - op.pads[1]  # (Wo, taps)
+    return co, c + co // (Co // op.groups) * (C // op.groups), i, j, weight[co, c, i, j]
+
+
+def _convolution_entries(op: Convolution, rows: slice, columns: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, values) of a convolution's non-zeros inside rows x columns (counted from
+    0, not from op.source), expanded from the taps of the channels those reach only."""
+    (_, H, W), (_, Ho, Wo) = op.in_shape, op.out_shape
+    co, c, i, j, values = _taps(op)
+    wanted = (co >= rows.start // (Ho * Wo)) & (co * Ho * Wo < rows.stop)
+    wanted &= (c >= columns.start // (H * W)) & (c * H * W < columns.stop)
+    co, c, i, j, values = co[wanted], c[wanted], i[wanted], j[wanted], values[wanted]
+    h = op.stride[0] * np.arange(Ho)[:, None] + op.dilation[0] * i[None, :] - op.pads[0]  # (Ho, taps)
+    w = op.stride[1] * np.arange(Wo)[:, None] + op.dilation[1] * j[None, :] - op.pads[1]  # (Wo, taps)
     inside = ((h >= 0) & (h < H))[:, None, :] & ((w >= 0) & (w < W))[None, :, :]  # (Ho, Wo, taps)
     out_h, out_w, tap = np.nonzero(inside)
-    rows = (co[tap] * Ho + out_h) * Wo + out_w
-    columns = op.source.start + (c[tap] * H + h[out_h, tap]) * W + w[out_w, tap]
-    return rows, columns, weight[co[tap], c[tap], i[tap], j[tap]]
+    entry_rows = (co[tap] * Ho + out_h) * Wo + out_w
+    entry_columns = (c[tap] * H + h[out_h, tap]) * W + w[out_w, tap]
+    kept = (entry_rows >= rows.start) & (entry_rows < rows.stop)
+    kept &= (entry_columns >= columns.start) & (entry_columns < columns.stop)
+    return entry_rows[kept], entry_columns[kept], values[tap][kept]
 
 
-def _term_nonzeros(op: Convolution | Dense) -> int:
+def _term_nonzeros(op: Operator) -> int:
     if isinstance(op, Dense):
         return int(np.count_nonzero(op.weight))
+    if isinstance(op, TransposedConvolution):
+        op = op.adjoint
     (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
     kh, kw = op.kernel
-    nonzero = op.weight.reshape(Co, C, kh, kw) != 0
+    nonzero = op.weight.reshape(Co, C // op.groups, kh, kw) != 0
     reach_h = _reach(Ho, H, op.stride[0], op.dilation[0], op.pads[0], kh)
     reach_w = _reach(Wo, W, op.stride[1], op.dilation[1], op.pads[1], kw)
     return int((nonzero * reach_h[:, None] * reach_w[None, :]).sum())
 
 
-def convolution_adjoint(convolution: Convolution, Y: np.ndarray) -> np.ndarray:
-    """M^T Y for M the convolution (Co Ho Wo, C H W) and a dense Y (Co Ho Wo, r): one GEMM
-    K^T Y per chunk of columns (C kh kw, Ho Wo r), then each tap's plane added at its strided
-    window of the padded image (col2im), the pads cut off. ``rmatvec``'s product: the
-    sensitivity of ResNet-18 at 32 x 32 took 15.4 s with ``convolution_transposed``'s loops
-    (10.6 s of it in them), 3.9 s so (6.5 s from the CSR). (CROWN's products, mostly zero, keep the skipping loops.)"""
+def convolution_adjoint(convolution: Convolution, Y: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """M^T Y for M the convolution (Co Ho Wo, C H W) and a dense Y (Co Ho Wo, r), in the dtype
+    of Y and the kernel (float32 stays float32), into ``out`` (C-contiguous) when given: one
+    GEMM K^T Y per chunk of columns (C kh kw, Ho Wo r) (per group: np.matmul of (g, C / g kh kw,
+    Co / g) by (g, Co / g, Ho Wo r)), then each tap's plane added at its strided window of the
+    padded image (col2im), the pads cut off. ``rmatvec``'s product and a transposed
+    convolution's (``TransposedConvolution``): the sensitivity of ResNet-18 at 32 x 32 took
+    15.4 s with ``convolution_transposed``'s loops (10.6 s of it in them), 3.9 s so (6.5 s from
+    the CSR). (CROWN's products, mostly zero, keep the skipping loops.)"""
     (C, H, W), (Co, Ho, Wo) = convolution.in_shape, convolution.out_shape
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = (
         convolution.kernel,
@@ -436,27 +528,30 @@ def convolution_adjoint(convolution: Convolution, Y: np.ndarray) -> np.ndarray:
         convolution.dilation,
         convolution.pads,
     )
-    rows = Y.shape[1]
-    weight_t = convolution.weight.T.astype(np.float64)  # (C kh kw, Co)
+    rows, groups, dtype = Y.shape[1], convolution.groups, np.result_type(Y, convolution.weight)
+    weight = convolution.weight.astype(dtype, copy=False)
+    weight_t = weight.reshape(groups, Co // groups, -1).transpose(0, 2, 1)  # (g, C / g kh kw, Co / g)
     height = max(ph + H, (Ho - 1) * sh + (kh - 1) * dh + 1)
     width = max(pw + W, (Wo - 1) * sw + (kw - 1) * dw + 1)
-    result = np.empty((C, H, W, rows))
-    step = max(1, min(rows, ADJOINT_CHUNK_BYTES // max(1, 8 * weight_t.shape[0] * Ho * Wo)))
+    result = np.empty((C * H * W, rows), dtype=dtype) if out is None else out
+    image = result.reshape(C, H, W, rows)
+    step = max(1, min(rows, ADJOINT_CHUNK_BYTES // max(1, dtype.itemsize * C * kh * kw * Ho * Wo)))
     for first in range(0, rows, step):
         last = min(rows, first + step)
-        part = np.ascontiguousarray(Y[:, first:last], dtype=np.float64).reshape(Co, Ho * Wo * (last - first))
-        cols = (weight_t @ part).reshape(C, kh, kw, Ho, Wo, last - first)
-        padded = np.zeros((C, height, width, last - first))
+        part = np.ascontiguousarray(Y[:, first:last], dtype=dtype).reshape(groups, Co // groups, -1)
+        cols = np.matmul(weight_t, part).reshape(C, kh, kw, Ho, Wo, last - first)
+        padded = np.zeros((C, height, width, last - first), dtype=dtype)
         for i in range(kh):
             for j in range(kw):
                 window = padded[:, i * dh : i * dh + (Ho - 1) * sh + 1 : sh, j * dw : j * dw + (Wo - 1) * sw + 1 : sw]
                 window += cols[:, i, j]
-        result[..., first:last] = padded[:, ph : ph + H, pw : pw + W]
-    return result.reshape(C * H * W, rows)
+        image[..., first:last] = padded[:, ph : ph + H, pw : pw + W]
+    return result
 
 
 def convolution_transposed(convolution: Convolution, T: np.ndarray, segment: int) -> np.ndarray:
-    """M^T @ T for M the convolution (Co Ho Wo, C H W): T (Co Ho Wo, r) -> (C H W, r), by
+    """M^T @ T for M the convolution (Co Ho Wo, C H W), ungrouped (``runtime.structured``'s
+    ``find_convolution`` finds no other): T (Co Ho Wo, r) -> (C H W, r), by
     ``_add_windows`` in blocks of about ``ROW_BLOCK`` columns, whole segments of ``segment``
     columns (one sample's rows) each: a segment that is zero at a position (an inactive relu, a
     pooling window's element not selected) is skipped there. LeNet-5's products in CROWN

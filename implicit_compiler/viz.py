@@ -49,7 +49,7 @@ from matplotlib.figure import Figure
 from .errors import NonFiniteError, OverwriteError, ShapeError
 from .model import ImplicitModel
 from .runtime.plan import execution_order
-from .structure import Convolution, StructuredMatrix
+from .structure import Dense, StructuredMatrix, TransposedConvolution
 
 DPI = 150
 SPY_SIZE_PX = (1200, 1200)  # (width, height)
@@ -205,43 +205,49 @@ def _count_structured(
     counts: np.ndarray, matrix: StructuredMatrix, row_base: np.ndarray, column_bins: np.ndarray
 ) -> int:
     """``_count_into`` for a structured matrix, never materialized: the remainder's CSR as it
-    is, each convolution's entries placed by its geometry in a compiled loop (``_count_taps``),
-    each dense term's non-zeros, so the counts are exactly those of the whole CSR (the terms
-    and the remainder never overlap). ResNet-18 at 224 (1.57G non-zeros in A): 104 s when the
-    CSR was built a run of rows at a time, 1.8 s so."""
+    is, each convolution's entries placed by its geometry in a compiled loop (``_count_taps``;
+    a transposed convolution's are its convolution's, rows and columns swapped), each dense
+    term's non-zeros, so the counts are exactly those of the whole CSR (the terms and the
+    remainder never overlap). ResNet-18 at 224 (1.57G non-zeros in A): 104 s when the CSR was
+    built a run of rows at a time, 1.8 s so."""
     total = _count_into(counts, matrix.remainder, row_base, column_bins)
     for term in matrix.terms:
         op, rows = term.op, row_base[term.rows]
         columns = column_bins[op.source]
-        if isinstance(op, Convolution):
-            (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
-            kernel = op.weight.reshape(Co, C, *op.kernel)
-            geometry = np.array([H, W, Ho, Wo, *op.stride, *op.dilation, *op.pads], dtype=np.int64)
-            total += _count_taps(counts, kernel != 0, geometry, rows.astype(np.int64), columns.astype(np.int64))
-        else:
+        if isinstance(op, Dense):
             out, read = np.nonzero(op.weight)
             if out.size:
                 counts += np.bincount(rows[out].astype(np.int64) + columns[read], minlength=counts.size)
             total += out.size
+            continue
+        out_bins, in_bins = rows, columns  # pixel = out_bins[convolution's row] + in_bins[its column]
+        if isinstance(op, TransposedConvolution):
+            op, out_bins, in_bins = op.adjoint, columns, rows
+        (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
+        kernel = op.weight.reshape(Co, C // op.groups, *op.kernel)
+        geometry = np.array([H, W, Ho, Wo, *op.stride, *op.dilation, *op.pads, op.groups], dtype=np.int64)
+        total += _count_taps(counts, kernel != 0, geometry, out_bins.astype(np.int64), in_bins.astype(np.int64))
     return total
 
 
 @numba.njit(cache=True, nogil=True)  # (jitted: coverage cannot see inside)
-def _count_taps(counts, nonzero, geometry, row_base, column_bins):
-    """counts[row_base[(co Ho + ho) Wo + wo] + column_bins[(c H + h) W + w]] += 1 for every
-    non-zero kernel entry K[co, c, i, j] and output pixel (ho, wo) reading an in-bounds input
-    pixel h = s_h ho + d_h i - p_h, w = s_w wo + d_w j - p_w; returns the entries counted."""
-    H, W, Ho, Wo, sh, sw, dh, dw, ph, pw = (
+def _count_taps(counts, nonzero, geometry, out_bins, in_bins):
+    """counts[out_bins[(co Ho + ho) Wo + wo] + in_bins[(c H + h) W + w]] += 1 for every non-zero
+    kernel entry K[co, c - g C / groups, i, j] (g = co // (Co / groups), the group's input
+    channels c) and output pixel (ho, wo) reading an in-bounds input pixel h = s_h ho + d_h i -
+    p_h, w = s_w wo + d_w j - p_w; returns the entries counted."""
+    H, W, Ho, Wo, sh, sw, dh, dw, ph, pw, groups = (
         geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5], geometry[6], geometry[7],
-        geometry[8], geometry[9],
+        geometry[8], geometry[9], geometry[10],
     )  # fmt: skip
-    Co, C, kh, kw = nonzero.shape
+    Co, C_group, kh, kw = nonzero.shape
     total = 0
     for co in range(Co):
-        for c in range(C):
+        for c_group in range(C_group):
+            c = co // (Co // groups) * C_group + c_group
             for i in range(kh):
                 for j in range(kw):
-                    if not nonzero[co, c, i, j]:
+                    if not nonzero[co, c_group, i, j]:
                         continue
                     for ho in range(Ho):
                         h = sh * ho + dh * i - ph
@@ -253,7 +259,7 @@ def _count_taps(counts, nonzero, geometry, row_base, column_bins):
                             w = sw * wo + dw * j - pw
                             if w < 0 or w >= W:
                                 continue
-                            counts[row_base[row + wo] + column_bins[column + w]] += 1
+                            counts[out_bins[row + wo] + in_bins[column + w]] += 1
                             total += 1
     return total
 

@@ -139,9 +139,10 @@ def test_conv_reading_the_normalized_input_folds_the_scales():
 
 
 @pytest.mark.parametrize("group,attributes", [(2, {"pads": [1, 1, 1, 1]}), (3, {"strides": [2, 2]}), (4, {})])
-def test_grouped_conv_is_a_term_per_group(group, attributes):
-    """Group g writes its output channels from its input channels: one term each (a Concat
-    operand would give one per group and run), equal to the CSR lowering bitwise."""
+def test_grouped_conv_is_one_grouped_term(group, attributes):
+    """Group g writes its output channels from its input channels: one term of ``group`` groups
+    (a Concat operand ending inside a group would give that part a term of its own), equal to
+    the CSR lowering bitwise."""
     rng = np.random.default_rng(group)
     channels = 3 * group
     weights = [_weight(rng, "W", [4 * group, 3, 3, 3]), _weight(rng, "B", [4 * group])]
@@ -153,20 +154,23 @@ def test_grouped_conv_is_a_term_per_group(group, attributes):
     model = make_model(nodes, [float_value("x", ["N", channels, 20, 20])], [_output("y")], weights)
     structured = _assert_auto_equals_csr(model)
     terms = structured.structure.A.terms
-    assert len(terms) == group and not structured.structure.A.remainder.nnz
-    size, first = terms[0].rows.stop - terms[0].rows.start, min(term.rows.start for term in terms)
-    assert sorted(term.rows.start for term in terms) == [first + g * size for g in range(group)]
+    assert len(terms) == 1 and terms[0].op.groups == group and not structured.structure.A.remainder.nnz
+    assert terms[0].op.weight.shape == (4 * group, 3 * 9)
     assert_matches_onnxruntime(model, structure="kernels")
 
 
-def test_depthwise_conv_stays_csr():
-    """More groups than MAX_GROUP_TERMS (a depthwise convolution): sparse rows."""
+def test_depthwise_conv_is_one_term():
+    """A depthwise convolution (32 groups of one channel) is one term of 32 groups, equal to the
+    CSR lowering bitwise."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Conv", ["r", "W"], ["c"], group=32)]
     nodes.append(helper.make_node("Relu", ["c"], ["y"]))
     model = make_model(nodes, [float_value("x", ["N", 32, 24, 24])], [_output("y")], [_weight(rng, "W", [32, 1, 3, 3])])
-    compiled = assert_matches_onnxruntime(model, structure="kernels")
-    assert not compiled.structure.A.terms
+    structured = _assert_auto_equals_csr(model)
+    assert [term.op.groups for term in structured.structure.A.terms] == [
+        32
+    ] and not structured.structure.A.remainder.nnz
+    assert_matches_onnxruntime(model, structure="kernels")
 
 
 def test_small_conv_stays_csr():

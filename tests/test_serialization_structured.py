@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 import implicit_compiler as ic
 from implicit_compiler import model as model_module
-from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term, lift
+from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term, TransposedConvolution, lift
 
 ROOT = Path(__file__).resolve().parents[1]
 GEOMETRY = ("source", "in_shape", "out_shape", "kernel", "stride", "dilation", "pads")
@@ -385,7 +385,8 @@ def test_the_unedited_copy_loads(saved_lenet, tmp_path, zoo):
 
 
 def test_term_fields_are_all_saved():
-    """Every field of Convolution and Dense is stored (geometry in the metadata, the weight as an
-    array): a new field would need the format to change."""
-    assert {f.name for f in fields(Convolution)} == {*GEOMETRY, "weight"}
+    """Every field of Convolution, TransposedConvolution and Dense is stored (geometry and groups
+    in the metadata, the weight as an array): a new field would need the format to change."""
+    assert {f.name for f in fields(Convolution)} == {*GEOMETRY, "weight", "groups"}
+    assert {f.name for f in fields(TransposedConvolution)} == {*GEOMETRY, "weight", "groups"}
     assert {f.name for f in fields(Dense)} == {"source", "weight"}

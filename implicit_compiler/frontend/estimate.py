@@ -23,8 +23,8 @@ is checked against the memory limit (the least of MemAvailable, the process's rl
 cgroup's limit) before any matrix is allocated; the lowering also checks its running count as
 it goes.
 
-Structured (``from_onnx(structure="auto")``, ``structured=True`` here): a Conv (at most
-``ops.conv.MAX_GROUP_TERMS`` groups, 1-D or 2-D, N = 1) or a Gemm / MatMul with one row that
+Structured (``from_onnx(structure="auto")``, ``structured=True`` here): a Conv or ConvTranspose
+(any groups, 1-D or 2-D, N = 1) or a Gemm / MatMul with one row that
 the lowering keeps as kernels adds its weights, not its multiply-accumulates; reading a value
 that is not a selection of states, it first stores that value as an identity block (its
 expression and one entry per row). An op that does not read terms gets any operand carrying
@@ -43,7 +43,6 @@ from ..errors import ModelTooLargeError
 from ..runtime.structured import MIN_STRUCTURED_NONZEROS
 from .context import BYTES_PER_NONZERO_WHILE_LOWERING, FOLD_GROWTH_LIMIT
 from .graph import FLOAT_TYPES, PreparedModel
-from .ops.conv import MAX_GROUP_TERMS
 from .registry import STRUCTURED_OPS
 
 FINAL_BYTES_PER_NONZERO = 12  # float64 value + int32 column index
@@ -161,10 +160,9 @@ def _term_weights(node: onnx.NodeProto, shapes: dict[str, list[int]], variables:
     inputs = [shapes.get(name) for name in node.input]
     if len(inputs) < 2 or node.input[0] not in variables or node.input[1] in variables:
         return 0.0
-    if node.op_type == "Conv" and len(inputs) > 1 and inputs[0] and inputs[1]:
-        groups = max(1, _attribute(node, "group"))
-        single = groups <= MAX_GROUP_TERMS and len(inputs[0]) in (3, 4) and inputs[0][0] == 1
-        if single and _node_nonzeros(node, shapes) >= groups * MIN_STRUCTURED_NONZEROS:
+    if node.op_type in ("Conv", "ConvTranspose") and len(inputs) > 1 and inputs[0] and inputs[1]:
+        single = len(inputs[0]) in (3, 4) and inputs[0][0] == 1
+        if single and _node_nonzeros(node, shapes) >= MIN_STRUCTURED_NONZEROS:
             return float(math.prod(inputs[1]))
     if node.op_type in ("Gemm", "MatMul") and len(inputs) > 1 and inputs[0] and inputs[1]:
         one_row = math.prod(inputs[0][:-1]) == 1 and not _attribute(node, "transA") and len(inputs[1]) == 2

@@ -19,7 +19,7 @@ Structured terms (issue 20). A convolution or a dense product reading whole cont
     value = M @ v + c + sum_t  E_t op_t v[op_t.source]
 
 each ``structure.Term`` writing the rows ``term.rows`` of the value (E_t) with an operator
-(``structure.Convolution`` or ``Dense``) reading a slice of v (columns of [u; x], not of x).
+(``structure.Convolution``, ``TransposedConvolution`` or ``Dense``) reading a slice of v (columns of [u; x], not of x).
 With no terms every method below runs as it did before them. With terms: ``reshape``,
 ``shift`` and ``take`` of every row in order are free, ``-`` negates the kernels, ``scale`` by
 factors constant over each output channel of a term (BatchNormalization, a per-channel Mul)
@@ -39,7 +39,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import ShapeError
-from ..structure import Convolution, Term, _term_entries
+from ..structure import Convolution, Term, TransposedConvolution, _term_entries
 
 
 @dataclass(frozen=True, eq=False)
@@ -176,7 +176,7 @@ class Affine:
         factors = np.asarray(factors, dtype=np.float64)
         factors = factors if factors.shape == (self.size,) else np.broadcast_to(factors, self.shape).ravel()
         for term in self.terms:
-            if isinstance(term.op, Convolution):
+            if isinstance(term.op, Convolution | TransposedConvolution):
                 per_channel = factors[term.rows].reshape(term.op.out_shape[0], -1)
                 if not (per_channel == per_channel[:, :1]).all():
                     return False
@@ -271,6 +271,11 @@ def _scaled(term: Term, factors: np.ndarray) -> Term:
     if isinstance(op, Convolution):
         per_channel = factors.reshape(op.out_shape[0], -1)[:, :1]
         return Term(term.rows, replace(op, weight=op.weight * per_channel))
+    if isinstance(op, TransposedConvolution):  # output channel co: W[c, co - g Co / groups] for c in group g
+        C, Co, groups = op.in_shape[0], op.out_shape[0], op.groups
+        per_channel = factors.reshape(groups, 1, Co // groups, -1)[..., :1]
+        weight = op.weight.reshape(groups, C // groups, Co // groups, -1) * per_channel
+        return Term(term.rows, replace(op, weight=weight.reshape(op.weight.shape)))
     return Term(term.rows, replace(op, weight=op.weight * factors[:, None]))
 
 
@@ -279,7 +284,7 @@ def _same_geometry(first, second) -> bool:
         type(first) is type(second)
         and all(
             getattr(first, name) == getattr(second, name)
-            for name in ("source", "in_shape", "out_shape", "kernel", "stride", "dilation", "pads")
+            for name in ("source", "in_shape", "out_shape", "kernel", "stride", "dilation", "pads", "groups")
             if hasattr(first, name)
         )
         and first.weight.shape == second.weight.shape

@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..activations import Activation
-from ..structure import Convolution, Dense, _reach, term_shape
+from ..structure import Convolution, Dense, Operator, TransposedConvolution, _reach, term_shape
 from . import kernels
 
 # A sub-matrix becomes a structured term only past this many non-zeros (smaller ones cost more
@@ -154,7 +154,7 @@ class Part:
     structured model whose rows a block boundary cuts where no smaller operator fits (a
     convolution cut inside an output channel; ``piece``)."""
 
-    op: Convolution | Dense
+    op: Operator
     taken: slice
     at: int
 
@@ -176,15 +176,15 @@ class Part:
         return output if self.taken == slice(0, output.shape[0]) else output[self.taken]
 
 
-def piece(op: Convolution | Dense, first: int, last: int, at: int, size: int) -> Convolution | Dense | Part:
+def piece(op: Operator, first: int, last: int, at: int, size: int) -> Operator | Part:
     """Rows first:last of op's output as a term of a block of ``size`` rows, written at its row
-    ``at``: the op itself when it is all of them and fills the block; a dense product's rows or a
-    convolution's whole output channels as a smaller op; else a ``Part``."""
+    ``at``: the op itself when it is all of them and fills the block; a dense product's rows or
+    an ungrouped convolution's whole output channels as a smaller op; else a ``Part``."""
     rows = term_rows(op)
     if isinstance(op, Dense) and (first, last) != (0, rows):
         op = Dense(op.source, op.weight[first:last])
         first, last = 0, last - first
-    elif isinstance(op, Convolution) and (first, last) != (0, rows):
+    elif isinstance(op, Convolution) and op.groups == 1 and (first, last) != (0, rows):
         Co, Ho, Wo = op.out_shape
         plane = Ho * Wo
         if first % plane == 0 and last % plane == 0:
@@ -196,12 +196,12 @@ def piece(op: Convolution | Dense, first: int, last: int, at: int, size: int) ->
     return Part(op, slice(first, last), at)
 
 
-def term_rows(op: Convolution | Dense) -> int:
+def term_rows(op: Operator) -> int:
     """Rows of op's output."""
     return term_shape(op)[0]
 
 
-def rows_in_block(term: Convolution | Dense | Part) -> slice:
+def rows_in_block(term: Operator | Part) -> slice:
     """The rows a block's term writes, within the block (all of them for a bare op)."""
     return term.rows if isinstance(term, Part) else slice(None)
 
@@ -210,13 +210,14 @@ def rows_in_block(term: Convolution | Dense | Part) -> slice:
 class StructuredBlock:
     """An acyclic block computed as bias + structured terms + a sparse remainder, then phi.
 
-    A term is an op (``Convolution``, ``Dense``) writing every row of the block, or a ``Part``
+    A term is an op (``Convolution``, ``TransposedConvolution``, ``Dense``) writing every row of
+    the block, or a ``Part``
     writing some of them."""
 
     name: str
     rows: slice  # the block's rows of V
     bias: np.ndarray  # (rows, 1), or (rows, batch) with terms folded in (``cyclic``)
-    terms: tuple[Convolution | Dense | Part, ...]
+    terms: tuple[Operator | Part, ...]
     remainder: sp.csr_array | None  # (rows, len(remainder_columns))
     remainder_columns: np.ndarray  # rows of V the remainder reads
     activation: Activation
@@ -349,7 +350,7 @@ def _assembled(model, block, terms, rest: sp.csr_array, work: int) -> Structured
     )
 
 
-def block_terms(matrix, first: int, last: int, offset: int = 0) -> list[Convolution | Dense | Part]:
+def block_terms(matrix, first: int, last: int, offset: int = 0) -> list[Operator | Part]:
     """The terms of a ``StructuredMatrix`` that write rows first:last, cut to those rows (as
     ``piece``s of a block of last - first rows) and reading ``offset`` + their columns (p for
     A's: rows of V)."""
@@ -363,13 +364,15 @@ def block_terms(matrix, first: int, last: int, offset: int = 0) -> list[Convolut
     return found
 
 
-def term_entries(term: Convolution | Dense | Part) -> int:
-    """Multiply-adds of a term per sample (its stored weights times the pixels they slide over)."""
+def term_entries(term: Operator | Part) -> int:
+    """Multiply-adds of a term per sample (its stored weights times the pixels they slide over:
+    a transposed convolution's, the pixels it reads)."""
     if isinstance(term, Part):
         return term_entries(term.op) * (term.taken.stop - term.taken.start) // max(1, term_rows(term.op))
     if isinstance(term, Dense):
         return term.weight.size
-    return term.weight.size * term.out_shape[1] * term.out_shape[2]
+    pixels = term.in_shape if isinstance(term, TransposedConvolution) else term.out_shape
+    return term.weight.size * pixels[1] * pixels[2]
 
 
 def _block_of_terms(model, block) -> StructuredBlock | None:
@@ -389,7 +392,7 @@ def _block_of_terms(model, block) -> StructuredBlock | None:
     return _assembled(model, block, terms, rest, sum(term_entries(term) for term in terms))
 
 
-def shifted(op: Convolution | Dense, offset: int) -> Convolution | Dense:
+def shifted(op: Operator, offset: int) -> Operator:
     """op reading ``offset`` + its columns."""
     if offset == 0:
         return op
@@ -409,7 +412,7 @@ class StructuredRows:
     M[rows] X; a plain matrix's rows are the CSR product alone."""
 
     remainder: sp.csr_array
-    terms: tuple[Convolution | Dense | Part, ...] = ()
+    terms: tuple[Operator | Part, ...] = ()
     term_rows: tuple[slice, ...] = ()  # where each term writes, within the rows
     columns: int = 0
 

@@ -34,14 +34,17 @@ columns ordered (ic, k), which is increasing column order (the kernel order is r
 the transpose, whose input index decreases with k). Without a batch axis (a leading dimension
 N > 1), the N leading entries are independent: T is block diagonal.
 
-Structured (``from_onnx(structure="auto")``, issue 20): a 1-D or 2-D Conv with N = 1 and at
-most ``MAX_GROUP_TERMS`` groups whose T would hold at least ``MIN_STRUCTURED_NONZEROS`` entries
-per group is kept as its kernel, a ``structure.Convolution`` term per group (its output
-channels' rows; AlexNet's two groups) and run of whole input channels reading contiguous columns of
-[u; x] (a block's states, the model input; a Concat of them gives one run per operand, the
-kernel split along C), each run's factor folded into its kernel columns. An operand that is not
-such a selection (a BatchNormalization output without an activation, a pooling tree, a Pad) is
-first kept as an identity block (one entry per row), so T is never built.
+Structured (``from_onnx(structure="auto")``, issue 20): a 1-D or 2-D Conv or ConvTranspose
+with N = 1 whose T would hold at least ``MIN_STRUCTURED_NONZEROS`` entries is kept as its
+kernel, a ``structure.Convolution`` (``TransposedConvolution``: the adjoint of the convolution
+with its kernel, strides, dilations and leading pads, from the output image to the input one)
+term per run of whole input channels reading contiguous columns of [u; x] (a block's states,
+the model input; a Concat of them gives one run per operand, the kernel split along C), each
+run's factor folded into its kernel entries. Groups stay in one term (``groups``: a GEMM per
+group, depthwise ones included), except where a run ends inside a group: that part of the group
+is a term of its own. An operand that is not such a selection (a BatchNormalization output
+without an activation, a pooling tree, a Pad) is first kept as an identity block (one entry per
+row), so T is never built. 3-D and batched (N > 1) convolutions stay CSR.
 """
 
 from __future__ import annotations
@@ -53,16 +56,13 @@ import scipy.sparse as sp
 
 from ...errors import GraphError
 from ...runtime.structured import MIN_STRUCTURED_NONZEROS
-from ...structure import Convolution, Term
+from ...structure import Convolution, Term, TransposedConvolution
 from ..context import LoweringContext, NodeView
 from ..expression import Affine, source_runs
 from ..registry import lowers
 from .common import as_affine, optional_input, require_constant
 
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
-# Grouped convolutions with more groups than this (depthwise ones) stay sparse rows: a term per
-# group would cost a Python call each per block at run time.
-MAX_GROUP_TERMS = 16
 # Elements (weights x pattern entries) handled at once while filling T: bounds the temporaries.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -130,11 +130,9 @@ def lower_conv(ctx: LoweringContext, node: NodeView, inputs: list) -> list:
         axes.append((index, (index >= 0) & (index < s)))
     in_index, valid = _spatial_pattern(axes, sizes)
     per_channel = weights.reshape(out_channels, in_per_group, -1)
-    entries = int(valid.sum()) * out_channels * in_per_group  # T's entries for a kernel without zeros
-    structured = group <= MAX_GROUP_TERMS and entries >= group * MIN_STRUCTURED_NONZEROS
-    if ctx.structured and structured and spatial <= 2 and x.shape[0] == 1:
+    if _keeps_kernels(ctx, valid, out_channels * in_per_group, x):
         geometry = (kernel, strides, dilations, begins, out_sizes)
-        return [_convolution_terms(ctx, node, x, per_channel, bias, geometry, group)]
+        return [_convolution_terms(ctx, node, x, per_channel, bias, geometry, group, transposed=False)]
     x = ctx.without_terms(x)
     return [_apply(ctx, node, x, per_channel, in_index, valid, group, bias, out_sizes)]
 
@@ -216,6 +214,10 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
         index = numerator // st
         axes.append((index, (numerator % st == 0) & (index >= 0) & (index < s)))
     in_index, valid = _spatial_pattern(axes, sizes)
+    if _keeps_kernels(ctx, valid, out_channels * in_per_group, x):
+        geometry = (kernel, strides, dilations, begins, out_sizes)
+        flat = weights.reshape(channels, out_per_group, -1)
+        return [_convolution_terms(ctx, node, x, flat, bias, geometry, group, transposed=True)]
     x = ctx.without_terms(x)
     # Row oc of group g reads W[g * C_g + icg, oc - g * M_g]; the kernel order reversed makes the
     # input index (and so the column) increase along each row.
@@ -228,19 +230,32 @@ def lower_conv_transpose(ctx: LoweringContext, node: NodeView, inputs: list) -> 
 
 
 # --------------------------------------------------------------------------------------------- helpers
+def _keeps_kernels(ctx: LoweringContext, valid: np.ndarray, channel_pairs: int, x: Affine) -> bool:
+    """Whether the (transposed) convolution becomes terms (module docstring): a structured
+    lowering, 1-D or 2-D, N = 1, and a T of at least ``MIN_STRUCTURED_NONZEROS`` entries (for a
+    kernel without zeros: ``valid``'s pixel-tap pairs times the (output, input) channel pairs
+    of the groups)."""
+    spatial = x.ndim - 2
+    entries = int(valid.sum()) * channel_pairs
+    return ctx.structured and spatial <= 2 and x.shape[0] == 1 and entries >= MIN_STRUCTURED_NONZEROS
+
+
 def _convolution_terms(
-    ctx: LoweringContext, node: NodeView, x: Affine, weights: np.ndarray, bias, geometry, group: int = 1
+    ctx: LoweringContext, node: NodeView, x: Affine, weights: np.ndarray, bias, geometry, group: int, transposed: bool
 ) -> Affine:
-    """Y = conv(X) + B as ``Convolution`` terms, one per group and run of X's channels (module
-    docstring); ``weights`` (M, C / group, K) in float64, ``geometry`` (kernel, strides,
-    dilations, leading pads, output sizes) of a 1-D or 2-D convolution. Group g writes the rows
-    of output channels g M_g ... (g + 1) M_g - 1 from input channels g C_g ... (g + 1) C_g - 1."""
+    """Y = conv(X) + B (``transposed``: ConvTranspose) as ``Convolution`` (``TransposedConvolution``)
+    terms, one per run of X's channels (module docstring); ``weights`` in ONNX's layout, float64,
+    its kernel axes flattened: (M, C / group, K), (C, M / group, K) transposed; ``geometry``
+    (kernel, strides, dilations, leading pads, output sizes) of a 1-D or 2-D convolution. Group g
+    writes the rows of output channels g M_g ... (g + 1) M_g - 1 from input channels g C_g ...
+    (g + 1) C_g - 1: a run of whole groups is one grouped term, a run's part of a group (a Concat
+    operand ending inside it) a term of that group."""
     kernel, strides, dilations, begins, out_sizes = (list(part) for part in geometry)
     channels, sizes = x.shape[1], list(x.shape[2:])
     if len(sizes) == 1:  # 1-D as an image of height 1
         kernel, strides, dilations, out_sizes, sizes = ([1, *v] for v in (kernel, strides, dilations, out_sizes, sizes))
         begins = [0, *begins]
-    out_channels = weights.shape[0]
+    out_channels = weights.shape[1] * group if transposed else weights.shape[0]
     ctx.ensure_fits(weights.size, f"the {node.op_type} kernel")
     runs = source_runs(x, channels, ctx.p)
     if runs is None:  # not whole runs of states or inputs: keep the operand as an identity block
@@ -249,44 +264,57 @@ def _convolution_terms(
     pixels, out_pixels = sizes[0] * sizes[1], out_sizes[0] * out_sizes[1]
     in_per_group, out_per_group = channels // group, out_channels // group
 
-    def convolution(source: slice, kernel_columns: np.ndarray) -> Convolution:
-        in_channels = kernel_columns.shape[1]
-        return Convolution(
-            source=source,
-            in_shape=(in_channels, *sizes),
-            out_shape=(kernel_columns.shape[0], *out_sizes),
+    def term(low: int, high: int, start: int, scales: np.ndarray) -> Term:
+        """Input channels low:high (whole groups, or part of one) read at columns start on, each
+        channel's factor folded into its kernel entries."""
+        first, last = low // in_per_group, -(-high // in_per_group)  # the groups
+        groups = last - first if (low % in_per_group, high % in_per_group) == (0, 0) else 1
+        if transposed:  # rows of W: input channels
+            kernels = weights[low:high] * scales[:, None, None]
+        else:
+            column = low - first * in_per_group
+            kernels = weights[first * out_per_group : last * out_per_group]
+            kernels = kernels.reshape(groups, out_per_group, -1, weights.shape[2])
+            kernels = kernels[:, :, column : column + (high - low) // groups] * scales.reshape(groups, 1, -1, 1)
+        op = (TransposedConvolution if transposed else Convolution)(
+            source=slice(start, start + (high - low) * pixels),
+            in_shape=(high - low, *sizes),
+            out_shape=((last - first) * out_per_group, *out_sizes),
             kernel=tuple(kernel),
             stride=tuple(strides),
             dilation=tuple(dilations),
             pads=tuple(begins),
-            weight=kernel_columns.reshape(kernel_columns.shape[0], -1),
+            weight=kernels.reshape(high - low if transposed else (last - first) * out_per_group, -1),
+            groups=groups,
         )
+        return Term(slice(first * out_per_group * out_pixels, last * out_per_group * out_pixels), op)
 
-    terms = []
-    for g in range(group):
-        rows = slice(g * out_per_group * out_pixels, (g + 1) * out_per_group * out_pixels)
-        low, high = g * in_per_group, (g + 1) * in_per_group
-        kernels = weights[g * out_per_group : (g + 1) * out_per_group]
-        for run in runs:
-            first, stop = max(run.first, low), min(run.stop, high)
-            if first >= stop:
-                continue
-            start = run.start + (first - run.first) * pixels
-            scales = run.scales[first - run.first : stop - run.first]
-            columns = kernels[:, first - low : stop - low] * scales[None, :, None]
-            terms.append(Term(rows, convolution(slice(start, start + (stop - first) * pixels), columns)))
+    terms = [
+        term(low, high, run.start + (low - run.first) * pixels, run.scales[low - run.first : high - run.first])
+        for run in runs
+        for low, high in _group_runs(run.first, run.stop, in_per_group)
+    ]
     offset = np.zeros(out_channels * out_pixels)
-    if x.offset.any():  # T c: the constant part of X through each group's kernel
-        for g in range(group):
-            part = slice(g * in_per_group * pixels, (g + 1) * in_per_group * pixels)
-            kernels = weights[g * out_per_group : (g + 1) * out_per_group]
-            offset[g * out_per_group * out_pixels : (g + 1) * out_per_group * out_pixels] = (
-                convolution(part, kernels).apply(x.offset[part, None]).ravel()
-            )
+    if x.offset.any():  # T c: the constant part of X through the kernels
+        offset += term(0, channels, 0, np.ones(channels)).op.apply(x.offset[:, None]).ravel()
     if bias is not None:
-        offset += np.repeat(bias, out_sizes[0] * out_sizes[1])
+        offset += np.repeat(bias, out_pixels)
     shape = (1, out_channels, *out_sizes[-len(geometry[4]) :])
     return Affine(shape, sp.csr_array((offset.size, ctx.width)), offset, tuple(terms))
+
+
+def _group_runs(first: int, stop: int, per_group: int) -> list[tuple[int, int]]:
+    """Channels first:stop cut at the group bounds (``per_group`` channels each), consecutive
+    whole groups kept together: (low, high) of each part, in order."""
+    parts: list[tuple[int, int]] = []
+    for g in range(first // per_group, -(-stop // per_group)):
+        low, high = max(first, g * per_group), min(stop, (g + 1) * per_group)
+        whole = high - low == per_group
+        if whole and parts and parts[-1][0] % per_group == 0 and parts[-1][1] == low:  # whole groups after whole ones
+            parts[-1] = (parts[-1][0], high)
+        else:
+            parts.append((low, high))
+    return parts
 
 
 def _check_output_shape_excess(node: NodeView, out_sizes: list[int], full: list[int], strides: list[int]) -> None:
