@@ -1,0 +1,324 @@
+"""An implicit model as an ONNX graph that onnxruntime (or any ONNX runtime) runs.
+
+The model x = phi(A x + B u + b_x), y = C x + D u + b_y becomes, with tensors (N, features)
+row-major (N the symbolic batch axis "N"; a product with the rows r of M is X M[r]^T):
+
+    graph input  u_i (N, *shape_i)   -> Flatten -> (N, p_i)            (model.inputs, in order)
+    each state block b, in the runtime's order (``runtime.plan.execution_order``):
+      acyclic:   z_b = sum_j A[b, j] x_j + sum_i B[b, i] u_i + b_x[b];   x_b = phi_b(z_b)
+                 (forward substitution: every x_j read is computed before)
+      cyclic component K (blocks that read each other through A): one ``Loop``, below
+    graph output y_k (N, *shape_k) = Reshape(sum_j C[k, j] x_j + sum_i D[k, i] u_i + b_y[k])
+    per cyclic component, an output "fixed_point_residual" (N,) (``_residual_name``)
+
+The products are ``onnx_products``' (convolution and dense terms as Conv and Gemm with their
+kernels; the CSR rest as Gather / Mul / ReduceSum row products or small dense Gemms); the
+activations ``onnx_activations``' (Relu, LeakyRelu, ... exactly as ``activations`` defines
+them). A plain CSR model is first searched for its convolutions and dense products
+(``structure.lift``, exact: the same linear map), so that the file holds kernels, not their
+Toeplitz copies: LeNet-5 exports to about the size of its ONNX file (measured in the README).
+
+A cyclic component K, blocks k_1 .. k_m in storage order, is solved as the runtime's sweep
+(``runtime.cyclic``): with F_k = (what K's block k reads from outside K: inputs, blocks solved
+before, and its bias), computed once before the loop,
+
+    Loop(max_iter, cond=true, x_k = 0 for every k in K, r = inf):
+        for k in k_1 .. k_m:  x_k' = phi_k(F_k + sum_{j in K} A[k, j] x_j*)
+            (x_j* the new x_j' for j before k in the sweep, the carried x_j otherwise:
+             one sweep is one Gauss-Seidel pass, as in the runtime)
+        r = max over the torn blocks T (those read by back edges) of |x_T' - x_T|_inf
+            / max(|x_T'|_inf, tiny), per sample (N,)
+        cond = max_n r_n > tol
+
+so that the loop stops when every sample's relative residual is at most tol, or after
+max_iter sweeps. tol and max_iter are the graph's initializers "fixed_point_tolerance" and
+"fixed_point_max_iter" (defaults: the runtime's predict's, 1e-5 in float32, 1e-10 in float64,
+and 1000). The last r is the graph output, so a run that did not converge is visible there
+(r > tol; NaN or inf when the iteration diverged), never silent. The runtime stops on an
+estimated error (r / (1 - rate), Anderson-accelerated); this is plain Picard on the sweep,
+stopped on r itself.
+
+float64 models export double tensors (onnxruntime has no double Conv: such files run in
+``onnx.reference`` and other runtimes).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .. import __version__, arguments
+from ..errors import ArgumentValueError, ModelTooLargeError, ShapeError
+from ..model import ImplicitModel, StateBlock
+from .onnx_activations import apply_activation
+from .onnx_graph import GraphWriter
+from .onnx_products import Contribution, Segment, Sources, row_products, total
+
+DEFAULT_OPSET = 17
+LEAST_OPSET = 13  # ReduceSum's axes as an input, Loop-13
+RESIDUAL_OUTPUT = "fixed_point_residual"
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+def to_onnx(
+    model: ImplicitModel,
+    path: str | os.PathLike | None = None,
+    opset: int | None = None,
+    overwrite: bool = False,
+    tol: float | None = None,
+    max_iter: int | None = None,
+    find_kernels: bool = True,
+) -> onnx.ModelProto:
+    """The model as an ONNX ``ModelProto`` (module docstring), written to ``path`` when given.
+
+    Args:
+        path: the .onnx file to write; an existing file is replaced only with ``overwrite``
+            (``OverwriteError`` otherwise, before any work).
+        opset: the ONNX opset (default ``DEFAULT_OPSET``; from ``LEAST_OPSET`` to the installed
+            onnx's latest).
+        tol, max_iter: the cyclic components' stopping tolerance on the relative residual and
+            sweep cap (defaults: ``predict``'s).
+        find_kernels: search a plain CSR model's convolutions and dense products first
+            (``structure.lift``), so that they are written as Conv / Gemm with their kernels.
+    """
+    from ..runtime.solve import DEFAULT_TOLERANCE, PREDICT_OPTIONS
+    from ..serialization import writable_target, write_file
+
+    opset = _checked_opset(opset)
+    tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else arguments.real(tol, "tol", "a positive number")
+    if not tol > 0:
+        raise ArgumentValueError(f"tol: expected a positive number, got {tol!r}")
+    max_iter = PREDICT_OPTIONS["max_iter"] if max_iter is None else arguments.integer(max_iter, "max_iter", 1)
+    if path is not None:
+        writable_target(path, overwrite)  # refuse an existing file before the work
+    if find_kernels and not model.is_structured:
+        from ..structure import lift
+
+        model = lift(model)
+    proto = _Exporter(model, opset, float(tol), int(max_iter)).model_proto()
+    if proto.ByteSize() > PROTOBUF_LIMIT:
+        raise ModelTooLargeError(
+            f"the exported graph takes {proto.ByteSize() / 2**30:.1f} GiB, over protobuf's 2 GiB limit for one "
+            "ONNX file (weights in external data files are not written by to_onnx)"
+        )
+    onnx.checker.check_model(proto, full_check=True)
+    if path is not None:
+        write_file(path, lambda stream: stream.write(proto.SerializeToString()), overwrite)
+    return proto
+
+
+def _checked_opset(opset: Any) -> int:
+    latest = onnx.defs.onnx_opset_version()
+    if opset is None:
+        return DEFAULT_OPSET
+    opset = arguments.integer(opset, "opset", LEAST_OPSET)
+    if opset > latest:
+        raise ArgumentValueError(
+            f"to_onnx: opset {opset} is outside the opsets it writes, {LEAST_OPSET} to {latest} (the installed "
+            f"onnx's latest); the default is {DEFAULT_OPSET}"
+        )
+    return opset
+
+
+class _Exporter:
+    """Writes one model's graph (module docstring)."""
+
+    def __init__(self, model: ImplicitModel, opset: int, tol: float, max_iter: int):
+        self.model, self.tol, self.max_iter = model, tol, max_iter
+        self.g = GraphWriter(model.dtype, opset)
+        self.structure = model.structure
+        self.states: dict[int, str] = {}  # block index -> the tensor of its states (N, size)
+        self.inputs = Sources([])
+        self.residuals: list[onnx.ValueInfoProto] = []
+
+    def model_proto(self) -> onnx.ModelProto:
+        from ..runtime.plan import block_dependency_graph, execution_order
+
+        model, g = self.model, self.g
+        _check_names(model)
+        for spec in (*model.inputs, *model.outputs):
+            g.reserve(spec.name)
+        graph_inputs = self._read_inputs()
+        dependencies = block_dependency_graph(model)
+        components = execution_order(model)
+        cyclic = sum(component.cyclic for component in components)
+        for component in components:
+            if component.cyclic:
+                self._loop(component.blocks, dependencies, _residual_name(len(self.residuals), cyclic))
+            else:
+                self._block(component.blocks[0])
+        graph_outputs = [self._output(spec, offset) for spec, offset in zip(model.outputs, _offsets(model.outputs))]
+        graph = helper.make_graph(
+            g.nodes, "implicit_model", graph_inputs, graph_outputs + self.residuals, initializer=g.initializers
+        )
+        graph.doc_string = (
+            f"x = phi(A x + B u + b_x), y = C x + D u + b_y: n = {model.n}, {len(model.blocks)} blocks, "
+            f"{cyclic} cyclic component(s)"
+        )
+        opsets = [helper.make_opsetid("", g.opset)]
+        proto = helper.make_model(graph, opset_imports=opsets, producer_name="implicit_compiler")
+        proto.producer_version = __version__
+        proto.ir_version = helper.find_min_ir_version_for(opsets)
+        if cyclic:
+            settings = {"fixed_point_tolerance": repr(self.tol), "fixed_point_max_iter": str(self.max_iter)}
+            helper.set_model_props(proto, settings)
+        return proto
+
+    # ----------------------------------------------------------------------------- inputs, outputs
+    def _read_inputs(self) -> list[onnx.ValueInfoProto]:
+        """Graph inputs (N, *shape), flattened to (N, size) as the columns of B and D."""
+        model, g = self.model, self.g
+        if not model.inputs:
+            raise ShapeError("to_onnx: the model has no inputs, so its graph would have no batch size to follow")
+        segments, infos = [], []
+        for spec, offset in zip(model.inputs, _offsets(model.inputs)):
+            infos.append(g.tensor_info(spec.name, ["N", *spec.shape]))
+            flat = g.node("Flatten", [spec.name], f"{spec.name}/flat", axis=1)
+            segments.append(Segment(offset, offset + spec.size, flat))
+        shape = g.node("Shape", [segments[0].tensor], "shape")
+        g.batch = g.node("Slice", [shape, g.integers([0], "zero"), g.integers([1], "one")], "batch")
+        self.inputs = Sources(segments)
+        return infos
+
+    def _output(self, spec, offset: int) -> onnx.ValueInfoProto:
+        """y rows offset:offset + size, reshaped to the output's (N, *shape)."""
+        g, structure = self.g, self.structure
+        rows = slice(offset, offset + spec.size)
+        contributions = row_products(g, structure.C, rows, self._state_sources(), spec.name)
+        contributions += row_products(g, structure.D, rows, self.inputs, spec.name)
+        flat = total(g, contributions, spec.size, self.model.bias_y[rows], spec.shape, f"{spec.name}/flat")
+        g.node_into("Reshape", [flat, g.integers([0, *spec.shape], "shape")], [spec.name])
+        return g.tensor_info(spec.name, ["N", *spec.shape])
+
+    def _state_sources(self, override: dict[int, str] | None = None, only: set[int] | None = None) -> Sources:
+        """The blocks computed so far as sources of A's and C's columns (``override``: other
+        tensors for some blocks; ``only``: just these blocks)."""
+        states = {**self.states, **(override or {})}
+        blocks = self.model.blocks
+        return Sources(
+            [Segment(blocks[i].start, blocks[i].stop, t) for i, t in states.items() if only is None or i in only]
+        )
+
+    # ----------------------------------------------------------------------------- blocks
+    def _pre_activation(self, block: StateBlock, sources: Sources, fixed: str | None, with_inputs: bool) -> str:
+        """z = A[block] x (the columns in ``sources``) [+ B[block] u + b_x[block]] [+ fixed]."""
+        g, structure = self.g, self.structure
+        contributions = row_products(g, structure.A, block.slice, sources, block.name)
+        bias = None
+        if with_inputs:
+            contributions += row_products(g, structure.B, block.slice, self.inputs, block.name)
+            bias = self.model.bias_x[block.slice]
+        if fixed is not None:
+            contributions.append(Contribution(0, block.size, fixed))
+        return total(g, contributions, block.size, bias, block.shape, f"{block.name}/z")
+
+    def _block(self, index: int) -> None:
+        """Forward substitution: x_b = phi_b(A[b] x + B[b] u + b_x[b])."""
+        block = self.model.blocks[index]
+        z = self._pre_activation(block, self._state_sources(), None, with_inputs=True)
+        self.states[index] = apply_activation(self.g, z, block.activation, block.name)
+
+    def _loop(self, members: tuple[int, ...], dependencies, residual_name: str) -> None:
+        """A cyclic component as a Loop of Gauss-Seidel sweeps (module docstring)."""
+        from ..runtime.cyclic import torn_blocks
+
+        model, g = self.model, self.g
+        g.reserve(residual_name)
+        blocks = sorted(members, key=lambda i: model.blocks[i].start)
+        inside = set(blocks)
+        torn = torn_blocks(blocks, lambda i: set(dependencies.predecessors(i)))
+        fixed = {
+            i: self._pre_activation(model.blocks[i], self._state_sources(), None, with_inputs=True) for i in blocks
+        }
+        tol = g.constant(np.array(self.tol, dtype=model.dtype), "fixed_point_tolerance")
+        max_iter = g.constant(np.array(self.max_iter, dtype=np.int64), "fixed_point_max_iter")
+        carried = {i: g.fresh(f"{model.blocks[i].name}/previous") for i in blocks}
+        step, running = g.fresh("sweep"), g.fresh("running")
+        previous_residual = g.fresh(f"{residual_name}/previous")
+        with g.body() as body_nodes:
+            current = dict(carried)
+            for i in blocks:
+                block = model.blocks[i]
+                sources = self._state_sources(current, only=inside)
+                z = self._pre_activation(block, sources, fixed[i], with_inputs=False)
+                current[i] = self._body_value(apply_activation(g, z, block.activation, block.name), carried)
+            residual = self._residual([(current[i], carried[i]) for i in torn], residual_name)
+            worst = g.reduce("ReduceMax", residual, None, f"{residual_name}/worst")
+            going_on = g.node("Greater", [worst, tol], "going_on")
+        block_info = [g.tensor_info(carried[i], [None, model.blocks[i].size]) for i in blocks]
+        body = helper.make_graph(
+            body_nodes,
+            g.fresh("sweeps"),
+            [
+                g.tensor_info(step, [], onnx.TensorProto.INT64),
+                g.tensor_info(running, [], onnx.TensorProto.BOOL),
+                *block_info,
+                g.tensor_info(previous_residual, [None]),
+            ],
+            [
+                g.tensor_info(going_on, [], onnx.TensorProto.BOOL),
+                *(g.tensor_info(current[i], [None, model.blocks[i].size]) for i in blocks),
+                g.tensor_info(residual, [None]),
+            ],
+        )
+        start = [g.filled(0.0, model.blocks[i].size, hint=f"{model.blocks[i].name}/start") for i in blocks]
+        outputs = [g.fresh(model.blocks[i].name) for i in blocks]
+        g.node_into(
+            "Loop",
+            [max_iter, g.constant(np.array(True), "true"), *start, g.filled(np.inf, hint="residual_start")],
+            [*outputs, residual_name],
+            body=body,
+        )
+        self.states.update(zip(blocks, outputs))
+        names = ", ".join(model.blocks[i].name for i in blocks)
+        doc = (
+            f"relative residual of the last sweep of the cyclic blocks {names}"
+            f" (per sample): converged when <= fixed_point_tolerance ({self.tol:g}) within fixed_point_max_iter "
+            f"({self.max_iter}) sweeps"
+        )
+        self.residuals.append(helper.make_tensor_value_info(residual_name, g.elem_type, ["N"], doc_string=doc))
+
+    def _body_value(self, value: str, carried: dict[int, str]) -> str:
+        """A body output must be made in the body: a value passed through (an identity
+        activation of a carried value, never in practice) gets an Identity."""
+        if value in carried.values():
+            return self.g.node("Identity", [value], f"{value}/next")
+        return value
+
+    def _residual(self, pairs: list[tuple[str, str]], hint: str) -> str:
+        """max |new - old|_inf / max(|new|_inf, tiny) over the pairs, per sample (N,)."""
+        g = self.g
+        steps, sizes = [], []
+        for new, old in pairs:
+            difference = g.node("Abs", [g.node("Sub", [new, old], hint)], hint)
+            steps.append(g.reduce("ReduceMax", difference, [1], f"{hint}/step"))
+            sizes.append(g.reduce("ReduceMax", g.node("Abs", [new], hint), [1], f"{hint}/size"))
+        step = steps[0] if len(steps) == 1 else g.node("Max", steps, f"{hint}/step")
+        size = g.node("Max", [*sizes, g.scalar(float(np.finfo(g.dtype).tiny))], f"{hint}/size")
+        return g.node("Div", [step, size], hint)
+
+
+def _residual_name(index: int, count: int) -> str:
+    return RESIDUAL_OUTPUT if count == 1 else f"{RESIDUAL_OUTPUT}_{index}"
+
+
+def _offsets(specs) -> list[int]:
+    return [int(v) for v in np.cumsum([0, *(spec.size for spec in specs)])[:-1]]
+
+
+def _check_names(model: ImplicitModel) -> None:
+    """Graph inputs and outputs keep the model's names: they must differ, and the residual
+    outputs' names must be free."""
+    names = [spec.name for spec in (*model.inputs, *model.outputs)]
+    if len(set(names)) != len(names):
+        raise ShapeError(f"to_onnx: an input and an output (or two of them) share a name: {names}")
+    taken = [name for name in names if name.startswith(RESIDUAL_OUTPUT)]
+    if taken:
+        raise ShapeError(f"to_onnx: {taken[0]!r} is the name of the residual outputs of cyclic components; rename it")
+    for spec in (*model.inputs, *model.outputs):
+        if 0 in spec.shape:
+            raise ShapeError(f"to_onnx: {spec.name!r} has an empty dimension {spec.shape}; nothing to export for it")
