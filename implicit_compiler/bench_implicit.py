@@ -19,7 +19,8 @@ the same equilibrium to the same relative tolerance (``TOL``, float32 unless the
   (u = v + K y, lambda_pf(|A|) = 0.9), batch 1 / 256: ours, and the loop as a torch user writes
   it: torchdeq's broyden (and anderson) on the 10 fed-back values, y = LeNet(v + K y), with the
   torch LeNet-5 holding the same weights. Ours is ``predict`` (y only, as the peers return);
-  one open-loop ``predict`` is timed beside it.
+  one open-loop ``predict`` is timed beside it. Beside them, the same model exported by
+  ``to_onnx`` (tol = TOL; a Loop of plain Gauss-Seidel sweeps) run by onnxruntime on every core.
 
 - **trained classifier**: an ``ImplicitClassifier`` (200 states, A dense and cyclic, ||A||_inf <=
   0.95 kept by projection) fitted on scikit-learn's 8 x 8 digits (needs torch and scikit-learn), its equilibrium
@@ -179,6 +180,7 @@ def _loop_contenders(closed, lenet, K, net, v, peers) -> tuple[dict[str, Callabl
     """name -> function returning y (batch, 10); and the open-loop predict."""
     closed32, lenet32, v32 = closed.astype(np.float32), lenet.astype(np.float32), v.astype(np.float32)
     contenders: dict[str, Callable[[], np.ndarray]] = {"ours": lambda: closed32.predict(v32, tol=TOL)}
+    contenders["onnxruntime (to_onnx)"] = _exported(closed32, v32)
     if net is not None and "torchdeq" in peers:
         torch = peers["torch"]
         Kt, vt = torch.tensor(K.T, dtype=torch.float32), torch.tensor(v32.reshape(len(v32), -1))
@@ -193,6 +195,18 @@ def _loop_contenders(closed, lenet, K, net, v, peers) -> tuple[dict[str, Callabl
 
             contenders[f"torchdeq {solver_name} (10 values)"] = deq
     return contenders, lambda: lenet32.predict(v32)
+
+
+def _exported(model, v: np.ndarray) -> Callable[[], np.ndarray]:
+    """onnxruntime on ``model.to_onnx(tol=TOL)`` (every core): y for the inputs v."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = usable_cores()
+    proto = model.to_onnx(tol=TOL)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {model.inputs[0].name: v}
+    return lambda: session.run([model.outputs[0].name], feeds)[0]
 
 
 def loop_residual(lenet, K, v, y) -> float:
