@@ -102,7 +102,7 @@ def test_lenet5_exports_as_its_kernels_and_predicts_alike(form, lenet, lenet_ker
     assert model.is_structured == (form == "kernels")
     proto = check_export(model, digits_batch)
     ops = graph_ops(proto)
-    assert {"Conv", "Gemm", "Gather", "ReduceSum", "Relu"} <= ops and "Loop" not in ops
+    assert {"Conv", "Gemm", "Slice", "Relu"} <= ops and not {"Loop", "Gather"} & ops  # pooling: strided Slices
     assert all(opset.domain in ("", "ai.onnx") for opset in proto.opset_import)
     path = tmp_path / "lenet.onnx"
     onnx.save(proto, path)
@@ -211,6 +211,54 @@ def test_sparse_rows_of_unequal_lengths_empty_rows_and_several_inputs_and_output
         assert_float32_close(value.astype(np.float32), expected[name].astype(np.float32))
 
 
+def test_pooling_windows_are_read_by_strided_slices():
+    """A 2 x 2 average pool (one weight per window entry) and a strided subsampling with a
+    channel offset (a ResNet shortcut), as CSR: each window entry's indices form a strided box
+    of the image, so the graph slices instead of gathering; predictions as the CSR model's."""
+    rng = np.random.default_rng(9)
+    C, H, W = 3, 6, 8
+    image = np.arange(C * H * W).reshape(C, H, W)
+    rows, columns, values = [], [], []
+    weights = rng.normal(size=(2, 2))
+    for di in range(2):
+        for dj in range(2):
+            rows.append(np.arange(C * 3 * 4)), columns.append(image[:, di::2, dj::2].ravel())
+            values.append(np.full(C * 3 * 4, weights[di, dj]))
+    pool = sp.csr_array((np.concatenate(values), (np.concatenate(rows), np.concatenate(columns))), shape=(36, 144))
+    shortcut = sp.csr_array((np.ones(24), (np.arange(24) + 12, image[1:, ::2, ::2].ravel())), shape=(48, 144))
+    n = 36 + 48
+    model = ImplicitModel(
+        sp.csr_array((n, n)), sp.vstack([pool, shortcut], format="csr"), sp.csr_array(rng.normal(size=(2, n))),
+        sp.csr_array((2, 144)), rng.normal(size=n), np.zeros(2),
+        (StateBlock("pool", 0, 36, "relu", (3, 3, 4)), StateBlock("shortcut", 36, n, "identity", (4, 3, 4))),
+        (TensorSpec("image", (C, H, W)),), (TensorSpec("y", (2,)),),
+    )  # fmt: skip
+    proto = check_export(model, rng.standard_normal((5, C, H, W)), find_kernels=False)
+    assert "Slice" in graph_ops(proto) and "Gather" not in graph_ops(proto)
+
+
+def test_strided_boxes_against_numpy_slicing():
+    """``strided_box`` on the indices of random strided slices of random shapes (and on
+    shuffled ones): the view and slice it returns pick exactly those indices, in order."""
+    from implicit_compiler.export.onnx_products import strided_box
+
+    rng = np.random.default_rng(10)
+    found = 0
+    for _ in range(500):
+        shape = tuple(int(d) for d in rng.integers(1, 7, rng.integers(1, 4)))
+        array = np.arange(int(np.prod(shape))).reshape(shape)
+        picked = array[tuple(slice(int(rng.integers(0, d)), None, int(rng.integers(1, 4))) for d in shape)].ravel()
+        for index in (picked, rng.permutation(picked)):
+            box = strided_box(index, array.size)
+            if box is None:
+                continue
+            view, starts, stops, steps = box
+            found += 1
+            sliced = np.arange(array.size).reshape(view)[tuple(map(slice, starts, stops, steps))]
+            np.testing.assert_array_equal(sliced.ravel(), index)
+    assert found > 500  # (every unshuffled slice is a box)
+
+
 ACTIVATION_SPECS = [
     name for name in ACTIVATION_NAMES if name not in ("leaky_relu", "elu", "celu", "selu", "hard_sigmoid",
                                                      "thresholded_relu", "power", "heaviside")
@@ -279,12 +327,12 @@ def random_cyclic(rng, n=30, p=8, q=4, norm=0.5, activation="relu"):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_random_cyclic_models_iterate_in_a_loop(seed):
+@pytest.mark.parametrize("seed, opset", [(0, 13), (1, 17), (2, 18)])
+def test_random_cyclic_models_iterate_in_a_loop(seed, opset):
     rng = np.random.default_rng(seed)
     model = random_cyclic(rng, activation=["relu", "tanh", "leaky_relu(0.1)"][seed])
     u = rng.standard_normal((7, 8))
-    proto = check_export(model, u)
+    proto = check_export(model, u, opset=opset)
     assert "Loop" in graph_ops(proto)
     residual = run_onnxruntime(proto, {"u": u.astype(np.float32)})["fixed_point_residual"]
     assert residual.shape == (7,) and np.all(residual <= 1e-5)
