@@ -12,11 +12,12 @@ row-major (N the symbolic batch axis "N"; a product with the rows r of M is X M[
     per cyclic component, an output "fixed_point_residual" (N,) (``_residual_name``)
 
 The products are ``onnx_products``' (convolution and dense terms as Conv and Gemm with their
-kernels; the CSR rest as Gather / Mul / ReduceSum row products or small dense Gemms); the
+kernels; the CSR rest as strided Slices or Gathers, Mul and ReduceSum, or small dense Gemms); the
 activations ``onnx_activations``' (Relu, LeakyRelu, ... exactly as ``activations`` defines
 them). A plain CSR model is first searched for its convolutions and dense products
 (``structure.lift``, exact: the same linear map), so that the file holds kernels, not their
-Toeplitz copies: LeNet-5 exports to about the size of its ONNX file (measured in the README).
+Toeplitz copies: LeNet-5 compiled as CSR exports to 248 kB (its ONNX file: 260 kB), ResNet20
+to 1.08 MB (1.21 MB).
 
 A cyclic component K, blocks k_1 .. k_m in storage order, is solved as the runtime's sweep
 (``runtime.cyclic``): with F_k = (what K's block k reads from outside K: inputs, blocks solved
@@ -36,7 +37,10 @@ max_iter sweeps. tol and max_iter are the graph's initializers "fixed_point_tole
 and 1000). The last r is the graph output, so a run that did not converge is visible there
 (r > tol; NaN or inf when the iteration diverged), never silent. The runtime stops on an
 estimated error (r / (1 - rate), Anderson-accelerated); this is plain Picard on the sweep,
-stopped on r itself.
+stopped on r itself, so its states are within about tol / (1 - rate) of the equilibrium (the
+rate is what one sweep shrinks the error by): the LeNet-5 loop takes 3 sweeps, as the
+runtime; a dense relu layer with ||A||_inf = 0.9 / 0.99 (n = 500, float32) 40 / 80 sweeps
+against the runtime's 11 / 14 Anderson steps, 3e-5 / 8e-5 from its prediction (relative).
 
 float64 models export double tensors (onnxruntime has no double Conv: such files run in
 ``onnx.reference`` and other runtimes).
@@ -238,7 +242,7 @@ class _Exporter:
         max_iter = g.constant(np.array(self.max_iter, dtype=np.int64), "fixed_point_max_iter")
         carried = {i: g.fresh(f"{model.blocks[i].name}/previous") for i in blocks}
         step, running = g.fresh("sweep"), g.fresh("running")
-        previous_residual = g.fresh(f"{residual_name}/previous")
+        last_residual = g.fresh(f"{residual_name}/last")  # (carried only to be the Loop's output)
         with g.body() as body_nodes:
             current = dict(carried)
             for i in blocks:
@@ -257,7 +261,7 @@ class _Exporter:
                 g.tensor_info(step, [], onnx.TensorProto.INT64),
                 g.tensor_info(running, [], onnx.TensorProto.BOOL),
                 *block_info,
-                g.tensor_info(previous_residual, [None]),
+                g.tensor_info(last_residual, [None]),
             ],
             [
                 g.tensor_info(going_on, [], onnx.TensorProto.BOOL),
