@@ -16,8 +16,8 @@ kernels; the CSR rest as strided Slices or Gathers, Mul and ReduceSum, or small 
 activations ``onnx_activations``' (Relu, LeakyRelu, ... exactly as ``activations`` defines
 them). A plain CSR model is first searched for its convolutions and dense products
 (``structure.lift``, exact: the same linear map), so that the file holds kernels, not their
-Toeplitz copies: LeNet-5 compiled as CSR exports to 248 kB (its ONNX file: 260 kB), ResNet20
-to 1.08 MB (1.21 MB).
+Toeplitz copies: LeNet-5 compiled as CSR exports to 258 kB (its ONNX file: 260 kB), ResNet20
+to 1.09 MB (1.21 MB).
 
 A cyclic component K, blocks k_1 .. k_m in storage order, is solved as the runtime's sweep
 (``runtime.cyclic``): with F_k = (what K's block k reads from outside K: inputs, blocks solved

@@ -23,14 +23,15 @@ given (a cyclic component's loop splits A's rows into what is fixed and what ite
   - but when w <= ``BOX_WIDTH`` and each of the w index columns (the j-th entry of every row)
     runs over a strided box of X's columns in C order (``strided_box``: pooling windows,
     strided shortcuts, residual identities), Z = sum_j values_j * Slice_j(X viewed as the
-    box's view): Slices, no Gather, and no index stored. onnxruntime's Gather along axis 1
-    copies element by element: LeNet-5 exported took 0.072 / 6.2 ms at batch 1 / 256 with
-    Gathers, 0.048 / 3.4 (busier cores) with Slices, against 0.019 / 1.7-3.4 for its ONNX file.
+    box's view): Slices, no Gather, and no index stored (used for progressions too: onnxruntime
+    sums a last axis of 2 slowly). onnxruntime's Gather along axis 1 copies element by element:
+    LeNet-5 exported, 2 threads, the same process, best of 7: 0.070 / 11.8 ms at batch 1 / 256
+    with Gathers, 0.046 / 5.8 with Slices (its own ONNX file: 0.018 / 1.6 ms; busy cores).
   Sizes: Gather indices stored as int16 when the source has fewer than 2^15 columns (Cast to
   int32 at run time), else int32; values as one scalar when all are equal (none when all 1),
   as int8 (Cast) when all are small integers (pooling trees: +-1), else in the model's dtype.
   Indices that are an arithmetic progression are a Slice (a residual identity reads a block as
-  it is). LeNet-5 exports to 248 kB (its ONNX file: 260 kB), ResNet20 to 1.08 MB (1.21 MB).
+  it is). LeNet-5 exports to 258 kB (its ONNX file: 260 kB), ResNet20 to 1.09 MB (1.21 MB).
 """
 
 from __future__ import annotations
@@ -249,7 +250,7 @@ def _ell(g: GraphWriter, part: sp.csr_array, x: str, width: int, hint: str) -> s
     index[row_of, position] = part.indices
     values[row_of, position] = part.data
     flat = index.ravel()
-    if width <= BOX_WIDTH and not _is_progression(flat):
+    if width <= BOX_WIDTH:  # (a progression too: ReduceSum over a last axis of 2 is slow in onnxruntime)
         boxes = [strided_box(index[:, j], k) for j in range(width)]
         if all(box is not None for box in boxes):
             return _box_sum(g, x, k, boxes, values, hint)
