@@ -20,7 +20,7 @@ the same equilibrium to the same relative tolerance (``TOL``, float32 unless the
   it: torchdeq's broyden (and anderson) on the 10 fed-back values, y = LeNet(v + K y), with the
   torch LeNet-5 holding the same weights. Ours is ``predict`` (y only, as the peers return);
   one open-loop ``predict`` is timed beside it. Beside them, the same model exported by
-  ``to_onnx`` (tol = TOL; a Loop of plain Gauss-Seidel sweeps) run by onnxruntime on every core.
+  ``to_onnx`` (tol = TOL; a Loop of accelerated Gauss-Seidel sweeps) run by onnxruntime on every core.
 
 - **trained classifier**: an ``ImplicitClassifier`` (200 states, A dense and cyclic, ||A||_inf <=
   0.95 kept by projection) fitted on scikit-learn's 8 x 8 digits (needs torch and scikit-learn), its equilibrium
