@@ -21,7 +21,7 @@ from implicit_compiler.errors import ArgumentValueError, OverwriteError, Unsuppo
 from implicit_compiler.export import DEFAULT_OPSET
 from implicit_compiler.frontend.reference_ops import REFERENCE_OPS
 from implicit_compiler.frontend.verification import FLOAT32_ATOL, FLOAT32_RTOL, FLOAT64_RTOL
-from implicit_compiler.structure import Convolution, StructuredMatrix, Term
+from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
@@ -215,6 +215,48 @@ def test_convolution_geometry_strides_dilations_pads_and_a_cropped_output():
     )
     got = run_reference(model.to_onnx(), {"image": u})["y"]
     assert_float64_close(got, plain.predict(u))
+
+
+def test_terms_across_blocks_and_blocks_that_read_nothing():
+    """A dense term of B writing the rows of two blocks (computed once, its rows sliced per
+    block), a dense term of A reading the columns of two blocks (a Concat), a block with only
+    a bias (an Expand), per-channel and constant biases, and an output reading nothing (zeros);
+    against the materialized CSR model."""
+    rng = np.random.default_rng(13)
+    p, sizes = 5, (4, 6, 8, 3)
+    starts = np.cumsum([0, *sizes])
+    n = int(starts[-1])
+    B = StructuredMatrix(
+        (n, p), (Term(slice(0, 10), Dense(slice(0, p), rng.normal(size=(10, p)))),), sp.csr_array((n, p))
+    )
+    A = StructuredMatrix(
+        (n, n), (Term(slice(10, 18), Dense(slice(0, 10), rng.normal(size=(8, 10)))),), sp.csr_array((n, n))
+    )
+    blocks = (
+        StateBlock("first", 0, 4, "relu", (4,)),
+        StateBlock("second", 4, 10, "tanh", (2, 3)),
+        StateBlock("third", 10, 18, "relu", (2, 4)),
+        StateBlock("constant", 18, 21, "sigmoid", (3,)),
+    )
+    bias = np.concatenate(
+        [np.full(4, 0.3), np.repeat(rng.normal(size=2), 3), np.repeat(rng.normal(size=2), 4), rng.normal(size=3)]
+    )
+    C = sp.csr_array(np.vstack([rng.normal(size=(2, n)), np.zeros((2, n))]))
+    model = ImplicitModel(
+        A, B, C, sp.csr_array((4, p)), bias, np.zeros(4), blocks, (TensorSpec("u", (p,)),),
+        (TensorSpec("y", (2,)), TensorSpec("nothing", (2,))),
+    )  # fmt: skip
+    u = rng.standard_normal((4, p))
+    plain = model.materialized()
+    proto = model.astype(np.float32).to_onnx()
+    assert {"Concat", "Expand", "ConstantOfShape"} <= graph_ops(proto)
+    got = run_onnxruntime(proto, {"u": u.astype(np.float32)})
+    expected = plain.astype(np.float32).predict(u.astype(np.float32))
+    for name in ("y", "nothing"):
+        assert_float32_close(got[name], expected[name])
+    got = run_reference(model.to_onnx(), {"u": u})
+    for name, value in plain.predict(u).items():
+        assert_float64_close(got[name], value)
 
 
 def test_sparse_rows_of_unequal_lengths_empty_rows_and_several_inputs_and_outputs():
