@@ -277,7 +277,11 @@ class _Exporter:
                 *(g.tensor_info(swept[i], sizes[i]) for i in torn),
             ],
         )
-        start = {i: g.filled(0.0, model.blocks[i].size, hint=f"{name[i]}/start") for i in blocks}
+        # the torn states start at 0 (as the runtime's); the others are computed before they are
+        # read, so any tensor of their shape starts them: F_k, made already
+        start = {
+            i: g.filled(0.0, model.blocks[i].size, hint=f"{name[i]}/start") if i in torn else fixed[i] for i in blocks
+        }
         outputs = [g.fresh(name[i]) for i in blocks]
         history = [g.fresh(f"{name[i]}/{what}") for what in ("final_step", "final_sweep") for i in torn]
         g.node_into(
