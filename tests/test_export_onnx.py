@@ -177,6 +177,15 @@ def test_resnet20_round_trip():
     assert_float32_close(ic.from_onnx(proto, dtype=np.float32).predict(u), model.predict(u))
 
 
+@pytest.mark.parametrize("name", ["lstm_classifier", "vit"])
+def test_recurrent_and_transformer_zoo_models(name):
+    """An unrolled LSTM (64 blocks: sigmoid, tanh, square) and a small ViT (exp, log,
+    log_positive, gelu, square blocks of attention and LayerNorm)."""
+    model = ic.from_onnx(ZOO / f"{name}.onnx")
+    spec = model.inputs[0]
+    check_export(model, np.random.default_rng(14).standard_normal((3, *spec.shape)))
+
+
 # --------------------------------------------------------------------------------- small models
 def test_convolution_geometry_strides_dilations_pads_and_a_cropped_output():
     """Convolution terms written directly (independent of the lowering): stride 2 with

@@ -108,8 +108,11 @@ def row_products(g: GraphWriter, matrix: StructuredMatrix, rows: slice, sources:
         if first < last and sources.overlaps(term.op.source):
             contributions.append(_term_rows(g, term, first, last, rows.start, sources, hint))
     remainder = matrix.remainder[rows.start : rows.stop]
-    if remainder.nnz:
-        for segment in sources.segments:
+    if remainder.nnz and sources.segments:
+        read = np.unique(remainder.indices)  # (only the sources read: a model may have thousands)
+        touched = np.unique(np.searchsorted(sources.starts, read, side="right") - 1)
+        for index in touched[touched >= 0]:
+            segment = sources.segments[index]
             part = remainder[:, segment.start : segment.stop]
             contributions += _sparse_rows(g, sp.csr_array(part), segment.tensor, hint)
     return contributions
