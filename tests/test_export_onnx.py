@@ -354,6 +354,33 @@ def test_strided_boxes_against_numpy_slicing():
     assert found > 500  # (every unshuffled slice is a box)
 
 
+def test_edge_shapes_no_states_an_empty_block_scalar_inputs_and_an_empty_batch():
+    rng = np.random.default_rng(15)
+    no_states = ImplicitModel(
+        sp.csr_array((0, 0)), sp.csr_array((0, 3)), sp.csr_array((2, 0)), sp.csr_array(rng.normal(size=(2, 3))),
+        None, rng.normal(size=2), (), (TensorSpec("u", (3,)),), (TensorSpec("y", (2,)),),
+    )  # fmt: skip
+    check_export(no_states, rng.normal(size=(4, 3)))
+    blocks = (
+        StateBlock("a", 0, 2, "relu", (2,)),
+        StateBlock("empty", 2, 2, "relu", (0,)),
+        StateBlock("b", 2, 4, "tanh", (2,)),
+    )
+    empty_block = ImplicitModel(
+        sp.csr_array(np.tril(rng.normal(size=(4, 4)), -1)), sp.csr_array(rng.normal(size=(4, 3))),
+        sp.csr_array(rng.normal(size=(2, 4))), sp.csr_array((2, 3)), None, None, blocks,
+        (TensorSpec("u", (3,)),), (TensorSpec("y", (2,)),),
+    )  # fmt: skip
+    check_export(empty_block, rng.normal(size=(4, 3)))
+    scalars = ImplicitModel(
+        sp.csr_array((2, 2)), sp.csr_array(np.ones((2, 1))), sp.csr_array(np.ones((1, 2))), sp.csr_array((1, 1)),
+        None, None, (StateBlock("x", 0, 2, "relu", (2,)),), (TensorSpec("s", ()),), (TensorSpec("t", ()),),
+    )  # fmt: skip
+    check_export(scalars, np.array([1.0, -2.0, 3.0]))
+    proto = empty_block.astype(np.float32).to_onnx()
+    assert run_onnxruntime(proto, {"u": np.zeros((0, 3), np.float32)})["y"].shape == (0, 2)
+
+
 ACTIVATION_SPECS = [
     name for name in ACTIVATION_NAMES if name not in ("leaky_relu", "elu", "celu", "selu", "hard_sigmoid",
                                                      "thresholded_relu", "power", "heaviside")
