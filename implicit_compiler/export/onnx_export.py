@@ -289,6 +289,7 @@ class _Exporter:
             [max_iter, g.constant(np.array(True), "true"), *start.values(), g.filled(np.inf, hint="residual_start"),
              *(start[i] for i in torn), *(start[i] for i in torn)],
             [*outputs, residual_name, *history],
+            name=g.fresh(f"fixed_point_loop/{name[blocks[0]]}"),
             body=body,
         )  # fmt: skip
         self.states.update(zip(blocks, outputs))

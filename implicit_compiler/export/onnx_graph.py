@@ -85,9 +85,11 @@ class GraphWriter:
         self.nodes.append(helper.make_node(op, list(inputs), names, name=names[0], **attributes))
         return names if outputs > 1 else names[0]
 
-    def node_into(self, op: str, inputs: Sequence[str], outputs: Sequence[str], **attributes: Any) -> None:
+    def node_into(
+        self, op: str, inputs: Sequence[str], outputs: Sequence[str], name: str | None = None, **attributes: Any
+    ) -> None:
         """Append a node writing the given (already reserved) names."""
-        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=outputs[0], **attributes))
+        self.nodes.append(helper.make_node(op, list(inputs), list(outputs), name=name or outputs[0], **attributes))
 
     @contextmanager
     def body(self) -> Iterator[list[onnx.NodeProto]]:

@@ -77,7 +77,6 @@ class Sources:
     def __init__(self, segments: list[Segment]):
         self.segments = sorted((s for s in segments if s.stop > s.start), key=lambda s: s.start)
         self.starts = np.array([s.start for s in self.segments], dtype=np.int64)
-        self.stops = np.array([s.stop for s in self.segments], dtype=np.int64)
 
     def covers(self, columns: slice) -> bool:
         """Whether the sources hold every column of ``columns`` (a term's source)."""
@@ -99,7 +98,9 @@ class Sources:
         return pieces[0] if len(pieces) == 1 else g.node("Concat", pieces, hint, axis=1)
 
 
-def row_products(g: GraphWriter, matrix: StructuredMatrix, rows: slice, sources: Sources, hint: str) -> list:
+def row_products(
+    g: GraphWriter, matrix: StructuredMatrix, rows: slice, sources: Sources, hint: str
+) -> list[Contribution]:
     """The contributions of M[rows] X for the columns held by ``sources`` (others are left out:
     they are added elsewhere), offsets counted from rows.start."""
     contributions = []
