@@ -569,6 +569,16 @@ def test_opset_default_and_choice(lenet_kernels):
             model.to_onnx(opset=bad)
 
 
+def test_tolerance_and_sweep_cap_are_checked_as_predict_checks_them(mlp):
+    model = mlp.implicit().astype(np.float32)
+    with pytest.raises(ic.ToleranceError, match="float32"):
+        model.to_onnx(tol=1e-9)
+    with pytest.raises(ArgumentValueError, match="max_iter"):
+        model.to_onnx(max_iter=0)
+    with pytest.raises(ic.ArgumentTypeError, match="tol"):
+        model.to_onnx(tol="small")
+
+
 def test_float64_models_export_double_tensors(lenet_kernels):
     proto = lenet_kernels.to_onnx()
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.DOUBLE

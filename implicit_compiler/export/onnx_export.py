@@ -89,17 +89,18 @@ def to_onnx(
         opset: the ONNX opset (default ``DEFAULT_OPSET``; from ``LEAST_OPSET`` to the installed
             onnx's latest).
         tol, max_iter: the cyclic components' stopping tolerance on the relative residual and
-            sweep cap (defaults: ``predict``'s).
+            sweep cap (defaults: ``predict``'s; ``ToleranceError`` for a tol the dtype cannot
+            reach, as ``predict``).
         find_kernels: search a plain CSR model's convolutions and dense products first
             (``structure.lift``), so that they are written as Conv / Gemm with their kernels.
     """
+    from ..runtime.fixed_point import check_tolerance
     from ..runtime.solve import DEFAULT_TOLERANCE, PREDICT_OPTIONS
     from ..serialization import writable_target, write_file
 
     opset = _checked_opset(opset)
     tol = DEFAULT_TOLERANCE[model.dtype] if tol is None else arguments.real(tol, "tol", "a positive number")
-    if not tol > 0:
-        raise ArgumentValueError(f"tol: expected a positive number, got {tol!r}")
+    check_tolerance(tol, model.dtype)  # (as predict: ToleranceError for one the dtype cannot reach)
     max_iter = PREDICT_OPTIONS["max_iter"] if max_iter is None else arguments.integer(max_iter, "max_iter", 1)
     if path is not None:
         writable_target(path, overwrite)  # refuse an existing file before the work
