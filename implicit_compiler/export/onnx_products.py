@@ -25,8 +25,8 @@ given (a cyclic component's loop splits A's rows into what is fixed and what ite
     strided shortcuts, residual identities), Z = sum_j values_j * Slice_j(X viewed as the
     box's view): Slices, no Gather, and no index stored (used for progressions too: onnxruntime
     sums a last axis of 2 slowly). onnxruntime's Gather along axis 1 copies element by element:
-    LeNet-5 exported, 2 threads, the same process, best of 7: 0.070 / 11.8 ms at batch 1 / 256
-    with Gathers, 0.046 / 5.8 with Slices (its own ONNX file: 0.018 / 1.6 ms; busy cores).
+    LeNet-5 exported, 2 threads, the same process, best of 7: 0.069 / 6.4 ms at batch 1 / 256
+    with Gathers, 0.043 / 4.3 with Slices (its own ONNX file: 0.018 / 2.1 ms).
   Sizes: Gather indices stored as int16 when the source has fewer than 2^15 columns (Cast to
   int32 at run time), else int32; values as one scalar when all are equal (none when all 1),
   as int8 (Cast) when all are small integers (pooling trees: +-1), else in the model's dtype.
