@@ -19,7 +19,9 @@ the same equilibrium to the same relative tolerance (``TOL``, float32 unless the
   (u = v + K y, lambda_pf(|A|) = 0.9), batch 1 / 256: ours, and the loop as a torch user writes
   it: torchdeq's broyden (and anderson) on the 10 fed-back values, y = LeNet(v + K y), with the
   torch LeNet-5 holding the same weights. Ours is ``predict`` (y only, as the peers return);
-  one open-loop ``predict`` is timed beside it.
+  one open-loop ``predict`` is timed beside it. Beside them, the same model exported by
+  ``to_onnx`` (tol = TOL; a Loop of accelerated Gauss-Seidel sweeps) run by onnxruntime on every
+  core (``EXPORTED``: reported, not counted as a peer in our row's ratio).
 
 - **trained classifier**: an ``ImplicitClassifier`` (200 states, A dense and cyclic, ||A||_inf <=
   0.95 kept by projection) fitted on scikit-learn's 8 x 8 digits (needs torch and scikit-learn), its equilibrium
@@ -48,6 +50,9 @@ from .bench import ROOT, machine_info, time_side_by_side, usable_cores
 from .errors import OverwriteError
 
 TOL = 1e-6
+# Our model exported by to_onnx, run by onnxruntime: reported beside ours, not a peer (our row's
+# ratio is to the best peer's time).
+EXPORTED = "onnxruntime (to_onnx)"
 REPORT_FILES = ("implicit.json", "implicit.md")
 P = 64
 
@@ -179,6 +184,7 @@ def _loop_contenders(closed, lenet, K, net, v, peers) -> tuple[dict[str, Callabl
     """name -> function returning y (batch, 10); and the open-loop predict."""
     closed32, lenet32, v32 = closed.astype(np.float32), lenet.astype(np.float32), v.astype(np.float32)
     contenders: dict[str, Callable[[], np.ndarray]] = {"ours": lambda: closed32.predict(v32, tol=TOL)}
+    contenders[EXPORTED] = _exported(closed32, v32)
     if net is not None and "torchdeq" in peers:
         torch = peers["torch"]
         Kt, vt = torch.tensor(K.T, dtype=torch.float32), torch.tensor(v32.reshape(len(v32), -1))
@@ -193,6 +199,18 @@ def _loop_contenders(closed, lenet, K, net, v, peers) -> tuple[dict[str, Callabl
 
             contenders[f"torchdeq {solver_name} (10 values)"] = deq
     return contenders, lambda: lenet32.predict(v32)
+
+
+def _exported(model, v: np.ndarray) -> Callable[[], np.ndarray]:
+    """onnxruntime on ``model.to_onnx(tol=TOL)`` (every core): y for the inputs v."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = usable_cores()
+    proto = model.to_onnx(tol=TOL)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {model.inputs[0].name: v}
+    return lambda: session.run([model.outputs[0].name], feeds)[0]
 
 
 def loop_residual(lenet, K, v, y) -> float:
@@ -285,7 +303,7 @@ def _reference(A, B, b, u) -> np.ndarray:
 
 def _rows(case, batch, dtype, timed, residuals, note="") -> list[ImplicitRow]:
     ours = timed["ours"][0].median_seconds
-    peers = [timing.median_seconds for name, (timing, _) in timed.items() if name != "ours"]
+    peers = [timing.median_seconds for name, (timing, _) in timed.items() if name not in ("ours", EXPORTED)]
     best = min(peers) if peers else float("nan")
     rows = []
     for name, (timing, _) in timed.items():

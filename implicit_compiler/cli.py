@@ -8,6 +8,7 @@
     implicit-compiler sensitivity model.npz -o s.png       the sensitivity matrix (image, .npy)
     implicit-compiler compose cascade a.npz b.npz -o c.npz cascade / parallel / add / multiply / feedback
     implicit-compiler run model.npz -i u.npy -o y.npy      predictions for inputs from .npy
+    implicit-compiler export model.npz -o model.onnx       an ONNX graph onnxruntime runs
     implicit-compiler ops                                  the supported ONNX ops
     implicit-compiler bench                                throughput vs onnxruntime and torch
 
@@ -304,6 +305,24 @@ def command_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_export(args: argparse.Namespace) -> int:
+    output = Path(args.output)
+    _check_writable(output, args.overwrite)
+    model = _load_model(args.model, args)
+    if args.dtype:
+        model = model.astype(args.dtype)
+    start = time.perf_counter()
+    proto = model.to_onnx(output, opset=args.opset, overwrite=args.overwrite, tol=args.tol, max_iter=args.max_iter)
+    seconds = time.perf_counter() - start
+    residuals = [value.name for value in proto.graph.output[len(model.outputs) :]]
+    loops = f"; cyclic components iterate in Loops, their residuals in {', '.join(residuals)}" if residuals else ""
+    print(f"exported {model} at opset {proto.opset_import[0].version} in {seconds:.2f} s{loops}")
+    print(f"wrote {output} ({output.stat().st_size / 2**20:.2f} MiB)")
+    if model.dtype == np.float64:
+        print("note: float64 (double) tensors: onnxruntime has no double Conv; --dtype float32 writes float")
+    return EXIT_OK
+
+
 def command_bounds(args: argparse.Namespace) -> int:
     from . import viz
     from .analysis import certify_robustness, output_bounds
@@ -480,6 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("-o", "--output", help=".npy to write (.npz for several outputs); default: print")
     sub.add_argument("--method", choices=("auto", "picard", "anderson"), default="auto")
     sub.add_argument("--overwrite", action="store_true")
+
+    sub = add("export", command_export, "write a model as an ONNX graph that onnxruntime runs (predicts as run does)")
+    model_argument(sub)
+    sub.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    sub.add_argument("--opset", type=int, help="the ONNX opset (default 17)")
+    sub.add_argument("--dtype", choices=("float32", "float64"), help="the graph's float type (default: the model's)")
+    sub.add_argument("--tol", type=float, help="cyclic components: the residual to stop at (default predict's)")
+    sub.add_argument("--max-iter", type=int, help="cyclic components: the most sweeps (default: predict's, 1000)")
+    sub.add_argument("--overwrite", action="store_true", help="replace the output if it exists")
 
     sub = add("bench", command_bench, "benchmark ours vs onnxruntime and torch on the zoo models (bench.json, .md)")
     sub.add_argument(

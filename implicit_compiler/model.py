@@ -377,6 +377,17 @@ class ImplicitModel:
 
         return shape_outputs(self.outputs, predict_outputs(self, u, **solve_options))
 
+    def to_onnx(
+        self, path: str | None = None, opset: int | None = None, overwrite: bool = False, **options: Any
+    ) -> Any:
+        """This model as an ONNX graph (an ``onnx.ModelProto``) that onnxruntime runs and that
+        predicts as ``predict`` does; written to ``path`` when given (an existing file only
+        with ``overwrite``). Options: tol, max_iter (cyclic components), find_kernels; see
+        ``implicit_compiler.export.to_onnx``."""
+        from .export import to_onnx
+
+        return to_onnx(self, path, opset=opset, overwrite=overwrite, **options)
+
     def save(self, path: str, overwrite: bool = False) -> None:
         """Write the model to one .npz file (no pickle); refuse to replace a file unless asked."""
         from .serialization import save_model

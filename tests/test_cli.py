@@ -20,7 +20,7 @@ from implicit_compiler.structure import StructuredMatrix, lift
 ROOT = Path(__file__).resolve().parents[1]
 LENET = ROOT / "zoo" / "lenet5.onnx"
 SMALL = ROOT / "tests" / "onnx-corpus" / "vnncomp" / "vnncomp2021_mnistfc_mnist-net_256x2.onnx"
-COMMANDS = ("compile", "info", "verify", "spy", "wellposed", "sensitivity", "bounds", "compose", "run", "ops")
+COMMANDS = ("compile", "info", "verify", "spy", "wellposed", "sensitivity", "bounds", "compose", "run", "export", "ops")
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
