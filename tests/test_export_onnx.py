@@ -22,7 +22,7 @@ from implicit_compiler.errors import ArgumentValueError, OverwriteError, Unsuppo
 from implicit_compiler.export import DEFAULT_OPSET
 from implicit_compiler.frontend.reference_ops import REFERENCE_OPS
 from implicit_compiler.frontend.verification import FLOAT32_ATOL, FLOAT32_RTOL, FLOAT64_RTOL
-from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term
+from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term, TransposedConvolution
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
@@ -622,3 +622,91 @@ def test_cli_export(tmp_path, lenet_kernels, capsys):
     assert "float64" in capsys.readouterr().out  # the note on double tensors
     assert main(["export", str(saved), "-o", str(tmp_path / "no" / "x.onnx")]) == 2
     assert not os.path.exists(tmp_path / "no")
+
+
+def transposed_net(groups: int) -> onnx.ModelProto:
+    """ConvTranspose (stride 2, pads, output_padding, ``groups`` groups) + Relu, a depthwise Conv (4
+    groups, stride 2) + Tanh, a grouped 1 x 1 Conv (2 groups), Flatten: x (N, 4, 12, 10) -> y."""
+    rng = np.random.default_rng(13)
+    weights = {
+        "T": rng.normal(size=(4, 6 // groups, 3, 3)) / 3, "bT": rng.normal(size=6), "D": rng.normal(size=(6, 1, 3, 3)) / 3,
+        "G": rng.normal(size=(8, 3, 1, 1)),
+    }  # fmt: skip
+    nodes = [
+        onnx.helper.make_node(
+            "ConvTranspose",
+            ["x", "T", "bT"],
+            ["t"],
+            strides=[2, 2],
+            pads=[1, 0, 0, 1],
+            output_padding=[1, 0],
+            group=groups,
+        ),
+        onnx.helper.make_node("Relu", ["t"], ["r"]),
+        onnx.helper.make_node("Conv", ["r", "D"], ["d"], group=6, strides=[2, 2], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Tanh", ["d"], ["h"]),
+        onnx.helper.make_node("Conv", ["h", "G"], ["g"], group=2),
+        onnx.helper.make_node("Flatten", ["g"], ["y"]),
+    ]
+    initializers = [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()]
+    graph = onnx.helper.make_graph(
+        nodes, "transposed", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, 12, 10])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", None])], initializers,
+    )  # fmt: skip
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_and_grouped_convolutions_export_as_their_ops(groups):
+    """ConvTranspose and grouped (depthwise) Conv kept as terms are written back as ConvTranspose
+    and Conv with ``group``: against onnxruntime on the network itself and against predict
+    (float64 by onnx.reference too, whose ConvTranspose fails on groups: float32 only there)."""
+    network = transposed_net(groups)
+    model = ic.from_onnx(network, structure="kernels")
+    kinds = {type(term.op).__name__ for matrix in (model.structure.A, model.structure.B) for term in matrix.terms}
+    assert kinds == {"Convolution", "TransposedConvolution"}
+    assert [term.op.groups for term in model.structure.B.terms] == [groups]
+    u = np.random.default_rng(14).standard_normal((5, 4, 12, 10))
+    if groups == 1:
+        proto = check_export(model, u)
+    else:
+        proto = model.astype(np.float32).to_onnx()
+        onnx.checker.check_model(proto, full_check=True)
+        expected = model.astype(np.float32).predict(u.astype(np.float32))
+        assert_float32_close(run_onnxruntime(proto, {"x": u.astype(np.float32)})["y"], expected)
+    assert {"ConvTranspose", "Conv"} <= graph_ops(proto)
+    attributes = [(node.op_type, a.i) for node in proto.graph.node for a in node.attribute if a.name == "group"]
+    assert ("Conv", 6) in attributes and ("Conv", 2) in attributes and ("ConvTranspose", groups) in attributes
+    original = run_onnxruntime(network, {"x": u.astype(np.float32)})["y"]
+    assert_float32_close(run_onnxruntime(proto, {"x": u.astype(np.float32)})["y"], original)
+
+
+@pytest.mark.parametrize("out_size", [(9, 8), (12, 11), (5, 4)], ids=["natural", "longer", "cut"])
+def test_transposed_convolution_terms_longer_or_shorter_than_their_reach(out_size):
+    """A TransposedConvolution term written directly whose output runs past the pixels its
+    input reaches (zeros there: ConvTranspose then Pad) or stops before them (the trailing pads
+    cut them): the materialized CSR model's prediction is the reference."""
+    rng = np.random.default_rng(15)
+    C, H, W, Co = 4, 4, 3, 2
+    Ho, Wo = out_size
+    op = TransposedConvolution(
+        slice(0, C * H * W), (C, H, W), (Co, Ho, Wo), (3, 3), (2, 2), (1, 2), (1, 0), rng.normal(size=(C, Co * 9))
+    )
+    n, p = Co * Ho * Wo, C * H * W
+    B = StructuredMatrix((n, p), (Term(slice(0, n), op),), sp.csr_array((n, p)))
+    model = ImplicitModel(
+        StructuredMatrix((n, n), (), sp.csr_array((n, n))), B, sp.csr_array(rng.normal(size=(3, n))),
+        sp.csr_array((3, p)), rng.normal(size=n), rng.normal(size=3), (StateBlock("t", 0, n, "relu", (Co, Ho, Wo)),),
+        (TensorSpec("image", (C, H, W)),), (TensorSpec("y", (3,)),),
+    )  # fmt: skip
+    plain = model.materialized()
+    u = rng.standard_normal((4, C, H, W))
+    proto = model.astype(np.float32).to_onnx()
+    assert "ConvTranspose" in graph_ops(proto)
+    assert_float32_close(
+        run_onnxruntime(proto, {"image": u.astype(np.float32)})["y"],
+        plain.astype(np.float32).predict(u.astype(np.float32)),
+    )
+    assert_float64_close(run_reference(model.to_onnx(), {"image": u})["y"], plain.predict(u))

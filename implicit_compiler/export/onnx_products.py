@@ -8,7 +8,9 @@ given (a cyclic component's loop splits A's rows into what is fixed and what ite
 - A convolution term (kernel K (Co, C kh kw), strides s, dilations d, leading pads p): the
   source reshaped to (N, C, H, W), ``Conv`` with K as (Co, C, kh, kw) and pads [p, p'], the
   trailing pads p' = max(0, (Ho - 1) s + d (kh - 1) + 1 - H - p) (an output larger than
-  (Ho, Wo) sliced back), reshaped to (N, Co Ho Wo).
+  (Ho, Wo) sliced back), reshaped to (N, Co Ho Wo); grouped ones with ``group``.
+- A transposed convolution term: ``ConvTranspose`` with its W (C, Co / groups, kh, kw), the
+  trailing pads cutting what passes (Ho, Wo), ``Pad`` with zeros where it falls short.
 - A dense term W (rows, k): ``Gemm(X, W, transB=1)``.
 - A term spanning more rows than asked is computed whole and its rows sliced out.
 - The CSR remainder, per source: its rows from the first to the last non-empty one, then
@@ -43,7 +45,7 @@ import onnx
 import scipy.sparse as sp
 
 from ..errors import GraphError
-from ..structure import Convolution, Dense, StructuredMatrix, Term
+from ..structure import Convolution, Dense, StructuredMatrix, Term, TransposedConvolution
 from .onnx_graph import GraphWriter
 
 SMALL_DENSE = 4096  # a remainder part of at most this many entries (rows x columns) goes dense
@@ -186,6 +188,8 @@ def _term_rows(g: GraphWriter, term: Term, first: int, last: int, origin: int, s
     x = sources.tensor(g, op.source, f"{hint}/source")
     if isinstance(op, Dense):
         y, convolution = _dense(g, op.weight, x, hint), None
+    elif isinstance(op, TransposedConvolution):
+        y, convolution = _transposed_convolution(g, op, x, hint)
     else:
         y, convolution = _convolution(g, op, x, hint)
     if (first, last) != (term.rows.start, term.rows.stop):
@@ -200,23 +204,49 @@ def _dense(g: GraphWriter, weight: np.ndarray, x: str, hint: str) -> str:
 
 
 def _convolution(g: GraphWriter, op: Convolution, x: str, hint: str) -> tuple[str, onnx.NodeProto]:
-    """The convolution of x (N, C H W) as (N, Co Ho Wo) (module docstring), and its Conv node."""
+    """The convolution of x (N, C H W) as (N, Co Ho Wo) (module docstring), and its Conv node
+    (``group`` = op.groups, K as (Co, C / groups, kh, kw))."""
     (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = op.kernel, op.stride, op.dilation, op.pads
     bottom = max(0, (Ho - 1) * sh + dh * (kh - 1) + 1 - H - ph)
     right = max(0, (Wo - 1) * sw + dw * (kw - 1) + 1 - W - pw)
     natural_h = (H + ph + bottom - dh * (kh - 1) - 1) // sh + 1
     natural_w = (W + pw + right - dw * (kw - 1) - 1) // sw + 1
-    weight = g.values(op.weight.reshape(Co, C, kh, kw), f"{hint}/kernel")
+    weight = g.values(op.weight.reshape(Co, C // op.groups, kh, kw), f"{hint}/kernel")
     image = g.reshape(x, (C, H, W), f"{hint}/image")
     y = g.node(
         "Conv", [image, weight], f"{hint}/conv", kernel_shape=[kh, kw], strides=[sh, sw], dilations=[dh, dw],
-        pads=[ph, pw, bottom, right],
+        pads=[ph, pw, bottom, right], group=op.groups,
     )  # fmt: skip
     node = g.nodes[-1]
     if (natural_h, natural_w) != (Ho, Wo):
         bounds = [g.integers([0, 0], "start"), g.integers([Ho, Wo], "stop"), g.integers([2, 3], "axes")]
         y = g.node("Slice", [y, *bounds], f"{hint}/crop")
+    return g.reshape(y, (Co * Ho * Wo,), f"{hint}/flat"), node
+
+
+def _transposed_convolution(
+    g: GraphWriter, op: TransposedConvolution, x: str, hint: str
+) -> tuple[str, onnx.NodeProto | None]:
+    """The transposed convolution of x (N, C H W) as (N, Co Ho Wo), and its ConvTranspose node
+    (None when padded, see below):
+    W (C, Co / groups, kh, kw) as stored, the leading pads p, the trailing pads p' = max(0,
+    s (H - 1) + d (kh - 1) + 1 - p - Ho) (the pixels past Ho cut), and an output smaller than
+    (Ho, Wo) (output pixels no input reaches) padded with zeros at the end."""
+    (C, H, W), (Co, Ho, Wo) = op.in_shape, op.out_shape
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = op.kernel, op.stride, op.dilation, op.pads
+    reach_h, reach_w = sh * (H - 1) + dh * (kh - 1) + 1 - ph, sw * (W - 1) + dw * (kw - 1) + 1 - pw
+    bottom, right = max(0, reach_h - Ho), max(0, reach_w - Wo)
+    weight = g.values(op.weight.reshape(C, Co // op.groups, kh, kw), f"{hint}/kernel")
+    image = g.reshape(x, (C, H, W), f"{hint}/image")
+    y = g.node(
+        "ConvTranspose", [image, weight], f"{hint}/conv_transpose", kernel_shape=[kh, kw], strides=[sh, sw],
+        dilations=[dh, dw], pads=[ph, pw, bottom, right], group=op.groups,
+    )  # fmt: skip
+    node = g.nodes[-1]
+    short_h, short_w = Ho - (reach_h - bottom), Wo - (reach_w - right)
+    if short_h or short_w:  # (then no bias joins the node: the padded pixels need it too)
+        y, node = g.node("Pad", [y, g.integers([0, 0, 0, 0, 0, 0, short_h, short_w], "pads")], f"{hint}/pad"), None
     return g.reshape(y, (Co * Ho * Wo,), f"{hint}/flat"), node
 
 
