@@ -337,9 +337,10 @@ def feedback(model: ImplicitModel, K: Any) -> ImplicitModel:
     A = _plus(structure.A, sp.csr_array(BK @ NC))
     B = _plus(structure.B, sp.csr_array(BK @ ND))
     bias_x = model.bias_x + BK @ Nc
-    return ImplicitModel(
+    closed = ImplicitModel(
         A, B, sp.csr_array(NC), sp.csr_array(ND), bias_x, Nc, model.blocks, model.inputs, model.outputs
     )
+    return closed if closed.dtype == model.dtype else closed.astype(model.dtype)  # (the loop solved in float64)
 
 
 def _product(matrix: StructuredMatrix, K: sp.csr_array) -> sp.csr_array:

@@ -134,6 +134,20 @@ def test_scalar_feedback_gain(rng):
     )
 
 
+@pytest.mark.parametrize("feedthrough", [False, True], ids=["D=0", "D!=0"])
+def test_feedback_keeps_the_models_dtype(rng, feedthrough):
+    """A float32 model's closed loop is float32 (the loop is solved in float64, then rounded):
+    its prediction is the float64 loop's within float32's rounding."""
+    model = _random_model(rng, p=3, q=3, feedthrough=feedthrough)
+    closed = ic.feedback(model.astype(np.float32), 0.2)
+    assert closed.dtype == np.float32 and closed.bias_x.dtype == np.float32
+    v = rng.normal(size=(5, 3))
+    expected = _loop_by_root_finding(model, 0.2 * np.eye(3), v)
+    got = closed.predict(v.astype(np.float32))
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_singular_loop_is_refused():
     model = ImplicitModel.from_matrices(np.zeros((1, 1)), np.ones((1, 2)), np.ones((2, 1)), np.eye(2))
     with pytest.raises(ic.NotWellPosedError, match="I - D K is singular"):
