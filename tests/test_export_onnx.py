@@ -662,6 +662,13 @@ def test_lenet5_feedback_loop(lenet, digits_batch):
     assert [(b.name, b.start, b.stop, b.activation) for b in back.blocks] == [
         (b.name, b.start, b.stop, b.activation) for b in closed.blocks
     ]
+    kernels = ic.from_onnx(proto, structure="kernels")  # the sweep's Conv and Gemm kept as kernels in A
+    assert {type(term.op) for term in kernels.structure.A.terms} == {Convolution, Dense}
+    u = digits_batch[:3].astype(np.float32)
+    expected = closed.astype(np.float32).predict(u, tol=1e-6)
+    assert_float32_close(kernels.astype(np.float32).predict(u, tol=1e-6), expected)
+    report = ic.verify(proto, samples=3)  # compiled from the file, against onnxruntime and onnx.reference on it
+    assert all(output.passed_float32 and output.passed_float64 for output in report.outputs)
 
 
 def test_trained_implicit_classifier():

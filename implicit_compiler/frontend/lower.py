@@ -112,6 +112,10 @@ def from_onnx(
 
     Every node is checked for a lowering (op, opset, attributes) before any is lowered, and the
     size of the result estimated, so that a model that cannot compile is refused in seconds.
+
+    A cyclic model exported by ``to_onnx`` reads back as the same model: its fixed-point Loops
+    (marked by the exporter) are lowered as the fixed points they compute, and their residual
+    outputs ("fixed_point_residual") are dropped (``ops.fixed_point``); other Loops are refused.
     """
     dtype = _compile_dtype(dtype)
     _check_structure(structure)
