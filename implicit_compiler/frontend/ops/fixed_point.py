@@ -136,7 +136,9 @@ def _check(node: NodeView) -> None:
 
 @lowers("Loop", attributes=["body"], check=_check)
 def loop(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]) -> list[Value | None]:
-    """A fixed-point Loop written by to_onnx: the fixed point x = G(x) (module docstring)."""
+    """Only the fixed-point Loops to_onnx writes (marked): their fixed point x = G(x), A cyclic; others refused.
+
+    (module docstring)"""
     from ..lower import _lower_node
 
     marks = fixed_point_marks(node)
