@@ -44,7 +44,7 @@ import onnx
 
 from ...errors import GraphError, UnsupportedOpError
 from ...export.fixed_point_marks import FixedPointMarks, read_fixed_point_marks
-from ..context import LoweringContext, NodeView, Value
+from ..context import LoweringContext, NodeView, Value, as_affine
 from ..expression import Affine
 from ..graph import node_reads, tensor_array, topological_nodes
 from ..registry import lowers
@@ -153,9 +153,12 @@ def loop(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]) -> li
         reserved[state.sweep] = (index, states)
         bound[state.carried] = states
     bound.update({tensor.name: tensor_array(tensor) for tensor in body.initializer})
+    sweep = _sweep_nodes(node, body, marks)
+    last_use = {name: index for index, proto in enumerate(sweep) for name in proto.input}
+    kept = {state.carried for state in marks.states} | set(reserved)
     loop_node = ctx.node
     try:
-        for index, proto in enumerate(_sweep_nodes(node, body, marks)):
+        for index, proto in enumerate(sweep):
             ctx.node = NodeView(proto, node.opset, index)
             blocks_before = len(ctx.blocks)
             values = _lower_node(ctx, ctx.node, [_read(name, bound, ctx, node) for name in proto.input])
@@ -163,6 +166,9 @@ def loop(ctx: LoweringContext, node: NodeView, inputs: list[Value | None]) -> li
                 bound[name] = value
                 if name in reserved:
                     bound[name] = _fixed_point_block(ctx, node, name, value, *reserved[name], blocks_before)
+            for name in set(proto.input) - kept:  # drop body values nothing reads any more: they can be large
+                if last_use.get(name) == index:
+                    bound.pop(name, None)
     finally:
         ctx.node = loop_node
     ctx.dropped_outputs.add(marks.residual)
@@ -186,9 +192,9 @@ def _fixed_point_block(
 ) -> Affine:
     """The sweep's result G_k as the reserved block X_k's rows (module docstring): the block the
     node made for it when that block is G_k, else X_k = G_k (an identity block). Returns X_k."""
-    if not isinstance(value, Affine) or value.shape != states.shape:
-        shape = value.shape if isinstance(value, Affine) else getattr(value, "shape", ())
-        _mismatch(node, f"the sweep tensor {name!r} has shape {shape}, its state {states.shape}")
+    value = as_affine(value, ctx.width)  # (a constant: a block that reads nothing after all)
+    if value.shape != states.shape:
+        _mismatch(node, f"the sweep tensor {name!r} has shape {value.shape}, its state {states.shape}")
     if ctx.is_last_block(value, since=blocks_before):
         ctx.move_last_block_into(index)
     else:
