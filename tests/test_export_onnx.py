@@ -3,6 +3,7 @@ and onnx.reference (float64), predicts as the runtime does; from_onnx reads it b
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -18,7 +19,7 @@ import implicit_compiler as ic
 from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
 from implicit_compiler.activations import ACTIVATION_NAMES, activation
 from implicit_compiler.cli import main
-from implicit_compiler.errors import ArgumentValueError, OverwriteError, UnsupportedOpError
+from implicit_compiler.errors import ArgumentValueError, GraphError, OverwriteError, UnsupportedOpError
 from implicit_compiler.export import DEFAULT_OPSET
 from implicit_compiler.frontend.reference_ops import REFERENCE_OPS
 from implicit_compiler.frontend.verification import FLOAT32_ATOL, FLOAT32_RTOL, FLOAT64_RTOL
@@ -441,6 +442,23 @@ def test_heaviside_and_log_positive_keep_nan_as_the_runtime_does():
 
 
 # --------------------------------------------------------------------------------- cyclic models
+ROUND_TRIP_TOL = {np.float64: 1e-13, np.float32: 1e-6}  # predict's tol on both sides (tight)
+
+
+def check_round_trip(model: ImplicitModel, u: np.ndarray) -> ImplicitModel:
+    """from_onnx(to_onnx(m)) predicts like m, both solved to a tight tol: float64 to 1e-9
+    (relative to the largest output), float32 within verify's tolerances. Returns the float64
+    model read back (its outputs are m's: the residual outputs are dropped)."""
+    back = {}
+    for dtype, close in ((np.float64, assert_float64_close), (np.float32, assert_float32_close)):
+        typed, typed_u = model.astype(dtype), np.asarray(u, dtype=dtype)
+        back[dtype] = ic.from_onnx(typed.to_onnx(), dtype=dtype)
+        assert [spec.name for spec in back[dtype].outputs] == [spec.name for spec in model.outputs]
+        tol = ROUND_TRIP_TOL[dtype]
+        close(back[dtype].predict(typed_u, tol=tol), typed.predict(typed_u, tol=tol))
+    return back[np.float64]
+
+
 def random_cyclic(rng, n=30, p=8, q=4, norm=0.5, activation="relu"):
     A = rng.uniform(-1, 1, (n, n)) * (rng.random((n, n)) < 0.5)
     A *= norm / np.abs(A).sum(axis=1).max()  # ||A||_inf = norm < 1: one equilibrium
@@ -461,8 +479,13 @@ def test_random_cyclic_models_iterate_in_a_loop(seed, opset):
     assert residual.shape == (7,) and np.all(residual <= 1e-5)
     tolerance = [p for p in proto.graph.initializer if p.name == "fixed_point_tolerance"]
     assert onnx.numpy_helper.to_array(tolerance[0]) == np.float32(1e-5)
-    with pytest.raises(UnsupportedOpError, match="Loop"):  # from_onnx does not lower Loop
-        ic.from_onnx(proto)
+    back = check_round_trip(model, u)
+    if seed < 2:  # relu, tanh: Relu, Tanh ops, read back as the model's own block and matrices
+        assert [(b.name, b.start, b.stop, b.activation) for b in back.blocks] == [
+            ("x", 0, 30, model.blocks[0].activation)
+        ]
+        for name in ("A", "B", "C", "D"):
+            np.testing.assert_allclose(getattr(back, name).toarray(), getattr(model, name).toarray(), rtol=1e-15)
 
 
 def test_the_loop_is_accelerated():
@@ -490,7 +513,24 @@ def test_the_loop_is_accelerated():
 
 def test_cyclic_component_between_acyclic_blocks_and_two_components():
     """Blocks: input layer -> {a <-> b} (a cycle of two blocks: the sweep reads b's last value,
-    a's new one) -> c (reads a and b) -> {d, a self-loop}; two residual outputs."""
+    a's new one) -> c (reads a and b) -> {d, a self-loop}; two residual outputs. Read back:
+    the same blocks and matrices."""
+    model, u = two_components()
+    proto = check_export(model, u)
+    assert sum(node.op_type == "Loop" for node in proto.graph.node) == 2
+    outputs = run_reference(model.to_onnx(), {"u": u})
+    assert set(outputs) == {"y", "fixed_point_residual_0", "fixed_point_residual_1"}
+    assert all(np.all(outputs[name] <= 1e-10) for name in ("fixed_point_residual_0", "fixed_point_residual_1"))
+    back = check_round_trip(model, u)
+    assert [(b.name, b.start, b.stop, b.activation) for b in back.blocks] == [
+        (b.name, b.start, b.stop, b.activation) for b in model.blocks
+    ]
+    for name in ("A", "B", "C", "D"):
+        np.testing.assert_allclose(getattr(back, name).toarray(), getattr(model, name).toarray(), rtol=1e-15)
+
+
+def two_components() -> tuple[ImplicitModel, np.ndarray]:
+    """The model of ``test_cyclic_component_between_acyclic_blocks_and_two_components`` and inputs."""
     rng = np.random.default_rng(6)
     sizes = {"input": 5, "a": 6, "b": 4, "c": 5, "d": 3}
     starts = np.cumsum([0, *sizes.values()])
@@ -514,12 +554,86 @@ def test_cyclic_component_between_acyclic_blocks_and_two_components():
         sp.csr_array(A), sp.csr_array(B), sp.csr_array(rng.normal(size=(2, n))), sp.csr_array((2, p)),
         rng.normal(size=n), np.zeros(2), blocks, (TensorSpec("u", (p,)),), (TensorSpec("y", (2,)),),
     )  # fmt: skip
-    u = rng.standard_normal((6, p))
-    proto = check_export(model, u)
-    assert sum(node.op_type == "Loop" for node in proto.graph.node) == 2
-    outputs = run_reference(model.to_onnx(), {"u": u})
-    assert set(outputs) == {"y", "fixed_point_residual_0", "fixed_point_residual_1"}
-    assert all(np.all(outputs[name] <= 1e-10) for name in ("fixed_point_residual_0", "fixed_point_residual_1"))
+    return model, rng.standard_normal((6, p))
+
+
+def exported_loop(proto: onnx.ModelProto) -> tuple[onnx.NodeProto, dict]:
+    """The first Loop of an exported graph and its fixed-point marks (a JSON doc_string)."""
+    loop = next(node for node in proto.graph.node if node.op_type == "Loop")
+    return loop, json.loads(loop.doc_string)["implicit_compiler.fixed_point"]
+
+
+def test_other_loops_are_refused_naming_the_node():
+    """A Loop that to_onnx did not write (no marks, or marks removed) is no fixed point we know:
+    UnsupportedOpError naming the node, its op and opset, and what is read."""
+    body = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["v", "w"], ["v_next"]), onnx.helper.make_node("Identity", ["cond"], ["again"])],
+        "body",
+        [onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+         onnx.helper.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+         onnx.helper.make_tensor_value_info("v", onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.helper.make_tensor_value_info("again", onnx.TensorProto.BOOL, []),
+         onnx.helper.make_tensor_value_info("v_next", onnx.TensorProto.FLOAT, ["N", 3])],
+    )  # fmt: skip
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Loop", ["trips", "go", "x"], ["y"], name="three_steps", body=body)],
+        "plain_loop",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3])],
+        [onnx.numpy_helper.from_array(np.array(3, np.int64), "trips"), onnx.numpy_helper.from_array(np.array(True), "go"),
+         onnx.numpy_helper.from_array(np.ones(3, np.float32), "w")],
+    )  # fmt: skip
+    plain = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(plain, full_check=True)
+    np.testing.assert_allclose(run_onnxruntime(plain, {"x": np.zeros((2, 3), np.float32)})["y"], 3.0)  # it runs
+    with pytest.raises(UnsupportedOpError, match=r"node 'three_steps' \(Loop, opset 17\): only the fixed-point Loops"):
+        ic.from_onnx(plain)
+    proto = random_cyclic(np.random.default_rng(0), n=10).to_onnx()
+    loop, _ = exported_loop(proto)
+    loop.doc_string = "a loop"
+    with pytest.raises(
+        UnsupportedOpError,
+        match=rf"node '{loop.name}' \(Loop, opset 17\).*written by implicit_compiler's to_onnx are read",
+    ):
+        ic.from_onnx(proto)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("sweep_reads_acceleration", "reads the body input .*, which is no state"),
+        ("sweep_computed_nowhere", "no body node computes the sweep tensor 'nowhere'"),
+        ("carried_renamed", "is not body input 2"),
+        ("output_renamed", "is not the Loop's output 0"),
+        ("shape", r"of shape \(31,\) starts from a value of shape \(1, 30\)"),
+        ("version", "marks in its doc_string are malformed"),
+        ("sweep_elsewhere", "the body's next value .* is not its sweep's step"),
+    ],
+)
+def test_a_marked_loop_whose_body_does_not_match_its_marks_is_refused(edit, message):
+    """A file edited after to_onnx wrote it: GraphError naming the Loop, never another model."""
+    model = random_cyclic(np.random.default_rng(0))
+    proto = model.to_onnx()
+    loop, marks = exported_loop(proto)
+    state = marks["states"][0]
+    body = loop.attribute[0].g
+    if edit == "sweep_reads_acceleration":  # the accelerated next iterate: it reads the last sweep's
+        state["sweep"] = body.output[1].name
+    elif edit == "sweep_computed_nowhere":
+        state["sweep"] = "nowhere"
+    elif edit == "carried_renamed":
+        state["carried"] = "nowhere"
+    elif edit == "output_renamed":
+        state["output"] = marks["residual"]
+    elif edit == "shape":
+        state["shape"] = [31]
+    elif edit == "sweep_elsewhere":  # a tensor of the sweep (its pre-activation), not its result
+        state["sweep"] = next(node.input[0] for node in body.node if node.op_type == "Relu")
+    else:
+        marks["version"] = 2
+    loop.doc_string = json.dumps({"implicit_compiler.fixed_point": marks})
+    with pytest.raises(GraphError, match=rf"node '{loop.name}' \(Loop, opset 17\).*{message}"):
+        ic.from_onnx(proto)
 
 
 def test_a_run_that_does_not_converge_shows_its_residual():
@@ -544,6 +658,17 @@ def test_lenet5_feedback_loop(lenet, digits_batch):
     closed = ic.feedback(lenet, K)
     proto = check_export(closed, digits_batch[:3])
     assert "Loop" in graph_ops(proto)
+    back = check_round_trip(closed, digits_batch[:3])  # every block in the loop: read back as they are
+    assert [(b.name, b.start, b.stop, b.activation) for b in back.blocks] == [
+        (b.name, b.start, b.stop, b.activation) for b in closed.blocks
+    ]
+    kernels = ic.from_onnx(proto, structure="kernels")  # the sweep's Conv and Gemm kept as kernels in A
+    assert {type(term.op) for term in kernels.structure.A.terms} == {Convolution, Dense}
+    u = digits_batch[:3].astype(np.float32)
+    expected = closed.astype(np.float32).predict(u, tol=1e-6)
+    assert_float32_close(kernels.astype(np.float32).predict(u, tol=1e-6), expected)
+    report = ic.verify(proto, samples=3)  # compiled from the file, against onnxruntime and onnx.reference on it
+    assert all(output.passed_float32 and output.passed_float64 for output in report.outputs)
 
 
 def test_trained_implicit_classifier():
@@ -560,6 +685,7 @@ def test_trained_implicit_classifier():
     proto = check_export(model, X[300:340])
     logits = run_onnxruntime(proto, {model.inputs[0].name: X[300:340].astype(np.float32)})[model.outputs[0].name]
     assert np.mean(classifier.classes_[np.argmax(logits, axis=1)] == classifier.predict(X[300:340])) >= 0.95
+    check_round_trip(model, X[300:340])
 
 
 # --------------------------------------------------------------------------------- arguments, files

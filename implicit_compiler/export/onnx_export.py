@@ -46,6 +46,10 @@ the LeNet-5 loop 3, as the runtime; a dense relu layer with ||A||_inf = 0.9 / 0.
 nonnegative, batch 16) 10 / 15 against the runtime's 11 / 14 Anderson steps and 25 / 47
 plain sweeps, 8e-6 / 6e-6 from its prediction (relative).
 
+Each Loop is marked for ``from_onnx`` (``fixed_point_marks``: its doc_string, a JSON object
+naming per state the carried body input, the sweep's result G and the Loop output, and the
+residual output), so that it reads the Loop back as the fixed point x = G(x) it computes.
+
 float64 models export double tensors (onnxruntime has no double Conv: such files run in
 ``onnx.reference`` and other runtimes).
 """
@@ -62,6 +66,7 @@ from onnx import helper
 from .. import __version__, arguments
 from ..errors import ArgumentValueError, ModelTooLargeError, ShapeError
 from ..model import ImplicitModel, StateBlock
+from .fixed_point_marks import FixedPointState, fixed_point_marks
 from .onnx_activations import apply_activation
 from .onnx_graph import GraphWriter
 from .onnx_products import Contribution, Segment, Sources, row_products, total
@@ -293,6 +298,13 @@ class _Exporter:
             name=g.fresh(f"fixed_point_loop/{name[blocks[0]]}"),
             body=body,
         )  # fmt: skip
+        g.nodes[-1].doc_string = fixed_point_marks(
+            [
+                FixedPointState(name[i], model.blocks[i].shape, carried[i], swept[i], output)
+                for i, output in zip(blocks, outputs)
+            ],
+            residual_name,
+        )
         self.states.update(zip(blocks, outputs))
         doc = (
             f"relative residual of the last sweep of the cyclic blocks {', '.join(name.values())}"

@@ -5,6 +5,13 @@ Values are numpy arrays (constants, folded) or ``Affine`` expressions over [u; x
 and its bias, and the value it stands for becomes a plain selection of the new states, so the
 blocks are ordered by creation and A is strictly block lower triangular for a feedforward
 network (nilpotent).
+
+Forward references (a fixed point x = G(x), ``ops.fixed_point``): ``reserve_block`` takes the
+columns of a block whose expression is not known yet and returns its states, which later
+expressions read; ``fill_block`` (or ``move_last_block_into``) writes its rows once known. Those
+rows may read the block itself and blocks made after it: A is then cyclic. The rows of blocks
+made while a reservation is open wait (``_waiting``) until every block before them is written,
+so that [B A] is still written in order, in place.
 """
 
 from __future__ import annotations
@@ -93,6 +100,7 @@ class _PendingBlock:
     source_node: str
     offset: np.ndarray
     known_size: float | None = None  # the states' size when known better than phi of their rows'
+    filled: bool = True  # False for a reserved block whose rows are not written yet
 
     def typical_sizes(self, row_sizes: np.ndarray) -> np.ndarray:
         """The states' typical sizes (``variable_sizes``) from the sizes of their rows."""
@@ -117,8 +125,12 @@ class LoweringContext:
     expected_nonzeros: int = 0  # the estimate, to reserve room for ``rows``
     n: int = 0
     nonzeros: int = 0
+    scope: dict[str, Value] = field(default_factory=dict)  # the graph's values so far (read by Loop bodies)
+    dropped_outputs: set[str] = field(default_factory=set)  # graph outputs a lowering drops on purpose
     _names: set[str] = field(default_factory=set)
     _sizes: np.ndarray | None = None  # ``variable_sizes``, with room to grow
+    _waiting: dict[int, sp.csr_array] = field(default_factory=dict)  # rows of blocks after a reserved one
+    _written: int = 0  # blocks whose rows are in ``rows``
 
     @property
     def width(self) -> int:
@@ -140,18 +152,8 @@ class LoweringContext:
         shape without its batch axis. ``known_size``: the states' typical size where phi of their
         rows' sizes is far off (softmax's exp states are at most 1 whatever their rows' sizes).
         """
-        node_name = self.node.name if self.node is not None else "input"
-        base = name or (self.node.proto.output[0] if self.node is not None else "block")
-        unique = base
-        suffix = 1
-        while unique in self._names:
-            suffix += 1
-            unique = f"{base}#{suffix}"
-        self._names.add(unique)
+        unique = self._unique_name(name or (self.node.proto.output[0] if self.node is not None else "block"))
         shape = sample_shape if sample_shape is not None else self.sample_shape(pre_activation.shape)
-        coefficients, terms = _storable(pre_activation, self.p)
-        stored = coefficients.nnz + sum(term.op.weight.size for term in terms)
-        self.charge(stored, f"state block {unique!r}")
         self.blocks.append(
             _PendingBlock(
                 unique,
@@ -159,20 +161,121 @@ class LoweringContext:
                 pre_activation.size,
                 activation(activation_spec),
                 shape,
-                node_name,
+                self._node_name,
                 pre_activation.offset,
                 known_size,
             )
         )
-        if self.rows is None:
-            self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
-        self.rows.append(_compact(coefficients, self.dtype))
-        self.terms.extend(_stored_term(term, self.n, self.dtype) for term in terms)
         if self._sizes is not None:  # sizes are tracked once a product asked for them
-            self._record_sizes(self.blocks[-1].typical_sizes(self.row_sizes(pre_activation)))
+            self._record_sizes(np.ones(pre_activation.size))
         start = self.width
         self.n += pre_activation.size
+        self._write_rows(len(self.blocks) - 1, pre_activation)
         return Affine.variables(pre_activation.shape, start, self.width)
+
+    def reserve_block(self, shape: tuple[int, ...], sample_shape: tuple[int, ...], name: str) -> tuple[int, Affine]:
+        """A forward reference: the columns of a new block whose rows ``fill_block`` (or
+        ``move_last_block_into``) writes later (module docstring). Returns the block's index
+        and its states x_b (an expression of ``shape``)."""
+        size = math.prod(shape)
+        offset = np.zeros(size)
+        self.blocks.append(
+            _PendingBlock(
+                self._unique_name(name), self.n, size, activation("identity"), sample_shape, self._node_name,
+                offset, filled=False,
+            )
+        )  # fmt: skip
+        if self._sizes is not None:
+            self._record_sizes(np.ones(size))
+        start = self.width
+        self.n += size
+        return len(self.blocks) - 1, Affine.variables(tuple(shape), start, self.width)
+
+    def fill_block(self, index: int, pre_activation: Affine, activation_spec: str | Activation) -> None:
+        """Write a reserved block's rows: x_b = phi(pre_activation), which may read x_b itself."""
+        block = self.blocks[index]
+        if block.filled or pre_activation.size != block.size:
+            raise GraphError(
+                f"block {block.name!r}: filled twice, or with {pre_activation.size} values for its {block.size}"
+            )
+        block.activation, block.offset, block.filled = activation(activation_spec), pre_activation.offset, True
+        self._write_rows(index, pre_activation)
+
+    def move_last_block_into(self, index: int) -> None:
+        """Make the reserved block ``index`` what the last block made is (its rows, bias and
+        activation), and drop that last block: nothing may read its states any more (the caller
+        reads the reserved block instead)."""
+        last, reserved = self.blocks[-1], self.blocks[index]
+        position = len(self.blocks) - 1
+        if reserved.filled or not last.filled or last.size != reserved.size or position not in self._waiting:
+            raise GraphError(f"block {last.name!r} cannot stand for the reserved block {reserved.name!r}")
+        rows = self._waiting.pop(position)
+        shift = reserved.start - last.start
+        self.terms = [
+            Term(slice(t.rows.start + shift, t.rows.stop + shift), t.op) if t.rows.start >= last.start else t
+            for t in self.terms
+        ]
+        reserved.activation, reserved.offset, reserved.known_size = last.activation, last.offset, last.known_size
+        reserved.source_node, reserved.filled = last.source_node, True
+        if self._sizes is not None:
+            start, stop = self.p + reserved.start, self.p + reserved.start + reserved.size
+            self._sizes[start:stop] = self._sizes[self.p + last.start : self.width]
+        self.blocks.pop()
+        self._names.discard(last.name)
+        self.n -= last.size
+        self._store(index, rows)
+
+    def is_last_block(self, value: Value, since: int) -> bool:
+        """Whether ``value`` is exactly the states of the last block, made after the first ``since``."""
+        if not isinstance(value, Affine) or len(self.blocks) <= since or value.terms or np.any(value.offset):
+            return False
+        last = self.blocks[-1]
+        c = value.coefficients
+        columns = np.arange(self.p + last.start, self.p + last.start + last.size)
+        return (
+            last.filled
+            and value.size == last.size
+            and c.nnz == last.size
+            and np.array_equal(c.indptr, np.arange(last.size + 1))
+            and np.array_equal(c.indices, columns)
+            and bool(np.all(c.data == 1))
+        )
+
+    def unfilled_blocks(self) -> list[str]:
+        return [block.name for block in self.blocks if not block.filled]
+
+    @property
+    def _node_name(self) -> str:
+        return self.node.name if self.node is not None else "input"
+
+    def _unique_name(self, base: str) -> str:
+        unique, suffix = base, 1
+        while unique in self._names:
+            suffix += 1
+            unique = f"{base}#{suffix}"
+        self._names.add(unique)
+        return unique
+
+    def _write_rows(self, index: int, pre_activation: Affine) -> None:
+        """A block's pre-activation as its rows of [B A] (terms kept) and its typical sizes."""
+        block = self.blocks[index]
+        coefficients, terms = _storable(pre_activation, self.p)
+        stored = coefficients.nnz + sum(term.op.weight.size for term in terms)
+        self.charge(stored, f"state block {block.name!r}")
+        self.terms.extend(_stored_term(term, block.start, self.dtype) for term in terms)
+        if self._sizes is not None:
+            where = slice(self.p + block.start, self.p + block.start + block.size)
+            self._sizes[where] = block.typical_sizes(self.row_sizes(pre_activation))
+        self._store(index, _compact(coefficients, self.dtype))
+
+    def _store(self, index: int, rows: sp.csr_array) -> None:
+        """Rows of block ``index`` into ``rows`` once every block before it is written (in order)."""
+        if self.rows is None:
+            self.rows = _RowStore(self.p, self.dtype, reserve=2 * self.expected_nonzeros + (1 << 20))
+        self._waiting[index] = rows
+        while self._written in self._waiting:
+            self.rows.append(self._waiting.pop(self._written))
+            self._written += 1
 
     def variable_sizes(self) -> np.ndarray:
         """A typical size of each variable of [u; x] so far: 1 for the inputs, and for each state
@@ -200,7 +303,7 @@ class LoweringContext:
         if self.rows is None:
             return sizes
         B, A = self.rows.finish(self.width)
-        for block in self.blocks:
+        for block in self.blocks[: self._written]:  # (the others' rows wait: their sizes stay 1)
             rows = slice(block.start, block.start + block.size)
             B_rows, A_rows = B[rows].astype(np.float64), A[rows].astype(np.float64)
             B_rows.data **= 2
@@ -279,6 +382,8 @@ class LoweringContext:
         """The ImplicitModel: [B A] and b_x from the blocks, [D C] and b_y from the outputs
         (each with the axis of its value that is the batch axis, or None). [B A] was written in
         place as the blocks were made (``_RowStore``): it is never copied."""
+        if self.unfilled_blocks():
+            raise GraphError(f"the blocks {self.unfilled_blocks()} were reserved but never written")
         width = self.width
         bias_x = np.concatenate([b.offset for b in self.blocks]) if self.blocks else np.zeros(0)
         blocks = tuple(

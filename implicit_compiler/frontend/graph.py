@@ -301,6 +301,26 @@ def _check_no_zero_size(name: str, declared: list[int | str | None]) -> None:
         )
 
 
+def node_reads(node: onnx.NodeProto) -> list[str]:
+    """The values a node reads: its inputs, and the outer-scope values its subgraphs (a Loop's
+    or If's body) read, which are no inputs of the node."""
+    names = [name for name in node.input if name]
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            names.extend(name for name in outer_reads(subgraph) if name not in names)
+    return names
+
+
+def outer_reads(graph: onnx.GraphProto) -> list[str]:
+    """The values a (sub)graph's nodes read that it does not define itself (outer scope)."""
+    defined = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer}
+    defined |= {output for node in graph.node for output in node.output}
+    reads = []
+    for node in graph.node:
+        reads.extend(name for name in node_reads(node) if name not in defined and name not in reads)
+    return reads
+
+
 def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     """The graph's nodes ordered so that every value is produced before it is read."""
     producers = {}
@@ -311,7 +331,7 @@ def topological_nodes(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     dependencies = nx.DiGraph()
     dependencies.add_nodes_from(range(len(graph.node)))
     for index, node in enumerate(graph.node):
-        for name in node.input:
+        for name in node_reads(node):
             if name in producers:
                 dependencies.add_edge(producers[name], index)
     try:

@@ -32,12 +32,13 @@ from .context import LoweringContext, NodeView, Value
 from .estimate import check_model_fits, estimate_nonzeros
 from .expression import Affine
 from .fold import evaluate_constant_node
-from .graph import PreparedModel, load_onnx, prepare
+from .graph import PreparedModel, load_onnx, node_reads, prepare
 from .patterns import fold_patterns
 from .registry import REGISTRY, STRUCTURED_OPS, Lowering, find_lowering
 
-# Ops that must not be folded even with constant inputs (none yet); kept explicit for clarity.
-NEVER_FOLD: frozenset[str] = frozenset()
+# Ops that must not be folded even with constant inputs: a fixed-point Loop's body reads the
+# model's values from the outer scope, which are no inputs of the node (``ops.fixed_point``).
+NEVER_FOLD: frozenset[str] = frozenset({"Loop"})
 # Nodes listed in the error refusing a model before lowering; the rest are counted.
 MAX_LISTED = 20
 # structure="auto" keeps kernels from this many non-zeros of the CSR form on (about 0.6 GB as
@@ -111,6 +112,10 @@ def from_onnx(
 
     Every node is checked for a lowering (op, opset, attributes) before any is lowered, and the
     size of the result estimated, so that a model that cannot compile is refused in seconds.
+
+    A cyclic model exported by ``to_onnx`` reads back as the same model: its fixed-point Loops
+    (marked by the exporter) are lowered as the fixed points they compute, and their residual
+    outputs ("fixed_point_residual") are dropped (``ops.fixed_point``); other Loops are refused.
     """
     dtype = _compile_dtype(dtype)
     _check_structure(structure)
@@ -136,6 +141,7 @@ def from_onnx(
         expected_nonzeros=expected_nonzeros,
     )
     env: dict[str, Value] = dict(prepared.constants)
+    ctx.scope = env  # (a Loop body reads the graph's values by name)
     unavailable: dict[str, str] = {}  # outputs a lowering does not provide -> the node
     offset = 0
     specs = []
@@ -168,6 +174,8 @@ def from_onnx(
 
     outputs = []
     for value_info in prepared.graph.output:
+        if value_info.name in ctx.dropped_outputs:  # (a fixed-point Loop's residual: ``ops.fixed_point``)
+            continue
         if value_info.name in unavailable:
             raise GraphError(f"graph output {value_info.name!r} of {unavailable[value_info.name]} cannot be lowered")
         if value_info.name not in env:
@@ -342,9 +350,8 @@ def _last_uses(graph: onnx.GraphProto) -> dict[str, int]:
     """For each value, the index of the last node that reads it (graph outputs: never dropped)."""
     last = {}
     for index, node in enumerate(graph.node):
-        for name in node.input:
-            if name:
-                last[name] = index
+        for name in node_reads(node):
+            last[name] = index
     for output in graph.output:
         last[output.name] = len(graph.node)
     return last

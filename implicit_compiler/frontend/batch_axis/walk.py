@@ -7,7 +7,7 @@ import onnx
 
 from ...errors import GraphError, UnsupportedAttributeError
 from ..context import NodeView
-from ..graph import PreparedModel
+from ..graph import PreparedModel, node_reads
 from .merged import _MergedAxes
 from .rules import SHAPE_OPERANDS, SIZE_READERS, TYPE_OPERANDS, _check_op_axes
 from .shapes import BATCH_SIZES, Shapes, _merged_axis_of
@@ -39,6 +39,7 @@ class _Walk(_MergedAxes, _SizedConstants):
         for index, proto in enumerate(self.prepared.graph.node):
             node = NodeView(proto, self.prepared.opset, index)
             data = [name for position, name in enumerate(proto.input) if position != TYPE_OPERANDS.get(proto.op_type)]
+            data += [name for name in node_reads(proto) if name not in proto.input]  # (a Loop body's reads)
             if any(name in self.batched for name in data):
                 if proto.op_type in SIZE_READERS:
                     self._read_sizes(node)

@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     bilinear,
     conv,
     elementwise,
+    fixed_point,
     linear,
     lrn,
     normalization,
