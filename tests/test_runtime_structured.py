@@ -316,3 +316,24 @@ def test_a_block_is_finished_in_one_pass_as_numpy_computes_it(spec, per_sample_b
         got = Z.copy()
         finish(got, bias, indptr, sources, remainder.data, values, kernels.ACTIVATION_CODES[phi.name], alpha, beta)
         np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_blocks_without_terms_run_as_remainder_blocks(zoo, dtype, monkeypatch, no_materializing):
+    """A structured model's blocks without terms (LeNet-5's pooling trees) as remainder blocks
+    (``structured.remainder_block``: bias, sparse rows and activation in one compiled pass), here
+    from one row on: every batch size predicts as the plain model by its CSR paths."""
+    import importlib
+
+    solve_module = importlib.import_module("implicit_compiler.runtime.solve")
+    monkeypatch.setattr(solve_module, "REMAINDER_BLOCK_ROWS", 1)
+    plain, lifted = zoo["lenet5"]
+    model = lift(plain).astype(dtype)  # (a model of its own: its steps are made here)
+    steps = solve_module._execution_steps(model, structured=True)
+    alone = [step for step in steps if isinstance(step, structured.StructuredBlock) and not step.terms]
+    assert len(alone) >= 4 and all(step.remainder is not None for step in alone)
+    rng = np.random.default_rng(11)
+    for batch in BATCHES:
+        u = rng.normal(size=(batch, 1, 32, 32)).astype(dtype)
+        assert_close(model.predict(u), plain.astype(dtype).predict(u), dtype)
+    assert_never_materialized(model)

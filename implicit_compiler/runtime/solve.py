@@ -49,7 +49,16 @@ from .cyclic import Sweep, block_layout, solve_sweep, solve_sweep_in_values, sol
 from .fixed_point import ACCELERATIONS, Acceleration, FixedPoint, check_tolerance, iterate
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
-from .structured import StructuredBlock, StructuredRows, block_terms, structured_block, tensor_sources, term_entries
+from .structured import (
+    REMAINDER_BLOCK_ROWS,
+    StructuredBlock,
+    StructuredRows,
+    block_terms,
+    remainder_block,
+    structured_block,
+    tensor_sources,
+    term_entries,
+)
 
 METHODS = ("auto", "picard", "anderson")
 # Up to this batch size, convolution and dense blocks run as BLAS products with their kernels
@@ -613,6 +622,8 @@ def _execution_steps(model: ImplicitModel, structured: bool) -> tuple[_Step | _C
             step = _make_step(model, [model.blocks[i] for i in component.blocks], component.cyclic)
             block = model.blocks[component.blocks[0]]
             fast = structured_block(model, block, sources) if structured and step.A_rows is None else None
+            if fast is None and model.is_structured and step.A_rows is None and block.size >= REMAINDER_BLOCK_ROWS:
+                fast = remainder_block(model, block)
             pairs.append((step, fast))
         model._cache[key] = tuple(_chained(model, pairs))
     return model._cache[key]
