@@ -394,11 +394,7 @@ def _block_of_terms(model, block) -> StructuredBlock | None:
     if not terms:
         return None
     terms.sort(key=lambda term: isinstance(term, Part))  # one writing every row first: it starts Z
-    rest = sp.hstack(
-        [structure.B.remainder[block.start : block.stop], structure.A.remainder[block.start : block.stop]],
-        format="csr",
-    )  # columns are rows of V
-    return _assembled(model, block, terms, rest, sum(term_entries(term) for term in terms))
+    return _assembled(model, block, terms, _remainder_of(model, block), sum(term_entries(term) for term in terms))
 
 
 def remainder_block(model, block) -> StructuredBlock:
@@ -407,12 +403,16 @@ def remainder_block(model, block) -> StructuredBlock:
     rows and activation in one pass (``kernels.finish_rows``). ResNet-18 at 224 x 224: its max
     pool's five blocks (1.59M rows, 2-6 non-zeros each) took 79 ms at batch 16 in the chains'
     row groups, 36 ms so; at batch 1, 18.5 ms by the one-sample chain, 14 ms so."""
+    return replace(_assembled(model, block, [], _remainder_of(model, block), 0), remainder_only=True)
+
+
+def _remainder_of(model, block) -> sp.csr_array:
+    """The block's rows of [B A]'s remainders, side by side (columns are rows of V)."""
     structure = model.structure
-    rest = sp.hstack(
+    return sp.hstack(
         [structure.B.remainder[block.start : block.stop], structure.A.remainder[block.start : block.stop]],
         format="csr",
-    )  # columns are rows of V
-    return replace(_assembled(model, block, [], rest, 0), remainder_only=True)
+    )
 
 
 def shifted(op: Operator, offset: int) -> Operator:
