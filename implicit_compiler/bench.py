@@ -380,6 +380,10 @@ def _machine_lines(machine: MachineInfo) -> list[str]:
 
 
 # --------------------------------------------------------------------------------- timing
+# Seconds of rest before each engine's turn (``time_side_by_side``).
+SETTLE_SECONDS = 0.2
+
+
 def time_side_by_side(
     functions: dict[str, Callable[[], Any]],
     *,
@@ -396,7 +400,10 @@ def time_side_by_side(
     Taking turns makes a slow spell of the machine (seconds long on a shared VM) fall on every
     engine rather than on whichever ran then; a turn of several runs keeps one engine's idle
     threads (which spin briefly after a run) from running during the next engine's runs but the
-    first."""
+    first. Before each turn the machine rests ``SETTLE_SECONDS``, so that no engine's turn
+    starts beside the previous one's spinning threads: ResNet-18 at 224 x 224 and batch 1 took
+    72 ms (median) right after an onnxruntime run and 50 ms after a pause (2 cores)
+    (onnxruntime's intra-op threads spin after a run; OpenBLAS's for about 0.1 s)."""
     rounds = max(1, min(rounds, repeats))
     runs_per_turn, seconds_per_turn = -(-repeats // rounds), min_seconds / rounds
     results: dict[str, Any] = {}
@@ -408,6 +415,7 @@ def time_side_by_side(
     other_seconds: dict[str, float | None] = dict.fromkeys(functions, 0.0)
     for _ in range(rounds):
         for engine, function in functions.items():
+            time.sleep(SETTLE_SECONDS)
             busy_before, own_before = _system_busy_seconds(), _own_cpu_seconds()
             started, turn = time.perf_counter(), []
             while len(turn) < runs_per_turn or time.perf_counter() - started < seconds_per_turn:

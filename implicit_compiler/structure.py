@@ -31,6 +31,7 @@ import numba
 import numpy as np
 import scipy.sparse as sp
 
+from .blas_threads import matmul
 from .errors import ShapeError
 
 ROW_BLOCK = 256  # columns of the transposed convolution's right-hand side per pass (kept in cache)
@@ -216,7 +217,9 @@ class Dense:
     columns_per_sample = 0
 
     def apply(self, source: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        return np.matmul(self.weight, source, out=out)
+        if out is None:
+            out = np.empty((self.weight.shape[0], source.shape[1]), dtype=np.result_type(self.weight, source))
+        return matmul(self.weight, source, out)
 
     def apply_adjoint(self, Y: np.ndarray) -> np.ndarray:
         return self.weight.T @ Y
@@ -232,10 +235,10 @@ def _grouped_product(weight: np.ndarray, cols: np.ndarray, groups: int, out: np.
     Co, columns = weight.shape[0], cols.shape[1]
     if out is None:
         out = np.empty((Co * columns // batch, batch), dtype=np.result_type(weight, cols))
-    np.matmul(
+    matmul(
         weight.reshape(groups, Co // groups, -1),
         cols.reshape(groups, -1, columns),
-        out=out.reshape(groups, Co // groups, columns),
+        out.reshape(groups, Co // groups, columns),
     )
     return out
 
@@ -539,7 +542,8 @@ def convolution_adjoint(convolution: Convolution, Y: np.ndarray, out: np.ndarray
     for first in range(0, rows, step):
         last = min(rows, first + step)
         part = np.ascontiguousarray(Y[:, first:last], dtype=dtype).reshape(groups, Co // groups, -1)
-        cols = np.matmul(weight_t, part).reshape(C, kh, kw, Ho, Wo, last - first)
+        cols = np.empty((groups, weight_t.shape[1], part.shape[2]), dtype=dtype)
+        cols = matmul(weight_t, part, cols).reshape(C, kh, kw, Ho, Wo, last - first)
         padded = np.zeros((C, height, width, last - first), dtype=dtype)
         for i in range(kh):
             for j in range(kw):

@@ -41,12 +41,14 @@ import numpy as np
 
 from .. import arguments
 from ..activations import Activation
+from ..blas_threads import own_threads
 from ..errors import ArgumentTypeError, ModelTooLargeError, ShapeError
 from ..model import ImplicitModel
 from . import kernels, row_groups, sample_tiles
 from .batching import flatten_inputs
 from .cyclic import Sweep, block_layout, solve_sweep, solve_sweep_in_values, solve_sweep_on_tiles, torn_blocks
 from .fixed_point import ACCELERATIONS, Acceleration, FixedPoint, check_tolerance, iterate
+from .max_pool import MaxPoolStep, fuse_max_pools
 from .one_sample import Program, build_program
 from .plan import block_dependency_graph, execution_order
 from .structured import (
@@ -263,6 +265,8 @@ def _solve_flat(
             return _solve_plan_by_tiles(model, plan, U, u, tol, max_iter, memory, want_x)
     if method == "auto":
         steps = _execution_steps(model, structured=U.shape[0] <= STRUCTURED_BATCH_LIMIT)
+        if not want_x and model.is_structured:
+            steps = _with_max_pools(model, steps)
     else:
         steps = (_whole_model_step(model),)
     # V = [u; x] as one (p + n, batch) array: the fused kernel reads both through one index.
@@ -275,16 +279,36 @@ def _solve_flat(
     U, X = V[: model.p], V[model.p :]
     histories: list[tuple[tuple[str, ...], tuple[float, ...]]] = []
     error = 0.0
-    for step in steps:
-        result = _solve_step(model, step, V, tol, max_iter, memory)
-        if result is not None:
-            histories.append((step.names, tuple(result.history)))
-            error = max(error, result.error)
-    Y = _outputs(model, V)
+    with own_threads(_blas_work(steps) * U.shape[1]):
+        for step in steps:
+            if isinstance(step, MaxPoolStep):  # (without want_x: the pool's output alone)
+                step.run(V, states=False)
+                continue
+            result = _solve_step(model, step, V, tol, max_iter, memory)
+            if result is not None:
+                histories.append((step.names, tuple(result.history)))
+                error = max(error, result.error)
+        Y = _outputs(model, V)
     residuals = tuple(r for _, history in histories for r in history)
     if single:
         return Solution(X[:, 0], Y[:, 0], len(residuals), residuals, method, tuple(histories), error)
     return Solution(X.T, Y.T, len(residuals), residuals, method, tuple(histories), error)
+
+
+def _with_max_pools(model: ImplicitModel, steps: tuple) -> tuple:
+    """``steps`` with their max pools as ``MaxPoolStep``s (``max_pool``), for runs that return no
+    states. (A structured model's steps are the same at every batch size.)"""
+    key = "max_pool_steps"
+    if key not in model._cache:
+        model._cache[key] = tuple(fuse_max_pools(model, list(steps)))
+    return model._cache[key]
+
+
+def _blas_work(steps) -> int:
+    """Multiply-adds per sample of the average product of the acyclic structured blocks among
+    ``steps`` (their BLAS products: ``blas_threads``; 0 without them)."""
+    works = [step.work for step in steps if isinstance(step, StructuredBlock) and step.terms and not step.cyclic]
+    return sum(works) // max(1, len(works))
 
 
 def _outputs(model: ImplicitModel, V: np.ndarray) -> np.ndarray:
