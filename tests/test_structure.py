@@ -5,6 +5,7 @@ ModelTooLargeError when that would not fit."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import scipy.sparse as sp
 from onnx import TensorProto, helper, numpy_helper
 
 import implicit_compiler as ic
+from implicit_compiler import blas_threads
 from implicit_compiler import model as model_module
 from implicit_compiler import structure as structure_module
 from implicit_compiler.structure import Convolution, Dense, StructuredMatrix, Term, convolution_transposed, lift
@@ -205,13 +207,32 @@ def test_the_adjoint_by_gemm_equals_the_csr_transpose_in_chunks(rng, monkeypatch
             )
 
 
-@pytest.mark.parametrize("batch", [1, 9])
-def test_a_convolution_applies_as_its_csr_at_every_batch(batch):
-    """Convolution.apply, by the padded image's strided view (a few samples) or by the compiled
-    im2col (from COMPILED_IM2COL_BATCH samples on, into a buffer kept between calls), over random
-    geometries (strides, dilations, pads past the kernel's reach, outputs cut short): the
-    product of the term's CSR, whose entries come from the geometry alone."""
+@pytest.mark.parametrize("batch, bands", [(1, False), (9, False), (9, True)], ids=["one", "nine", "nine-bands"])
+def test_a_convolution_applies_as_its_csr_at_every_batch(batch, bands, monkeypatch):
+    """Convolution.apply, by the padded image's strided view (a few samples), by the compiled
+    im2col (from COMPILED_IM2COL_BATCH samples on, into a buffer kept between calls), or, in a run
+    on the runtime's own threads (``blas_threads``), by bands of output rows (here one row
+    each, the bands shared by the threads), over random geometries (strides, dilations, pads
+    past the kernel's reach, outputs cut short): the product of the term's CSR, whose entries
+    come from the geometry alone."""
     assert (batch >= structure_module.COMPILED_IM2COL_BATCH) == (batch == 9)
+    if bands:
+        if blas_threads._controller() is None:
+            pytest.skip("no BLAS threadpoolctl can limit: no run on the runtime's own threads")
+        monkeypatch.setattr(blas_threads, "OWN_THREADS_WORK", 0)
+        monkeypatch.setattr(structure_module, "BAND_BYTES", 1)
+        bands_run = []
+        monkeypatch.setattr(
+            structure_module.blas_threads, "run_on_threads",
+            lambda function, items, real=blas_threads.run_on_threads: bands_run.append(1) or real(function, items),
+        )  # fmt: skip
+    context = blas_threads.own_threads(1) if bands else contextlib.nullcontext()
+    with context:
+        _check_random_convolutions(batch)
+    assert not bands or len(bands_run) >= 60  # (a 1 x 1 convolution of stride 1 reads X as it is)
+
+
+def _check_random_convolutions(batch: int) -> None:
     rng = np.random.default_rng(21)
     checked = 0
     while checked < 60:
