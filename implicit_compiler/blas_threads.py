@@ -1,39 +1,42 @@
-"""BLAS products of a structured run on the runtime's own threads, one BLAS thread each.
+"""BLAS products of a structured run on numba's threads, one BLAS thread each.
 
 A structured block's GEMM (``structure.Convolution``, ``Dense``) is followed by compiled passes
 on numba's threads (im2col, ``kernels.finish_rows``). OpenBLAS's own worker threads busy-wait
 after each product for about 2^28 cycles (0.1 s) before they sleep, so on a 2-core machine every
 pass that follows a GEMM shared one core with a spinning thread: its two threads ran at the speed
-of one. Inside ``own_threads`` BLAS runs on one thread (threadpoolctl) and ``matmul`` splits a
-product into one part per thread, the caller taking the last; the BLAS workers stay asleep.
+of one. Inside ``own_threads`` BLAS runs on one thread (threadpoolctl) and the products run on
+numba's threads instead, each part one call of BLAS's gemm (``row_major_gemm``: scipy's
+cython_blas sgemm / dgemm called from compiled code through their addresses):
 
     out[g] = a[g] @ b[g]     split over g when there are enough groups, else over a's rows
                              (m >= n) or b's columns (multiples of 16: no cache line shared)
 
-``run_on_threads`` shares other work out the same way (a convolution's bands of output rows:
-``structure.Convolution``).
+(``matmul``; a convolution goes by bands of output rows, each band's im2col and GEMM on one
+thread: ``structure.Convolution``). The BLAS workers stay asleep, and numba's threads, which
+spin briefly between parallel regions, pick the work up at once.
 
-What keeps it (ResNet-18 at 224, float32, 2 cores, 2026-12-07, in-process, alternating runs):
-the whole predict at batch 16 took 383 ms (median) with OpenBLAS's threads and 326 ms so; a
-max-pool level's pass right after a GEMM 10.8-19.7 ms with them against 6.3-9.7 ms when they
-sleep. Alone, one GEMM (128 x 1152 by 1152 x 12,544) takes 10.6 ms on OpenBLAS's two threads
-and 10.3-11.2 ms split here.
+What keeps it (ResNet-18 at 224, float32, 2 cores, 2026-12-07, in-process, alternating runs,
+medians): the whole predict at batch 16 took 383 ms with OpenBLAS's threads and the passes
+beside them, 326 ms with the products split over Python threads (waking one took up to
+0.3 ms), 244 ms with the bands on numba's threads; a max-pool level's pass right after a GEMM
+10.8-19.7 ms with OpenBLAS's threads spinning against 6.3-9.7 ms when they sleep. Alone, ResNet-
+18's 8 convolution shapes at batch 16 took 69.5-71.6 ms on OpenBLAS's threads and 73.0-74.2 ms
+split here. At batch 1 OpenBLAS's own threads win (4.3-4.9 against 5.0-5.7 ms): runs whose
+products average under ``OWN_THREADS_WORK`` are left to them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 
 import numba
 import numpy as np
 
-# A run goes on its own threads when its BLAS products average this many multiply-adds: waking a
-# pool thread took 0.05-0.3 ms on this VM, against 0.3-0.8 ms for a GEMM of ResNet-18 at batch 1
-# (split, its 8 convolution shapes took 5.1-7.5 ms against 4.2-4.3 on OpenBLAS's threads; at batch
-# 16, 76.4-76.7 ms against 74.4-75.9).
+# A run goes on numba's threads when its BLAS products average this many multiply-adds (ResNet-18
+# at batch 1, about 90M: 29 ms as it is, 36 ms on numba's threads; at batch 16, 1.4G).
 OWN_THREADS_WORK = 128_000_000
 # Inside, products of fewer multiply-adds run whole on the calling thread.
 SPLIT_MIN_WORK = 16_000_000
@@ -57,11 +60,6 @@ def _controller():
         return None
     controller = ThreadpoolController().select(user_api="blas")
     return controller if controller.lib_controllers else None
-
-
-@lru_cache(maxsize=1)
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="implicit_compiler_blas")
 
 
 def active() -> bool:
@@ -103,39 +101,90 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     threads = numba.get_num_threads()
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     groups = a.shape[0] if a.ndim == 3 else 1
-    if not active() or groups * m * k * n < SPLIT_MIN_WORK:
+    if not active() or groups * m * k * n < SPLIT_MIN_WORK or not _blasable(a, b, out):
         return np.matmul(a, b, out=out)
+    a3, b3, out3 = (x.reshape((groups, *x.shape[-2:])) for x in (a, b, out))
     if groups >= threads:
-        bounds = np.linspace(0, groups, threads + 1).astype(int)
-        parts = [(a[i:j], b[i:j], out[i:j]) for i, j in zip(bounds[:-1], bounds[1:])]
+        parts = [(a3[g], b3[g], out3[g]) for g in range(groups)]
     elif m >= n:
         bounds = np.linspace(0, m, threads + 1).astype(int)
-        parts = [(a[..., i:j, :], b, out[..., i:j, :]) for i, j in zip(bounds[:-1], bounds[1:])]
+        spans = list(zip(bounds[:-1], bounds[1:]))
+        parts = [(a3[g, i:j], b3[g], out3[g, i:j]) for g in range(groups) for i, j in spans]
     else:
         bounds = np.linspace(0, n // COLUMN_ALIGN, threads + 1).astype(int) * COLUMN_ALIGN
         bounds[-1] = n
-        parts = [(a, b[..., i:j], out[..., i:j]) for i, j in zip(bounds[:-1], bounds[1:])]
-    pending = [_pool(threads - 1).submit(np.matmul, x, y, out=z) for x, y, z in parts[:-1]]
-    x, y, z = parts[-1]
-    np.matmul(x, y, out=z)
-    for future in pending:
-        future.result()
+        parts = [
+            (a3[g], b3[g, :, i:j], out3[g, :, i:j]) for g in range(groups) for i, j in zip(bounds[:-1], bounds[1:])
+        ]
+    parts = [(x, y, z) for x, y, z in parts if z.size]
+    item = a.itemsize
+    addresses = np.array([[x.ctypes.data, y.ctypes.data, z.ctypes.data] for x, y, z in parts], dtype=np.int64)
+    sizes = np.stack([
+        gemm_sizes(z.shape[0], z.shape[1], x.shape[1], x.strides[0] // item, y.strides[0] // item, z.strides[0] // item)
+        for x, y, z in parts
+    ])  # fmt: skip
+    gemm_tasks(addresses, sizes, a.dtype == np.float32)
     return out
 
 
-def run_on_threads(function, items) -> None:
-    """function(item) for each of ``items``, shared by the threads: the pool's take the first
-    parts, the caller the last (contiguous parts of about equal size)."""
-    items = list(items)
-    threads = min(numba.get_num_threads(), len(items))
-    bounds = np.linspace(0, len(items), threads + 1).astype(int)
+def _blasable(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
+    """Whether the compiled GEMM takes these: BLAS found, one float dtype, rows of unit stride,
+    leading dimensions of at least a row."""
+    if gemm_tasks is None or not (a.dtype == b.dtype == out.dtype) or a.dtype not in (np.float32, np.float64):
+        return False
+    return all(x.strides[-1] == x.itemsize and x.strides[-2] >= x.shape[-1] * x.itemsize for x in (a, b, out))
 
-    def part(first: int, last: int) -> None:
-        for item in items[first:last]:
-            function(item)
 
-    pool = _pool(numba.get_num_threads() - 1) if threads > 1 else None
-    pending = [pool.submit(part, i, j) for i, j in zip(bounds[:-2], bounds[1:-1])] if pool else []
-    part(bounds[-2], bounds[-1])
-    for future in pending:
-        future.result()
+def _blas_function(name: str):
+    """BLAS's ``name`` (Fortran calling convention: every argument a pointer) from scipy's
+    cython_blas, as a ctypes function numba can call; None where it is not found."""
+    try:
+        from scipy.linalg import cython_blas
+
+        capsule = cython_blas.__pyx_capi__[name]
+        get_name = ctypes.pythonapi.PyCapsule_GetName
+        get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+        get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+        get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+        address = get_pointer(capsule, get_name(capsule))
+    except (ImportError, AttributeError, KeyError, ValueError):  # pragma: no cover - scipy has them
+        return None
+    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))(address)
+
+
+_SGEMM, _DGEMM = _blas_function("sgemm"), _blas_function("dgemm")
+# gemm's constant arguments (numba keeps global arrays alive as constants): "N" (no transpose),
+# alpha = 1 and beta = 0 in each precision
+_PLAIN = np.array([78], dtype=np.uint8)
+_SINGLE = np.array([1, 0], dtype=np.float32)
+_DOUBLE = np.array([1, 0], dtype=np.float64)
+row_major_gemm = gemm_tasks = None
+
+
+def gemm_sizes(rows: int, columns: int, inner: int, lda: int, ldb: int, ldo: int) -> np.ndarray:
+    """``row_major_gemm``'s sizes for out (rows x columns, row stride ldo) = a (rows x inner, lda)
+    @ b (inner x columns, ldb): BLAS's column-major out^T = b^T a^T."""
+    return np.array([columns, rows, inner, ldb, lda, ldo], dtype=np.int32)
+
+
+if _SGEMM is not None and _DGEMM is not None:
+
+    @numba.njit(nogil=True)
+    def row_major_gemm(sizes, a, b, out, single):  # pragma: no cover - jitted
+        """out = a @ b, row-major, at these addresses, float32 when ``single`` else float64, with
+        ``gemm_sizes``'s sizes (an int32 array the caller keeps alive): BLAS's gemm on this
+        thread."""
+        at, plain = sizes.ctypes.data, _PLAIN.ctypes.data
+        if single:
+            one = _SINGLE.ctypes.data
+            _SGEMM(plain, plain, at, at + 4, at + 8, one, b, at + 12, a, at + 16, one + 4, out, at + 20)
+        else:
+            one = _DOUBLE.ctypes.data
+            _DGEMM(plain, plain, at, at + 4, at + 8, one, b, at + 12, a, at + 16, one + 8, out, at + 20)
+
+    @numba.njit(parallel=True, nogil=True)
+    def gemm_tasks(addresses, sizes, single):  # pragma: no cover - jitted
+        """``row_major_gemm`` of each task (addresses: a, b, out; sizes: ``gemm_sizes``) on
+        numba's threads."""
+        for task in numba.prange(addresses.shape[0]):
+            row_major_gemm(sizes[task], addresses[task, 0], addresses[task, 1], addresses[task, 2], single)

@@ -71,7 +71,10 @@ class Convolution:
         X = np.ascontiguousarray(source).reshape(C, H, W, batch)  # C order: a faster im2col
         if (*self.kernel, *self.stride, *self.pads) == (1, 1, 1, 1, 0, 0) and (Ho, Wo) == (H, W):
             cols = X.reshape(C, H * W * batch)
-        elif self.groups == 1 and batch >= COMPILED_IM2COL_BATCH and blas_threads.active():
+        elif (
+            self.groups == 1 and batch >= COMPILED_IM2COL_BATCH and blas_threads.active()
+            and blas_threads.row_major_gemm is not None and X.dtype == self.weight.dtype
+        ):  # fmt: skip
             return self._apply_by_bands(X, out)
         else:
             cols = self._im2col(X).reshape(-1, Ho * Wo * batch)
@@ -83,28 +86,30 @@ class Convolution:
 
     def _apply_by_bands(self, X: np.ndarray, out: np.ndarray | None) -> np.ndarray:
         """The convolution of X (C, H, W, batch) by bands of output rows, each band's im2col
-        (about ``BAND_BYTES``) and its GEMM on one thread, the bands shared by the threads
-        (``blas_threads.run_on_threads``): the band's columns are read by the GEMM while in cache.
-        ResNet-18 at 224 x 224, batch 16 (float32, 2 cores, in-process, alternating): 295 ms
-        (median) by the whole batch's im2col and a split GEMM, 261-277 ms by bands of 0.5-2 MB;
-        ResNet-50 616 against 578 ms (0.5 MB)."""
+        (about ``BAND_BYTES``) and its GEMM on one of numba's threads (``_convolution_bands``):
+        the band's columns are read by the GEMM while in cache. Float32, 2 cores, in-process,
+        alternating, medians: ResNet-18 at 224 x 224 and batch 16 took 290 ms by the whole
+        batch's im2col and OpenBLAS's threads, 244 ms by bands of 0.5 MB (238 of 2 MB); ResNet-50
+        640 against 595 (627). (Bands handed to Python threads took 261-277 ms: waking one costs
+        up to 0.3 ms.) At batch 1 bands lost (44 against 29 ms): one sample's im2col vectorizes
+        poorly, and OpenBLAS's threads win on its small products."""
         C, H, W, batch = X.shape
         Co, Ho, Wo = self.out_shape
         (kh, kw), (sh, sw), (dh, dw), (ph, pw) = self.kernel, self.stride, self.dilation, self.pads
         if out is None:
-            out = np.empty((Co * Ho * Wo, batch), dtype=np.result_type(self.weight, X))
+            out = np.empty((Co * Ho * Wo, batch), dtype=X.dtype)
+        per_row = C * kh * kw * Wo * batch
+        height = max(1, min(Ho, BAND_BYTES // (per_row * X.itemsize)))
+        buffers = _workspace((numba.get_num_threads(), per_row * height), X.dtype)
+        geometry = np.array([sh, sw, dh, dw, ph, pw, kh, kw, Ho, Wo, height], dtype=np.int64)
+        weight = np.ascontiguousarray(self.weight, dtype=X.dtype)
+        bands = range(0, Ho, height)
+        sizes = np.stack([
+            blas_threads.gemm_sizes(Co, columns, C * kh * kw, C * kh * kw, columns, Ho * Wo * batch)
+            for columns in ((min(Ho, first + height) - first) * Wo * batch for first in bands)
+        ])  # fmt: skip
         Y = out.reshape(Co, Ho * Wo * batch)
-        geometry = np.array([sh, sw, dh, dw, ph, pw], dtype=np.int64)
-        per_row = C * kh * kw * Wo * batch * X.itemsize
-        height = max(1, min(Ho, BAND_BYTES // per_row))
-
-        def band(first: int) -> None:
-            last = min(Ho, first + height)
-            cols = _workspace((C, kh, kw, last - first, Wo, batch), X.dtype)
-            _im2col_band(X, cols, geometry, first)
-            np.matmul(self.weight, cols.reshape(C * kh * kw, -1), out=Y[:, first * Wo * batch : last * Wo * batch])
-
-        blas_threads.run_on_threads(band, range(0, Ho, height))
+        _convolution_bands(X, weight, Y, geometry, buffers, sizes, X.dtype == np.float32)
         return out
 
     def _im2col(self, X: np.ndarray) -> np.ndarray:
@@ -215,6 +220,27 @@ def _im2col_band(X, cols, geometry, first):
                     for wo in range(high, Wo):
                         for t in range(batch):
                             cols[c, i, j, r, wo, t] = 0
+
+
+if blas_threads.row_major_gemm is not None:
+
+    @numba.njit(parallel=True, nogil=True)  # (BLAS's address inside: not cached)
+    def _convolution_bands(X, weight, out, geometry, buffers, sizes, single):  # pragma: no cover - jitted
+        """out (Co, Ho Wo batch) = weight (Co, C kh kw) @ im2col(X), by bands of ``height``
+        output rows (geometry: strides, dilations, pads, kh, kw, Ho, Wo, height): each band's
+        columns built in its thread's row of ``buffers``, then its GEMM (``sizes``: the bands'
+        ``blas_threads.gemm_sizes``) writing the band's columns of out."""
+        kh, kw, Ho, Wo, height = geometry[6], geometry[7], geometry[8], geometry[9], geometry[10]
+        C, batch, item = X.shape[0], X.shape[3], X.itemsize
+        inner = weight.shape[1]
+        for band in numba.prange((Ho + height - 1) // height):
+            first = band * height
+            rows = min(Ho, first + height) - first
+            columns = rows * Wo * batch
+            cols = buffers[numba.get_thread_id(), : inner * columns].reshape((C, kh, kw, rows, Wo, batch))
+            _im2col_band(X, cols, geometry, first)
+            target = out.ctypes.data + first * Wo * batch * item
+            blas_threads.row_major_gemm(sizes[band], weight.ctypes.data, cols.ctypes.data, target, single)
 
 
 @dataclass(frozen=True)

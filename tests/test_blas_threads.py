@@ -1,5 +1,6 @@
-"""BLAS products on the runtime's own threads (``blas_threads``): the same products as numpy's,
-split over the threads, with BLAS's thread count restored after every run."""
+"""BLAS products on numba's threads (``blas_threads``): the same products as numpy's, split
+over the threads (BLAS's gemm called from compiled code), with BLAS's thread count restored
+after every run."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ needs_threads = pytest.mark.skipif(
         ((300, 40), (40, 7)),  # rows
         ((6, 20, 30), (6, 30, 200)),  # groups
         ((1, 20, 30), (1, 30, 2000)),  # one group: columns
+        ((64, 48), (48, 2000, 2)),  # b's columns of stride 2: numpy's product
     ],
-    ids=["columns", "rows", "groups", "one-group"],
+    ids=["columns", "rows", "groups", "one-group", "strided"],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_split_products_equal_numpys(shapes, dtype, monkeypatch):
@@ -41,6 +43,7 @@ def test_split_products_equal_numpys(shapes, dtype, monkeypatch):
     monkeypatch.setattr(blas_threads, "SPLIT_MIN_WORK", 0)
     rng = np.random.default_rng(0)
     a, b = (rng.normal(size=shape).astype(dtype) for shape in shapes)
+    b = b[..., 0] if b.ndim == 3 and a.ndim == 2 else b
     expected = np.matmul(a, b)
     out = np.full(expected.shape, np.nan, dtype=dtype)
     before = _blas_threads()

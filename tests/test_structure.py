@@ -211,20 +211,20 @@ def test_the_adjoint_by_gemm_equals_the_csr_transpose_in_chunks(rng, monkeypatch
 def test_a_convolution_applies_as_its_csr_at_every_batch(batch, bands, monkeypatch):
     """Convolution.apply, by the padded image's strided view (a few samples), by the compiled
     im2col (from COMPILED_IM2COL_BATCH samples on, into a buffer kept between calls), or, in a run
-    on the runtime's own threads (``blas_threads``), by bands of output rows (here one row
-    each, the bands shared by the threads), over random geometries (strides, dilations, pads
+    on numba's threads (``blas_threads``), by bands of output rows (here one row each, the
+    bands shared by the threads), over random geometries (strides, dilations, pads
     past the kernel's reach, outputs cut short): the product of the term's CSR, whose entries
     come from the geometry alone."""
     assert (batch >= structure_module.COMPILED_IM2COL_BATCH) == (batch == 9)
     if bands:
         if blas_threads._controller() is None:
-            pytest.skip("no BLAS threadpoolctl can limit: no run on the runtime's own threads")
+            pytest.skip("no BLAS threadpoolctl can limit: no run on numba's threads")
         monkeypatch.setattr(blas_threads, "OWN_THREADS_WORK", 0)
         monkeypatch.setattr(structure_module, "BAND_BYTES", 1)
         bands_run = []
         monkeypatch.setattr(
-            structure_module.blas_threads, "run_on_threads",
-            lambda function, items, real=blas_threads.run_on_threads: bands_run.append(1) or real(function, items),
+            structure_module, "_convolution_bands",
+            lambda *args, real=structure_module._convolution_bands: bands_run.append(1) or real(*args),
         )  # fmt: skip
     context = blas_threads.own_threads(1) if bands else contextlib.nullcontext()
     with context:
