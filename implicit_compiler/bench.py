@@ -287,7 +287,7 @@ class BenchReport:
             "",
             f"Run {self.started} ({self.seconds:.0f} s). Median of at least {self.settings.repeats} runs and "
             f"{self.settings.min_seconds:g} s after {self.settings.warmup} warm-up runs, the engines taking turns "
-            f"over {self.settings.rounds} rounds; images per second "
+            f"over {self.settings.rounds} rounds, each turn after {SETTLE_SECONDS:g} s of rest; images per second "
             "(higher is better); ours/ORT > 1 means ours is faster.",
             "",
             "| model | batch | ORT img/s | torch img/s | ours img/s | ours/ORT |",

@@ -159,67 +159,50 @@ def _workspace(shape: tuple[int, ...], dtype) -> np.ndarray:
 @numba.njit(parallel=True, cache=True, nogil=True)  # (jitted: coverage cannot see inside)
 def _im2col_into(X, cols, geometry):
     """cols[c, i, j, ho, wo] = X[c, s_h ho + d_h i - p_h, s_w wo + d_w j - p_w] (a vector of
-    samples), 0 outside the image; (c, i) pairs on threads. The output columns of one kernel
-    column j that read inside the image are wo in [first, last)."""
-    sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
-    C, H, W, batch = X.shape
-    kh, kw, Ho, Wo = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
-    for task in numba.prange(C * kh):
-        c, i = task // kh, task % kh
-        for j in range(kw):
-            offset = dw * j - pw  # w = s_w wo + offset
-            first = 0 if offset >= 0 else min(Wo, (sw - 1 - offset) // sw)
-            last = max(first, 0 if offset > W - 1 else min(Wo, (W - 1 - offset) // sw + 1))
-            for ho in range(Ho):
-                h = sh * ho + dh * i - ph
-                if h < 0 or h >= H:
-                    for wo in range(Wo):
-                        for t in range(batch):
-                            cols[c, i, j, ho, wo, t] = 0
-                    continue
-                for wo in range(first):
-                    for t in range(batch):
-                        cols[c, i, j, ho, wo, t] = 0
-                for wo in range(first, last):
-                    w = sw * wo + offset
-                    for t in range(batch):
-                        cols[c, i, j, ho, wo, t] = X[c, h, w, t]
-                for wo in range(last, Wo):
-                    for t in range(batch):
-                        cols[c, i, j, ho, wo, t] = 0
+    samples), 0 outside the image; (c, i) pairs on threads."""
+    kh = cols.shape[1]
+    for task in numba.prange(X.shape[0] * kh):
+        _im2col_rows(X, cols, geometry, 0, task // kh, task % kh)
 
 
 @numba.njit(cache=True, nogil=True)  # (jitted: coverage cannot see inside)
 def _im2col_band(X, cols, geometry, first):
     """``_im2col_into`` for the output rows first:first + cols.shape[3], on this thread:
-    cols[c, i, j, r, wo] = X[c, s_h (first + r) + d_h i - p_h, s_w wo + d_w j - p_w] (a vector
-    of samples), 0 outside the image."""
+    cols[c, i, j, r, wo] = X[c, s_h (first + r) + d_h i - p_h, s_w wo + d_w j - p_w]."""
+    for c in range(X.shape[0]):
+        for i in range(cols.shape[1]):
+            _im2col_rows(X, cols, geometry, first, c, i)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")  # (jitted: coverage cannot see inside)
+def _im2col_rows(X, cols, geometry, first, c, i):
+    """cols[c, i, j, r, wo] for every j, r, wo: the output rows first + r read by kernel row i
+    of channel c. The output columns of kernel column j that read inside the image are wo in
+    [low, high)."""
     sh, sw, dh, dw, ph, pw = geometry[0], geometry[1], geometry[2], geometry[3], geometry[4], geometry[5]
-    C, H, W, batch = X.shape
-    kh, kw, rows, Wo = cols.shape[1], cols.shape[2], cols.shape[3], cols.shape[4]
-    for c in range(C):
-        for i in range(kh):
-            for j in range(kw):
-                offset = dw * j - pw
-                low = 0 if offset >= 0 else min(Wo, (sw - 1 - offset) // sw)
-                high = max(low, 0 if offset > W - 1 else min(Wo, (W - 1 - offset) // sw + 1))
-                for r in range(rows):
-                    h = sh * (first + r) + dh * i - ph
-                    if h < 0 or h >= H:
-                        for wo in range(Wo):
-                            for t in range(batch):
-                                cols[c, i, j, r, wo, t] = 0
-                        continue
-                    for wo in range(low):
-                        for t in range(batch):
-                            cols[c, i, j, r, wo, t] = 0
-                    for wo in range(low, high):
-                        w = sw * wo + offset
-                        for t in range(batch):
-                            cols[c, i, j, r, wo, t] = X[c, h, w, t]
-                    for wo in range(high, Wo):
-                        for t in range(batch):
-                            cols[c, i, j, r, wo, t] = 0
+    H, W, batch = X.shape[1], X.shape[2], X.shape[3]
+    kw, rows, Wo = cols.shape[2], cols.shape[3], cols.shape[4]
+    for j in range(kw):
+        offset = dw * j - pw  # w = s_w wo + offset
+        low = 0 if offset >= 0 else min(Wo, (sw - 1 - offset) // sw)
+        high = max(low, 0 if offset > W - 1 else min(Wo, (W - 1 - offset) // sw + 1))
+        for r in range(rows):
+            h = sh * (first + r) + dh * i - ph
+            if h < 0 or h >= H:
+                for wo in range(Wo):
+                    for t in range(batch):
+                        cols[c, i, j, r, wo, t] = 0
+                continue
+            for wo in range(low):
+                for t in range(batch):
+                    cols[c, i, j, r, wo, t] = 0
+            for wo in range(low, high):
+                w = sw * wo + offset
+                for t in range(batch):
+                    cols[c, i, j, r, wo, t] = X[c, h, w, t]
+            for wo in range(high, Wo):
+                for t in range(batch):
+                    cols[c, i, j, r, wo, t] = 0
 
 
 if blas_threads.row_major_gemm is not None:
