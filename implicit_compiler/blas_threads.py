@@ -34,6 +34,9 @@ from functools import lru_cache
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 # A run goes on numba's threads when its BLAS products average this many multiply-adds (ResNet-18
 # at batch 1, about 90M: 29 ms as it is, 36 ms on numba's threads; at batch 16, 1.4G).
@@ -123,21 +126,21 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
         gemm_sizes(z.shape[0], z.shape[1], x.shape[1], x.strides[0] // item, y.strides[0] // item, z.strides[0] // item)
         for x, y, z in parts
     ])  # fmt: skip
-    gemm_tasks(addresses, sizes, a.dtype == np.float32)
+    gemm_tasks(addresses, sizes, GEMM, a.dtype == np.float32)
     return out
 
 
 def _blasable(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
     """Whether the compiled GEMM takes these: BLAS found, one float dtype, rows of unit stride,
     leading dimensions of at least a row."""
-    if gemm_tasks is None or not (a.dtype == b.dtype == out.dtype) or a.dtype not in (np.float32, np.float64):
+    if GEMM is None or not (a.dtype == b.dtype == out.dtype) or a.dtype not in (np.float32, np.float64):
         return False
     return all(x.strides[-1] == x.itemsize and x.strides[-2] >= x.shape[-1] * x.itemsize for x in (a, b, out))
 
 
-def _blas_function(name: str):
-    """BLAS's ``name`` (Fortran calling convention: every argument a pointer) from scipy's
-    cython_blas, as a ctypes function numba can call; None where it is not found."""
+def _blas_address(name: str) -> int | None:
+    """The address of BLAS's ``name`` in scipy's cython_blas (Fortran calling convention: every
+    argument a pointer); None where it is not found."""
     try:
         from scipy.linalg import cython_blas
 
@@ -146,19 +149,34 @@ def _blas_function(name: str):
         get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
         get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
         get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-        address = get_pointer(capsule, get_name(capsule))
+        return get_pointer(capsule, get_name(capsule))
     except (ImportError, AttributeError, KeyError, ValueError):  # pragma: no cover - scipy has them
         return None
-    return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))(address)
 
 
-_SGEMM, _DGEMM = _blas_function("sgemm"), _blas_function("dgemm")
-# gemm's constant arguments (numba keeps global arrays alive as constants): "N" (no transpose),
-# alpha = 1 and beta = 0 in each precision
+@intrinsic
+def _call_gemm(typingctx, function, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """The call of the function at address ``function`` (BLAS's gemm: 13 pointers), each
+    argument an address."""
+    arguments = (transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+
+    def codegen(context, builder, signature, args):
+        pointer = ir.IntType(8).as_pointer()
+        callee = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [pointer] * 13).as_pointer())
+        builder.call(callee, [builder.inttoptr(value, pointer) for value in args[1:]])
+        return context.get_dummy_value()
+
+    return types.void(function, *arguments), codegen
+
+
+_ADDRESSES = [_blas_address("sgemm"), _blas_address("dgemm")]
+# sgemm's and dgemm's addresses, passed to the kernels (an address is this process's: a cached
+# kernel must not hold it); None without them
+GEMM = None if None in _ADDRESSES else np.array(_ADDRESSES, dtype=np.int64)
+# gemm's constant arguments: "N" (no transpose), alpha = 1 and beta = 0 in each precision
 _PLAIN = np.array([78], dtype=np.uint8)
 _SINGLE = np.array([1, 0], dtype=np.float32)
 _DOUBLE = np.array([1, 0], dtype=np.float64)
-row_major_gemm = gemm_tasks = None
 
 
 def gemm_sizes(rows: int, columns: int, inner: int, lda: int, ldb: int, ldo: int) -> np.ndarray:
@@ -167,24 +185,23 @@ def gemm_sizes(rows: int, columns: int, inner: int, lda: int, ldb: int, ldo: int
     return np.array([columns, rows, inner, ldb, lda, ldo], dtype=np.int32)
 
 
-if _SGEMM is not None and _DGEMM is not None:
+@numba.njit(cache=True, nogil=True)
+def row_major_gemm(sizes, a, b, out, functions, single):  # pragma: no cover - jitted
+    """out = a @ b, row-major, at these addresses, float32 when ``single`` else float64, with
+    ``gemm_sizes``'s sizes (an int32 array the caller keeps alive): BLAS's gemm (``functions``:
+    ``GEMM``) on this thread."""
+    at, plain = sizes.ctypes.data, _PLAIN.ctypes.data
+    if single:
+        one = _SINGLE.ctypes.data
+        _call_gemm(functions[0], plain, plain, at, at + 4, at + 8, one, b, at + 12, a, at + 16, one + 4, out, at + 20)
+    else:
+        one = _DOUBLE.ctypes.data
+        _call_gemm(functions[1], plain, plain, at, at + 4, at + 8, one, b, at + 12, a, at + 16, one + 8, out, at + 20)
 
-    @numba.njit(nogil=True)
-    def row_major_gemm(sizes, a, b, out, single):  # pragma: no cover - jitted
-        """out = a @ b, row-major, at these addresses, float32 when ``single`` else float64, with
-        ``gemm_sizes``'s sizes (an int32 array the caller keeps alive): BLAS's gemm on this
-        thread."""
-        at, plain = sizes.ctypes.data, _PLAIN.ctypes.data
-        if single:
-            one = _SINGLE.ctypes.data
-            _SGEMM(plain, plain, at, at + 4, at + 8, one, b, at + 12, a, at + 16, one + 4, out, at + 20)
-        else:
-            one = _DOUBLE.ctypes.data
-            _DGEMM(plain, plain, at, at + 4, at + 8, one, b, at + 12, a, at + 16, one + 8, out, at + 20)
 
-    @numba.njit(parallel=True, nogil=True)
-    def gemm_tasks(addresses, sizes, single):  # pragma: no cover - jitted
-        """``row_major_gemm`` of each task (addresses: a, b, out; sizes: ``gemm_sizes``) on
-        numba's threads."""
-        for task in numba.prange(addresses.shape[0]):
-            row_major_gemm(sizes[task], addresses[task, 0], addresses[task, 1], addresses[task, 2], single)
+@numba.njit(parallel=True, cache=True, nogil=True)
+def gemm_tasks(addresses, sizes, functions, single):  # pragma: no cover - jitted
+    """``row_major_gemm`` of each task (addresses: a, b, out; sizes: ``gemm_sizes``) on
+    numba's threads."""
+    for task in numba.prange(addresses.shape[0]):
+        row_major_gemm(sizes[task], addresses[task, 0], addresses[task, 1], addresses[task, 2], functions, single)

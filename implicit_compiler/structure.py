@@ -73,7 +73,7 @@ class Convolution:
             cols = X.reshape(C, H * W * batch)
         elif (
             self.groups == 1 and batch >= COMPILED_IM2COL_BATCH and blas_threads.active()
-            and blas_threads.row_major_gemm is not None and X.dtype == self.weight.dtype
+            and blas_threads.GEMM is not None and X.dtype == self.weight.dtype
         ):  # fmt: skip
             return self._apply_by_bands(X, out)
         else:
@@ -109,7 +109,7 @@ class Convolution:
             for columns in ((min(Ho, first + height) - first) * Wo * batch for first in bands)
         ])  # fmt: skip
         Y = out.reshape(Co, Ho * Wo * batch)
-        _convolution_bands(X, weight, Y, geometry, buffers, sizes, X.dtype == np.float32)
+        _convolution_bands(X, weight, Y, geometry, buffers, sizes, blas_threads.GEMM, X.dtype == np.float32)
         return out
 
     def _im2col(self, X: np.ndarray) -> np.ndarray:
@@ -205,25 +205,24 @@ def _im2col_rows(X, cols, geometry, first, c, i):
                     cols[c, i, j, r, wo, t] = 0
 
 
-if blas_threads.row_major_gemm is not None:
-
-    @numba.njit(parallel=True, nogil=True)  # (BLAS's address inside: not cached)
-    def _convolution_bands(X, weight, out, geometry, buffers, sizes, single):  # pragma: no cover - jitted
-        """out (Co, Ho Wo batch) = weight (Co, C kh kw) @ im2col(X), by bands of ``height``
-        output rows (geometry: strides, dilations, pads, kh, kw, Ho, Wo, height): each band's
-        columns built in its thread's row of ``buffers``, then its GEMM (``sizes``: the bands'
-        ``blas_threads.gemm_sizes``) writing the band's columns of out."""
-        kh, kw, Ho, Wo, height = geometry[6], geometry[7], geometry[8], geometry[9], geometry[10]
-        C, batch, item = X.shape[0], X.shape[3], X.itemsize
-        inner = weight.shape[1]
-        for band in numba.prange((Ho + height - 1) // height):
-            first = band * height
-            rows = min(Ho, first + height) - first
-            columns = rows * Wo * batch
-            cols = buffers[numba.get_thread_id(), : inner * columns].reshape((C, kh, kw, rows, Wo, batch))
-            _im2col_band(X, cols, geometry, first)
-            target = out.ctypes.data + first * Wo * batch * item
-            blas_threads.row_major_gemm(sizes[band], weight.ctypes.data, cols.ctypes.data, target, single)
+@numba.njit(parallel=True, cache=True, nogil=True)  # (jitted: coverage cannot see inside)
+def _convolution_bands(X, weight, out, geometry, buffers, sizes, functions, single):
+    """out (Co, Ho Wo batch) = weight (Co, C kh kw) @ im2col(X), by bands of ``height``
+    output rows (geometry: strides, dilations, pads, kh, kw, Ho, Wo, height): each band's
+    columns built in its thread's row of ``buffers``, then its GEMM (``sizes``: the bands'
+    ``blas_threads.gemm_sizes``; ``functions``: ``blas_threads.GEMM``) writing the band's
+    columns of out."""
+    kh, kw, Ho, Wo, height = geometry[6], geometry[7], geometry[8], geometry[9], geometry[10]
+    C, batch, item = X.shape[0], X.shape[3], X.itemsize
+    inner = weight.shape[1]
+    for band in numba.prange((Ho + height - 1) // height):
+        first = band * height
+        rows = min(Ho, first + height) - first
+        columns = rows * Wo * batch
+        cols = buffers[numba.get_thread_id(), : inner * columns].reshape((C, kh, kw, rows, Wo, batch))
+        _im2col_band(X, cols, geometry, first)
+        target = out.ctypes.data + first * Wo * batch * item
+        blas_threads.row_major_gemm(sizes[band], weight.ctypes.data, cols.ctypes.data, target, functions, single)
 
 
 @dataclass(frozen=True)
