@@ -287,7 +287,8 @@ class BenchReport:
             "",
             f"Run {self.started} ({self.seconds:.0f} s). Median of at least {self.settings.repeats} runs and "
             f"{self.settings.min_seconds:g} s after {self.settings.warmup} warm-up runs, the engines taking turns "
-            f"over {self.settings.rounds} rounds, each turn after {SETTLE_SECONDS:g} s of rest; images per second "
+            f"over {self.settings.rounds} rounds, each turn after {SETTLE_SECONDS:g} s of rest and one untimed run; "
+            "images per second "
             "(higher is better); ours/ORT > 1 means ours is faster.",
             "",
             "| model | batch | ORT img/s | torch img/s | ours img/s | ours/ORT |",
@@ -403,7 +404,10 @@ def time_side_by_side(
     first. Before each turn the machine rests ``SETTLE_SECONDS``, so that no engine's turn
     starts beside the previous one's spinning threads: ResNet-18 at 224 x 224 and batch 1 took
     72 ms (median) right after an onnxruntime run and 50 ms after a pause (2 cores)
-    (onnxruntime's intra-op threads spin after a run; OpenBLAS's for about 0.1 s)."""
+    (onnxruntime's intra-op threads spin after a run; OpenBLAS's for about 0.1 s). Then one
+    untimed run wakes the engine's own threads: after the rest alone, every timed run of a
+    one-run turn (``--quick``) started cold (the trained classifier at batch 16: 2.3 ms against
+    0.8-1.0 ms warm)."""
     rounds = max(1, min(rounds, repeats))
     runs_per_turn, seconds_per_turn = -(-repeats // rounds), min_seconds / rounds
     results: dict[str, Any] = {}
@@ -416,6 +420,7 @@ def time_side_by_side(
     for _ in range(rounds):
         for engine, function in functions.items():
             time.sleep(SETTLE_SECONDS)
+            results[engine] = function()  # (untimed: the engine's own threads awake again)
             busy_before, own_before = _system_busy_seconds(), _own_cpu_seconds()
             started, turn = time.perf_counter(), []
             while len(turn) < runs_per_turn or time.perf_counter() - started < seconds_per_turn:

@@ -119,8 +119,8 @@ def test_engines_take_turns():
         {"onnxruntime": engine("onnxruntime"), "ours": engine("ours")},
         batch=4, repeats=6, warmup=1, min_seconds=0.0, rounds=3,
     )  # fmt: skip
-    # warm-up, then three rounds of two runs each, taking turns
-    assert calls == ["onnxruntime", "ours"] + (["onnxruntime"] * 2 + ["ours"] * 2) * 3
+    # warm-up, then three rounds of two timed runs each after an untimed one, taking turns
+    assert calls == ["onnxruntime", "ours"] + (["onnxruntime"] * 3 + ["ours"] * 3) * 3
     for name, (timing, result) in timed.items():
         assert result == name and timing.engine == name and timing.batch == 4 and timing.runs == 6
         assert 0 < timing.min_seconds <= timing.median_seconds <= timing.max_seconds
