@@ -45,6 +45,8 @@ OWN_THREADS_WORK = 128_000_000
 SPLIT_MIN_WORK = 16_000_000
 # A split of columns keeps parts a multiple of this many columns.
 COLUMN_ALIGN = 16
+# BLAS's sizes and leading dimensions are 32-bit: past this, numpy's product.
+INT32_LIMIT = 2**31
 
 _state = threading.local()
 # One run at a time limits BLAS: OpenBLAS takes a thread count back only from the thread that
@@ -132,10 +134,13 @@ def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
 
 def _blasable(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> bool:
     """Whether the compiled GEMM takes these: BLAS found, one float dtype, rows of unit stride,
-    leading dimensions of at least a row."""
+    leading dimensions of at least a row and within BLAS's 32-bit sizes."""
     if GEMM is None or not (a.dtype == b.dtype == out.dtype) or a.dtype not in (np.float32, np.float64):
         return False
-    return all(x.strides[-1] == x.itemsize and x.strides[-2] >= x.shape[-1] * x.itemsize for x in (a, b, out))
+    return all(
+        x.strides[-1] == x.itemsize and x.shape[-1] * x.itemsize <= x.strides[-2] < INT32_LIMIT * x.itemsize
+        for x in (a, b, out)
+    )
 
 
 def _blas_address(name: str) -> int | None:

@@ -74,6 +74,7 @@ class Convolution:
         elif (
             self.groups == 1 and batch >= COMPILED_IM2COL_BATCH and blas_threads.active()
             and blas_threads.GEMM is not None and X.dtype == self.weight.dtype
+            and Ho * Wo * batch < blas_threads.INT32_LIMIT
         ):  # fmt: skip
             return self._apply_by_bands(X, out)
         else:
