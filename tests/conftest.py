@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -73,3 +75,15 @@ def model_with_blocks(A, blocks, p=3, q=2, seed=0, dtype=np.float64, random_feed
         sp.csr_array(np.asarray(A).astype(dtype)), B, C, D, bias_x, bias_y, tuple(states),
         (TensorSpec("u", (p,)),), (TensorSpec("y", (q,)),),
     )  # fmt: skip
+
+
+def run_readme_block(section: str, folder, monkeypatch) -> dict:
+    """The namespace left by the README's first python block after the heading ``section``, run
+    as written in ``folder``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = text.index("```python", text.index(section)) + len("```python")
+    block = text[start : text.index("```", start)]
+    monkeypatch.chdir(folder)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    return namespace

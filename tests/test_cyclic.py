@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import scipy.sparse as sp
-from conftest import contractive_matrix
+from conftest import contractive_matrix, run_readme_block
 
 import implicit_compiler as ic
 from implicit_compiler import ImplicitModel, StateBlock, TensorSpec
@@ -280,12 +280,7 @@ def test_an_overshooting_step_does_not_send_the_iteration_round_in_a_cycle(accel
 @pytest.mark.slow
 def test_readme_feedback_example_runs_as_written(monkeypatch):
     """The README's composition example: its loop is well-posed, rescales and predicts."""
-    text = (ROOT / "README.md").read_text()
-    start = text.index("```python", text.index("## Composition and analysis")) + len("```python")
-    block = text[start : text.index("```", start)]
-    monkeypatch.chdir(ROOT)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    namespace = run_readme_block("## Composition and analysis", ROOT, monkeypatch)
     assert namespace["report"].well_posed
     assert namespace["y"].shape == (1, 10) and np.isfinite(namespace["y"]).all()
 

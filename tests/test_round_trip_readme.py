@@ -5,7 +5,6 @@ against the tolerance stored in the file."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -13,18 +12,13 @@ import pytest
 
 pytest.importorskip("torch")
 
-from implicit_compiler.frontend.verification import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
+from conftest import run_readme_block  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from implicit_compiler.frontend.verification import FLOAT32_ATOL, FLOAT32_RTOL  # noqa: E402
 
 
 def test_the_readme_round_trip_runs_as_written(tmp_path, monkeypatch):
-    text = (ROOT / "README.md").read_text()
-    start = text.index("```python", text.index("## Round trip: torch in, ONNX out")) + len("```python")
-    block = text[start : text.index("```", start)]
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    namespace = run_readme_block("## Round trip: torch in, ONNX out", tmp_path, monkeypatch)
     closed, v, y, residual = namespace["closed"], namespace["v"], namespace["y"], namespace["residual"]
     assert os.listdir(tmp_path) == ["closed.onnx"]
     proto = onnx.load(tmp_path / "closed.onnx")

@@ -198,8 +198,8 @@ if numba is not None:
     def _operand(indptr, sources, data, row, sign, start, size, chain_next, chain_size, members):  # pragma: no cover
         """The maximum named by row's entries equal to sign: a leaf (returns -(v + 1) for V row
         v, outside the tree) or a made maximum (its latest state's index in the tree), checked
-        against the chain; -2**62 when they are not one maximum."""
-        bad = -(1 << 62)
+        against the chain; ``BAD`` when they are not one maximum."""
+        bad = BAD
         count = 0
         latest = -1
         for k in range(indptr[row], indptr[row + 1]):
@@ -244,12 +244,13 @@ if numba is not None:
         return at
 
     @numba.njit(cache=True, nogil=True)
-    def _windows_compiled(indptr, sources, data, start, size, outputs, width):  # pragma: no cover
-        """Each row's operands (M1, and M2 for a level's row: a made maximum's row, or -(v + 1)
-        for the leaf at V row v) and the leaves of its maximum (CSR: offsets, leaves); all four
-        one entry -2**62 when a row is not a maximum."""
+    def _windows(indptr, sources, data, start, size, outputs, width):  # pragma: no cover
+        """For the ``size`` level rows then the ``outputs`` rows (CSR over V, the levels' states
+        at V rows start:start + size): each row's operands (M1, and M2 for a level's row: a made
+        maximum's row, or -(v + 1) for the leaf at V row v) and the leaves of its maximum (CSR:
+        offsets, leaves); all four one entry ``BAD`` when a row is not a maximum."""
         rows = size + outputs
-        bad = -(1 << 62)
+        bad = BAD
         failed = np.full(1, bad, np.int64)
         chain_next = np.full(size, bad, np.int64)  # made maximum -> M2 (a state, or -(leaf + 1))
         chain_size = np.zeros(size, np.int64)
@@ -329,9 +330,3 @@ if numba is not None:
                 out[t] = value if value > best or value != value else best
 
     window_max, window_max_serial = kernels.threaded_and_serial(_window_max, cache=True, nogil=True)
-
-
-def _windows(indptr, sources, data, start: int, size: int, outputs: int, width: int):
-    """Each row's operands and its maximum's leaves (``_windows_compiled``) for the ``size`` level
-    rows then the ``outputs`` rows (CSR over V, the levels' states at V rows start:start + size)."""
-    return _windows_compiled(indptr, sources, data, start, size, outputs, width)
