@@ -10,12 +10,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import scipy.sparse as sp
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 import implicit_compiler as ic
 from implicit_compiler.runtime import kernels
-from implicit_compiler.runtime.max_pool import BAD, MaxPoolStep, _windows, window_max, window_max_serial
+from implicit_compiler.runtime.max_pool import (
+    BAD,
+    MaxPoolStep,
+    _read_outputs,
+    _windows,
+    window_max,
+    window_max_serial,
+)
+from implicit_compiler.runtime.structured import StructuredBlock
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="the max pool step is a compiled kernel")
@@ -25,11 +34,12 @@ def _tensor(rng, name: str, shape) -> onnx.TensorProto:
     return helper.make_tensor(name, TensorProto.FLOAT, shape, rng.normal(size=shape).astype(np.float32).ravel())
 
 
-def residual_pool_net(channels: int = 4, size: int = 12) -> onnx.ModelProto:
+def residual_pool_net(channels: int = 4, size: int = 12, pool_output: bool = False) -> onnx.ModelProto:
     """Conv, Relu, MaxPool 3x3 stride 2 (as ResNet's stem), then a residual block reading the pool
-    (its shortcut reads the pool's value, not only the convolution's input block), a global max
-    pool and a Gemm: a pool whose last level is read outside it, and one (the global pool) whose
-    output is read by the Gemm's term."""
+    (its shortcut reads the pool's value, its leaf and last level states, not only the
+    convolution's input block), a global max pool and a Gemm: a pool read outside it, and one
+    (the global pool) whose output is read by the Gemm's term. With ``pool_output``, a second
+    output twice the stem's pool: C reads its levels' states too."""
     rng = np.random.default_rng(0)
     half = (size + 1) // 2
     nodes = [
@@ -42,7 +52,7 @@ def residual_pool_net(channels: int = 4, size: int = 12) -> onnx.ModelProto:
         helper.make_node("GlobalMaxPool", ["r2"], ["global"]),
         helper.make_node("Flatten", ["global"], ["flat"]),
         helper.make_node("Gemm", ["flat", "w3", "b3"], ["logits"], transB=1),
-    ]
+    ] + [helper.make_node("Add", ["pool", "pool"], ["twice"])] * pool_output
     initializers = [
         _tensor(rng, "w1", [channels, 3, 3, 3]), _tensor(rng, "b1", [channels]),
         _tensor(rng, "w2", [channels, channels, 3, 3]), _tensor(rng, "b2", [channels]),
@@ -51,7 +61,8 @@ def residual_pool_net(channels: int = 4, size: int = 12) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "residual_pool",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, [None, 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [None, 5])]
+        + [helper.make_tensor_value_info("twice", TensorProto.FLOAT, [None, channels, half, half])] * pool_output,
         initializers,
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -68,9 +79,13 @@ def pools_as_remainder_blocks(monkeypatch):
     monkeypatch.setattr(solve_module, "REMAINDER_BLOCK_ROWS", 1)
 
 
+@pytest.mark.parametrize("pool_output", [False, True], ids=["shortcut", "shortcut-and-output"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-def test_pools_predict_as_window_maxima_like_the_references(dtype, pools_as_remainder_blocks):
-    proto = residual_pool_net()
+def test_pools_predict_as_window_maxima_like_the_references(dtype, pool_output, pools_as_remainder_blocks):
+    """The shortcut's rows read the pool's output rows instead of its levels (``_read_outputs``):
+    without a second reader no level state is computed; C's rows (``pool_output``) still read
+    the levels, whose states read there are then computed from the windows."""
+    proto = residual_pool_net(pool_output=pool_output)
     model = ic.from_onnx(proto, dtype=dtype, structure="kernels").astype(dtype)
     assert model.is_structured
     steps = solve_module._with_max_pools(model, solve_module._execution_steps(model, structured=True))
@@ -78,24 +93,32 @@ def test_pools_predict_as_window_maxima_like_the_references(dtype, pools_as_rema
     assert len(pools) == 2  # the stem's pool and the global one
     stem = max(pools, key=lambda step: step.outputs.targets.size)
     assert stem.outputs.targets.size == 4 * 6 * 6 and np.all(stem.outputs.first_counts <= 9)
-    assert stem.states.targets.size > 0  # the last level, read by the residual's shortcut
+    assert (stem.states.targets.size > 0) == pool_output  # the levels' states C reads
+    after = steps[steps.index(stem) + 1 :]
+    levels = slice(stem.blocks[0].rows.start, stem.blocks[-2].rows.stop)
+    read = np.concatenate(
+        [step._remainder_rows[1].view(np.int64) for step in after if isinstance(step, StructuredBlock)]
+    )
+    assert not np.any((read >= levels.start) & (read < levels.stop))  # no step reads a level
+    assert np.isin(stem.outputs.targets, read).sum() > 4 * 5 * 5  # the shortcut reads the output rows
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     reference = ReferenceEvaluator(proto)
     rng = np.random.default_rng(1)
     for batch in (1, 2, 5):
         image = rng.normal(size=(batch, 3, 12, 12))
         got = model.predict(image.astype(dtype))
-        assert got.dtype == dtype
+        got = list(got.values()) if pool_output else [got]  # (a dict for two outputs)
+        assert all(value.dtype == dtype for value in got)
         states = model.solve(image.astype(dtype).reshape(batch, -1)).y  # (by the levels)
         if dtype == np.float64:
-            expected = reference.run(None, {"image": image})[0]
-            scale = np.abs(expected).max()
-            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-9 * scale)
-            np.testing.assert_allclose(states, expected, rtol=0, atol=1e-9 * scale)
+            expected = reference.run(None, {"image": image})
         else:
-            expected = session.run(None, {"image": image.astype(np.float32)})[0]
-            np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-            np.testing.assert_allclose(got, states, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+            expected = session.run(None, {"image": image.astype(np.float32)})
+        tolerance = 1e-9 if dtype == np.float64 else 1e-4
+        for value, want in zip(got, expected, strict=True):
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(value, want, rtol=0, atol=tolerance * scale)
+        np.testing.assert_allclose(states[:, :5], expected[0], rtol=0, atol=tolerance * np.abs(expected[0]).max())
 
 
 def test_resnet_stem_pool_is_fused_at_its_real_size():
@@ -157,3 +180,37 @@ def test_windows_follow_the_tree_and_refuse_what_is_not_a_maximum():
     for name, rows in refused.items():
         assert _windows(*_csr(rows), 10, 3, 1, 64)[0][0] == BAD, name
     assert _windows(*_csr(levels + output), 10, 3, 1, 3)[0][0] == BAD  # a window wider than allowed
+
+
+def _block(name: str, first: int, rows: list[dict[int, float]]) -> StructuredBlock:
+    """A remainder block over V rows first:first + len(rows), with these rows (V row: weight)."""
+    indptr, sources, data = _csr(rows)
+    columns, column_of = np.unique(sources, return_inverse=True)
+    remainder = sp.csr_array((data, column_of, indptr), shape=(len(rows), columns.size))
+    bias = np.zeros((len(rows), 1))
+    return StructuredBlock(
+        name, slice(first, first + len(rows)), bias, (), remainder, columns, ic.activation("relu"), 0
+    )
+
+
+def test_a_reader_of_a_whole_maximum_reads_its_output_row():
+    """``_read_outputs``: a row holding the output row's entries (leaf and chain), each with one
+    coefficient, reads the output row with it; a part of the chain, or mixed coefficients, stay."""
+    output = _block("pool", 13, [{12: 1.0, 11: 1.0, 3: 1.0}])  # the maximum of leaves 0-3 (levels 10-12)
+    made_by = np.array([-1, -1, 13])  # level state 12 makes output row 13
+    reader = _block("reader", 20, [
+        {12: 0.5, 11: 0.5, 3: 0.5, 7: 2.0},  # half the maximum, and another row
+        {12: 1.0, 11: 1.0},  # a part of it
+        {12: 1.0, 11: 2.0, 3: 1.0},  # not one coefficient
+        {5: 1.0},
+    ])  # fmt: skip
+    rewritten = _read_outputs(reader, output, made_by, 10, 13)
+    dense = np.zeros((4, 20))
+    dense[:, rewritten.remainder_columns] = rewritten.remainder.toarray()
+    expected = np.zeros((4, 20))
+    expected[0, [13, 7]] = 0.5, 2.0
+    expected[1, [12, 11]] = 1.0
+    expected[2, [12, 11, 3]] = 1.0, 2.0, 1.0
+    expected[3, 5] = 1.0
+    np.testing.assert_array_equal(dense, expected)
+    assert _read_outputs(_block("other", 20, [{5: 1.0}]), output, made_by, 10, 13).remainder_columns.tolist() == [5]

@@ -5,6 +5,7 @@ is compared with the plain (CSR) model's, run by the CSR paths."""
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -298,24 +299,42 @@ def test_structured_models_run_without_the_compiled_kernels(monkeypatch, no_mate
 def test_a_block_is_finished_in_one_pass_as_numpy_computes_it(spec, per_sample_bias):
     """kernels.finish_rows (threads and one thread): Z = phi(Z + bias + R V[sources]), against
     numpy's sum and the activation's numpy formula; a NaN stays NaN (relu's included), and rows
-    of the remainder read rows of V anywhere."""
+    of the remainder read rows of V anywhere, scattered or on diagonals (``diagonal_runs``'
+    streams: a residual identity, a scaled shifted one, runs broken by a gap, a weight change
+    and the ``FINISH_RUN`` boundary)."""
     rng = np.random.default_rng(10)
-    rows, batch = 40, 7
-    values = rng.normal(size=(100, batch))
-    remainder = sp.random_array((rows, 30), density=0.2, format="csr", rng=rng)
+    rows, batch = kernels.FINISH_RUN + 60, 3
+    values = rng.normal(size=(2 * rows + 100, batch))
+    scattered = sp.random_array((rows, 30), density=0.2, format="csr", rng=rng)
     columns = np.sort(rng.choice(100, size=30, replace=False))
+    R = sp.csr_array((scattered.data, columns[scattered.indices], scattered.indptr), shape=(rows, values.shape[0]))
+    identity = sp.eye_array(rows, values.shape[0], k=100)  # reads V[r + 100]
+    shifted = sp.eye_array(rows, values.shape[0], k=rows + 7).tolil()
+    shifted[10:20, :] = 0  # a gap: rows 0-9 and 20-29 are too short a run (scattered)
+    shifted = 0.5 * shifted.tocsr()
+    shifted[30:50] *= 3  # another weight
+    R = (R + identity + shifted).tocsr()
     bias = rng.normal(size=(rows, batch if per_sample_bias else 1))
     Z = rng.normal(size=(rows, batch)) * 3
     Z[3, 2] = np.nan
     phi = ic.activation(spec)
-    expected = phi(Z + bias + remainder @ values[columns])
+    expected = phi(Z + bias + R @ values)
     assert np.isnan(expected[3, 2])
-    indptr, sources = remainder.indptr, columns[remainder.indices]
+    remainder = kernels.diagonal_runs(R.indptr, R.indices.astype(np.int64), R.data)
+    segments = remainder[3]
+    assert remainder[0][-1] == scattered.nnz + 20 and segments.shape[0] == 5  # the diagonals as streams
+    assert np.all(segments[:, 0] // kernels.FINISH_RUN == (segments[:, 1] - 1) // kernels.FINISH_RUN)
     alpha, beta = phi.alpha or 0.0, phi.beta or 0.0
-    for finish in (kernels.finish_rows, kernels.finish_rows_serial):
-        got = Z.copy()
-        finish(got, bias, indptr, sources, remainder.data, values, kernels.ACTIVATION_CODES[phi.name], alpha, beta)
-        np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-13, equal_nan=True)
+    code = kernels.ACTIVATION_CODES[phi.name]
+    for one_sample, flat in itertools.product((False, True), (False, True)):
+        inputs = (bias[:, :1] if per_sample_bias and one_sample else bias, values[:, :1] if one_sample else values)
+        sample_values = np.ascontiguousarray(inputs[1])
+        flat_values = sample_values.reshape(-1) if flat else np.empty(0)  # (streams of V's flat view)
+        for finish in (kernels.finish_rows, kernels.finish_rows_serial):
+            got = Z[:, :1].copy() if one_sample else Z.copy()
+            finish(got, np.ascontiguousarray(inputs[0]), remainder, sample_values, flat_values, code, alpha, beta)
+            want = expected[:, :1] if one_sample else expected
+            np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

@@ -16,20 +16,28 @@ rows, instead of the levels' states, 2 to 6 non-zeros each, then the output's ro
 the same value up to rounding: the tree's M2 + relu(M1 - M2) is max(M1, M2) rounded (two infinite
 elements aside, where the tree gives NaN). ``solve``, which returns the states, runs the levels.
 
+A later block's row that reads a whole maximum (its leaf and chain of states, each with one
+coefficient c: ResNet's shortcut reads the pool so) reads c V[output row] instead
+(``_read_outputs``); the level states left to compute are then those C reads, or a row reading
+part of a chain (none in ResNet).
+
 Recognition reads the blocks' rows alone (``_windows``), checking every row: a level is relu
 with no bias and entries +1 / -1, the +1 entries being the states of one maximum and the -1
 entries another's (the states of a made maximum are its chain, walked down from its latest
 state); the output is identity with no bias, each row one maximum. What keeps it (ResNet-18 at
 224 x 224, float32, 2 cores, 2026-12-07): its max pool (1.39M tree states over 200,704 outputs)
 took 36-68 ms at batch 16 and 7.9-12.6 ms at batch 1 by the levels, 13.6 / 3.9 ms so (its last
-level's 193,600 states read by the residual shortcut included, each from its output row).
+level's 193,600 states read by the residual shortcut included, each from its output row), and
+2.7 ms at batch 1 with the shortcut reading the output rows, which then takes 0.56 ms (a
+diagonal: ``kernels.diagonal_runs``) where reading leaf and states took 1.7 ms.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import scipy.sparse as sp
 
 from . import kernels
 from .structured import StructuredBlock
@@ -90,9 +98,11 @@ class MaxPoolStep:
 
 def fuse_max_pools(model, steps: list) -> list:
     """``steps`` with each run of max-tree levels and their output block (acyclic
-    ``StructuredBlock`` steps without terms) as one ``MaxPoolStep``, where recognized."""
+    ``StructuredBlock`` steps without terms) as one ``MaxPoolStep``, where recognized, and the
+    later blocks reading a whole maximum of it reading its output row instead (``_read_outputs``)."""
     if not kernels.available():
         return steps
+    steps = list(steps)
     fused: list = []
     position = 0
     while position < len(steps):
@@ -100,9 +110,10 @@ def fuse_max_pools(model, steps: list) -> list:
         while stop < len(steps) and _is_level(steps[stop]):
             stop += 1
         if stop > position and stop < len(steps) and _is_output(steps[stop]):
-            found = _max_pool(model, steps[position : stop + 1])
+            found = _max_pool(model, steps[position : stop + 1], steps[stop + 1 :])
             if found is not None:
-                fused.append(found)
+                fused.append(found[0])
+                steps[stop + 1 :] = found[1]
                 position = stop + 1
                 continue
         fused.append(steps[position])
@@ -125,9 +136,10 @@ def _is_output(step) -> bool:
     return _plain(step, "identity") and bool(np.all(step._remainder_rows[2] == 1))
 
 
-def _max_pool(model, blocks: list[StructuredBlock]) -> MaxPoolStep | None:
-    """The pool of these levels and output block, or None where a row is not a maximum, the
-    levels are not contiguous in V, a window is too wide, or a term reads a level."""
+def _max_pool(model, blocks: list[StructuredBlock], later: list) -> tuple[MaxPoolStep, list] | None:
+    """The pool of these levels and output block, and the ``later`` steps with the blocks that
+    read a whole maximum reading its output row; None where a row is not a maximum, the levels
+    are not contiguous in V, a window is too wide, or a term reads a level."""
     if any(a.rows.stop != b.rows.start for a, b in zip(blocks[:-1], blocks[1:])):
         return None
     start, stop, p = blocks[0].rows.start, blocks[-2].rows.stop, model.p
@@ -140,25 +152,77 @@ def _max_pool(model, blocks: list[StructuredBlock]) -> MaxPoolStep | None:
     first, second, offsets, leaves = _windows(indptr.astype(np.int64), sources, data, start, size, outputs, MAX_WINDOW)
     if first.size == 1 and first[0] == BAD:
         return None
-    exported = _read_elsewhere(model, start - p, stop - p, blocks[-1].rows.stop - p)
+    output_rows = np.arange(size, size + outputs)
+    made_by = np.full(size, -1, dtype=np.int64)  # a level state -> the V row of the output it makes
+    made = first[output_rows] >= 0
+    made_by[first[output_rows][made]] = output_rows[made] + start
+    read_outputs = [_read_outputs(step, blocks[-1], made_by, start, stop) for step in later]
+    rewritten = [new for new, old in zip(read_outputs, later) if new is not old]
+    exported = _read_elsewhere(model, start - p, stop - p, blocks[-1].rows.stop - p, rewritten)
     if exported is None:
         return None
     exported -= start - p  # (rows of the levels)
-    output_rows = np.arange(size, size + outputs)
     window, counts = _table(first[output_rows], offsets, leaves)
-    made_by = np.full(size, -1, dtype=np.int64)  # a level state -> the output row it makes
-    made = first[output_rows] >= 0
-    made_by[first[output_rows][made]] = output_rows[made] + start
     reads_output = made_by[exported] >= 0
     high, high_counts = _table(first[exported], offsets, leaves)
     high[reads_output, 0], high_counts[reads_output] = made_by[exported[reads_output]], 1
     low, low_counts = _table(second[exported], offsets, leaves)
     none = np.zeros((outputs, 1), dtype=np.int64)
-    return MaxPoolStep(
+    pool = MaxPoolStep(
         tuple(blocks),
         Maxima(output_rows + start, window, counts, none, np.zeros(outputs, dtype=np.int64)),
         Maxima(exported + start, high, high_counts, low, low_counts),
     )
+    return pool, read_outputs
+
+
+def _read_outputs(step, output: StructuredBlock, made_by: np.ndarray, start: int, stop: int):
+    """``step`` with each remainder row that reads the whole sum of an output row (the leaf and
+    the chain of states of a maximum: ``output``'s entries, each with one coefficient c) reading
+    c V[that output row] instead: the same value (the tree's, up to rounding), without reading
+    the levels' states (V rows start:stop). ResNet's shortcut reads the stem's pool so. The
+    output row is the one the row's latest level state makes; ``step`` itself when no row
+    changes or it is not a ``StructuredBlock``."""
+    if not isinstance(step, StructuredBlock) or step.remainder is None:
+        return step
+    indptr, sources, data = step._remainder_rows
+    sources = sources.view(np.int64)
+    rows = np.repeat(np.arange(indptr.size - 1), np.diff(indptr))
+    level = (sources >= start) & (sources < stop)
+    if not level.any():
+        return step
+    latest = np.full(indptr.size - 1, -1, dtype=np.int64)  # each row's latest level state read
+    np.maximum.at(latest, rows[level], sources[level])
+    reader = np.flatnonzero(latest >= 0)
+    made = made_by[latest[reader] - start]
+    reader, made = reader[made >= 0], made[made >= 0]
+    if reader.size == 0:
+        return step
+    # the entries each reader must hold: its output row's, with the coefficient of its latest state
+    out_indptr, out_sources, _ = output._remainder_rows
+    out_sources = out_sources.view(np.int64)
+    local = made - output.rows.start
+    counts = out_indptr[local + 1] - out_indptr[local]
+    needed_rows = np.repeat(reader, counts)
+    needed = out_sources[np.repeat(out_indptr[local] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
+    span = np.int64(max(int(sources.max()), int(needed.max())) + 1)
+    order = np.argsort(rows * span + sources, kind="stable")
+    keys = (rows * span + sources)[order]
+    entry = order[np.minimum(np.searchsorted(keys, needed_rows * span + needed), keys.size - 1)]
+    latest_entry = order[np.searchsorted(keys, reader * span + latest[reader])]
+    coefficient = np.repeat(data[latest_entry], counts)
+    held = (rows[entry] == needed_rows) & (sources[entry] == needed) & (data[entry] == coefficient)
+    whole = np.logical_and.reduceat(held, np.cumsum(counts) - counts)  # (an output row has entries)
+    if not whole.any():
+        return step
+    drop = np.zeros(sources.size, dtype=bool)
+    drop[entry[np.repeat(whole, counts)]] = True
+    new_rows = np.concatenate([rows[~drop], reader[whole]])
+    new_sources = np.concatenate([sources[~drop], made[whole]])
+    new_data = np.concatenate([data[~drop], data[latest_entry[whole]]])
+    columns, column_of = np.unique(new_sources, return_inverse=True)
+    remainder = sp.csr_array((new_data, (new_rows, column_of)), shape=(indptr.size - 1, columns.size))
+    return replace(step, remainder=remainder, remainder_columns=columns)
 
 
 def _table(operands: np.ndarray, offsets: np.ndarray, leaves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,20 +240,27 @@ def _table(operands: np.ndarray, offsets: np.ndarray, leaves: np.ndarray) -> tup
     return table, counts
 
 
-def _read_elsewhere(model, first: int, last: int, tree_stop: int) -> np.ndarray | None:
+def _read_elsewhere(model, first: int, last: int, tree_stop: int, blocks: list[StructuredBlock]) -> np.ndarray | None:
     """The level states (rows first:last of x) read other than by the pool's rows (first:
-    tree_stop): by another row of A's remainder or by C's remainder, as rows of x; None when a
-    term of A or C reads one (its product would need them all)."""
-    A, C = model.structure.A, model.structure.C
+    tree_stop): by A's remainder (the rows of ``blocks`` by their remainders instead, rewritten
+    by ``_read_outputs``) or by C's remainder, as rows of x; None when a term of A
+    or C reads one (its product would need them all)."""
+    A, C, p = model.structure.A, model.structure.C, model.p
     if any(term.op.source.start < last and first < term.op.source.stop for matrix in (A, C) for term in matrix.terms):
         return None
     remainder = A.remainder
     reading = np.flatnonzero((remainder.indices >= first) & (remainder.indices < last))
     rows = np.searchsorted(remainder.indptr, reading, side="right") - 1
-    outside = remainder.indices[reading[(rows < first) | (rows >= tree_stop)]]
+    elsewhere = (rows < first) | (rows >= tree_stop)
+    for block in blocks:
+        elsewhere &= (rows < block.rows.start - p) | (rows >= block.rows.stop - p)
+    read = [remainder.indices[reading[elsewhere]]]
+    for block in blocks:
+        sources = block._remainder_rows[1].view(np.int64) - p
+        read.append(sources[(sources >= first) & (sources < last)])
     outputs = C.remainder.indices
-    read = np.concatenate([outside, outputs[(outputs >= first) & (outputs < last)]])
-    return np.unique(read).astype(np.int64)
+    read.append(outputs[(outputs >= first) & (outputs < last)])
+    return np.unique(np.concatenate(read)).astype(np.int64)
 
 
 if numba is not None:

@@ -277,12 +277,19 @@ class StructuredBlock:
                 Z += self.remainder @ values[self.remainder_columns]
             self.activation.apply_inplace(Z)
             return
-        indptr, sources, data = self._remainder_rows
-        threaded = kernels.threaded(Z.shape[0] + data.size, Z.shape[1])
+        remainder = self._finish_remainder
+        threaded = kernels.threaded(Z.shape[0] + self._remainder_rows[2].size, Z.shape[1])
         finish = kernels.finish_rows if threaded else kernels.finish_rows_serial
         code = kernels.ACTIVATION_CODES[self.activation.name]
         alpha, beta = (Z.dtype.type(value or 0.0) for value in (self.activation.alpha, self.activation.beta))
-        finish(Z, np.ascontiguousarray(bias), indptr, sources, data, values, code, alpha, beta)
+        flat = values.reshape(-1) if values.flags.c_contiguous else np.empty(0, values.dtype)
+        finish(Z, np.ascontiguousarray(bias), remainder, values, flat, code, alpha, beta)
+
+    @cached_property
+    def _finish_remainder(self) -> tuple[np.ndarray, ...]:
+        """The remainder as ``kernels.finish_rows`` reads it: its diagonals' runs as streams
+        (``kernels.diagonal_runs``)."""
+        return kernels.diagonal_runs(*self._remainder_rows)
 
     @cached_property
     def _remainder_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
