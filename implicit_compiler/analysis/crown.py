@@ -57,6 +57,7 @@ import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.linalg as spla
 
+from ..arrays import sorted_unique
 from ..runtime.structured import MIN_STRUCTURED_NONZEROS, find_convolution
 from ..structure import convolution_transposed
 from .interval import StateBounds, Structure, intersect, interval_bounds
@@ -366,7 +367,7 @@ class _Walk:
         (lower, upper, top), (part_of, row_of) = self.relaxations.max_output(index)
         lower, upper, top = lower[self.samples], upper[self.samples], top[self.samples]
         rows = self.batch * self.count
-        owners = np.unique(part_of[np.concatenate([lower.ravel(), upper[upper >= 0]])])
+        owners = sorted_unique(part_of[np.concatenate([lower.ravel(), upper[upper >= 0]])])
         if sp.issparse(weights):
             for number, j in enumerate(owners):
                 size = self.structure.parts[j].rows.size  # (a row may name a state twice: summed where used)

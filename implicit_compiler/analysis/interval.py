@@ -37,6 +37,7 @@ import scipy.sparse.linalg as spla
 from scipy.sparse import csgraph
 
 from ..activations import Activation
+from ..arrays import sorted_unique
 from ..errors import AnalysisError
 from ..model import ImplicitModel
 from ..runtime.plan import execution_order
@@ -205,7 +206,7 @@ def _rows(model: ImplicitModel, states, part_of, part_states, own: int) -> Rows:
     reads (``own`` and later parts of its loop: execution order allows no other)."""
     A_rows = sp.csr_array(model.A[states])
     sources, feedback = [], []
-    for part in np.unique(part_of[A_rows.indices]):
+    for part in sorted_unique(part_of[A_rows.indices]):
         block = sp.csr_array(A_rows[:, part_states[part]])
         (sources if part < own else feedback).append((int(part), block))
     terms = np.diff(A_rows.indptr) + np.diff(model.B.indptr)[states] + 2

@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..activations import activation
+from ..arrays import sorted_unique
 from .relaxation import WIDEN_ULPS, Lines, linear_relaxation
 
 _EPS = float(np.finfo(np.float64).eps)
@@ -119,7 +120,7 @@ def find_max_trees(model, parts) -> MaxTrees:
     part_of_state = np.full(n, -1, dtype=np.int64)
     for index, part in enumerate(parts):
         part_of_state[part.rows.states] = index
-    maximized = np.unique(part_of_state[np.concatenate(singles)]) if singles else []
+    maximized = sorted_unique(part_of_state[np.concatenate(singles)]) if singles else []
     made = np.zeros(n, dtype=bool)
     for index, part in enumerate(parts):
         made[part.rows.states] = index in levels

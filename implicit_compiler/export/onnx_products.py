@@ -44,6 +44,7 @@ import numpy as np
 import onnx
 import scipy.sparse as sp
 
+from ..arrays import sorted_unique
 from ..errors import GraphError
 from ..structure import Convolution, Dense, StructuredMatrix, Term, TransposedConvolution
 from .onnx_graph import GraphWriter
@@ -112,8 +113,8 @@ def row_products(
             contributions.append(_term_rows(g, term, first, last, rows.start, sources, hint))
     remainder = matrix.remainder[rows.start : rows.stop]
     if remainder.nnz and sources.segments:
-        read = np.unique(remainder.indices)  # (only the sources read: a model may have thousands)
-        touched = np.unique(np.searchsorted(sources.starts, read, side="right") - 1)
+        read = sorted_unique(remainder.indices)  # (only the sources read: a model may have thousands)
+        touched = sorted_unique(np.searchsorted(sources.starts, read, side="right") - 1)
         for index in touched[touched >= 0]:
             segment = sources.segments[index]
             part = remainder[:, segment.start : segment.stop]

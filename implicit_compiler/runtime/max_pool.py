@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import scipy.sparse as sp
 
+from ..arrays import sorted_unique
 from . import kernels
 from .structured import StructuredBlock
 
@@ -260,7 +261,7 @@ def _read_elsewhere(model, first: int, last: int, tree_stop: int, blocks: list[S
         read.append(sources[(sources >= first) & (sources < last)])
     outputs = C.remainder.indices
     read.append(outputs[(outputs >= first) & (outputs < last)])
-    return np.unique(np.concatenate(read)).astype(np.int64)
+    return sorted_unique(np.concatenate(read)).astype(np.int64)
 
 
 if numba is not None:

@@ -43,6 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..activations import Activation
+from ..arrays import sorted_unique
 from ..structure import Convolution, Dense, Operator, TransposedConvolution, _reach, term_shape
 from . import kernels
 
@@ -430,9 +431,14 @@ def shifted(op: Operator, offset: int) -> Operator:
 
 
 def _compressed(matrix: sp.csr_array) -> tuple[sp.csr_array, np.ndarray]:
-    """The matrix restricted to the columns it reads, and those columns."""
-    columns = np.unique(matrix.indices)
-    return matrix[:, columns], columns
+    """The matrix restricted to the columns it reads (at least one), and those columns: each
+    entry's new column looked up in a table over the span read (ResNet-18's pool blocks: 0.2-0.3
+    s each by scipy's column indexing, 0.01 s so)."""
+    columns = sorted_unique(matrix.indices)
+    position = np.zeros(columns[-1] - columns[0] + 1, dtype=np.int32 if columns.size < 2**31 else np.int64)
+    position[columns - columns[0]] = np.arange(columns.size)
+    indices = position[matrix.indices - columns[0]]
+    return sp.csr_array((matrix.data, indices, matrix.indptr), shape=(matrix.shape[0], columns.size)), columns
 
 
 @dataclass(frozen=True)
