@@ -23,7 +23,7 @@ from onnx_helpers import assert_matches_onnxruntime, gemm_tanh_chain
 from test_structured import conv_relu_chain
 
 import implicit_compiler as ic
-from implicit_compiler.runtime import one_sample
+from implicit_compiler.runtime import kernels, one_sample
 
 solve_module = importlib.import_module("implicit_compiler.runtime.solve")
 ZOO = Path(__file__).resolve().parents[1] / "zoo"
@@ -207,7 +207,13 @@ def test_large_models_take_the_steps_at_batch_one(monkeypatch):
 
     monkeypatch.setattr(solve_module, "_run_program", program_call)
     compiled = assert_matches_onnxruntime(lenet_like("Relu"), batch=3)  # predicts sample 0 alone too
+    fresh = ic.from_onnx(lenet_like("Relu"))
+    fresh.predict(np.zeros((1, *fresh.inputs[0].shape)))
+    assert "plan" not in fresh._cache  # its non-zeros alone are past the bound: no plan is built
+    assert not solve_module._one_call_may_pay(compiled)
     assert not solve_module._one_call_pays(solve_module._one_sample_program(compiled))
+    monkeypatch.setattr(solve_module, "ONE_SAMPLE_WORK", compiled.nnz * kernels.thread_count())
+    assert solve_module._one_call_may_pay(compiled)  # (the bound itself: the plan's work decides)
 
 
 def test_cyclic_models_keep_the_iterative_path(rng):
