@@ -432,8 +432,9 @@ def shifted(op: Operator, offset: int) -> Operator:
 
 def _compressed(matrix: sp.csr_array) -> tuple[sp.csr_array, np.ndarray]:
     """The matrix restricted to the columns it reads (at least one), and those columns: each
-    entry's new column looked up in a table over the span read (ResNet-18's pool blocks: 0.2-0.3
-    s each by scipy's column indexing, 0.01 s so)."""
+    entry's new column looked up in a table over the span read (3.2M entries over 4M columns,
+    as a pool block of ResNet-18 at 224: 0.19-0.28 s by scipy's column indexing, 0.14-0.16 s
+    so, ``sorted_unique`` included)."""
     columns = sorted_unique(matrix.indices)
     position = np.zeros(columns[-1] - columns[0] + 1, dtype=np.int32 if columns.size < 2**31 else np.int64)
     position[columns - columns[0]] = np.arange(columns.size)
