@@ -395,7 +395,7 @@ def diagonal_runs(indptr: np.ndarray, sources: np.ndarray, data: np.ndarray) -> 
     on_runs = np.zeros(order.size, dtype=bool)
     on_runs[order[np.repeat(long, lengths)]] = True
     heads = first[long]
-    segments = np.stack([row[heads], row[heads] + lengths[long], sources[order[heads]]], axis=1).reshape(-1, 3)
+    segments = np.stack([row[heads], row[heads] + lengths[long], sources[order[heads]]], axis=1)
     by_row = np.argsort(segments[:, 0], kind="stable")
     segments, weights = segments[by_row], weight[heads][by_row]
     runs = (count + FINISH_RUN - 1) // FINISH_RUN

@@ -207,8 +207,9 @@ def _read_outputs(step, output: StructuredBlock, made_by: np.ndarray, start: int
     needed_rows = np.repeat(reader, counts)
     needed = out_sources[np.repeat(out_indptr[local] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
     span = np.int64(max(int(sources.max()), int(needed.max())) + 1)
-    order = np.argsort(rows * span + sources, kind="stable")
-    keys = (rows * span + sources)[order]
+    keys = rows * span + sources
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
     entry = order[np.minimum(np.searchsorted(keys, needed_rows * span + needed), keys.size - 1)]
     latest_entry = order[np.searchsorted(keys, reader * span + latest[reader])]
     coefficient = np.repeat(data[latest_entry], counts)
