@@ -325,14 +325,16 @@ def test_a_block_is_finished_in_one_pass_as_numpy_computes_it(spec, per_sample_b
     assert remainder[0][-1] == scattered.nnz + 20 and segments.shape[0] == 5  # the diagonals as streams
     assert np.all(segments[:, 0] // kernels.FINISH_RUN == (segments[:, 1] - 1) // kernels.FINISH_RUN)
     alpha, beta = phi.alpha or 0.0, phi.beta or 0.0
+    by_rows = kernels.diagonal_runs(R.indptr, R.indices.astype(np.int64), R.data, least_run=None)
+    assert by_rows[0][-1] == R.nnz and by_rows[3].shape == (0, 3)  # no run looked for
     code = kernels.ACTIVATION_CODES[phi.name]
-    for one_sample, flat in itertools.product((False, True), (False, True)):
+    for read, one_sample, flat in itertools.product((remainder, by_rows), (False, True), (False, True)):
         inputs = (bias[:, :1] if per_sample_bias and one_sample else bias, values[:, :1] if one_sample else values)
         sample_values = np.ascontiguousarray(inputs[1])
         flat_values = sample_values.reshape(-1) if flat else np.empty(0)  # (streams of V's flat view)
         for finish in (kernels.finish_rows, kernels.finish_rows_serial):
             got = Z[:, :1].copy() if one_sample else Z.copy()
-            finish(got, np.ascontiguousarray(inputs[0]), remainder, sample_values, flat_values, code, alpha, beta)
+            finish(got, np.ascontiguousarray(inputs[0]), read, sample_values, flat_values, code, alpha, beta)
             want = expected[:, :1] if one_sample else expected
             np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13, equal_nan=True)
 
@@ -356,3 +358,29 @@ def test_blocks_without_terms_run_as_remainder_blocks(zoo, dtype, monkeypatch, n
         u = rng.normal(size=(batch, 1, 32, 32)).astype(dtype)
         assert_close(model.predict(u), plain.astype(dtype).predict(u), dtype)
     assert_never_materialized(model)
+
+
+def test_a_sweeps_blocks_made_for_each_solve_do_not_search_diagonals(monkeypatch):
+    """A cyclic component's blocks with B u folded into their bias are made anew by every solve
+    (``cyclic._frozen``): their remainders are read by rows, without the search for diagonal
+    runs (its sorts cost more than the sweeps of a small model); the solution is unchanged."""
+    rng = np.random.default_rng(12)
+    n, p = 50, 64
+    A = np.abs(rng.normal(size=(n, n))) * (rng.random((n, n)) < 0.8)  # (its rows a sparse remainder)
+    A *= 0.9 / A.sum(axis=1).max()  # ||A||_inf = 0.9, as a trained implicit classifier's
+    B = rng.normal(size=(n, p))
+    model = ImplicitModel.from_matrices(A, B, np.zeros((1, n)), np.zeros((1, p)), bias_x=rng.normal(size=n))
+    model = model.astype(np.float32)  # (as a trained classifier runs)
+    searches = []
+    original = kernels.diagonal_runs
+    monkeypatch.setattr(
+        kernels, "diagonal_runs", lambda *arrays, **options: searches.append(options) or original(*arrays, **options)
+    )
+    u = rng.normal(size=(1, p)).astype(np.float32)
+    first = model.solve(u, tol=1e-6).x
+    counted = len(searches)
+    again = model.solve(u, tol=1e-6).x
+    assert len(searches) > counted and all(options == {"least_run": None} for options in searches[counted:])
+    np.testing.assert_array_equal(again, first)
+    x = first[0]
+    np.testing.assert_allclose(x, np.maximum(A @ x + B @ u[0] + model.bias_x, 0), rtol=0, atol=1e-4)

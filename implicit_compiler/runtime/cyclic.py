@@ -290,7 +290,9 @@ def _frozen(step: Any, V: np.ndarray, inside: np.ndarray) -> Any:
     if bias is step.bias:
         return step
     columns = step.remainder_columns if remainder is not None else step.remainder_columns[:0]
-    return dataclasses.replace(step, bias=bias, terms=varying, remainder=remainder, remainder_columns=columns)
+    return dataclasses.replace(
+        step, bias=bias, terms=varying, remainder=remainder, remainder_columns=columns, diagonal_streams=False
+    )
 
 
 def _fixed_terms(step: StructuredBlock, V: np.ndarray, inside: np.ndarray):

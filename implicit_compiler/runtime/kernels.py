@@ -374,14 +374,22 @@ def threaded(work: int, batch: int) -> bool:
     return work * batch >= PARALLEL_THRESHOLD
 
 
-def diagonal_runs(indptr: np.ndarray, sources: np.ndarray, data: np.ndarray) -> tuple[np.ndarray, ...]:
+def diagonal_runs(
+    indptr: np.ndarray, sources: np.ndarray, data: np.ndarray, least_run: int | None = DIAGONAL_RUN
+) -> tuple[np.ndarray, ...]:
     """A remainder (CSR: rows, ``sources`` rows of V) as ``finish_rows`` reads it: the entries
-    on runs of at least ``DIAGONAL_RUN`` consecutive rows of one diagonal (source - row) and
+    on runs of at least ``least_run`` consecutive rows of one diagonal (source - row) and
     one weight, as segments (low, high, source of row low) with their weights, split at
     ``FINISH_RUN`` rows and sorted by row, where ``run_segments[i]`` is the first of run i's;
     the other entries as CSR (indptr, unsigned sources, data). A residual identity is one
-    diagonal: read as a stream, not index by index."""
+    diagonal: read as a stream, not index by index. With ``least_run`` None, no run is looked
+    for: the search costs its sorts (0.4-0.6 ms for a trained classifier's 1,984 entries, once
+    per solve where its blocks are made anew)."""
     count = indptr.size - 1
+    if least_run is None:
+        runs = np.zeros((count + FINISH_RUN - 1) // FINISH_RUN + 1, dtype=np.int64)
+        none = np.zeros((0, 3), dtype=np.int64)
+        return indptr.astype(np.int64), unsigned(sources.astype(np.int64)), data, none, data[:0], runs
     rows = np.repeat(np.arange(count, dtype=np.int64), np.diff(indptr))
     sources = sources.astype(np.int64)
     order = np.lexsort((rows, data, sources - rows))  # by diagonal, weight, then row
@@ -391,7 +399,7 @@ def diagonal_runs(indptr: np.ndarray, sources: np.ndarray, data: np.ndarray) -> 
     starts[1:] |= row[1:] // FINISH_RUN != row[:-1] // FINISH_RUN
     first = np.flatnonzero(starts)
     lengths = np.diff(np.append(first, order.size))
-    long = lengths >= DIAGONAL_RUN
+    long = lengths >= least_run
     on_runs = np.zeros(order.size, dtype=bool)
     on_runs[order[np.repeat(long, lengths)]] = True
     heads = first[long]

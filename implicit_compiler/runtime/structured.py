@@ -227,6 +227,9 @@ class StructuredBlock:
     work: int  # non-zeros handled by structured terms
     cyclic: bool = False
     remainder_only: bool = False  # an acyclic block without terms (``remainder_block``)
+    # Whether ``finish_rows`` reads the remainder's diagonal runs as streams, found once per block
+    # (``kernels.diagonal_runs``): not for a sweep's blocks, made anew for every solve (``cyclic``).
+    diagonal_streams: bool = True
 
     def run(self, V: np.ndarray, zero_rows: np.ndarray | None = None) -> None:
         """Fill V[rows] (all samples) in place from the rows it reads; terms reading only rows
@@ -289,7 +292,9 @@ class StructuredBlock:
     @cached_property
     def _finish_remainder(self) -> tuple[np.ndarray, ...]:
         """The remainder as ``kernels.finish_rows`` reads it: its diagonals' runs as streams
-        (``kernels.diagonal_runs``)."""
+        (``kernels.diagonal_runs``), or every entry by rows without ``diagonal_streams``."""
+        if not self.diagonal_streams:
+            return kernels.diagonal_runs(*self._remainder_rows, least_run=None)
         return kernels.diagonal_runs(*self._remainder_rows)
 
     @cached_property
